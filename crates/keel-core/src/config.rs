@@ -1,0 +1,621 @@
+//! The one typed config tree, and the loader that builds it from its layers:
+//! defaults → `keel.toml` → `KEEL_…` environment variables (`__` nests) → CLI flags.
+//!
+//! The loader is pure: the caller reads the file and the environment and passes their
+//! text in. It never stops at the first problem: an unknown key (a typo must not pass
+//! silently), a value of the wrong type and a value out of range are all reported
+//! together, each with its key path and where the value came from.
+//!
+//! Every key is documented in docs/configuration.md; a key added here goes there too.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize, Serializer};
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Config {
+    /// Where the embedded SQLite database (`keel.db`) and other local state live.
+    pub data_dir: PathBuf,
+    /// The HTTP server.
+    pub server: Server,
+    /// Storage: embedded SQLite by default, Postgres when `database.url` is set.
+    pub database: Database,
+    /// Logs, traces and metrics.
+    pub telemetry: Telemetry,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("."),
+            server: Server::default(),
+            database: Database::default(),
+            telemetry: Telemetry::default(),
+        }
+    }
+}
+
+/// `[server]`: the HTTP listener.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Server {
+    /// Address to bind; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Largest request body accepted, in bytes; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body_bytes: 1024 * 1024,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[database]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Database {
+    /// `postgres://…` to use Postgres; unset for the embedded SQLite in `data_dir`.
+    #[serde(serialize_with = "redact_url")]
+    pub url: Option<SecretString>,
+    /// Most connections the pool opens.
+    pub max_connections: u32,
+    /// How long a query waits for a free (or new) connection before failing.
+    #[serde(with = "humantime_serde")]
+    pub acquire_timeout: Duration,
+    /// SQLite's `synchronous` pragma. `full` (the default) makes every committed write
+    /// survive power loss.
+    pub sqlite_synchronous: SqliteSynchronous,
+    /// How long a SQLite writer waits for the lock before failing.
+    #[serde(with = "humantime_serde")]
+    pub sqlite_busy_timeout: Duration,
+}
+
+impl Default for Database {
+    fn default() -> Self {
+        Self {
+            url: None,
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(3),
+            sqlite_synchronous: SqliteSynchronous::Full,
+            sqlite_busy_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// SQLite's durability level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SqliteSynchronous {
+    /// No fsync: fastest, a crash of the machine can lose committed writes.
+    Off,
+    /// fsync at checkpoints only: a power loss can lose the latest commits.
+    Normal,
+    /// fsync at every commit: committed writes survive power loss.
+    Full,
+    /// As `full`, and the directory too.
+    Extra,
+}
+
+/// `[telemetry]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Telemetry {
+    /// `json` (one object a line, for machines) or `pretty` (for people).
+    pub log_format: LogFormat,
+    /// A tracing filter such as `info` or `keel=debug,sqlx=warn`. `RUST_LOG`, when set,
+    /// takes precedence.
+    pub log_level: String,
+    /// OTLP/HTTP (protobuf) endpoint for traces, e.g. `http://127.0.0.1:4318/v1/traces`.
+    /// Unset: no export.
+    pub otlp_endpoint: Option<String>,
+    /// Longest time one OTLP export may take.
+    #[serde(with = "humantime_serde")]
+    pub otlp_timeout: Duration,
+    /// `service.name` on exported traces.
+    pub service_name: String,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Self {
+            log_format: LogFormat::Json,
+            log_level: "info".to_owned(),
+            otlp_endpoint: None,
+            otlp_timeout: Duration::from_secs(5),
+            service_name: "keel".to_owned(),
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object a line.
+    Json,
+    /// Human-readable, coloured when on a terminal.
+    Pretty,
+}
+
+/// Shows a database URL with its password replaced, or `[redacted]` when it has an
+/// unexpected form: a config dump must never carry a secret.
+fn redact_url<S: Serializer>(url: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
+    match url {
+        None => s.serialize_none(),
+        Some(url) => s.serialize_str(&redacted_url(url.expose_secret())),
+    }
+}
+
+/// `scheme://user:secret@host/db` → `scheme://user:[redacted]@host/db`.
+#[must_use]
+pub fn redacted_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "[redacted]".to_owned();
+    };
+    let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            let secret = if userinfo.contains(':') { ":[redacted]" } else { "" };
+            // Query strings may carry passwords too (`?password=`): drop them from display.
+            let tail = tail.split_once('?').map_or(tail, |(path, _)| path);
+            format!("{scheme}://{user}{secret}@{host}{tail}")
+        }
+        None => {
+            let tail = tail.split_once('?').map_or(tail, |(path, _)| path);
+            format!("{scheme}://{authority}{tail}")
+        }
+    }
+}
+
+/// One problem found while loading the config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issue {
+    /// Dotted key path, e.g. `server.listen`; empty for the file as a whole.
+    pub key: String,
+    /// Where the value came from: the file's name, `env KEEL_…`, `flag --…`.
+    pub origin: Option<String>,
+    /// What is wrong and what is accepted.
+    pub message: String,
+}
+
+impl fmt::Display for Issue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let key = if self.key.is_empty() { "(file)" } else { &self.key };
+        match &self.origin {
+            Some(origin) => write!(f, "{key} (from {origin}): {}", self.message),
+            None => write!(f, "{key}: {}", self.message),
+        }
+    }
+}
+
+/// Every problem found in the config; never empty.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct Error(pub Vec<Issue>);
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.len();
+        writeln!(f, "{n} config error{}:", if n == 1 { "" } else { "s" })?;
+        for issue in &self.0 {
+            writeln!(f, "  {issue}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The layers to build a [`Config`] from, lowest precedence first.
+#[derive(Debug, Default)]
+pub struct Sources {
+    /// The config file: its name (for messages) and its text.
+    pub file: Option<(String, String)>,
+    /// The process environment; only `KEEL_…` variables are read.
+    pub env: Vec<(String, String)>,
+    /// CLI flags: (dotted key path, value, flag name).
+    pub flags: Vec<(&'static str, String, &'static str)>,
+}
+
+/// Environment variables that start with `KEEL_` but are not config keys.
+const NOT_CONFIG_ENV: &[&str] = &["KEEL_CONFIG"];
+/// Prefixes of environment variables reserved for tooling (e.g. the test suite).
+const NOT_CONFIG_ENV_PREFIXES: &[&str] = &["KEEL_TEST_"];
+/// Well-known short names, kept because they are what operators expect to type.
+const ENV_ALIASES: &[(&str, &str)] = &[("KEEL_DATABASE_URL", "database.url")];
+
+/// The most type errors collected before giving up (each pass removes one bad value).
+const MAX_PASSES: usize = 64;
+
+impl Config {
+    /// Builds the config from its layers, or returns every problem found.
+    pub fn load(sources: Sources) -> Result<Self, Error> {
+        let mut issues = Vec::new();
+        let mut origins: BTreeMap<String, String> = BTreeMap::new();
+        let file_origin = sources.file.as_ref().map(|(name, _)| name.clone());
+
+        let mut table = match &sources.file {
+            Some((name, text)) => match toml::from_str::<toml::Table>(text) {
+                Ok(table) => table,
+                Err(e) => {
+                    return Err(Error(vec![Issue {
+                        key: String::new(),
+                        origin: Some(name.clone()),
+                        message: format!("not valid TOML: {}", e.to_string().trim_end()),
+                    }]));
+                }
+            },
+            None => toml::Table::new(),
+        };
+
+        for (name, raw) in &sources.env {
+            let Some(path) = env_key_path(name) else { continue };
+            let origin = format!("env {name}");
+            match path {
+                Ok(path) => {
+                    if let Err(message) = insert(&mut table, &path, env_value(raw)) {
+                        issues.push(Issue { key: path.join("."), origin: Some(origin), message });
+                    } else {
+                        origins.insert(path.join("."), origin);
+                    }
+                }
+                Err(message) => issues.push(Issue { key: String::new(), origin: Some(origin), message }),
+            }
+        }
+
+        for (key, value, flag) in &sources.flags {
+            let path: Vec<String> = key.split('.').map(str::to_owned).collect();
+            let origin = format!("flag {flag}");
+            if let Err(message) = insert(&mut table, &path, toml::Value::String(value.clone())) {
+                issues.push(Issue { key: (*key).to_owned(), origin: Some(origin), message });
+            } else {
+                origins.insert((*key).to_owned(), origin);
+            }
+        }
+
+        let origin_of = |key: &str| origins.get(key).cloned().or_else(|| file_origin.clone());
+
+        let mut unknown = BTreeSet::new();
+        let mut config = None;
+        for _ in 0..MAX_PASSES {
+            let mut track = serde_path_to_error::Track::new();
+            let de = serde_path_to_error::Deserializer::new(toml::Value::Table(table.clone()), &mut track);
+            let result: Result<Config, _> = serde_ignored::deserialize(de, |path| {
+                unknown.insert(path.to_string());
+            });
+            match result {
+                Ok(c) => {
+                    config = Some(c);
+                    break;
+                }
+                Err(e) => {
+                    let path = track.path();
+                    let key = path.to_string();
+                    issues.push(Issue { origin: origin_of(&key), key, message: clean_serde_message(&e.to_string()) });
+                    if !remove(&mut table, &path) {
+                        break;
+                    }
+                }
+            }
+        }
+        for key in unknown {
+            let message = match known_keys_near(&key) {
+                Some(hint) => format!("unknown key; did you mean `{hint}`?"),
+                None => "unknown key".to_owned(),
+            };
+            issues.push(Issue { origin: origin_of(&key), key, message });
+        }
+
+        if let Some(config) = &config {
+            for (key, message) in config.validate() {
+                issues.push(Issue { origin: origin_of(key), key: key.to_owned(), message });
+            }
+        }
+        match config {
+            Some(config) if issues.is_empty() => Ok(config),
+            _ => Err(Error(issues)),
+        }
+    }
+
+    /// Checks the rules types alone do not express; each failure is (key, message).
+    fn validate(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if self.server.max_body_bytes == 0 {
+            out.push(("server.max_body_bytes", "must be at least 1".to_owned()));
+        }
+        if !(1..=10_000).contains(&self.database.max_connections) {
+            out.push(("database.max_connections", "must be between 1 and 10000".to_owned()));
+        }
+        if self.database.acquire_timeout.is_zero() {
+            out.push(("database.acquire_timeout", "must be longer than 0s".to_owned()));
+        }
+        if let Some(url) = &self.database.url {
+            let url = url.expose_secret();
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                out.push((
+                    "database.url",
+                    "must start with postgres:// or postgresql://; for the embedded SQLite leave it unset and set data_dir".to_owned(),
+                ));
+            }
+        }
+        if let Some(endpoint) = &self.telemetry.otlp_endpoint {
+            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                out.push(("telemetry.otlp_endpoint", format!("must be an http:// or https:// URL, got {endpoint:?}")));
+            }
+        }
+        if self.telemetry.service_name.trim().is_empty() {
+            out.push(("telemetry.service_name", "must not be empty".to_owned()));
+        }
+        if self.telemetry.log_level.trim().is_empty() {
+            out.push(("telemetry.log_level", "must not be empty; e.g. \"info\"".to_owned()));
+        }
+        out
+    }
+
+    /// The effective config as TOML, secrets redacted.
+    pub fn to_redacted_toml(&self) -> Result<String, toml::ser::Error> {
+        toml::to_string_pretty(self)
+    }
+
+    /// The SQLite database file this config points at.
+    #[must_use]
+    pub fn sqlite_path(&self) -> PathBuf {
+        self.data_dir.join("keel.db")
+    }
+}
+
+/// Maps `KEEL_SERVER__LISTEN` to `["server", "listen"]`; `None` for variables that are
+/// not config keys.
+fn env_key_path(name: &str) -> Option<Result<Vec<String>, String>> {
+    let rest = name.strip_prefix("KEEL_")?;
+    if NOT_CONFIG_ENV.contains(&name) || NOT_CONFIG_ENV_PREFIXES.iter().any(|p| name.starts_with(p)) {
+        return None;
+    }
+    if let Some((_, key)) = ENV_ALIASES.iter().find(|(alias, _)| *alias == name) {
+        return Some(Ok(key.split('.').map(str::to_owned).collect()));
+    }
+    let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+    if path.iter().any(String::is_empty) {
+        return Some(Err(format!("{name} is not a config key: use `__` between sections, e.g. KEEL_SERVER__LISTEN")));
+    }
+    Some(Ok(path))
+}
+
+/// An environment value is read as a TOML scalar or array when it is one (`8`, `true`,
+/// `["a"]`, `"quoted"`), else taken as a plain string (`127.0.0.1:8080`, `30s`).
+fn env_value(raw: &str) -> toml::Value {
+    if !raw.contains('\n') {
+        if let Ok(mut t) = toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+            if t.len() == 1 {
+                match t.remove("v") {
+                    Some(v @ (toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_))) => return v,
+                    Some(v @ (toml::Value::String(_) | toml::Value::Array(_))) => return v,
+                    _ => {}
+                }
+            }
+        }
+    }
+    toml::Value::String(raw.to_owned())
+}
+
+fn insert(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    let Some((last, parents)) = path.split_last() else {
+        return Err("empty key".to_owned());
+    };
+    let mut current = table;
+    for (i, part) in parents.iter().enumerate() {
+        let entry = current.entry(part.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        current = match entry {
+            toml::Value::Table(t) => t,
+            _ => return Err(format!("`{}` is a value, not a section", path[..=i].join("."))),
+        };
+    }
+    current.insert(last.clone(), value);
+    Ok(())
+}
+
+/// Removes the value at `path` so the next pass can use its default; false if nothing
+/// could be removed (the error is at the root).
+fn remove(table: &mut toml::Table, path: &serde_path_to_error::Path) -> bool {
+    let keys: Vec<String> = path
+        .iter()
+        .map_while(|seg| match seg {
+            serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+            _ => None,
+        })
+        .collect();
+    let Some((last, parents)) = keys.split_last() else {
+        return false;
+    };
+    let mut current = table;
+    for part in parents {
+        match current.get_mut(part) {
+            Some(toml::Value::Table(t)) => current = t,
+            _ => return false,
+        }
+    }
+    current.remove(last).is_some()
+}
+
+/// serde's messages name Rust types; say what the config file needs instead.
+fn clean_serde_message(message: &str) -> String {
+    message
+        .replace("invalid type: string", "expected another type, got a string")
+        .replace(", expected struct ", ", expected a section ")
+}
+
+/// Every valid dotted key, for "did you mean" hints.
+fn known_keys() -> Vec<String> {
+    let value = match toml::Value::try_from(Config::default()) {
+        Ok(v) => v,
+        Err(_) => return Vec::new(),
+    };
+    let mut out = Vec::new();
+    collect_keys(&value, String::new(), &mut out);
+    // Optional keys are absent from the default; list them by hand.
+    out.extend(["database.url", "telemetry.otlp_endpoint"].map(str::to_owned));
+    out
+}
+
+fn collect_keys(value: &toml::Value, prefix: String, out: &mut Vec<String>) {
+    if let toml::Value::Table(t) = value {
+        for (k, v) in t {
+            let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+            if v.is_table() {
+                collect_keys(v, key, out);
+            } else {
+                out.push(key);
+            }
+        }
+    }
+}
+
+fn known_keys_near(unknown: &str) -> Option<String> {
+    known_keys()
+        .into_iter()
+        .map(|k| (edit_distance(&k, unknown), k))
+        .filter(|(d, _)| *d <= 3)
+        .min()
+        .map(|(_, k)| k)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = if ca == *cb { prev } else { 1 + prev.min(row[j]).min(cur) };
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(file: &str, env: &[(&str, &str)]) -> Result<Config, Error> {
+        Config::load(Sources {
+            file: Some(("keel.toml".to_owned(), file.to_owned())),
+            env: env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            flags: Vec::new(),
+        })
+    }
+
+    #[test]
+    fn defaults_load_from_nothing() {
+        let c = Config::load(Sources::default()).unwrap();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.server.max_body_bytes, 1 << 20);
+        assert_eq!(c.database.sqlite_synchronous, SqliteSynchronous::Full);
+        assert_eq!(c.sqlite_path(), PathBuf::from("./keel.db"));
+        assert!(c.database.url.is_none());
+    }
+
+    #[test]
+    fn layers_apply_in_order_file_env_flags() {
+        let c = Config::load(Sources {
+            file: Some((
+                "keel.toml".into(),
+                "data_dir = \"/file\"\n[server]\nlisten = \"127.0.0.1:1\"\nmax_body_bytes = 10\n".into(),
+            )),
+            env: vec![
+                ("KEEL_SERVER__LISTEN".into(), "127.0.0.1:2".into()),
+                ("KEEL_SERVER__DRAIN_TIMEOUT".into(), "250ms".into()),
+                ("KEEL_DATABASE__MAX_CONNECTIONS".into(), "4".into()),
+                ("PATH".into(), "/bin".into()),
+            ],
+            flags: vec![("server.listen", "127.0.0.1:3".into(), "--listen")],
+        })
+        .unwrap();
+        assert_eq!(c.server.listen.port(), 3, "flag beats env beats file");
+        assert_eq!(c.server.max_body_bytes, 10, "file beats default");
+        assert_eq!(c.server.drain_timeout, Duration::from_millis(250));
+        assert_eq!(c.database.max_connections, 4);
+        assert_eq!(c.data_dir, PathBuf::from("/file"));
+    }
+
+    #[test]
+    fn database_url_alias_and_redaction() {
+        let c = load("", &[("KEEL_DATABASE_URL", "postgres://app:hunter2@db:5432/keel?password=x")]).unwrap();
+        let shown = c.to_redacted_toml().unwrap();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(!shown.contains("password=x"), "{shown}");
+        assert!(shown.contains("postgres://app:[redacted]@db:5432/keel"), "{shown}");
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn every_error_is_reported_with_its_key_and_origin() {
+        let err = load(
+            "data_dir = 5\n[server]\nlisten = \"nope\"\nlistn = 1\n[database]\nmax_connections = 0\n[telemetry]\nlog_format = \"xml\"\n",
+            &[("KEEL_SERVER__MAX_BODY_BYTES", "lots"), ("KEEL_BOGUS", "1"), ("KEEL_TEST_POSTGRES", "skip")],
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        let keys: Vec<&str> = err.0.iter().map(|i| i.key.as_str()).collect();
+        for key in ["data_dir", "server.listen", "server.listn", "server.max_body_bytes", "telemetry.log_format", "bogus"] {
+            assert!(keys.contains(&key), "missing {key} in:\n{text}");
+        }
+        assert!(text.contains("server.listn (from keel.toml): unknown key; did you mean `server.listen`?"), "{text}");
+        assert!(text.contains("server.max_body_bytes (from env KEEL_SERVER__MAX_BODY_BYTES)"), "{text}");
+        assert!(!keys.contains(&"test_postgres"), "KEEL_TEST_* is not config: {text}");
+        // max_connections = 0 is only checked once types are right; the pass that removed the
+        // bad values still validates what remains.
+        assert!(keys.contains(&"database.max_connections"), "{text}");
+    }
+
+    #[test]
+    fn syntax_errors_name_the_file_and_position() {
+        let err = load("[server\nlisten = 1", &[]).unwrap_err();
+        assert_eq!(err.0.len(), 1);
+        assert!(err.to_string().contains("keel.toml"), "{err}");
+        assert!(err.to_string().contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn non_postgres_url_is_rejected_with_a_hint() {
+        let err = load("[database]\nurl = \"mysql://x\"\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("leave it unset and set data_dir"), "{err}");
+    }
+
+    #[test]
+    fn env_values_are_typed_when_they_look_typed() {
+        assert_eq!(env_value("8"), toml::Value::Integer(8));
+        assert_eq!(env_value("true"), toml::Value::Boolean(true));
+        assert_eq!(env_value("\"8\""), toml::Value::String("8".into()));
+        assert_eq!(env_value("127.0.0.1:80"), toml::Value::String("127.0.0.1:80".into()));
+        assert_eq!(env_value("1\nx = 2"), toml::Value::String("1\nx = 2".into()));
+    }
+
+    #[test]
+    fn malformed_env_names_are_reported() {
+        let err = load("", &[("KEEL_SERVER____LISTEN", "x")]).unwrap_err();
+        assert!(err.to_string().contains("use `__` between sections"), "{err}");
+    }
+
+    #[test]
+    fn url_redaction_handles_odd_shapes() {
+        assert_eq!(redacted_url("postgres://h/db"), "postgres://h/db");
+        assert_eq!(redacted_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redacted_url("garbage"), "[redacted]");
+        assert_eq!(redacted_url("postgres://u:p@h"), "postgres://u:[redacted]@h");
+    }
+}
