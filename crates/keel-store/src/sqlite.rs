@@ -1,0 +1,54 @@
+//! The embedded SQLite backend: one file (`keel.db`) in the data directory, WAL mode,
+//! `synchronous` as configured (FULL by default, so a committed write survives power loss).
+
+use std::path::Path;
+use std::str::FromStr;
+
+use keel_core::config::{Database, SqliteSynchronous};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous as Sync};
+
+use crate::{Backend, Error, Result};
+
+/// A store on an SQLite file.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file at `path`.
+    pub async fn open(path: &Path, config: &Database) -> Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| Error::DataDir {
+                path: dir.display().to_string(),
+                source,
+            })?;
+        }
+        let options = SqliteConnectOptions::from_str("sqlite://")
+            .map_err(Error::Database)?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(match config.sqlite_synchronous {
+                SqliteSynchronous::Off => Sync::Off,
+                SqliteSynchronous::Normal => Sync::Normal,
+                SqliteSynchronous::Full => Sync::Full,
+                SqliteSynchronous::Extra => Sync::Extra,
+            })
+            .busy_timeout(config.sqlite_busy_timeout)
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(config.max_connections)
+            .acquire_timeout(config.acquire_timeout)
+            .connect_with(options)
+            .await?;
+        Ok(Self { pool })
+    }
+
+    const BACKEND: Backend = Backend::Sqlite;
+    const MIGRATOR: &'static sqlx::migrate::Migrator = &crate::migrate::SQLITE;
+    const HAS_MIGRATIONS_TABLE: &'static str =
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations')";
+}
+
+crate::sql::sql_store!(SqliteStore);
