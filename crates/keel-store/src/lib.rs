@@ -133,3 +133,12 @@ pub(crate) fn now() -> OffsetDateTime {
     let now = OffsetDateTime::now_utc();
     now.replace_nanosecond(now.nanosecond() / 1_000 * 1_000).unwrap_or(now)
 }
+
+/// The highest schema version this binary embeds for `backend`.
+#[must_use]
+pub fn binary_schema_version(backend: Backend) -> i64 {
+    match backend {
+        Backend::Sqlite => migrate::latest(&migrate::SQLITE),
+        Backend::Postgres => migrate::latest(&migrate::POSTGRES),
+    }
+}

@@ -105,6 +105,8 @@ macro_rules! sql_store {
                         binary: before.binary,
                     });
                 }
+                // A failed Postgres migration leaves its advisory lock on the pooled
+                // connection; callers treat a failure as fatal and exit, which releases it.
                 Self::MIGRATOR.run(&self.pool).await?;
                 let after = self.schema_state().await?;
                 if after.database != before.database {

@@ -1,1 +1,370 @@
-fn main() {}
+//! The `keel` command: runs the server and administers a Keel installation.
+//!
+//! It parses flags, builds the config from its layers, and hands off to the library
+//! crates; no domain logic lives here.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use keel_core::auth::{KeyName, Role};
+use keel_core::config::{Config, Sources};
+use keel_core::id::ApiKeyId;
+use keel_core::workspace::WorkspaceName;
+use keel_server::{AppState, Server, telemetry};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "keel",
+    version,
+    about = "Keel: a production runtime for AI agents.",
+    long_about = "Keel: a production runtime for AI agents.\n\n\
+        Config comes from defaults, then keel.toml (--config, KEEL_CONFIG, or ./keel.toml if present), \
+        then KEEL_… environment variables (`__` nests: KEEL_SERVER__LISTEN), then flags.",
+    after_help = "Examples:\n  keel serve\n  keel keys create --workspace acme --role admin\n  keel config check --config keel.toml"
+)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Args)]
+struct Global {
+    /// Config file (TOML). Default: ./keel.toml when it exists.
+    #[arg(long, global = true, env = "KEEL_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Directory for the embedded SQLite database (keel.db). Default: current directory.
+    #[arg(long, global = true, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Log format: json (machines) or pretty (people).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormatArg>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormatArg {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the HTTP server until SIGTERM or SIGINT.
+    #[command(after_help = "Example:\n  keel serve --listen 0.0.0.0:8080 --data-dir /var/lib/keel")]
+    Serve {
+        /// Address to listen on (port 0 picks a free port).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
+    },
+    /// Apply pending database migrations, then exit.
+    #[command(after_help = "Example:\n  KEEL_DATABASE_URL=postgres://keel@db/keel keel migrate")]
+    Migrate,
+    /// Check or show the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Create, list and revoke API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Print the version and the schema version this binary expects.
+    #[command(after_help = "Example:\n  keel version")]
+    Version,
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate the config; print every error with its key path. Exit 1 on errors.
+    #[command(after_help = "Example:\n  keel config check --config keel.toml")]
+    Check,
+    /// Print the effective config as TOML, secrets redacted.
+    #[command(after_help = "Example:\n  KEEL_SERVER__LISTEN=0.0.0.0:80 keel config show")]
+    Show,
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Create a key (and the workspace, if new). Prints the key once, on stdout.
+    #[command(after_help = "Example:\n  export KEEL_API_KEY=$(keel keys create --workspace acme --role admin)")]
+    Create {
+        /// Workspace name (created if it does not exist).
+        #[arg(long)]
+        workspace: String,
+        /// Role: admin, member or viewer.
+        #[arg(long, default_value = "member")]
+        role: String,
+        /// A label for the key.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List a workspace's keys (never their secrets).
+    #[command(after_help = "Example:\n  keel keys list --workspace acme")]
+    List {
+        /// Workspace name.
+        #[arg(long)]
+        workspace: String,
+    },
+    /// Revoke a key; requests with it get 401 from then on.
+    #[command(after_help = "Example:\n  keel keys revoke --workspace acme key_0192f0c1d2e37a4b8c9d0e1f2a3b4c5d")]
+    Revoke {
+        /// Workspace name.
+        #[arg(long)]
+        workspace: String,
+        /// The key's id (key_…).
+        id: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // One TLS crypto provider for the whole process (see DEPENDENCIES.md, pitfall 1).
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Version => {
+            out(&format!(
+                "keel {} (schema: sqlite {}, postgres {})",
+                env!("CARGO_PKG_VERSION"),
+                keel_store::binary_schema_version(keel_store::Backend::Sqlite),
+                keel_store::binary_schema_version(keel_store::Backend::Postgres),
+            ));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config(ConfigCommand::Check) => match load_config(&cli.global, None) {
+            Ok(config) => match telemetry::check_filter(&config.telemetry.log_level) {
+                Ok(()) => {
+                    out("config OK");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    out(&format!("1 config error:\n  telemetry.log_level: {e}"));
+                    Ok(ExitCode::FAILURE)
+                }
+            },
+            Err(ConfigLoadError::Invalid(e)) => {
+                out(e.to_string().trim_end());
+                Ok(ExitCode::FAILURE)
+            }
+            Err(ConfigLoadError::Other(e)) => Err(e),
+        },
+        Command::Config(ConfigCommand::Show) => {
+            let config = load_config(&cli.global, None)?;
+            out(config.to_redacted_toml()?.trim_end());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve { listen } => {
+            let config = load_config(&cli.global, listen)?;
+            serve(config).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Migrate => {
+            let config = load_config(&cli.global, None)?;
+            let store = keel_store::open(&config).await.context("cannot open the database")?;
+            let before = store.schema_state().await?;
+            let after = store.migrate().await?;
+            store.close().await;
+            if before == after {
+                out(&format!("{} schema already at version {}", store.backend(), after.database));
+            } else {
+                out(&format!("{} schema migrated from version {} to {}", store.backend(), before.database, after.database));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keys(command) => {
+            let config = load_config(&cli.global, None)?;
+            keys(&config, command).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Writes one line to stdout (command output, as opposed to logs).
+fn out(line: &str) {
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
+}
+
+/// Writes one line to stderr (notes for the person at the terminal).
+fn note(line: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
+#[derive(Debug)]
+enum ConfigLoadError {
+    Invalid(keel_core::config::Error),
+    Other(anyhow::Error),
+}
+
+impl std::fmt::Display for ConfigLoadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigLoadError::Invalid(e) => write!(f, "{}", e.to_string().trim_end()),
+            ConfigLoadError::Other(e) => write!(f, "{e:#}"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigLoadError {}
+
+fn load_config(global: &Global, listen: Option<String>) -> Result<Config, ConfigLoadError> {
+    let path = match &global.config {
+        Some(path) => Some(path.clone()),
+        None => Some(PathBuf::from("keel.toml")).filter(|p| p.is_file()),
+    };
+    let file = match path {
+        Some(path) => Some(read_config_file(&path).map_err(ConfigLoadError::Other)?),
+        None => None,
+    };
+    let mut flags = Vec::new();
+    if let Some(dir) = &global.data_dir {
+        flags.push(("data_dir", dir.display().to_string(), "--data-dir"));
+    }
+    if let Some(format) = global.log_format {
+        let value = match format {
+            LogFormatArg::Json => "json",
+            LogFormatArg::Pretty => "pretty",
+        };
+        flags.push(("telemetry.log_format", value.to_owned(), "--log-format"));
+    }
+    if let Some(listen) = listen {
+        flags.push(("server.listen", listen, "--listen"));
+    }
+    Config::load(Sources {
+        file,
+        env: std::env::vars().collect(),
+        flags,
+    })
+    .map_err(ConfigLoadError::Invalid)
+}
+
+fn read_config_file(path: &Path) -> anyhow::Result<(String, String)> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+    Ok((path.display().to_string(), text))
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let telemetry = telemetry::init(&config.telemetry)?;
+    let result = serve_with_telemetry(config, started).await;
+    if let Err(e) = &result {
+        tracing::error!(error = format!("{e:#}"), "keel serve failed");
+    }
+    telemetry.shutdown(Duration::from_secs(5)).await;
+    result
+}
+
+async fn serve_with_telemetry(config: Config, started: Instant) -> anyhow::Result<()> {
+    let store = keel_store::open(&config).await.context("cannot open the database")?;
+    let schema = store.migrate().await.context("cannot migrate the database")?;
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+
+    let config = Arc::new(config);
+    let state = AppState::new(store.clone(), config.clone(), shutdown.clone());
+    let server = Server::bind(state, shutdown)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+    let addr = server.local_addr()?;
+    tracing::info!(
+        addr = %addr,
+        database = %store.backend(),
+        schema_version = schema.database,
+        startup_ms = started.elapsed().as_secs_f64() * 1000.0,
+        "listening"
+    );
+    server.run().await.context("server failed")?;
+    store.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Cancels `shutdown` on the first SIGTERM or SIGINT.
+async fn stop_on_signal(shutdown: CancellationToken) {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!(signal = "SIGINT", "stop requested"),
+        () = terminate => tracing::info!(signal = "SIGTERM", "stop requested"),
+    }
+    shutdown.cancel();
+}
+
+async fn keys(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
+    let store = keel_store::open(config).await.context("cannot open the database")?;
+    store.migrate().await.context("cannot migrate the database")?;
+    let result = keys_with(store.as_ref(), command).await;
+    store.close().await;
+    result
+}
+
+async fn keys_with(store: &dyn keel_store::Store, command: KeysCommand) -> anyhow::Result<()> {
+    match command {
+        KeysCommand::Create { workspace, role, name } => {
+            let workspace = WorkspaceName::parse(&workspace)?;
+            let role: Role = role.parse()?;
+            let name = name.map(|n| KeyName::parse(&n)).transpose()?;
+            let ws = store.ensure_workspace(&workspace).await?;
+            let (token, key) = keel_server::auth::issue_key(store, ws.id, role, name).await?;
+            out(token.expose());
+            note(&format!(
+                "created {} ({role}) in workspace {} ({}); store the key now: it is not shown again",
+                key.id, ws.name, ws.id
+            ));
+        }
+        KeysCommand::List { workspace } => {
+            let ws = store.workspace_by_name(&WorkspaceName::parse(&workspace)?).await?;
+            out("ID\tROLE\tPREFIX\tNAME\tCREATED\tREVOKED");
+            for key in store.list_api_keys(ws.id).await? {
+                out(&format!(
+                    "{}\t{}\t{}\t{}\t{}\t{}",
+                    key.id,
+                    key.role,
+                    key.prefix,
+                    key.name.as_ref().map_or("-", |n| n.as_str()),
+                    key.created_at,
+                    key.revoked_at.map_or_else(|| "-".to_owned(), |t| t.to_string()),
+                ));
+            }
+        }
+        KeysCommand::Revoke { workspace, id } => {
+            let ws = store.workspace_by_name(&WorkspaceName::parse(&workspace)?).await?;
+            let id: ApiKeyId = id.parse()?;
+            let key = match store.revoke_api_key(ws.id, id).await {
+                Err(keel_store::Error::NotFound { .. }) => bail!("no key {id} in workspace {}", ws.name),
+                other => other?,
+            };
+            note(&format!("revoked {} in workspace {}", key.id, ws.name));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,183 @@
+//! The one mapping from errors to HTTP: every error response Keel sends is an RFC 9457
+//! problem+json document built here.
+//!
+//! A handler returns [`ApiError`]; its response carries the [`Problem`] as an extension,
+//! and the request-context middleware writes the body, adding `instance` (the path) and
+//! `request_id`, which only it knows. Any other error response (one axum produced itself)
+//! is rewritten there into the same shape, so a client never sees two error formats.
+//!
+//! Internals never reach the client: a 5xx says what failed in general terms; the cause
+//! is logged with the request id.
+
+use std::borrow::Cow;
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// An RFC 9457 problem: what went wrong and what to do about it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Problem {
+    /// A URI naming the kind of problem, e.g. `urn:keel:problem:unauthorized`.
+    #[serde(rename = "type")]
+    pub kind: Cow<'static, str>,
+    /// A short summary of the kind.
+    pub title: Cow<'static, str>,
+    /// The HTTP status code.
+    pub status: u16,
+    /// What happened this time, and what to fix.
+    pub detail: String,
+    /// The request path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    /// The request's id, as in its `x-request-id` header.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+/// The media type of every error body.
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// An error a handler returns.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    slug: &'static str,
+    detail: String,
+    /// The `WWW-Authenticate` challenge, for 401s.
+    challenge: bool,
+    /// Seconds the client should wait, for 503s.
+    retry_after: Option<u32>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, slug: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            status,
+            slug,
+            detail: detail.into(),
+            challenge: false,
+            retry_after: None,
+        }
+    }
+
+    /// 400: the request is malformed; `detail` says where.
+    pub fn bad_request(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad-request", detail)
+    }
+    /// 401: no valid credentials.
+    pub fn unauthorized(detail: impl Into<String>) -> Self {
+        Self {
+            challenge: true,
+            ..Self::new(StatusCode::UNAUTHORIZED, "unauthorized", detail)
+        }
+    }
+    /// 403: authenticated, but not allowed.
+    pub fn forbidden(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", detail)
+    }
+    /// 404: no such thing (or not in the caller's workspace — never said which).
+    pub fn not_found(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not-found", detail)
+    }
+    /// 405.
+    pub fn method_not_allowed(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", detail)
+    }
+    /// 409: conflicts with the current state.
+    pub fn conflict(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "conflict", detail)
+    }
+    /// 413.
+    pub fn payload_too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload-too-large",
+            format!("request body is larger than the limit of {limit} bytes (server.max_body_bytes)"),
+        )
+    }
+    /// 415.
+    pub fn unsupported_media_type(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type", detail)
+    }
+    /// 503: a dependency is down; worth retrying.
+    pub fn unavailable(detail: impl Into<String>) -> Self {
+        Self {
+            retry_after: Some(1),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail)
+        }
+    }
+    /// 500: Keel's own failure. `cause` is logged, never sent.
+    pub fn internal(cause: &dyn std::fmt::Display) -> Self {
+        tracing::error!(error = %cause, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the server failed to handle this request; it has been logged with the request id",
+        )
+    }
+
+    /// The status this error answers with.
+    #[must_use]
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The problem document, without request context.
+    #[must_use]
+    pub fn problem(&self) -> Problem {
+        Problem {
+            kind: Cow::Owned(format!("urn:keel:problem:{}", self.slug)),
+            title: Cow::Borrowed(self.status.canonical_reason().unwrap_or("Error")),
+            status: self.status.as_u16(),
+            detail: self.detail.clone(),
+            instance: None,
+            request_id: None,
+        }
+    }
+
+    /// The generic problem for a status some other layer produced without a body of ours.
+    pub(crate) fn for_status(status: StatusCode) -> Self {
+        let (slug, detail) = match status {
+            StatusCode::NOT_FOUND => ("not-found", "no route matches this path"),
+            StatusCode::METHOD_NOT_ALLOWED => ("method-not-allowed", "this route does not accept this method"),
+            StatusCode::PAYLOAD_TOO_LARGE => ("payload-too-large", "request body is too large"),
+            StatusCode::REQUEST_TIMEOUT => ("timeout", "the request took too long"),
+            s if s.is_server_error() => ("internal", "the server failed to handle this request"),
+            _ => ("bad-request", "the request was not accepted"),
+        };
+        Self::new(status, slug, detail)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = self.status.into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        if self.challenge {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"keel\""));
+        }
+        if let Some(secs) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response.extensions_mut().insert(self.problem());
+        response
+    }
+}
+
+impl From<keel_store::Error> for ApiError {
+    fn from(e: keel_store::Error) -> Self {
+        use keel_store::Error as E;
+        match e {
+            E::NotFound { what } => ApiError::not_found(format!("{what} not found")),
+            E::Conflict { what } => ApiError::conflict(format!("{what} already exists")),
+            E::Unavailable(cause) => {
+                tracing::warn!(error = %cause, "database unavailable");
+                ApiError::unavailable("the database is unavailable; retry shortly")
+            }
+            e => ApiError::internal(&e),
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! The request-context middleware: the outermost thing every request passes through.
+//!
+//! It gives the request its id (keeping a well-formed incoming `x-request-id`), opens
+//! its span (continuing an incoming W3C `traceparent`), catches a handler panic and
+//! answers 500 instead of dropping the connection, writes every error body as
+//! problem+json with `instance` and `request_id`, stamps `x-request-id` on the response,
+//! and records the request's metrics by matched route (never the raw path, so
+//! cardinality stays bounded).
+
+use std::panic::AssertUnwindSafe;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use futures_util::FutureExt as _;
+use opentelemetry::propagation::{Extractor, TextMapPropagator as _};
+use opentelemetry::trace::TraceContextExt as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+use crate::error::{ApiError, PROBLEM_JSON, Problem};
+
+/// The request id header.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// A request's id, available to handlers as an extension.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+/// Keeps an incoming id only if it is short and made of safe characters, so it cannot
+/// inject into logs or headers.
+fn incoming_request_id(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(REQUEST_ID)?.to_str().ok()?;
+    let ok = (1..=128).contains(&value.len())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'+' | b'/' | b'='));
+    ok.then(|| value.to_owned())
+}
+
+struct HeaderExtractor<'a>(&'a HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+pub(crate) async fn request_context(mut req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let request_id = incoming_request_id(req.headers()).unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    let method = req.method().clone();
+    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
+    let path = req.uri().path().to_owned();
+
+    let span = tracing::info_span!(
+        "http.request",
+        otel.name = %format_args!("{method} {}", route.as_deref().unwrap_or("unmatched")),
+        otel.kind = "server",
+        http.request.method = %method,
+        http.route = route.as_deref(),
+        url.path = %path,
+        request_id = %request_id,
+        workspace_id = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+    );
+    let parent = TraceContextPropagator::new().extract(&HeaderExtractor(req.headers()));
+    if parent.span().span_context().is_valid() {
+        let _ = span.set_parent(parent);
+    }
+
+    req.extensions_mut().insert(RequestId(request_id.clone()));
+    let outcome = AssertUnwindSafe(next.run(req)).catch_unwind().instrument(span.clone()).await;
+    let mut response = match outcome {
+        Ok(response) => response,
+        Err(_) => {
+            metrics::counter!("keel_http_panics_total").increment(1);
+            span.in_scope(|| ApiError::internal(&"handler panicked").into_response())
+        }
+    };
+
+    write_problem_body(&mut response, &path, &request_id);
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
+
+    let status = response.status();
+    let elapsed = start.elapsed();
+    let route_label = route.unwrap_or_else(|| "unmatched".to_owned());
+    let labels = [
+        ("method", method.as_str().to_owned()),
+        ("route", route_label),
+        ("status", status.as_u16().to_string()),
+    ];
+    metrics::counter!("keel_http_requests_total", &labels).increment(1);
+    metrics::histogram!("keel_http_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
+
+    span.record("http.response.status_code", status.as_u16());
+    span.in_scope(|| {
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        if status.is_server_error() {
+            tracing::error!(duration_us = micros, "request failed");
+        } else {
+            tracing::info!(duration_us = micros, "request served");
+        }
+    });
+    response
+}
+
+/// Writes the problem+json body of an error response: the handler's [`Problem`] if it
+/// left one, else a generic one for the status (a response axum made by itself).
+fn write_problem_body(response: &mut Response, path: &str, request_id: &str) {
+    let problem = match response.extensions_mut().remove::<Problem>() {
+        Some(problem) => problem,
+        None if response.status().is_client_error() || response.status().is_server_error() => {
+            let is_ours = response
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(PROBLEM_JSON.as_bytes()));
+            if is_ours {
+                return;
+            }
+            ApiError::for_status(response.status()).problem()
+        }
+        None => return,
+    };
+    let problem = Problem {
+        instance: Some(path.to_owned()),
+        request_id: Some(request_id.to_owned()),
+        ..problem
+    };
+    let Ok(body) = serde_json::to_vec(&problem) else { return };
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+    headers.remove(header::CONTENT_LENGTH);
+    *response.body_mut() = Body::from(body);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn incoming_ids_are_kept_only_when_safe() {
+        let mut h = HeaderMap::new();
+        h.insert(REQUEST_ID, HeaderValue::from_static("abc-123_x.y:z"));
+        assert_eq!(incoming_request_id(&h).as_deref(), Some("abc-123_x.y:z"));
+        h.insert(REQUEST_ID, HeaderValue::from_static("has space"));
+        assert_eq!(incoming_request_id(&h), None);
+        h.insert(REQUEST_ID, HeaderValue::from_str(&"a".repeat(129)).unwrap());
+        assert_eq!(incoming_request_id(&h), None);
+        h.insert(REQUEST_ID, HeaderValue::from_static(""));
+        assert_eq!(incoming_request_id(&h), None);
+    }
+}

@@ -1,0 +1,164 @@
+//! API key endpoints: create (the secret is in this one response only), list, revoke.
+//! All are scoped to the caller's workspace; another workspace's key id is a 404.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::{Extension, Json};
+use keel_core::auth::{ApiKey, KeyName, Principal, Role};
+use keel_core::id::ApiKeyId;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::AppState;
+use crate::error::{ApiError, Problem};
+use crate::extract::AppJson;
+
+/// A role on the wire.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum WireRole {
+    /// Reads everything, changes nothing.
+    Viewer,
+    /// Uses the workspace.
+    Member,
+    /// Manages the workspace.
+    Admin,
+}
+
+impl From<WireRole> for Role {
+    fn from(r: WireRole) -> Self {
+        match r {
+            WireRole::Viewer => Role::Viewer,
+            WireRole::Member => Role::Member,
+            WireRole::Admin => Role::Admin,
+        }
+    }
+}
+
+impl From<Role> for WireRole {
+    fn from(r: Role) -> Self {
+        match r {
+            Role::Viewer => WireRole::Viewer,
+            Role::Member => WireRole::Member,
+            Role::Admin => WireRole::Admin,
+        }
+    }
+}
+
+/// What to create.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CreateKey {
+    /// What the key may do.
+    role: WireRole,
+    /// A label, 1–128 characters.
+    #[serde(default)]
+    name: Option<String>,
+}
+
+/// An API key (never its secret).
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct KeyView {
+    /// Its id (`key_…`).
+    id: String,
+    /// The workspace it acts in.
+    workspace_id: String,
+    /// Its label.
+    name: Option<String>,
+    /// What it may do.
+    role: WireRole,
+    /// The visible start of the secret, for support.
+    prefix: String,
+    /// When it was created (RFC 3339).
+    #[schema(format = DateTime)]
+    created_at: String,
+    /// When it was revoked, if it was.
+    #[schema(format = DateTime)]
+    revoked_at: Option<String>,
+}
+
+impl From<ApiKey> for KeyView {
+    fn from(k: ApiKey) -> Self {
+        Self {
+            id: k.id.to_string(),
+            workspace_id: k.workspace_id.to_string(),
+            name: k.name.map(|n| n.as_str().to_owned()),
+            role: k.role.into(),
+            prefix: k.prefix,
+            created_at: super::rfc3339(k.created_at),
+            revoked_at: k.revoked_at.map(super::rfc3339),
+        }
+    }
+}
+
+/// A key just created, with its secret: shown this once, never again.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct CreatedKey {
+    /// The secret to send as `Authorization: Bearer <key>`.
+    key: String,
+    #[serde(flatten)]
+    stored: KeyView,
+}
+
+/// Creates an API key in the caller's workspace. Requires role: admin.
+#[utoipa::path(post, path = "/v1/keys", tag = super::KEYS, request_body = CreateKey,
+    security(("api_key" = [])),
+    responses(
+        (status = 201, description = "Created; `key` is shown only here", body = CreatedKey),
+        (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Role too low", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn create(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    AppJson(body): AppJson<CreateKey>,
+) -> Result<(StatusCode, Json<CreatedKey>), ApiError> {
+    let name = body
+        .name
+        .map(|n| KeyName::parse(&n))
+        .transpose()
+        .map_err(|e| ApiError::bad_request(format!("name: {e}")))?;
+    let (token, key) = crate::auth::issue_key(state.store(), principal.workspace_id, body.role.into(), name).await?;
+    tracing::info!(key_id = %key.id, role = %key.role, "API key created");
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedKey {
+            key: token.expose().to_owned(),
+            stored: key.into(),
+        }),
+    ))
+}
+
+/// Lists the caller's workspace's keys, oldest first. Requires role: admin.
+#[utoipa::path(get, path = "/v1/keys", tag = super::KEYS, security(("api_key" = [])),
+    responses((status = 200, description = "The workspace's keys", body = super::List<KeyView>)))]
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Json<super::List<KeyView>>, ApiError> {
+    let keys = state.store().list_api_keys(principal.workspace_id).await?;
+    Ok(Json(super::List {
+        data: keys.into_iter().map(KeyView::from).collect(),
+    }))
+}
+
+/// Revokes a key of the caller's workspace; idempotent. Requires role: admin.
+#[utoipa::path(delete, path = "/v1/keys/{id}", tag = super::KEYS, security(("api_key" = [])),
+    params(("id" = String, Path, description = "The key's id (`key_…`)")),
+    responses(
+        (status = 200, description = "The revoked key", body = KeyView),
+        (status = 400, description = "Malformed id", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such key in this workspace", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn revoke(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Json<KeyView>, ApiError> {
+    let id: ApiKeyId = id.parse().map_err(|e: keel_core::Error| ApiError::bad_request(e.to_string()))?;
+    let key = state.store().revoke_api_key(principal.workspace_id, id).await?;
+    tracing::info!(key_id = %key.id, "API key revoked");
+    Ok(Json(key.into()))
+}

@@ -1,0 +1,30 @@
+//! HTTP handlers, one module per resource. Handlers are thin: parse wire types into
+//! domain types, call the store, shape the response. Authorisation is not here: it is
+//! applied per route group in [`crate::app`].
+
+pub(crate) mod keys;
+pub(crate) mod system;
+pub(crate) mod workspaces;
+
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// The OpenAPI tag for operations endpoints.
+pub(crate) const OPS: &str = "ops";
+/// The OpenAPI tag for workspace endpoints.
+pub(crate) const WORKSPACES: &str = "workspaces";
+/// The OpenAPI tag for key endpoints.
+pub(crate) const KEYS: &str = "keys";
+
+/// A page of items.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct List<T> {
+    /// The items.
+    pub data: Vec<T>,
+}
+
+/// Formats a timestamp for the wire (RFC 3339).
+pub(crate) fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.unix_timestamp().to_string())
+}
