@@ -53,7 +53,8 @@ impl Extractor for HeaderExtractor<'_> {
     }
 }
 
-pub(crate) async fn request_context(mut req: Request, next: Next) -> Response {
+/// The middleware itself; `app` installs it on every route and the fallback.
+pub async fn request_context(mut req: Request, next: Next) -> Response {
     let start = Instant::now();
     let request_id = incoming_request_id(req.headers()).unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     let method = req.method().clone();
