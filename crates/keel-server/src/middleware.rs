@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request};
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures_util::FutureExt as _;
@@ -106,8 +106,10 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
     span.record("http.response.status_code", status.as_u16());
     span.in_scope(|| {
         let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
-        if status.is_server_error() {
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!(duration_us = micros, "request failed");
+        } else if status.is_server_error() {
+            tracing::warn!(duration_us = micros, "request failed");
         } else {
             tracing::info!(duration_us = micros, "request served");
         }

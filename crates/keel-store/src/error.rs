@@ -18,7 +18,7 @@ pub enum Error {
     },
     /// The database cannot be reached or has no free connection; worth retrying later.
     #[error("database unavailable: {0}")]
-    Unavailable(#[source] sqlx::Error),
+    Unavailable(sqlx::Error),
     /// The database has migrations this binary does not know: it was upgraded by a newer
     /// Keel. Running an older binary against it could corrupt data.
     #[error(
@@ -33,7 +33,7 @@ pub enum Error {
     },
     /// A migration failed to apply.
     #[error("migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    Migrate(sqlx::migrate::MigrateError),
     /// A stored value could not be read back into its domain type.
     #[error("stored {what} is invalid: {detail}")]
     Corrupt {
@@ -46,17 +46,16 @@ pub enum Error {
     #[error("database.url is not a valid Postgres URL: {0}")]
     BadUrl(String),
     /// The data directory could not be prepared.
-    #[error("cannot prepare data directory {path}: {source}")]
+    #[error("cannot prepare data directory {path}: {cause}")]
     DataDir {
         /// The directory.
         path: String,
         /// The I/O error.
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// Any other database error.
     #[error("database error: {0}")]
-    Database(#[source] sqlx::Error),
+    Database(sqlx::Error),
 }
 
 impl Error {
@@ -67,11 +66,20 @@ impl Error {
     }
 }
 
+impl From<sqlx::migrate::MigrateError> for Error {
+    fn from(e: sqlx::migrate::MigrateError) -> Self {
+        Error::Migrate(e)
+    }
+}
+
 impl From<sqlx::Error> for Error {
     fn from(e: sqlx::Error) -> Self {
         match e {
+            // Protocol: a connection cut mid-exchange (e.g. during the TLS handshake) —
+            // the database went away, not a bug in the query.
             sqlx::Error::Io(_)
             | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed => Error::Unavailable(e),

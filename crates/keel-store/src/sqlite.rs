@@ -19,9 +19,9 @@ impl SqliteStore {
     /// Opens (creating if needed) the database file at `path`.
     pub async fn open(path: &Path, config: &Database) -> Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| Error::DataDir {
+            std::fs::create_dir_all(dir).map_err(|cause| Error::DataDir {
                 path: dir.display().to_string(),
-                source,
+                cause,
             })?;
         }
         let options = SqliteConnectOptions::from_str("sqlite://")
