@@ -65,7 +65,12 @@ impl FromStr for Role {
         Role::ALL
             .into_iter()
             .find(|r| r.as_str() == s)
-            .ok_or_else(|| Error::invalid("role", format!("expected admin, member or viewer, got {s:?}")))
+            .ok_or_else(|| {
+                Error::invalid(
+                    "role",
+                    format!("expected admin, member or viewer, got {s:?}"),
+                )
+            })
     }
 }
 
@@ -124,7 +129,10 @@ impl ApiKeyToken {
         } else {
             Err(Error::invalid(
                 "API key",
-                format!("expected `{}` followed by 43 URL-safe base64 characters", Self::SCHEME),
+                format!(
+                    "expected `{}` followed by 43 URL-safe base64 characters",
+                    Self::SCHEME
+                ),
             ))
         }
     }
@@ -169,10 +177,16 @@ impl KeyName {
     /// Parses a label.
     pub fn parse(s: &str) -> Result<Self, Error> {
         if s.trim().is_empty() || s.chars().count() > 128 {
-            return Err(Error::invalid("key name", "must be 1 to 128 characters and not blank"));
+            return Err(Error::invalid(
+                "key name",
+                "must be 1 to 128 characters and not blank",
+            ));
         }
         if s.chars().any(char::is_control) {
-            return Err(Error::invalid("key name", "must not contain control characters"));
+            return Err(Error::invalid(
+                "key name",
+                "must not contain control characters",
+            ));
         }
         Ok(Self(s.to_owned()))
     }
@@ -243,9 +257,17 @@ mod tests {
     fn malformed_tokens_are_rejected_without_echoing_them() {
         let good = ApiKeyToken::generate().unwrap();
         let truncated = &good.expose()[..ApiKeyToken::LEN - 1];
-        for bad in ["", "keel_", truncated, &good.expose().replace("keel_", "kell_")] {
+        for bad in [
+            "",
+            "keel_",
+            truncated,
+            &good.expose().replace("keel_", "kell_"),
+        ] {
             let err = ApiKeyToken::parse(bad).unwrap_err().to_string();
-            assert!(bad.is_empty() || bad == "keel_" || !err.contains(bad), "{err}");
+            assert!(
+                bad.is_empty() || bad == "keel_" || !err.contains(bad),
+                "{err}"
+            );
         }
         let mut with_space = good.expose().to_owned();
         with_space.replace_range(10..11, " ");
@@ -264,6 +286,12 @@ mod tests {
         assert!(Role::Member.satisfies(Role::Member));
         assert!(!Role::Viewer.satisfies(Role::Member));
         assert_eq!("admin".parse::<Role>(), Ok(Role::Admin));
-        assert!("root".parse::<Role>().unwrap_err().to_string().contains("admin, member or viewer"));
+        assert!(
+            "root"
+                .parse::<Role>()
+                .unwrap_err()
+                .to_string()
+                .contains("admin, member or viewer")
+        );
     }
 }

@@ -171,7 +171,11 @@ pub fn redacted_url(url: &str) -> String {
     match authority.rsplit_once('@') {
         Some((userinfo, host)) => {
             let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            let secret = if userinfo.contains(':') { ":[redacted]" } else { "" };
+            let secret = if userinfo.contains(':') {
+                ":[redacted]"
+            } else {
+                ""
+            };
             // Query strings may carry passwords too (`?password=`): drop them from display.
             let tail = tail.split_once('?').map_or(tail, |(path, _)| path);
             format!("{scheme}://{user}{secret}@{host}{tail}")
@@ -196,7 +200,11 @@ pub struct Issue {
 
 impl fmt::Display for Issue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let key = if self.key.is_empty() { "(file)" } else { &self.key };
+        let key = if self.key.is_empty() {
+            "(file)"
+        } else {
+            &self.key
+        };
         match &self.origin {
             Some(origin) => write!(f, "{key} (from {origin}): {}", self.message),
             None => write!(f, "{key}: {}", self.message),
@@ -262,17 +270,27 @@ impl Config {
         };
 
         for (name, raw) in &sources.env {
-            let Some(path) = env_key_path(name) else { continue };
+            let Some(path) = env_key_path(name) else {
+                continue;
+            };
             let origin = format!("env {name}");
             match path {
                 Ok(path) => {
                     if let Err(message) = insert(&mut table, &path, env_value(raw)) {
-                        issues.push(Issue { key: path.join("."), origin: Some(origin), message });
+                        issues.push(Issue {
+                            key: path.join("."),
+                            origin: Some(origin),
+                            message,
+                        });
                     } else {
                         origins.insert(path.join("."), origin);
                     }
                 }
-                Err(message) => issues.push(Issue { key: String::new(), origin: Some(origin), message }),
+                Err(message) => issues.push(Issue {
+                    key: String::new(),
+                    origin: Some(origin),
+                    message,
+                }),
             }
         }
 
@@ -280,7 +298,11 @@ impl Config {
             let path: Vec<String> = key.split('.').map(str::to_owned).collect();
             let origin = format!("flag {flag}");
             if let Err(message) = insert(&mut table, &path, toml::Value::String(value.clone())) {
-                issues.push(Issue { key: (*key).to_owned(), origin: Some(origin), message });
+                issues.push(Issue {
+                    key: (*key).to_owned(),
+                    origin: Some(origin),
+                    message,
+                });
             } else {
                 origins.insert((*key).to_owned(), origin);
             }
@@ -292,7 +314,10 @@ impl Config {
         let mut config = None;
         for _ in 0..MAX_PASSES {
             let mut track = serde_path_to_error::Track::new();
-            let de = serde_path_to_error::Deserializer::new(toml::Value::Table(table.clone()), &mut track);
+            let de = serde_path_to_error::Deserializer::new(
+                toml::Value::Table(table.clone()),
+                &mut track,
+            );
             let result: Result<Config, _> = serde_ignored::deserialize(de, |path| {
                 unknown.insert(path.to_string());
             });
@@ -304,7 +329,11 @@ impl Config {
                 Err(e) => {
                     let path = track.path();
                     let key = path.to_string();
-                    issues.push(Issue { origin: origin_of(&key), key, message: clean_serde_message(&e.to_string()) });
+                    issues.push(Issue {
+                        origin: origin_of(&key),
+                        key,
+                        message: clean_serde_message(&e.to_string()),
+                    });
                     if !remove(&mut table, &path) {
                         break;
                     }
@@ -316,12 +345,20 @@ impl Config {
                 Some(hint) => format!("unknown key; did you mean `{hint}`?"),
                 None => "unknown key".to_owned(),
             };
-            issues.push(Issue { origin: origin_of(&key), key, message });
+            issues.push(Issue {
+                origin: origin_of(&key),
+                key,
+                message,
+            });
         }
 
         if let Some(config) = &config {
             for (key, message) in config.validate() {
-                issues.push(Issue { origin: origin_of(key), key: key.to_owned(), message });
+                issues.push(Issue {
+                    origin: origin_of(key),
+                    key: key.to_owned(),
+                    message,
+                });
             }
         }
         match config {
@@ -337,10 +374,16 @@ impl Config {
             out.push(("server.max_body_bytes", "must be at least 1".to_owned()));
         }
         if !(1..=10_000).contains(&self.database.max_connections) {
-            out.push(("database.max_connections", "must be between 1 and 10000".to_owned()));
+            out.push((
+                "database.max_connections",
+                "must be between 1 and 10000".to_owned(),
+            ));
         }
         if self.database.acquire_timeout.is_zero() {
-            out.push(("database.acquire_timeout", "must be longer than 0s".to_owned()));
+            out.push((
+                "database.acquire_timeout",
+                "must be longer than 0s".to_owned(),
+            ));
         }
         if let Some(url) = &self.database.url {
             let url = url.expose_secret();
@@ -351,16 +394,22 @@ impl Config {
                 ));
             }
         }
-        if let Some(endpoint) = &self.telemetry.otlp_endpoint {
-            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
-                out.push(("telemetry.otlp_endpoint", format!("must be an http:// or https:// URL, got {endpoint:?}")));
-            }
+        if let Some(endpoint) = &self.telemetry.otlp_endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            out.push((
+                "telemetry.otlp_endpoint",
+                format!("must be an http:// or https:// URL, got {endpoint:?}"),
+            ));
         }
         if self.telemetry.service_name.trim().is_empty() {
             out.push(("telemetry.service_name", "must not be empty".to_owned()));
         }
         if self.telemetry.log_level.trim().is_empty() {
-            out.push(("telemetry.log_level", "must not be empty; e.g. \"info\"".to_owned()));
+            out.push((
+                "telemetry.log_level",
+                "must not be empty; e.g. \"info\"".to_owned(),
+            ));
         }
         out
     }
@@ -381,7 +430,8 @@ impl Config {
 /// not config keys.
 fn env_key_path(name: &str) -> Option<Result<Vec<String>, String>> {
     let rest = name.strip_prefix("KEEL_")?;
-    if NOT_CONFIG_ENV.contains(&name) || NOT_CONFIG_ENV_PREFIXES.iter().any(|p| name.starts_with(p)) {
+    if NOT_CONFIG_ENV.contains(&name) || NOT_CONFIG_ENV_PREFIXES.iter().any(|p| name.starts_with(p))
+    {
         return None;
     }
     if let Some((_, key)) = ENV_ALIASES.iter().find(|(alias, _)| *alias == name) {
@@ -389,7 +439,9 @@ fn env_key_path(name: &str) -> Option<Result<Vec<String>, String>> {
     }
     let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
     if path.iter().any(String::is_empty) {
-        return Some(Err(format!("{name} is not a config key: use `__` between sections, e.g. KEEL_SERVER__LISTEN")));
+        return Some(Err(format!(
+            "{name} is not a config key: use `__` between sections, e.g. KEEL_SERVER__LISTEN"
+        )));
     }
     Some(Ok(path))
 }
@@ -397,16 +449,18 @@ fn env_key_path(name: &str) -> Option<Result<Vec<String>, String>> {
 /// An environment value is read as a TOML scalar or array when it is one (`8`, `true`,
 /// `["a"]`, `"quoted"`), else taken as a plain string (`127.0.0.1:8080`, `30s`).
 fn env_value(raw: &str) -> toml::Value {
-    if !raw.contains('\n') {
-        if let Ok(mut t) = toml::from_str::<toml::Table>(&format!("v = {raw}")) {
-            if t.len() == 1 {
-                match t.remove("v") {
-                    Some(v @ (toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_))) => return v,
-                    Some(v @ (toml::Value::String(_) | toml::Value::Array(_))) => return v,
-                    _ => {}
-                }
-            }
-        }
+    if !raw.contains('\n')
+        && let Ok(mut t) = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        && t.len() == 1
+        && let Some(
+            v @ (toml::Value::Integer(_)
+            | toml::Value::Float(_)
+            | toml::Value::Boolean(_)
+            | toml::Value::String(_)
+            | toml::Value::Array(_)),
+        ) = t.remove("v")
+    {
+        return v;
     }
     toml::Value::String(raw.to_owned())
 }
@@ -417,10 +471,17 @@ fn insert(table: &mut toml::Table, path: &[String], value: toml::Value) -> Resul
     };
     let mut current = table;
     for (i, part) in parents.iter().enumerate() {
-        let entry = current.entry(part.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let entry = current
+            .entry(part.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
         current = match entry {
             toml::Value::Table(t) => t,
-            _ => return Err(format!("`{}` is a value, not a section", path[..=i].join("."))),
+            _ => {
+                return Err(format!(
+                    "`{}` is a value, not a section",
+                    path[..=i].join(".")
+                ));
+            }
         };
     }
     current.insert(last.clone(), value);
@@ -453,7 +514,10 @@ fn remove(table: &mut toml::Table, path: &serde_path_to_error::Path) -> bool {
 /// serde's messages name Rust types; say what the config file needs instead.
 fn clean_serde_message(message: &str) -> String {
     message
-        .replace("invalid type: string", "expected another type, got a string")
+        .replace(
+            "invalid type: string",
+            "expected another type, got a string",
+        )
         .replace(", expected struct ", ", expected a section ")
 }
 
@@ -473,7 +537,11 @@ fn known_keys() -> Vec<String> {
 fn collect_keys(value: &toml::Value, prefix: String, out: &mut Vec<String>) {
     if let toml::Value::Table(t) = value {
         for (k, v) in t {
-            let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+            let key = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
             if v.is_table() {
                 collect_keys(v, key, out);
             } else {
@@ -500,7 +568,11 @@ fn edit_distance(a: &str, b: &str) -> usize {
         row[0] = i + 1;
         for (j, cb) in b.iter().enumerate() {
             let cur = row[j + 1];
-            row[j + 1] = if ca == *cb { prev } else { 1 + prev.min(row[j]).min(cur) };
+            row[j + 1] = if ca == *cb {
+                prev
+            } else {
+                1 + prev.min(row[j]).min(cur)
+            };
             prev = cur;
         }
     }
@@ -514,7 +586,10 @@ mod tests {
     fn load(file: &str, env: &[(&str, &str)]) -> Result<Config, Error> {
         Config::load(Sources {
             file: Some(("keel.toml".to_owned(), file.to_owned())),
-            env: env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             flags: Vec::new(),
         })
     }
@@ -534,7 +609,8 @@ mod tests {
         let c = Config::load(Sources {
             file: Some((
                 "keel.toml".into(),
-                "data_dir = \"/file\"\n[server]\nlisten = \"127.0.0.1:1\"\nmax_body_bytes = 10\n".into(),
+                "data_dir = \"/file\"\n[server]\nlisten = \"127.0.0.1:1\"\nmax_body_bytes = 10\n"
+                    .into(),
             )),
             env: vec![
                 ("KEEL_SERVER__LISTEN".into(), "127.0.0.1:2".into()),
@@ -554,11 +630,21 @@ mod tests {
 
     #[test]
     fn database_url_alias_and_redaction() {
-        let c = load("", &[("KEEL_DATABASE_URL", "postgres://app:hunter2@db:5432/keel?password=x")]).unwrap();
+        let c = load(
+            "",
+            &[(
+                "KEEL_DATABASE_URL",
+                "postgres://app:hunter2@db:5432/keel?password=x",
+            )],
+        )
+        .unwrap();
         let shown = c.to_redacted_toml().unwrap();
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(!shown.contains("password=x"), "{shown}");
-        assert!(shown.contains("postgres://app:[redacted]@db:5432/keel"), "{shown}");
+        assert!(
+            shown.contains("postgres://app:[redacted]@db:5432/keel"),
+            "{shown}"
+        );
         assert!(!format!("{c:?}").contains("hunter2"));
     }
 
@@ -571,12 +657,30 @@ mod tests {
         .unwrap_err();
         let text = err.to_string();
         let keys: Vec<&str> = err.0.iter().map(|i| i.key.as_str()).collect();
-        for key in ["data_dir", "server.listen", "server.listn", "server.max_body_bytes", "telemetry.log_format", "bogus"] {
+        for key in [
+            "data_dir",
+            "server.listen",
+            "server.listn",
+            "server.max_body_bytes",
+            "telemetry.log_format",
+            "bogus",
+        ] {
             assert!(keys.contains(&key), "missing {key} in:\n{text}");
         }
-        assert!(text.contains("server.listn (from keel.toml): unknown key; did you mean `server.listen`?"), "{text}");
-        assert!(text.contains("server.max_body_bytes (from env KEEL_SERVER__MAX_BODY_BYTES)"), "{text}");
-        assert!(!keys.contains(&"test_postgres"), "KEEL_TEST_* is not config: {text}");
+        assert!(
+            text.contains(
+                "server.listn (from keel.toml): unknown key; did you mean `server.listen`?"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("server.max_body_bytes (from env KEEL_SERVER__MAX_BODY_BYTES)"),
+            "{text}"
+        );
+        assert!(
+            !keys.contains(&"test_postgres"),
+            "KEEL_TEST_* is not config: {text}"
+        );
         // max_connections = 0 is only checked once types are right; the pass that removed the
         // bad values still validates what remains.
         assert!(keys.contains(&"database.max_connections"), "{text}");
@@ -593,7 +697,10 @@ mod tests {
     #[test]
     fn non_postgres_url_is_rejected_with_a_hint() {
         let err = load("[database]\nurl = \"mysql://x\"\n", &[]).unwrap_err();
-        assert!(err.to_string().contains("leave it unset and set data_dir"), "{err}");
+        assert!(
+            err.to_string().contains("leave it unset and set data_dir"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -601,14 +708,23 @@ mod tests {
         assert_eq!(env_value("8"), toml::Value::Integer(8));
         assert_eq!(env_value("true"), toml::Value::Boolean(true));
         assert_eq!(env_value("\"8\""), toml::Value::String("8".into()));
-        assert_eq!(env_value("127.0.0.1:80"), toml::Value::String("127.0.0.1:80".into()));
-        assert_eq!(env_value("1\nx = 2"), toml::Value::String("1\nx = 2".into()));
+        assert_eq!(
+            env_value("127.0.0.1:80"),
+            toml::Value::String("127.0.0.1:80".into())
+        );
+        assert_eq!(
+            env_value("1\nx = 2"),
+            toml::Value::String("1\nx = 2".into())
+        );
     }
 
     #[test]
     fn malformed_env_names_are_reported() {
         let err = load("", &[("KEEL_SERVER____LISTEN", "x")]).unwrap_err();
-        assert!(err.to_string().contains("use `__` between sections"), "{err}");
+        assert!(
+            err.to_string().contains("use `__` between sections"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -616,6 +732,9 @@ mod tests {
         assert_eq!(redacted_url("postgres://h/db"), "postgres://h/db");
         assert_eq!(redacted_url("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redacted_url("garbage"), "[redacted]");
-        assert_eq!(redacted_url("postgres://u:p@h"), "postgres://u:[redacted]@h");
+        assert_eq!(
+            redacted_url("postgres://u:p@h"),
+            "postgres://u:[redacted]@h"
+        );
     }
 }

@@ -23,7 +23,10 @@ pub(crate) async fn require(
     next: Next,
 ) -> Result<Response, ApiError> {
     let principal = authenticate(state.store(), req.headers()).await?;
-    tracing::Span::current().record("workspace_id", tracing::field::display(principal.workspace_id));
+    tracing::Span::current().record(
+        "workspace_id",
+        tracing::field::display(principal.workspace_id),
+    );
     if !principal.role.satisfies(required) {
         return Err(ApiError::forbidden(format!(
             "this route requires role {required} or higher; this key has role {}",
@@ -35,15 +38,19 @@ pub(crate) async fn require(
 }
 
 async fn authenticate(store: &dyn Store, headers: &HeaderMap) -> Result<Principal, ApiError> {
-    let value = headers
-        .get(header::AUTHORIZATION)
-        .ok_or_else(|| ApiError::unauthorized("missing credentials: send `Authorization: Bearer <API key>`"))?;
+    let value = headers.get(header::AUTHORIZATION).ok_or_else(|| {
+        ApiError::unauthorized("missing credentials: send `Authorization: Bearer <API key>`")
+    })?;
     let value = value
         .to_str()
         .map_err(|_| ApiError::unauthorized("the Authorization header is not valid text"))?;
     let token = match value.split_once(' ') {
         Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
-        _ => return Err(ApiError::unauthorized("the Authorization header must be `Bearer <API key>`")),
+        _ => {
+            return Err(ApiError::unauthorized(
+                "the Authorization header must be `Bearer <API key>`",
+            ));
+        }
     };
     let token = ApiKeyToken::parse(token).map_err(|e| ApiError::unauthorized(e.to_string()))?;
     store

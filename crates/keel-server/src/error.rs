@@ -94,12 +94,18 @@ impl ApiError {
         Self::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload-too-large",
-            format!("request body is larger than the limit of {limit} bytes (server.max_body_bytes)"),
+            format!(
+                "request body is larger than the limit of {limit} bytes (server.max_body_bytes)"
+            ),
         )
     }
     /// 415.
     pub fn unsupported_media_type(detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type", detail)
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            detail,
+        )
     }
     /// 503: a dependency is down; worth retrying.
     pub fn unavailable(detail: impl Into<String>) -> Self {
@@ -141,7 +147,10 @@ impl ApiError {
     pub(crate) fn for_status(status: StatusCode) -> Self {
         let (slug, detail) = match status {
             StatusCode::NOT_FOUND => ("not-found", "no route matches this path"),
-            StatusCode::METHOD_NOT_ALLOWED => ("method-not-allowed", "this route does not accept this method"),
+            StatusCode::METHOD_NOT_ALLOWED => (
+                "method-not-allowed",
+                "this route does not accept this method",
+            ),
             StatusCode::PAYLOAD_TOO_LARGE => ("payload-too-large", "request body is too large"),
             StatusCode::REQUEST_TIMEOUT => ("timeout", "the request took too long"),
             s if s.is_server_error() => ("internal", "the server failed to handle this request"),
@@ -157,7 +166,10 @@ impl IntoResponse for ApiError {
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
         if self.challenge {
-            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"keel\""));
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"keel\""),
+            );
         }
         if let Some(secs) = self.retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));

@@ -20,24 +20,33 @@ impl<T: DeserializeOwned> FromRequest<AppState> for AppJson<T> {
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(value)) => Ok(Self(value)),
-            Err(rejection) => Err(rejection_to_error(&rejection, state.config().server.max_body_bytes)),
+            Err(rejection) => Err(rejection_to_error(
+                &rejection,
+                state.config().server.max_body_bytes,
+            )),
         }
     }
 }
 
 fn rejection_to_error(rejection: &JsonRejection, limit: usize) -> ApiError {
     match rejection {
-        JsonRejection::MissingJsonContentType(_) => {
-            ApiError::unsupported_media_type("expected a JSON body with `Content-Type: application/json`")
+        JsonRejection::MissingJsonContentType(_) => ApiError::unsupported_media_type(
+            "expected a JSON body with `Content-Type: application/json`",
+        ),
+        JsonRejection::BytesRejection(BytesRejection::FailedToBufferBody(
+            FailedToBufferBody::LengthLimitError(_),
+        )) => ApiError::payload_too_large(limit),
+        JsonRejection::JsonSyntaxError(_) => {
+            ApiError::bad_request(format!("malformed JSON: {}", source_text(rejection)))
         }
-        JsonRejection::BytesRejection(BytesRejection::FailedToBufferBody(FailedToBufferBody::LengthLimitError(_))) => {
-            ApiError::payload_too_large(limit)
-        }
-        JsonRejection::JsonSyntaxError(_) => ApiError::bad_request(format!("malformed JSON: {}", source_text(rejection))),
-        JsonRejection::JsonDataError(_) => {
-            ApiError::bad_request(format!("JSON body does not match the schema: {}", source_text(rejection)))
-        }
-        other => ApiError::bad_request(format!("cannot read the request body: {}", other.body_text())),
+        JsonRejection::JsonDataError(_) => ApiError::bad_request(format!(
+            "JSON body does not match the schema: {}",
+            source_text(rejection)
+        )),
+        other => ApiError::bad_request(format!(
+            "cannot read the request body: {}",
+            other.body_text()
+        )),
     }
 }
 

@@ -48,7 +48,9 @@ struct Inner {
 
 impl std::fmt::Debug for AppState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AppState").field("store", &self.inner.store).finish_non_exhaustive()
+        f.debug_struct("AppState")
+            .field("store", &self.inner.store)
+            .finish_non_exhaustive()
     }
 }
 
@@ -125,8 +127,15 @@ impl Modify for BearerAuth {
 }
 
 /// Routes that need at least `role`, behind the one auth middleware.
-fn protected(state: &AppState, role: Role, routes: OpenApiRouter<AppState>) -> OpenApiRouter<AppState> {
-    routes.layer(axum::middleware::from_fn_with_state((state.clone(), role), auth::require))
+fn protected(
+    state: &AppState,
+    role: Role,
+    routes: OpenApiRouter<AppState>,
+) -> OpenApiRouter<AppState> {
+    routes.layer(axum::middleware::from_fn_with_state(
+        (state.clone(), role),
+        auth::require,
+    ))
 }
 
 /// Builds the whole HTTP application over `state`.
@@ -149,9 +158,13 @@ pub fn app(state: AppState) -> Router {
     let _ = state.inner.openapi_json.set(json.into());
 
     router
-        .fallback(|| async { error::ApiError::not_found("no route matches this path; see /openapi.json") })
+        .fallback(|| async {
+            error::ApiError::not_found("no route matches this path; see /openapi.json")
+        })
         .method_not_allowed_fallback(|| async {
-            error::ApiError::method_not_allowed("this route does not accept this method; see /openapi.json")
+            error::ApiError::method_not_allowed(
+                "this route does not accept this method; see /openapi.json",
+            )
         })
         .layer(DefaultBodyLimit::max(state.config().server.max_body_bytes))
         .layer(axum::middleware::from_fn(middleware::request_context))
@@ -202,9 +215,12 @@ impl Server {
 
         let shutdown = self.shutdown.clone();
         let app = app(self.state);
-        let serve = axum::serve(self.listener, app.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .into_future();
+        let serve = axum::serve(
+            self.listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .into_future();
         let mut serve = std::pin::pin!(serve);
         let result = tokio::select! {
             result = &mut serve => result,

@@ -36,9 +36,9 @@ pub struct RequestId(pub String);
 fn incoming_request_id(headers: &HeaderMap) -> Option<String> {
     let value = headers.get(REQUEST_ID)?.to_str().ok()?;
     let ok = (1..=128).contains(&value.len())
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'+' | b'/' | b'='));
+        && value.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'+' | b'/' | b'=')
+        });
     ok.then(|| value.to_owned())
 }
 
@@ -56,9 +56,13 @@ impl Extractor for HeaderExtractor<'_> {
 /// The middleware itself; `app` installs it on every route and the fallback.
 pub async fn request_context(mut req: Request, next: Next) -> Response {
     let start = Instant::now();
-    let request_id = incoming_request_id(req.headers()).unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    let request_id =
+        incoming_request_id(req.headers()).unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     let method = req.method().clone();
-    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned());
     let path = req.uri().path().to_owned();
 
     let span = tracing::info_span!(
@@ -78,7 +82,10 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
     }
 
     req.extensions_mut().insert(RequestId(request_id.clone()));
-    let outcome = AssertUnwindSafe(next.run(req)).catch_unwind().instrument(span.clone()).await;
+    let outcome = AssertUnwindSafe(next.run(req))
+        .catch_unwind()
+        .instrument(span.clone())
+        .await;
     let mut response = match outcome {
         Ok(response) => response,
         Err(_) => {
@@ -101,7 +108,8 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
         ("status", status.as_u16().to_string()),
     ];
     metrics::counter!("keel_http_requests_total", &labels).increment(1);
-    metrics::histogram!("keel_http_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
+    metrics::histogram!("keel_http_request_duration_seconds", &labels)
+        .record(elapsed.as_secs_f64());
 
     span.record("http.response.status_code", status.as_u16());
     span.in_scope(|| {
@@ -139,7 +147,9 @@ fn write_problem_body(response: &mut Response, path: &str, request_id: &str) {
         request_id: Some(request_id.to_owned()),
         ..problem
     };
-    let Ok(body) = serde_json::to_vec(&problem) else { return };
+    let Ok(body) = serde_json::to_vec(&problem) else {
+        return;
+    };
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
     headers.remove(header::CONTENT_LENGTH);

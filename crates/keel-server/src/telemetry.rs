@@ -34,7 +34,9 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The log filter does not parse.
-    #[error("telemetry.log_level {0:?} is not a valid filter (e.g. \"info\" or \"keel=debug,sqlx=warn\"): {1}")]
+    #[error(
+        "telemetry.log_level {0:?} is not a valid filter (e.g. \"info\" or \"keel=debug,sqlx=warn\"): {1}"
+    )]
     Filter(String, String),
     /// The OTLP exporter could not be built.
     #[error("cannot set up OTLP export: {0}")]
@@ -47,7 +49,8 @@ pub enum Error {
 /// Buckets for HTTP latency, in seconds: fine-grained below 10 ms, where Keel's own
 /// overhead lives, coarse above, where upstream calls do.
 const LATENCY_BUCKETS: &[f64] = &[
-    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0,
 ];
 
 /// The process's Prometheus handle, installing the recorder on first use.
@@ -56,7 +59,9 @@ pub fn metrics() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             let builder = PrometheusBuilder::new();
-            let builder = match builder.set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), LATENCY_BUCKETS) {
+            let builder = match builder
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), LATENCY_BUCKETS)
+            {
                 Ok(b) => b,
                 Err(_) => PrometheusBuilder::new(),
             };
@@ -71,13 +76,19 @@ pub fn metrics() -> PrometheusHandle {
 }
 
 fn describe_metrics() {
-    metrics::describe_counter!("keel_http_requests_total", "HTTP requests served, by method, matched route and status.");
+    metrics::describe_counter!(
+        "keel_http_requests_total",
+        "HTTP requests served, by method, matched route and status."
+    );
     metrics::describe_histogram!(
         "keel_http_request_duration_seconds",
         metrics::Unit::Seconds,
         "Time from request received to response headers, by method, matched route and status."
     );
-    metrics::describe_counter!("keel_http_panics_total", "Handler panics caught and answered with 500.");
+    metrics::describe_counter!(
+        "keel_http_panics_total",
+        "Handler panics caught and answered with 500."
+    );
 }
 
 /// Checks a log filter the way `init` will parse it.
@@ -131,7 +142,10 @@ pub fn init(config: &config::Telemetry) -> Result<Telemetry, Error> {
             .map(|s| (*s).to_owned())
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "non-string panic payload".to_owned());
-        let location = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
         tracing::error!(panic.message = %message, panic.location = %location, "panic");
     }));
 
@@ -173,7 +187,10 @@ impl Telemetry {
         // `shutdown` blocks its thread until the exporter is done; keep it off the runtime.
         let flush = tokio::task::spawn_blocking(move || provider.shutdown());
         if tokio::time::timeout(timeout, flush).await.is_err() {
-            tracing::warn!(?timeout, "span export did not finish before the shutdown timeout");
+            tracing::warn!(
+                ?timeout,
+                "span export did not finish before the shutdown timeout"
+            );
         }
     }
 }
@@ -188,7 +205,12 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
 {
-    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
         let meta = event.metadata();
         let mut obj = Map::with_capacity(12);
         let now = time::OffsetDateTime::now_utc();
@@ -201,10 +223,10 @@ where
         if let Some(scope) = ctx.event_scope() {
             let mut innermost = None;
             for span in scope.from_root() {
-                if let Some(fields) = span.extensions().get::<FormattedFields<N>>() {
-                    if let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(fields) {
-                        obj.extend(fields);
-                    }
+                if let Some(fields) = span.extensions().get::<FormattedFields<N>>()
+                    && let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(fields)
+                {
+                    obj.extend(fields);
                 }
                 innermost = Some(span.name());
             }
@@ -235,7 +257,8 @@ struct JsonVisitor(Map<String, Value>);
 
 impl Visit for JsonVisitor {
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.0.insert(field.name().into(), format!("{value:?}").into());
+        self.0
+            .insert(field.name().into(), format!("{value:?}").into());
     }
     fn record_str(&mut self, field: &Field, value: &str) {
         self.0.insert(field.name().into(), value.into());

@@ -26,8 +26,8 @@ use time::OffsetDateTime;
 mod error;
 mod migrate;
 pub mod postgres;
-pub mod sqlite;
 mod sql;
+pub mod sqlite;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -131,7 +131,8 @@ pub async fn open(config: &Config) -> Result<Arc<dyn Store>> {
 /// back equals the value written.
 pub(crate) fn now() -> OffsetDateTime {
     let now = OffsetDateTime::now_utc();
-    now.replace_nanosecond(now.nanosecond() / 1_000 * 1_000).unwrap_or(now)
+    now.replace_nanosecond(now.nanosecond() / 1_000 * 1_000)
+        .unwrap_or(now)
 }
 
 /// The highest schema version this binary embeds for `backend`.

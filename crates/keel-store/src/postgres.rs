@@ -20,7 +20,8 @@ pub struct PgStore {
 impl PgStore {
     /// Connects to the database at `url`.
     pub async fn connect(url: &SecretString, config: &Database) -> Result<Self> {
-        let options = PgConnectOptions::from_str(url.expose_secret()).map_err(|e| Error::BadUrl(e.to_string()))?;
+        let options = PgConnectOptions::from_str(url.expose_secret())
+            .map_err(|e| Error::BadUrl(e.to_string()))?;
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(config.acquire_timeout)

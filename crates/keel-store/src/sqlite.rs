@@ -5,7 +5,10 @@ use std::path::Path;
 use std::str::FromStr;
 
 use keel_core::config::{Database, SqliteSynchronous};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous as Sync};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous as Sync,
+};
 
 use crate::{Backend, Error, Result};
 
@@ -47,8 +50,7 @@ impl SqliteStore {
 
     const BACKEND: Backend = Backend::Sqlite;
     const MIGRATOR: &'static sqlx::migrate::Migrator = &crate::migrate::SQLITE;
-    const HAS_MIGRATIONS_TABLE: &'static str =
-        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations')";
+    const HAS_MIGRATIONS_TABLE: &'static str = "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations')";
 }
 
 crate::sql::sql_store!(SqliteStore);

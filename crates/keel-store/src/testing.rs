@@ -13,7 +13,8 @@ use sqlx::postgres::{PgConnectOptions, PgConnection};
 /// The Postgres server tests use.
 #[must_use]
 pub fn admin_url() -> String {
-    std::env::var("KEEL_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+    std::env::var("KEEL_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
 }
 
 /// Whether Postgres tests were explicitly turned off.
@@ -32,7 +33,8 @@ pub async fn fresh_postgres_db() -> Result<Option<String>, String> {
         return Ok(None);
     }
     let admin = admin_url();
-    let options = PgConnectOptions::from_str(&admin).map_err(|e| format!("bad KEEL_TEST_POSTGRES_URL {admin}: {e}"))?;
+    let options = PgConnectOptions::from_str(&admin)
+        .map_err(|e| format!("bad KEEL_TEST_POSTGRES_URL {admin}: {e}"))?;
     let mut conn = PgConnection::connect_with(&options).await.map_err(|e| {
         format!(
             "Postgres for tests is not reachable at {admin}: {e}. Start it (see README), point \
@@ -40,14 +42,20 @@ pub async fn fresh_postgres_db() -> Result<Option<String>, String> {
         )
     })?;
     let name = format!("{DB_PREFIX}{}", uuid::Uuid::now_v7().simple());
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name} TEMPLATE template0")))
-        .execute(&mut conn)
-        .await
-        .map_err(|e| format!("cannot create test database {name}: {e}"))?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE DATABASE {name} TEMPLATE template0"
+    )))
+    .execute(&mut conn)
+    .await
+    .map_err(|e| format!("cannot create test database {name}: {e}"))?;
     let _ = conn.close().await;
     let url = match admin.rsplit_once('/') {
         Some((base, _)) => format!("{base}/{name}"),
-        None => return Err(format!("KEEL_TEST_POSTGRES_URL {admin} has no database path")),
+        None => {
+            return Err(format!(
+                "KEEL_TEST_POSTGRES_URL {admin} has no database path"
+            ));
+        }
     };
     Ok(Some(url))
 }

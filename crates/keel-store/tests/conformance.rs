@@ -1,6 +1,14 @@
 //! The storage conformance suite: every test here runs against SQLite and Postgres alike
 //! (a fresh file or a fresh database each), so both backends keep one behaviour.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::field_reassign_with_default,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
 use std::sync::Arc;
 
 use keel_core::auth::{ApiKeyToken, KeyName, Role};
@@ -33,7 +41,11 @@ async fn open(config: Config, dir: Option<tempfile::TempDir>) -> Fixture {
     let store = keel_store::open(&config).await.unwrap();
     let state = store.migrate().await.unwrap();
     assert!(state.is_current(), "{state:?}");
-    Fixture { store, config, _dir: dir }
+    Fixture {
+        store,
+        config,
+        _dir: dir,
+    }
 }
 
 macro_rules! conformance {
@@ -122,7 +134,14 @@ async fn a_database_newer_than_the_binary_is_refused(f: &Fixture) {
         }
         keel_store::Backend::Postgres => {
             use secrecy::ExposeSecret;
-            let url = f.config.database.url.as_ref().unwrap().expose_secret().to_owned();
+            let url = f
+                .config
+                .database
+                .url
+                .as_ref()
+                .unwrap()
+                .expose_secret()
+                .to_owned();
             let pool = sqlx::PgPool::connect(&url).await.unwrap();
             sqlx::query(
                 "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
@@ -136,7 +155,10 @@ async fn a_database_newer_than_the_binary_is_refused(f: &Fixture) {
         }
     }
     let err = keel_store::open(&f.config).await.unwrap_err();
-    assert!(matches!(err, Error::SchemaTooNew { database, binary: b } if database == future && b == binary), "{err}");
+    assert!(
+        matches!(err, Error::SchemaTooNew { database, binary: b } if database == future && b == binary),
+        "{err}"
+    );
     assert!(err.to_string().contains("newer than this binary"), "{err}");
     let err = f.store.migrate().await.unwrap_err();
     assert!(matches!(err, Error::SchemaTooNew { .. }), "{err}");
@@ -147,8 +169,15 @@ async fn workspaces_are_unique_by_name(f: &Fixture) {
     let ws = f.store.create_workspace(&name("acme")).await.unwrap();
     assert_eq!(ws.name.as_str(), "acme");
     let err = f.store.create_workspace(&name("acme")).await.unwrap_err();
-    assert!(matches!(err, Error::Conflict { what: "workspace" }), "{err}");
-    assert_eq!(f.store.workspace(ws.id).await.unwrap(), ws, "timestamps round-trip exactly");
+    assert!(
+        matches!(err, Error::Conflict { what: "workspace" }),
+        "{err}"
+    );
+    assert_eq!(
+        f.store.workspace(ws.id).await.unwrap(),
+        ws,
+        "timestamps round-trip exactly"
+    );
     assert_eq!(f.store.workspace_by_name(&name("acme")).await.unwrap(), ws);
 }
 
@@ -157,13 +186,19 @@ async fn ensure_workspace_creates_once(f: &Fixture) {
     let b = f.store.ensure_workspace(&name("team")).await.unwrap();
     assert_eq!(a, b);
     let race = name("race");
-    let (x, y) = tokio::join!(f.store.ensure_workspace(&race), f.store.ensure_workspace(&race));
+    let (x, y) = tokio::join!(
+        f.store.ensure_workspace(&race),
+        f.store.ensure_workspace(&race)
+    );
     assert_eq!(x.unwrap().id, y.unwrap().id);
 }
 
 async fn unknown_workspaces_are_not_found(f: &Fixture) {
     let err = f.store.workspace(WorkspaceId::new()).await.unwrap_err();
-    assert!(matches!(err, Error::NotFound { what: "workspace" }), "{err}");
+    assert!(
+        matches!(err, Error::NotFound { what: "workspace" }),
+        "{err}"
+    );
     let err = f.store.workspace_by_name(&name("ghost")).await.unwrap_err();
     assert!(matches!(err, Error::NotFound { .. }), "{err}");
 }
@@ -177,7 +212,10 @@ async fn keys_authenticate_until_revoked(f: &Fixture) {
     assert!(key.revoked_at.is_none());
 
     let principal = f.store.authenticate(&token.hash()).await.unwrap().unwrap();
-    assert_eq!((principal.workspace_id, principal.key_id, principal.role), (ws.id, key.id, Role::Member));
+    assert_eq!(
+        (principal.workspace_id, principal.key_id, principal.role),
+        (ws.id, key.id, Role::Member)
+    );
 
     let other = ApiKeyToken::generate().unwrap();
     assert!(f.store.authenticate(&other.hash()).await.unwrap().is_none());
@@ -186,7 +224,11 @@ async fn keys_authenticate_until_revoked(f: &Fixture) {
     let revoked_at = revoked.revoked_at.unwrap();
     assert!(f.store.authenticate(&token.hash()).await.unwrap().is_none());
     let again = f.store.revoke_api_key(ws.id, key.id).await.unwrap();
-    assert_eq!(again.revoked_at, Some(revoked_at), "revoking twice keeps the first time");
+    assert_eq!(
+        again.revoked_at,
+        Some(revoked_at),
+        "revoking twice keeps the first time"
+    );
 
     let listed = f.store.list_api_keys(ws.id).await.unwrap();
     assert_eq!(listed, vec![again]);
@@ -202,12 +244,26 @@ async fn keys_are_scoped_to_their_workspace(f: &Fixture) {
     let (_, ka2) = new_key(a.id, Role::Viewer);
     let ka2 = f.store.create_api_key(ka2).await.unwrap();
 
-    let listed: Vec<ApiKeyId> = f.store.list_api_keys(a.id).await.unwrap().into_iter().map(|k| k.id).collect();
-    assert_eq!(listed, vec![ka.id, ka2.id], "only alpha's keys, oldest first");
+    let listed: Vec<ApiKeyId> = f
+        .store
+        .list_api_keys(a.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|k| k.id)
+        .collect();
+    assert_eq!(
+        listed,
+        vec![ka.id, ka2.id],
+        "only alpha's keys, oldest first"
+    );
 
     let err = f.store.revoke_api_key(a.id, kb.id).await.unwrap_err();
     assert!(matches!(err, Error::NotFound { what: "API key" }), "{err}");
-    assert!(f.store.authenticate(&tb.hash()).await.unwrap().is_some(), "beta's key untouched");
+    assert!(
+        f.store.authenticate(&tb.hash()).await.unwrap().is_some(),
+        "beta's key untouched"
+    );
 }
 
 async fn duplicate_key_hashes_conflict(f: &Fixture) {

@@ -90,7 +90,9 @@ enum ConfigCommand {
 #[derive(Debug, Subcommand)]
 enum KeysCommand {
     /// Create a key (and the workspace, if new). Prints the key once, on stdout.
-    #[command(after_help = "Example:\n  export KEEL_API_KEY=$(keel keys create --workspace acme --role admin)")]
+    #[command(
+        after_help = "Example:\n  export KEEL_API_KEY=$(keel keys create --workspace acme --role admin)"
+    )]
     Create {
         /// Workspace name (created if it does not exist).
         #[arg(long)]
@@ -110,7 +112,9 @@ enum KeysCommand {
         workspace: String,
     },
     /// Revoke a key; requests with it get 401 from then on.
-    #[command(after_help = "Example:\n  keel keys revoke --workspace acme key_0192f0c1d2e37a4b8c9d0e1f2a3b4c5d")]
+    #[command(
+        after_help = "Example:\n  keel keys revoke --workspace acme key_0192f0c1d2e37a4b8c9d0e1f2a3b4c5d"
+    )]
     Revoke {
         /// Workspace name.
         #[arg(long)]
@@ -124,10 +128,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // One TLS crypto provider for the whole process (see DEPENDENCIES.md, pitfall 1).
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
-            let _ = writeln!(std::io::stderr(), "error: cannot start the async runtime: {e}");
+            let _ = writeln!(
+                std::io::stderr(),
+                "error: cannot start the async runtime: {e}"
+            );
             return ExitCode::FAILURE;
         }
     };
@@ -180,14 +190,25 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Migrate => {
             let config = load_config(&cli.global, None)?;
-            let store = keel_store::open(&config).await.context("cannot open the database")?;
+            let store = keel_store::open(&config)
+                .await
+                .context("cannot open the database")?;
             let before = store.schema_state().await?;
             let after = store.migrate().await?;
             store.close().await;
             if before == after {
-                out(&format!("{} schema already at version {}", store.backend(), after.database));
+                out(&format!(
+                    "{} schema already at version {}",
+                    store.backend(),
+                    after.database
+                ));
             } else {
-                out(&format!("{} schema migrated from version {} to {}", store.backend(), before.database, after.database));
+                out(&format!(
+                    "{} schema migrated from version {} to {}",
+                    store.backend(),
+                    before.database,
+                    after.database
+                ));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -258,7 +279,8 @@ fn load_config(global: &Global, listen: Option<String>) -> Result<Config, Config
 }
 
 fn read_config_file(path: &Path) -> anyhow::Result<(String, String)> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
     Ok((path.display().to_string(), text))
 }
 
@@ -274,8 +296,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 }
 
 async fn serve_with_telemetry(config: Config, started: Instant) -> anyhow::Result<()> {
-    let store = keel_store::open(&config).await.context("cannot open the database")?;
-    let schema = store.migrate().await.context("cannot migrate the database")?;
+    let store = keel_store::open(&config)
+        .await
+        .context("cannot open the database")?;
+    let schema = store
+        .migrate()
+        .await
+        .context("cannot migrate the database")?;
 
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
@@ -320,8 +347,13 @@ async fn stop_on_signal(shutdown: CancellationToken) {
 }
 
 async fn keys(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
-    let store = keel_store::open(config).await.context("cannot open the database")?;
-    store.migrate().await.context("cannot migrate the database")?;
+    let store = keel_store::open(config)
+        .await
+        .context("cannot open the database")?;
+    store
+        .migrate()
+        .await
+        .context("cannot migrate the database")?;
     let result = keys_with(store.as_ref(), command).await;
     store.close().await;
     result
@@ -329,7 +361,11 @@ async fn keys(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
 
 async fn keys_with(store: &dyn keel_store::Store, command: KeysCommand) -> anyhow::Result<()> {
     match command {
-        KeysCommand::Create { workspace, role, name } => {
+        KeysCommand::Create {
+            workspace,
+            role,
+            name,
+        } => {
             let workspace = WorkspaceName::parse(&workspace)?;
             let role: Role = role.parse()?;
             let name = name.map(|n| KeyName::parse(&n)).transpose()?;
@@ -342,7 +378,9 @@ async fn keys_with(store: &dyn keel_store::Store, command: KeysCommand) -> anyho
             ));
         }
         KeysCommand::List { workspace } => {
-            let ws = store.workspace_by_name(&WorkspaceName::parse(&workspace)?).await?;
+            let ws = store
+                .workspace_by_name(&WorkspaceName::parse(&workspace)?)
+                .await?;
             out("ID\tROLE\tPREFIX\tNAME\tCREATED\tREVOKED");
             for key in store.list_api_keys(ws.id).await? {
                 out(&format!(
@@ -352,15 +390,20 @@ async fn keys_with(store: &dyn keel_store::Store, command: KeysCommand) -> anyho
                     key.prefix,
                     key.name.as_ref().map_or("-", |n| n.as_str()),
                     key.created_at,
-                    key.revoked_at.map_or_else(|| "-".to_owned(), |t| t.to_string()),
+                    key.revoked_at
+                        .map_or_else(|| "-".to_owned(), |t| t.to_string()),
                 ));
             }
         }
         KeysCommand::Revoke { workspace, id } => {
-            let ws = store.workspace_by_name(&WorkspaceName::parse(&workspace)?).await?;
+            let ws = store
+                .workspace_by_name(&WorkspaceName::parse(&workspace)?)
+                .await?;
             let id: ApiKeyId = id.parse()?;
             let key = match store.revoke_api_key(ws.id, id).await {
-                Err(keel_store::Error::NotFound { .. }) => bail!("no key {id} in workspace {}", ws.name),
+                Err(keel_store::Error::NotFound { .. }) => {
+                    bail!("no key {id} in workspace {}", ws.name)
+                }
                 other => other?,
             };
             note(&format!("revoked {} in workspace {}", key.id, ws.name));

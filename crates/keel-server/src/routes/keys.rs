@@ -120,7 +120,13 @@ pub(crate) async fn create(
         .map(|n| KeyName::parse(&n))
         .transpose()
         .map_err(|e| ApiError::bad_request(format!("name: {e}")))?;
-    let (token, key) = crate::auth::issue_key(state.store(), principal.workspace_id, body.role.into(), name).await?;
+    let (token, key) = crate::auth::issue_key(
+        state.store(),
+        principal.workspace_id,
+        body.role.into(),
+        name,
+    )
+    .await?;
     tracing::info!(key_id = %key.id, role = %key.role, "API key created");
     Ok((
         StatusCode::CREATED,
@@ -157,8 +163,13 @@ pub(crate) async fn revoke(
     Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Json<KeyView>, ApiError> {
-    let id: ApiKeyId = id.parse().map_err(|e: keel_core::Error| ApiError::bad_request(e.to_string()))?;
-    let key = state.store().revoke_api_key(principal.workspace_id, id).await?;
+    let id: ApiKeyId = id
+        .parse()
+        .map_err(|e: keel_core::Error| ApiError::bad_request(e.to_string()))?;
+    let key = state
+        .store()
+        .revoke_api_key(principal.workspace_id, id)
+        .await?;
     tracing::info!(key_id = %key.id, "API key revoked");
     Ok(Json(key.into()))
 }

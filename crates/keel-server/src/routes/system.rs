@@ -48,14 +48,24 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Result<Json<Status>
     }
     let store = state.store();
     let backend = store.backend();
-    let check = tokio::time::timeout(state.config().database.acquire_timeout * 2, store.schema_state()).await;
+    let check = tokio::time::timeout(
+        state.config().database.acquire_timeout * 2,
+        store.schema_state(),
+    )
+    .await;
     let schema = match check {
         Ok(Ok(schema)) => schema,
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "readiness: database check failed");
-            return Err(ApiError::unavailable(format!("database ({backend}) unreachable")));
+            return Err(ApiError::unavailable(format!(
+                "database ({backend}) unreachable"
+            )));
         }
-        Err(_) => return Err(ApiError::unavailable(format!("database ({backend}) did not answer in time"))),
+        Err(_) => {
+            return Err(ApiError::unavailable(format!(
+                "database ({backend}) did not answer in time"
+            )));
+        }
     };
     if !schema.is_current() {
         return Err(ApiError::unavailable(format!(
@@ -75,7 +85,10 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Result<Json<Status>
     responses((status = 200, description = "Prometheus text exposition", body = String, content_type = "text/plain; version=0.0.4")))]
 pub(crate) async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         state.metrics().render(),
     )
 }
@@ -84,5 +97,8 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> impl IntoResponse 
 #[utoipa::path(get, path = "/openapi.json", tag = super::OPS, security(()),
     responses((status = 200, description = "OpenAPI document", content_type = "application/json")))]
 pub(crate) async fn openapi(State(state): State<AppState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/json")], state.openapi_json())
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        state.openapi_json(),
+    )
 }

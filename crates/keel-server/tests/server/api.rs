@@ -27,7 +27,11 @@ async fn harness_with(config: impl FnOnce(&mut Config)) -> Harness {
     let store = keel_store::open(&cfg).await.unwrap();
     store.migrate().await.unwrap();
     let state = AppState::new(store, Arc::new(cfg), CancellationToken::new());
-    Harness { app: app(state.clone()), state, _dir: dir }
+    Harness {
+        app: app(state.clone()),
+        state,
+        _dir: dir,
+    }
 }
 
 async fn harness() -> Harness {
@@ -36,8 +40,15 @@ async fn harness() -> Harness {
 
 impl Harness {
     async fn key(&self, workspace: &str, role: Role) -> String {
-        let ws = self.state.store().ensure_workspace(&WorkspaceName::parse(workspace).unwrap()).await.unwrap();
-        let (token, _) = keel_server::auth::issue_key(self.state.store(), ws.id, role, None).await.unwrap();
+        let ws = self
+            .state
+            .store()
+            .ensure_workspace(&WorkspaceName::parse(workspace).unwrap())
+            .await
+            .unwrap();
+        let (token, _) = keel_server::auth::issue_key(self.state.store(), ws.id, role, None)
+            .await
+            .unwrap();
         token.expose().to_owned()
     }
 
@@ -46,7 +57,8 @@ impl Harness {
         let status = res.status();
         let headers = res.headers().clone();
         let bytes = res.into_body().collect().await.unwrap().to_bytes();
-        let body = serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        let body = serde_json::from_slice(&bytes)
+            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into_owned()));
         (status, headers, body)
     }
 }
@@ -68,15 +80,30 @@ fn post_json(uri: &str, key: &str, body: impl Into<Body>) -> Request<Body> {
 }
 
 /// Asserts an RFC 9457 problem with the given status, whose request_id matches the header.
-fn assert_problem(status: StatusCode, headers: &axum::http::HeaderMap, body: &Value, expect: StatusCode, instance: &str) {
+fn assert_problem(
+    status: StatusCode,
+    headers: &axum::http::HeaderMap,
+    body: &Value,
+    expect: StatusCode,
+    instance: &str,
+) {
     assert_eq!(status, expect, "{body}");
     assert_eq!(headers[header::CONTENT_TYPE], "application/problem+json");
     assert_eq!(body["status"], expect.as_u16(), "{body}");
-    assert!(body["type"].as_str().unwrap().starts_with("urn:keel:problem:"), "{body}");
+    assert!(
+        body["type"]
+            .as_str()
+            .unwrap()
+            .starts_with("urn:keel:problem:"),
+        "{body}"
+    );
     assert!(!body["title"].as_str().unwrap().is_empty());
     assert!(!body["detail"].as_str().unwrap().is_empty());
     assert_eq!(body["instance"], instance);
-    assert_eq!(body["request_id"].as_str().unwrap(), headers["x-request-id"].to_str().unwrap());
+    assert_eq!(
+        body["request_id"].as_str().unwrap(),
+        headers["x-request-id"].to_str().unwrap()
+    );
 }
 
 #[tokio::test]
@@ -94,14 +121,24 @@ async fn current_workspace_needs_a_valid_key() {
         (None, "missing credentials"),
         (Some("Bearer keel_short"), "expected `keel_`"),
         (Some("Basic abc"), "must be `Bearer"),
-        (Some(format!("Bearer keel_{}", "A".repeat(43))).as_deref(), "not valid or has been revoked"),
+        (
+            Some(format!("Bearer keel_{}", "A".repeat(43))).as_deref(),
+            "not valid or has been revoked",
+        ),
     ] {
         let mut req = get("/v1/workspaces/current", None);
         if let Some(auth) = auth {
-            req.headers_mut().insert(header::AUTHORIZATION, auth.parse().unwrap());
+            req.headers_mut()
+                .insert(header::AUTHORIZATION, auth.parse().unwrap());
         }
         let (status, headers, body) = h.send(req).await;
-        assert_problem(status, &headers, &body, StatusCode::UNAUTHORIZED, "/v1/workspaces/current");
+        assert_problem(
+            status,
+            &headers,
+            &body,
+            StatusCode::UNAUTHORIZED,
+            "/v1/workspaces/current",
+        );
         assert!(body["detail"].as_str().unwrap().contains(needle), "{body}");
         assert_eq!(headers[header::WWW_AUTHENTICATE], "Bearer realm=\"keel\"");
     }
@@ -111,9 +148,17 @@ async fn current_workspace_needs_a_valid_key() {
 async fn roles_are_enforced_by_the_route_group() {
     let h = harness().await;
     let viewer = h.key("acme", Role::Viewer).await;
-    let (status, headers, body) = h.send(post_json("/v1/keys", &viewer, r#"{"role":"viewer"}"#)).await;
+    let (status, headers, body) = h
+        .send(post_json("/v1/keys", &viewer, r#"{"role":"viewer"}"#))
+        .await;
     assert_problem(status, &headers, &body, StatusCode::FORBIDDEN, "/v1/keys");
-    assert!(body["detail"].as_str().unwrap().contains("requires role admin"), "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("requires role admin"),
+        "{body}"
+    );
     let (status, _, _) = h.send(get("/v1/keys", Some(&viewer))).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
 }
@@ -122,20 +167,37 @@ async fn roles_are_enforced_by_the_route_group() {
 async fn keys_are_created_listed_and_revoked_within_the_workspace() {
     let h = harness().await;
     let admin = h.key("acme", Role::Admin).await;
-    let (status, _, created) = h.send(post_json("/v1/keys", &admin, r#"{"role":"member","name":"ci"}"#)).await;
+    let (status, _, created) = h
+        .send(post_json(
+            "/v1/keys",
+            &admin,
+            r#"{"role":"member","name":"ci"}"#,
+        ))
+        .await;
     assert_eq!(status, StatusCode::CREATED, "{created}");
     let new_key = created["key"].as_str().unwrap().to_owned();
     assert!(new_key.starts_with(created["prefix"].as_str().unwrap()));
     let id = created["id"].as_str().unwrap().to_owned();
 
     let (status, _, me) = h.send(get("/v1/workspaces/current", Some(&new_key))).await;
-    assert_eq!((status, me["role"].as_str()), (StatusCode::OK, Some("member")));
+    assert_eq!(
+        (status, me["role"].as_str()),
+        (StatusCode::OK, Some("member"))
+    );
 
     let (_, _, list) = h.send(get("/v1/keys", Some(&admin))).await;
-    let listed: Vec<&str> = list["data"].as_array().unwrap().iter().map(|k| k["id"].as_str().unwrap()).collect();
+    let listed: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["id"].as_str().unwrap())
+        .collect();
     assert_eq!(listed.len(), 2);
     assert!(listed.contains(&id.as_str()));
-    assert!(list.to_string().find("\"key\":").is_none(), "secrets never listed: {list}");
+    assert!(
+        list.to_string().find("\"key\":").is_none(),
+        "secrets never listed: {list}"
+    );
 
     // Another workspace's admin cannot see or revoke it: 404, not 403 (no existence leak).
     let other = h.key("other", Role::Admin).await;
@@ -146,16 +208,32 @@ async fn keys_are_created_listed_and_revoked_within_the_workspace() {
             .unwrap()
     };
     let (status, headers, body) = h.send(del(&other, &id)).await;
-    assert_problem(status, &headers, &body, StatusCode::NOT_FOUND, &format!("/v1/keys/{id}"));
+    assert_problem(
+        status,
+        &headers,
+        &body,
+        StatusCode::NOT_FOUND,
+        &format!("/v1/keys/{id}"),
+    );
 
     let (status, headers, body) = h.send(del(&admin, "key_nothex")).await;
-    assert_problem(status, &headers, &body, StatusCode::BAD_REQUEST, "/v1/keys/key_nothex");
+    assert_problem(
+        status,
+        &headers,
+        &body,
+        StatusCode::BAD_REQUEST,
+        "/v1/keys/key_nothex",
+    );
 
     let (status, _, revoked) = h.send(del(&admin, &id)).await;
     assert_eq!(status, StatusCode::OK);
     assert!(revoked["revoked_at"].is_string());
     let (status, _, _) = h.send(get("/v1/workspaces/current", Some(&new_key))).await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED, "a revoked key stops working at once");
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "a revoked key stops working at once"
+    );
 }
 
 #[tokio::test]
@@ -165,30 +243,75 @@ async fn bad_bodies_get_problem_json_saying_what_to_fix() {
 
     let (status, headers, body) = h.send(post_json("/v1/keys", &admin, r#"{"role": "#)).await;
     assert_problem(status, &headers, &body, StatusCode::BAD_REQUEST, "/v1/keys");
-    assert!(body["detail"].as_str().unwrap().contains("malformed JSON"), "{body}");
-    assert!(body["detail"].as_str().unwrap().contains("column"), "says where: {body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("malformed JSON"),
+        "{body}"
+    );
+    assert!(
+        body["detail"].as_str().unwrap().contains("column"),
+        "says where: {body}"
+    );
 
-    let (status, headers, body) = h.send(post_json("/v1/keys", &admin, r#"{"role":"root"}"#)).await;
+    let (status, headers, body) = h
+        .send(post_json("/v1/keys", &admin, r#"{"role":"root"}"#))
+        .await;
     assert_problem(status, &headers, &body, StatusCode::BAD_REQUEST, "/v1/keys");
-    assert!(body["detail"].as_str().unwrap().contains("role"), "names the field: {body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("role"),
+        "names the field: {body}"
+    );
 
-    let (status, _, body) = h.send(post_json("/v1/keys", &admin, r#"{"role":"admin","colour":1}"#)).await;
+    let (status, _, body) = h
+        .send(post_json(
+            "/v1/keys",
+            &admin,
+            r#"{"role":"admin","colour":1}"#,
+        ))
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(body["detail"].as_str().unwrap().contains("colour"), "unknown fields are named: {body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("colour"),
+        "unknown fields are named: {body}"
+    );
 
-    let (status, _, body) = h.send(post_json("/v1/keys", &admin, r#"{"role":"admin","name":"  "}"#)).await;
+    let (status, _, body) = h
+        .send(post_json(
+            "/v1/keys",
+            &admin,
+            r#"{"role":"admin","name":"  "}"#,
+        ))
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(body["detail"].as_str().unwrap().starts_with("name:"), "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().starts_with("name:"),
+        "{body}"
+    );
 
     let big = format!(r#"{{"role":"admin","name":"{}"}}"#, "x".repeat(100));
     let (status, headers, body) = h.send(post_json("/v1/keys", &admin, big)).await;
-    assert_problem(status, &headers, &body, StatusCode::PAYLOAD_TOO_LARGE, "/v1/keys");
-    assert!(body["detail"].as_str().unwrap().contains("64 bytes"), "{body}");
+    assert_problem(
+        status,
+        &headers,
+        &body,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "/v1/keys",
+    );
+    assert!(
+        body["detail"].as_str().unwrap().contains("64 bytes"),
+        "{body}"
+    );
 
     let mut req = post_json("/v1/keys", &admin, r#"{"role":"admin"}"#);
-    req.headers_mut().insert(header::CONTENT_TYPE, "text/plain".parse().unwrap());
+    req.headers_mut()
+        .insert(header::CONTENT_TYPE, "text/plain".parse().unwrap());
     let (status, headers, body) = h.send(req).await;
-    assert_problem(status, &headers, &body, StatusCode::UNSUPPORTED_MEDIA_TYPE, "/v1/keys");
+    assert_problem(
+        status,
+        &headers,
+        &body,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "/v1/keys",
+    );
 
     // Nothing half-written: only the admin key exists.
     let (_, _, list) = h.send(get("/v1/keys", Some(&admin))).await;
@@ -199,25 +322,46 @@ async fn bad_bodies_get_problem_json_saying_what_to_fix() {
 async fn unknown_routes_and_methods_are_problems_too() {
     let h = harness().await;
     let (status, headers, body) = h.send(get("/v2/nothing", None)).await;
-    assert_problem(status, &headers, &body, StatusCode::NOT_FOUND, "/v2/nothing");
-    let req = Request::builder().method(Method::PATCH).uri("/healthz").body(Body::empty()).unwrap();
+    assert_problem(
+        status,
+        &headers,
+        &body,
+        StatusCode::NOT_FOUND,
+        "/v2/nothing",
+    );
+    let req = Request::builder()
+        .method(Method::PATCH)
+        .uri("/healthz")
+        .body(Body::empty())
+        .unwrap();
     let (status, headers, body) = h.send(req).await;
-    assert_problem(status, &headers, &body, StatusCode::METHOD_NOT_ALLOWED, "/healthz");
+    assert_problem(
+        status,
+        &headers,
+        &body,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "/healthz",
+    );
 }
 
 #[tokio::test]
 async fn request_ids_are_kept_when_well_formed_and_made_otherwise() {
     let h = harness().await;
     let mut req = get("/healthz", None);
-    req.headers_mut().insert("x-request-id", "client-id-42".parse().unwrap());
+    req.headers_mut()
+        .insert("x-request-id", "client-id-42".parse().unwrap());
     let (_, headers, _) = h.send(req).await;
     assert_eq!(headers["x-request-id"], "client-id-42");
 
     let mut req = get("/healthz", None);
-    req.headers_mut().insert("x-request-id", "bad id\twith tab".parse().unwrap());
+    req.headers_mut()
+        .insert("x-request-id", "bad id\twith tab".parse().unwrap());
     let (_, headers, _) = h.send(req).await;
     let id = headers["x-request-id"].to_str().unwrap();
-    assert!(uuid::Uuid::parse_str(id).is_ok(), "replaced with a fresh id: {id}");
+    assert!(
+        uuid::Uuid::parse_str(id).is_ok(),
+        "replaced with a fresh id: {id}"
+    );
 
     let (_, a, _) = h.send(get("/healthz", None)).await;
     let (_, b, _) = h.send(get("/healthz", None)).await;
@@ -227,15 +371,34 @@ async fn request_ids_are_kept_when_well_formed_and_made_otherwise() {
 #[tokio::test]
 async fn a_panicking_handler_gets_500_problem_and_the_server_keeps_serving() {
     let app = Router::new()
-        .route("/boom", axum::routing::get(|| async { if true { panic!("kaboom") } }))
+        .route(
+            "/boom",
+            axum::routing::get(|| async {
+                if true {
+                    panic!("kaboom")
+                }
+            }),
+        )
         .route("/fine", axum::routing::get(|| async { "fine" }))
-        .layer(axum::middleware::from_fn(keel_server::middleware::request_context));
+        .layer(axum::middleware::from_fn(
+            keel_server::middleware::request_context,
+        ));
     let res = app.clone().oneshot(get("/boom", None)).await.unwrap();
     let status = res.status();
     let headers = res.headers().clone();
-    let body: Value = serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
-    assert_problem(status, &headers, &body, StatusCode::INTERNAL_SERVER_ERROR, "/boom");
-    assert!(!body["detail"].as_str().unwrap().contains("kaboom"), "internals never leak: {body}");
+    let body: Value =
+        serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_problem(
+        status,
+        &headers,
+        &body,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "/boom",
+    );
+    assert!(
+        !body["detail"].as_str().unwrap().contains("kaboom"),
+        "internals never leak: {body}"
+    );
     let res = app.oneshot(get("/fine", None)).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
 }
@@ -245,7 +408,10 @@ async fn readiness_reports_schema_and_shutdown() {
     let h = harness().await;
     let (status, _, body) = h.send(get("/readyz", None)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(body, json!({"status": "ok", "database": "sqlite", "schema_version": 1}));
+    assert_eq!(
+        body,
+        json!({"status": "ok", "database": "sqlite", "schema_version": 1})
+    );
 
     let token = CancellationToken::new();
     let draining = AppState::new(
@@ -289,13 +455,24 @@ async fn openapi_lists_every_route_and_every_listed_route_exists() {
     for op in &documented {
         let (method, path) = op.split_once(' ').unwrap();
         let path = path.replace("{id}", "key_00000000000000000000000000000000");
-        let req = Request::builder().method(method).uri(&path).body(Body::empty()).unwrap();
+        let req = Request::builder()
+            .method(method)
+            .uri(&path)
+            .body(Body::empty())
+            .unwrap();
         let (status, _, body) = h.send(req).await;
-        assert_ne!(body["detail"].as_str(), Some("no route matches this path; see /openapi.json"), "{op}: {status}");
+        assert_ne!(
+            body["detail"].as_str(),
+            Some("no route matches this path; see /openapi.json"),
+            "{op}: {status}"
+        );
         assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{op}");
     }
     // Protected operations say so.
-    assert_eq!(doc["paths"]["/v1/keys"]["post"]["security"][0]["api_key"], json!([]));
+    assert_eq!(
+        doc["paths"]["/v1/keys"]["post"]["security"][0]["api_key"],
+        json!([])
+    );
     assert!(doc["components"]["securitySchemes"]["api_key"].is_object());
     assert!(doc["components"]["schemas"]["Problem"].is_object());
 }
@@ -314,12 +491,18 @@ async fn metrics_count_requests_by_matched_route() {
     let after = count(&h, "GET", marker, "200").await;
     assert!(after >= before + 3, "{before} -> {after}");
     let (_, _, text) = h.send(get("/metrics", None)).await;
-    assert!(text.as_str().unwrap().contains("keel_http_request_duration_seconds_bucket"));
+    assert!(
+        text.as_str()
+            .unwrap()
+            .contains("keel_http_request_duration_seconds_bucket")
+    );
 }
 
 async fn count(h: &Harness, method: &str, route: &str, status: &str) -> u64 {
     let (_, _, text) = h.send(get("/metrics", None)).await;
-    let needle = format!("keel_http_requests_total{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} ");
+    let needle = format!(
+        "keel_http_requests_total{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} "
+    );
     text.as_str()
         .unwrap()
         .lines()

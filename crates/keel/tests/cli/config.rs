@@ -10,7 +10,11 @@ fn check_lists_every_error_with_its_key_path() {
         "[server]\nlisten = \"not-an-address\"\nmax_body_byts = 5\n[database]\nmax_connections = 0\n[telemetry]\nlog_format = \"xml\"\n",
     )
     .unwrap();
-    let out = run(dir.path(), &["config", "check", "--config", "bad.toml"], &[("KEEL_SERVER__DRAIN_TIMEOUT", "soon")]);
+    let out = run(
+        dir.path(),
+        &["config", "check", "--config", "bad.toml"],
+        &[("KEEL_SERVER__DRAIN_TIMEOUT", "soon")],
+    );
     assert_eq!(out.status.code(), Some(1));
     let text = String::from_utf8_lossy(&out.stdout);
     for expect in [
@@ -23,7 +27,11 @@ fn check_lists_every_error_with_its_key_path() {
         assert!(text.contains(expect), "missing {expect:?} in:\n{text}");
     }
 
-    let out = run(dir.path(), &["config", "check"], &[("KEEL_TELEMETRY__LOG_LEVEL", "keel=loud")]);
+    let out = run(
+        dir.path(),
+        &["config", "check"],
+        &[("KEEL_TELEMETRY__LOG_LEVEL", "keel=loud")],
+    );
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("telemetry.log_level"));
 
@@ -31,7 +39,11 @@ fn check_lists_every_error_with_its_key_path() {
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "config OK");
 
-    let out = run(dir.path(), &["config", "check", "--config", "missing.toml"], &[]);
+    let out = run(
+        dir.path(),
+        &["config", "check", "--config", "missing.toml"],
+        &[],
+    );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read config file missing.toml"));
 }
@@ -39,13 +51,27 @@ fn check_lists_every_error_with_its_key_path() {
 #[test]
 fn show_prints_the_effective_config_with_secrets_redacted() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("keel.toml"), "[server]\nmax_body_bytes = 2048\n").unwrap();
+    std::fs::write(
+        dir.path().join("keel.toml"),
+        "[server]\nmax_body_bytes = 2048\n",
+    )
+    .unwrap();
     let out = run(
         dir.path(),
         &["config", "show", "--data-dir", "/srv/keel"],
-        &[("KEEL_DATABASE_URL", "postgres://keel:s3cret-pw@db:5432/keel"), ("KEEL_SERVER__LISTEN", "0.0.0.0:9000")],
+        &[
+            (
+                "KEEL_DATABASE_URL",
+                "postgres://keel:s3cret-pw@db:5432/keel",
+            ),
+            ("KEEL_SERVER__LISTEN", "0.0.0.0:9000"),
+        ],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!text.contains("s3cret-pw"), "{text}");
     for expect in [

@@ -1,6 +1,14 @@
 //! Integration tests of the real `keel` binary: each test starts its own process on port
 //! 0 with a fresh data directory (or a fresh Postgres database) and talks HTTP to it.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::field_reassign_with_default,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
 mod config;
 mod postgres;
 mod serve;

@@ -34,16 +34,30 @@ async fn sigterm_during_a_slow_request_lets_it_finish_and_exits_0() {
     })
     .await;
     // No new connections are accepted while draining.
-    assert!(TcpStream::connect(keel.addr).await.is_err(), "listener closed on SIGTERM");
+    assert!(
+        TcpStream::connect(keel.addr).await.is_err(),
+        "listener closed on SIGTERM"
+    );
 
     conn.write_all(rest).await.unwrap();
     let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut response)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut response))
+        .await
+        .unwrap()
+        .unwrap();
     let response = String::from_utf8_lossy(&response);
-    assert!(response.starts_with("HTTP/1.1 201"), "the in-flight request completed: {response}");
+    assert!(
+        response.starts_with("HTTP/1.1 201"),
+        "the in-flight request completed: {response}"
+    );
     assert!(response.contains("sent slowly"));
 
-    assert_eq!(keel.wait(Duration::from_secs(15)).await, Some(0), "{}", keel.output());
+    assert_eq!(
+        keel.wait(Duration::from_secs(15)).await,
+        Some(0),
+        "{}",
+        keel.output()
+    );
     assert!(keel.output().contains("\"message\":\"stopped\""));
 }
 
@@ -54,5 +68,10 @@ async fn sigint_stops_an_idle_server_with_exit_0() {
     // An idle keep-alive connection must not hold shutdown up.
     let _idle = TcpStream::connect(keel.addr).await.unwrap();
     keel.signal("-INT");
-    assert_eq!(keel.wait(Duration::from_secs(15)).await, Some(0), "{}", keel.output());
+    assert_eq!(
+        keel.wait(Duration::from_secs(15)).await,
+        Some(0),
+        "{}",
+        keel.output()
+    );
 }

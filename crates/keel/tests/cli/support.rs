@@ -34,8 +34,25 @@ pub fn run(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
 
 /// Creates a key with the CLI and returns it.
 pub fn create_key(dir: &Path, workspace: &str, role: &str, env: &[(&str, &str)]) -> String {
-    let out = run(dir, &["keys", "create", "--workspace", workspace, "--role", role, "--data-dir", "data"], env);
-    assert!(out.status.success(), "keys create failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = run(
+        dir,
+        &[
+            "keys",
+            "create",
+            "--workspace",
+            workspace,
+            "--role",
+            role,
+            "--data-dir",
+            "data",
+        ],
+        env,
+    );
+    assert!(
+        out.status.success(),
+        "keys create failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     assert!(key.starts_with("keel_"), "{key}");
     key
@@ -86,7 +103,10 @@ impl Keel {
         });
         let addr = match tokio::time::timeout(Duration::from_secs(30), rx).await {
             Ok(Ok(addr)) => addr,
-            _ => panic!("keel did not start listening; output:\n{}", logs.lock().unwrap().join("\n")),
+            _ => panic!(
+                "keel did not start listening; output:\n{}",
+                logs.lock().unwrap().join("\n")
+            ),
         };
         Keel { child, addr, logs }
     }
@@ -100,7 +120,10 @@ impl Keel {
     }
 
     pub fn signal(&self, signal: &str) {
-        let status = std::process::Command::new("kill").args([signal, &self.pid().to_string()]).status().unwrap();
+        let status = std::process::Command::new("kill")
+            .args([signal, &self.pid().to_string()])
+            .status()
+            .unwrap();
         assert!(status.success());
     }
 
@@ -108,7 +131,10 @@ impl Keel {
     pub async fn wait(&mut self, limit: Duration) -> Option<i32> {
         match tokio::time::timeout(limit, self.child.wait()).await {
             Ok(status) => status.unwrap().code(),
-            Err(_) => panic!("keel did not exit within {limit:?}; output:\n{}", self.output()),
+            Err(_) => panic!(
+                "keel did not exit within {limit:?}; output:\n{}",
+                self.output()
+            ),
         }
     }
 
@@ -119,12 +145,20 @@ impl Keel {
 
     /// The JSON log lines printed so far.
     pub fn json_logs(&self) -> Vec<Value> {
-        self.logs.lock().unwrap().iter().filter_map(|l| serde_json::from_str(l).ok()).collect()
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
     }
 }
 
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap()
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
 }
 
 /// Asserts an RFC 9457 problem+json response with this status, and returns its body.

@@ -45,9 +45,17 @@ async fn collector() -> (u16, Received) {
                     }
                     let mut body = vec![0; length];
                     stream.read_exact(&mut body).await.unwrap();
-                    let target = request_line.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+                    let target = request_line
+                        .split_whitespace()
+                        .take(2)
+                        .collect::<Vec<_>>()
+                        .join(" ");
                     sink.lock().unwrap().push((target, content_type, body));
-                    stream.get_mut().write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await.unwrap();
+                    stream
+                        .get_mut()
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                        .await
+                        .unwrap();
                 }
             });
         }
@@ -64,7 +72,11 @@ async fn spans_are_exported_over_otlp_http() {
     let (port, received) = collector().await;
     let endpoint = format!("http://127.0.0.1:{port}/v1/traces");
     let dir = tempfile::tempdir().unwrap();
-    let keel = Keel::start(dir.path(), &[("KEEL_TELEMETRY__OTLP_ENDPOINT", endpoint.as_str())]).await;
+    let keel = Keel::start(
+        dir.path(),
+        &[("KEEL_TELEMETRY__OTLP_ENDPOINT", endpoint.as_str())],
+    )
+    .await;
 
     let trace_id = "0af7651916cd43dd8448eb211c80319c";
     let res = client()
@@ -75,28 +87,46 @@ async fn spans_are_exported_over_otlp_http() {
         .unwrap();
     assert_eq!(res.status(), 200);
 
-    let trace_bytes: Vec<u8> = (0..16).map(|i| u8::from_str_radix(&trace_id[2 * i..2 * i + 2], 16).unwrap()).collect();
-    eventually(Duration::from_secs(15), "the request's span reaches the collector", || async {
-        received.lock().unwrap().iter().any(|(target, content_type, body)| {
-            target == "POST /v1/traces"
-                && content_type == "application/x-protobuf"
-                && contains(body, b"GET /healthz")
-                && contains(body, &trace_bytes)
-                && contains(body, b"keel")
-        })
-    })
+    let trace_bytes: Vec<u8> = (0..16)
+        .map(|i| u8::from_str_radix(&trace_id[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    eventually(
+        Duration::from_secs(15),
+        "the request's span reaches the collector",
+        || async {
+            received
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|(target, content_type, body)| {
+                    target == "POST /v1/traces"
+                        && content_type == "application/x-protobuf"
+                        && contains(body, b"GET /healthz")
+                        && contains(body, &trace_bytes)
+                        && contains(body, b"keel")
+                })
+        },
+    )
     .await;
 }
 
 #[tokio::test]
 async fn a_dead_collector_never_fails_a_request() {
     // A port with nothing listening on it.
-    let port = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let endpoint = format!("http://127.0.0.1:{port}/v1/traces");
     let dir = tempfile::tempdir().unwrap();
     let mut keel = Keel::start(
         dir.path(),
-        &[("KEEL_TELEMETRY__OTLP_ENDPOINT", endpoint.as_str()), ("KEEL_TELEMETRY__OTLP_TIMEOUT", "500ms")],
+        &[
+            ("KEEL_TELEMETRY__OTLP_ENDPOINT", endpoint.as_str()),
+            ("KEEL_TELEMETRY__OTLP_TIMEOUT", "500ms"),
+        ],
     )
     .await;
     let http = client();
@@ -106,7 +136,19 @@ async fn a_dead_collector_never_fails_a_request() {
     }
     // Export attempts have failed by now; requests still succeed.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(http.get(keel.url("/healthz")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        http.get(keel.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     keel.signal("-TERM");
-    assert_eq!(keel.wait(Duration::from_secs(15)).await, Some(0), "{}", keel.output());
+    assert_eq!(
+        keel.wait(Duration::from_secs(15)).await,
+        Some(0),
+        "{}",
+        keel.output()
+    );
 }
