@@ -513,6 +513,8 @@ fn remove(table: &mut toml::Table, path: &serde_path_to_error::Path) -> bool {
 
 /// serde's messages name Rust types; say what the config file needs instead.
 fn clean_serde_message(message: &str) -> String {
+    // The TOML deserializer appends "in `key`" lines; the key is already shown.
+    let message = message.lines().next().unwrap_or(message).trim_end();
     message
         .replace(
             "invalid type: string",
