@@ -17,6 +17,8 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize, Serializer};
 
+pub use crate::model_route::{Breaker, ModelRoute, ProviderKind, Retry, Strategy, Target};
+
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
@@ -29,6 +31,8 @@ pub struct Config {
     pub database: Database,
     /// Logs, traces and metrics.
     pub telemetry: Telemetry,
+    /// Public model names and their provider targets (`[models.<name>]`).
+    pub models: BTreeMap<String, ModelRoute>,
 }
 
 impl Default for Config {
@@ -38,6 +42,7 @@ impl Default for Config {
             server: Server::default(),
             database: Database::default(),
             telemetry: Telemetry::default(),
+            models: BTreeMap::new(),
         }
     }
 }
@@ -355,8 +360,8 @@ impl Config {
         if let Some(config) = &config {
             for (key, message) in config.validate() {
                 issues.push(Issue {
-                    origin: origin_of(key),
-                    key: key.to_owned(),
+                    origin: origin_of(&key),
+                    key,
                     message,
                 });
             }
@@ -368,48 +373,49 @@ impl Config {
     }
 
     /// Checks the rules types alone do not express; each failure is (key, message).
-    fn validate(&self) -> Vec<(&'static str, String)> {
-        let mut out = Vec::new();
+    fn validate(&self) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = Vec::new();
+        for (name, route) in &self.models {
+            if !crate::model_route::valid_route_name(name) {
+                out.push((format!("models.{name}"), "model names are 1-128 characters of letters, digits and -_.:/".to_owned()));
+            }
+            for (key, message) in route.validate() {
+                out.push((format!("models.{name}.{key}"), message));
+            }
+        }
+        let mut push = |key: &'static str, message: String| out.push((key.to_owned(), message));
         if self.server.max_body_bytes == 0 {
-            out.push(("server.max_body_bytes", "must be at least 1".to_owned()));
+            push("server.max_body_bytes", "must be at least 1".to_owned());
         }
         if !(1..=10_000).contains(&self.database.max_connections) {
-            out.push((
-                "database.max_connections",
-                "must be between 1 and 10000".to_owned(),
-            ));
+            push("database.max_connections", "must be between 1 and 10000".to_owned(),
+            );
         }
         if self.database.acquire_timeout.is_zero() {
-            out.push((
-                "database.acquire_timeout",
-                "must be longer than 0s".to_owned(),
-            ));
+            push("database.acquire_timeout", "must be longer than 0s".to_owned(),
+            );
         }
         if let Some(url) = &self.database.url {
             let url = url.expose_secret();
             if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-                out.push((
+                push(
                     "database.url",
                     "must start with postgres:// or postgresql://; for the embedded SQLite leave it unset and set data_dir".to_owned(),
-                ));
+                );
             }
         }
         if let Some(endpoint) = &self.telemetry.otlp_endpoint
             && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
         {
-            out.push((
-                "telemetry.otlp_endpoint",
-                format!("must be an http:// or https:// URL, got {endpoint:?}"),
-            ));
+            push("telemetry.otlp_endpoint", format!("must be an http:// or https:// URL, got {endpoint:?}"),
+            );
         }
         if self.telemetry.service_name.trim().is_empty() {
-            out.push(("telemetry.service_name", "must not be empty".to_owned()));
+            push("telemetry.service_name", "must not be empty".to_owned());
         }
         if self.telemetry.log_level.trim().is_empty() {
-            out.push((
-                "telemetry.log_level",
-                "must not be empty; e.g. \"info\"".to_owned(),
-            ));
+            push("telemetry.log_level", "must not be empty; e.g. \"info\"".to_owned(),
+            );
         }
         out
     }

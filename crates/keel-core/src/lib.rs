@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod config;
 pub mod id;
+mod model_route;
 pub mod workspace;
 
 mod error;

@@ -107,6 +107,10 @@ impl ApiError {
             detail,
         )
     }
+    /// 502: an upstream answered something unusable.
+    pub fn bad_gateway(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_GATEWAY, "bad-gateway", detail)
+    }
     /// 503: a dependency is down; worth retrying.
     pub fn unavailable(detail: impl Into<String>) -> Self {
         Self {

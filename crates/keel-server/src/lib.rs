@@ -27,7 +27,9 @@ use utoipa_axum::routes;
 pub mod auth;
 pub mod error;
 pub mod extract;
+pub mod gateway;
 pub mod middleware;
+pub mod mock_llm;
 pub mod telemetry;
 
 mod routes;
@@ -41,6 +43,7 @@ pub struct AppState {
 struct Inner {
     store: Arc<dyn Store>,
     config: Arc<Config>,
+    router: Arc<keel_llm::Router>,
     metrics: PrometheusHandle,
     openapi_json: std::sync::OnceLock<axum::body::Bytes>,
     shutdown: CancellationToken,
@@ -55,13 +58,19 @@ impl std::fmt::Debug for AppState {
 }
 
 impl AppState {
-    /// State over an opened, migrated store. `shutdown` is the token that stops the server;
-    /// readiness reports 503 once it is cancelled.
-    pub fn new(store: Arc<dyn Store>, config: Arc<Config>, shutdown: CancellationToken) -> Self {
+    /// State over an opened, migrated store and the gateway's routing table. `shutdown` is
+    /// the token that stops the server; readiness reports 503 once it is cancelled.
+    pub fn new(
+        store: Arc<dyn Store>,
+        config: Arc<Config>,
+        router: Arc<keel_llm::Router>,
+        shutdown: CancellationToken,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 store,
                 config,
+                router,
                 metrics: telemetry::metrics(),
                 openapi_json: std::sync::OnceLock::new(),
                 shutdown,
@@ -77,6 +86,11 @@ impl AppState {
     /// The effective config.
     pub fn config(&self) -> &Config {
         &self.inner.config
+    }
+
+    /// The gateway's routing table.
+    pub fn router(&self) -> &keel_llm::Router {
+        &self.inner.router
     }
 
     pub(crate) fn metrics(&self) -> &PrometheusHandle {
@@ -103,6 +117,7 @@ impl AppState {
         (name = "ops", description = "Health, readiness, metrics, API description"),
         (name = "workspaces", description = "Workspaces (tenants)"),
         (name = "keys", description = "API keys"),
+        (name = "gateway", description = "OpenAI-compatible LLM gateway"),
     ),
     modifiers(&BearerAuth),
 )]
@@ -140,7 +155,10 @@ fn protected(
 
 /// Builds the whole HTTP application over `state`.
 pub fn app(state: AppState) -> Router {
-    let viewer = OpenApiRouter::new().routes(routes!(routes::workspaces::current));
+    let viewer = OpenApiRouter::new()
+        .routes(routes!(routes::workspaces::current))
+        .routes(routes!(routes::gateway::models));
+    let member = OpenApiRouter::new().routes(routes!(routes::gateway::chat_completions));
     let admin = OpenApiRouter::new()
         .routes(routes!(routes::keys::create, routes::keys::list))
         .routes(routes!(routes::keys::revoke));
@@ -151,6 +169,7 @@ pub fn app(state: AppState) -> Router {
         .routes(routes!(routes::system::metrics))
         .routes(routes!(routes::system::openapi))
         .merge(protected(&state, Role::Viewer, viewer))
+        .merge(protected(&state, Role::Member, member))
         .merge(protected(&state, Role::Admin, admin))
         .split_for_parts();
 

@@ -72,6 +72,30 @@ enum Command {
     /// Create, list and revoke API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Run a mock LLM server (OpenAI wire format) with scripted replies and injected faults.
+    #[command(
+        name = "mock-llm",
+        long_about = "Run a mock LLM server speaking the OpenAI Chat Completions wire format.\n\n\
+            The upstream model name picks the behaviour: fault/429?retry_after=S, fault/500, fault/503, \
+            fault/400, fault/hang, fault/slow?first_token_ms=N, fault/cut?after=N, fault/malformed, \
+            fault/close, flaky/STATUS?fail=N; any other name gets the next scripted reply, or an echo \
+            of the last user message. GET /_mock/stats counts calls per model.",
+        after_help = "Example:\n  keel mock-llm --port 9999 --script replies.json"
+    )]
+    MockLlm {
+        /// Port to listen on (0 picks a free one).
+        #[arg(long, default_value_t = 9999)]
+        port: u16,
+        /// Address to bind.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
+        /// JSON script: {"replies": [{"content": "…"}, {"tool_calls": [{"name": "…", "arguments": {…}}]}]}.
+        #[arg(long, value_name = "FILE")]
+        script: Option<PathBuf>,
+        /// Latency added before every answer, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+    },
     /// Print the version and the schema version this binary expects.
     #[command(after_help = "Example:\n  keel version")]
     Version,
@@ -186,6 +210,24 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve { listen } => {
             let config = load_config(&cli.global, listen)?;
             serve(config).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::MockLlm { port, host, script, latency_ms } => {
+            let script = match script {
+                Some(path) => keel_server::mock_llm::Script::load(&path).map_err(anyhow::Error::msg)?,
+                None => keel_server::mock_llm::Script::default(),
+            };
+            let listener = tokio::net::TcpListener::bind((host, port))
+                .await
+                .with_context(|| format!("cannot listen on {host}:{port}"))?;
+            let shutdown = CancellationToken::new();
+            tokio::spawn(stop_on_signal(shutdown.clone()));
+            note(&format!("mock-llm listening on http://{}/v1", listener.local_addr()?));
+            let options = keel_server::mock_llm::Options {
+                script,
+                latency: Duration::from_millis(latency_ms),
+            };
+            keel_server::mock_llm::serve(listener, options, shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrate => {
@@ -307,8 +349,17 @@ async fn serve_with_telemetry(config: Config, started: Instant) -> anyhow::Resul
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
 
+    let env = |name: &str| std::env::var(name).ok();
+    let (router, default) = keel_server::gateway::router(&config, &env).context("cannot build the model routes")?;
+    match default {
+        keel_server::gateway::Default::EchoMock => tracing::warn!(
+            "model `default` is the in-process echo mock, not a language model: configure [models] or set OPENAI_API_KEY"
+        ),
+        keel_server::gateway::Default::OpenAi => tracing::info!("model `default` routes to OpenAI (OPENAI_API_KEY)"),
+        keel_server::gateway::Default::Configured => {}
+    }
     let config = Arc::new(config);
-    let state = AppState::new(store.clone(), config.clone(), shutdown.clone());
+    let state = AppState::new(store.clone(), config.clone(), Arc::new(router), shutdown.clone());
     let server = Server::bind(state, shutdown)
         .await
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;

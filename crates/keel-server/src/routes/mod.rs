@@ -2,6 +2,7 @@
 //! domain types, call the store, shape the response. Authorisation is not here: it is
 //! applied per route group in [`crate::app`].
 
+pub(crate) mod gateway;
 pub(crate) mod keys;
 pub(crate) mod system;
 pub(crate) mod workspaces;
@@ -13,6 +14,8 @@ use utoipa::ToSchema;
 pub(crate) const OPS: &str = "ops";
 /// The OpenAPI tag for workspace endpoints.
 pub(crate) const WORKSPACES: &str = "workspaces";
+/// The OpenAPI tag for the OpenAI-compatible gateway.
+pub(crate) const GATEWAY: &str = "gateway";
 /// The OpenAPI tag for key endpoints.
 pub(crate) const KEYS: &str = "keys";
 

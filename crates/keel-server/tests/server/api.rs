@@ -26,7 +26,8 @@ async fn harness_with(config: impl FnOnce(&mut Config)) -> Harness {
     config(&mut cfg);
     let store = keel_store::open(&cfg).await.unwrap();
     store.migrate().await.unwrap();
-    let state = AppState::new(store, Arc::new(cfg), CancellationToken::new());
+    let (router, _) = keel_server::gateway::router(&cfg, &|_| None).unwrap();
+    let state = AppState::new(store, Arc::new(cfg), Arc::new(router), CancellationToken::new());
     Harness {
         app: app(state.clone()),
         state,
@@ -414,9 +415,11 @@ async fn readiness_reports_schema_and_shutdown() {
     );
 
     let token = CancellationToken::new();
+    let (router, _) = keel_server::gateway::router(h.state.config(), &|_| None).unwrap();
     let draining = AppState::new(
         keel_store::open(h.state.config()).await.unwrap(),
         Arc::new(h.state.config().clone()),
+        Arc::new(router),
         token.clone(),
     );
     token.cancel();
@@ -446,6 +449,8 @@ async fn openapi_lists_every_route_and_every_listed_route_exists() {
         "POST /v1/keys",
         "GET /v1/keys",
         "DELETE /v1/keys/{id}",
+        "POST /v1/chat/completions",
+        "GET /v1/models",
     ]
     .map(str::to_owned)
     .into();

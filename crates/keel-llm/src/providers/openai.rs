@@ -1,0 +1,157 @@
+//! OpenAI Chat Completions over HTTP, and everything compatible with it: Azure OpenAI
+//! (`api_version` set: `api-key` header and `?api-version=`), vLLM, Ollama, Groq, Together,
+//! `keel mock-llm`.
+
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use keel_core::config::Target;
+
+use super::{retry_after, status_error, transport_error};
+use crate::error::{ErrorKind, ProviderError};
+use crate::provider::{ChunkStream, Provider};
+use crate::sse;
+use crate::types::{ChatChunk, ChatRequest, ChatResponse};
+
+/// A target that speaks OpenAI Chat Completions.
+#[derive(Debug)]
+pub struct OpenAi {
+    client: reqwest::Client,
+    url: String,
+    model: String,
+    api_key: Option<String>,
+    azure: bool,
+    first_token_timeout: Duration,
+    total_timeout: Duration,
+}
+
+impl OpenAi {
+    /// A provider for `target`, with its API key already read from the environment.
+    pub fn new(target: &Target, api_key: Option<String>) -> Result<Self, ProviderError> {
+        let base = target.base_url.as_deref().unwrap_or("https://api.openai.com/v1").trim_end_matches('/');
+        let url = match &target.api_version {
+            Some(version) => format!("{base}/chat/completions?api-version={version}"),
+            None => format!("{base}/chat/completions"),
+        };
+        let client = reqwest::Client::builder()
+            .connect_timeout(target.connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| ProviderError::new(ErrorKind::Connect, format!("cannot build HTTP client: {e}")))?;
+        Ok(Self {
+            client,
+            url,
+            model: target.model.clone(),
+            api_key,
+            azure: target.api_version.is_some(),
+            first_token_timeout: target.first_token_timeout,
+            total_timeout: target.total_timeout,
+        })
+    }
+
+    fn request(&self, body: &ChatRequest) -> reqwest::RequestBuilder {
+        let mut req = self.client.post(&self.url).timeout(self.total_timeout).json(body);
+        if let Some(key) = &self.api_key {
+            req = if self.azure { req.header("api-key", key) } else { req.bearer_auth(key) };
+        }
+        req
+    }
+
+    fn upstream_body(&self, request: &ChatRequest, stream: bool) -> ChatRequest {
+        let mut body = request.clone();
+        body.model.clone_from(&self.model);
+        body.stream = stream.then_some(true);
+        body
+    }
+
+    async fn send(&self, body: &ChatRequest) -> Result<reqwest::Response, ProviderError> {
+        let response = self.request(body).send().await.map_err(|e| transport_error(&e))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let retry_after = retry_after(response.headers());
+        let text = response.text().await.unwrap_or_default();
+        Err(status_error(status.as_u16(), retry_after, &text))
+    }
+}
+
+#[async_trait::async_trait]
+impl Provider for OpenAi {
+    async fn chat(&self, request: &ChatRequest) -> Result<ChatResponse, ProviderError> {
+        let body = self.upstream_body(request, false);
+        let call = async {
+            let response = self.send(&body).await?;
+            let bytes = response.bytes().await.map_err(|e| transport_error(&e))?;
+            serde_json::from_slice::<ChatResponse>(&bytes).map_err(|e| {
+                ProviderError::new(ErrorKind::InvalidResponse, format!("upstream sent malformed JSON: {e}"))
+            })
+        };
+        match tokio::time::timeout(self.first_token_timeout, call).await {
+            Ok(result) => result,
+            Err(_) => Err(ProviderError::new(
+                ErrorKind::Timeout,
+                format!("no answer within {:?}", self.first_token_timeout),
+            )),
+        }
+    }
+
+    async fn chat_stream(&self, request: &ChatRequest) -> Result<ChunkStream, ProviderError> {
+        let body = self.upstream_body(request, true);
+        let first = async {
+            let response = self.send(&body).await?;
+            let mut chunks = chunk_stream(response);
+            match chunks.next().await {
+                Some(Ok(first)) => Ok((first, chunks)),
+                Some(Err(e)) => Err(e),
+                None => Err(ProviderError::new(ErrorKind::InvalidResponse, "upstream stream ended before any chunk")),
+            }
+        };
+        let (first, rest) = match tokio::time::timeout(self.first_token_timeout, first).await {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(ProviderError::new(
+                    ErrorKind::Timeout,
+                    format!("no first token within {:?}", self.first_token_timeout),
+                ));
+            }
+        };
+        Ok(Box::pin(futures_util::stream::once(async { Ok(first) }).chain(rest)))
+    }
+}
+
+/// Parses an upstream SSE body into chunks. The stream must end with `data: [DONE]`; a
+/// connection that closes before it is a failure, not a short answer.
+fn chunk_stream(response: reqwest::Response) -> ChunkStream {
+    let state = (response.bytes_stream(), sse::Reader::default(), false);
+    Box::pin(futures_util::stream::unfold(state, |(mut bytes, mut reader, mut done)| async move {
+        if done {
+            return None;
+        }
+        loop {
+            if let Some(event) = reader.next_event() {
+                if event.data == "[DONE]" {
+                    return None;
+                }
+                let item = serde_json::from_str::<ChatChunk>(&event.data).map_err(|e| {
+                    done = true;
+                    ProviderError::new(ErrorKind::InvalidResponse, format!("upstream sent a malformed chunk: {e}"))
+                });
+                return Some((item, (bytes, reader, done)));
+            }
+            if reader.overflowed() {
+                let e = ProviderError::new(ErrorKind::InvalidResponse, "upstream event larger than 4 MiB");
+                return Some((Err(e), (bytes, reader, true)));
+            }
+            match bytes.next().await {
+                Some(Ok(chunk)) => reader.push(&chunk),
+                Some(Err(e)) => return Some((Err(transport_error(&e)), (bytes, reader, true))),
+                None => {
+                    let e = ProviderError::new(ErrorKind::Connect, "upstream closed the stream before [DONE]");
+                    return Some((Err(e), (bytes, reader, true)));
+                }
+            }
+        }
+    }))
+}

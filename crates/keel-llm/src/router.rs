@@ -1,0 +1,311 @@
+//! The router: a public model name → its targets, tried with retries (exponential backoff
+//! with full jitter; `Retry-After` honoured up to a cap), a circuit breaker per target,
+//! and fallback to the next target when retries are spent or the breaker is open — all
+//! within the route's total timeout.
+//!
+//! Only retryable failures are retried (429, 5xx, timeouts, connection errors, invalid
+//! responses); a 4xx from upstream is the caller's mistake and is returned at once. Every
+//! provider error and every fallback is logged (`event_type` = `llm.provider.error` /
+//! `llm.provider.fallback`) and counted.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt as _;
+use keel_core::config::{ModelRoute, ProviderKind, Strategy};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::breaker::{self, Breaker};
+use crate::error::{Error, ErrorKind, ProviderError, Result};
+use crate::provider::{ChunkStream, Provider};
+use crate::providers;
+use crate::types::{ChatRequest, ChatResponse};
+
+/// One target of a route, with its live state.
+#[derive(Debug)]
+pub struct TargetState {
+    /// `provider/model` (and host), for logs, metrics and error listings.
+    pub label: String,
+    /// Which protocol.
+    pub provider_kind: ProviderKind,
+    /// The upstream model.
+    pub model: String,
+    provider: Arc<dyn Provider>,
+    breaker: Breaker,
+    permits: Arc<Semaphore>,
+    weight: u32,
+}
+
+impl TargetState {
+    /// The breaker's state.
+    pub fn breaker_state(&self) -> breaker::State {
+        self.breaker.state()
+    }
+}
+
+/// A route and its targets.
+#[derive(Debug)]
+pub struct Route {
+    /// The public model name.
+    pub name: String,
+    /// Its config.
+    pub config: ModelRoute,
+    /// Its targets, in fallback order.
+    pub targets: Vec<TargetState>,
+}
+
+/// Which target served a request, and how.
+#[derive(Debug, Clone)]
+pub struct Served {
+    /// The route.
+    pub route: String,
+    /// The target's label.
+    pub target: String,
+    /// Attempts made, across targets.
+    pub attempts: u32,
+}
+
+/// The gateway's routing table.
+#[derive(Debug)]
+pub struct Router {
+    routes: BTreeMap<String, Route>,
+}
+
+/// Why the routing table could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("models.{route}.targets[{index}]: {message}")]
+pub struct BuildError {
+    route: String,
+    index: usize,
+    message: String,
+}
+
+impl Router {
+    /// Builds the table. `env` reads API keys by variable name (the process environment
+    /// in production).
+    pub fn new(
+        routes: &BTreeMap<String, ModelRoute>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> std::result::Result<Self, BuildError> {
+        let mut table = BTreeMap::new();
+        for (name, config) in routes {
+            let mut targets = Vec::with_capacity(config.targets.len());
+            for (index, target) in config.targets.iter().enumerate() {
+                let err = |message: String| BuildError { route: name.clone(), index, message };
+                let api_key = match &target.api_key_env {
+                    Some(var) => Some(env(var).ok_or_else(|| err(format!("environment variable {var} is not set")))?),
+                    None => None,
+                };
+                let provider: Arc<dyn Provider> = match target.provider {
+                    ProviderKind::Openai => {
+                        Arc::new(providers::openai::OpenAi::new(target, api_key).map_err(|e| err(e.message))?)
+                    }
+                    ProviderKind::Mock => Arc::new(providers::mock::Mock),
+                    ProviderKind::Anthropic => {
+                        return Err(err("the anthropic provider is not available yet; use an OpenAI-compatible endpoint".to_owned()));
+                    }
+                };
+                let host = target
+                    .base_url
+                    .as_deref()
+                    .and_then(|u| u.split("://").nth(1))
+                    .and_then(|rest| rest.split('/').next())
+                    .map(|h| format!("@{h}"))
+                    .unwrap_or_default();
+                let kind = match target.provider {
+                    ProviderKind::Openai => "openai",
+                    ProviderKind::Anthropic => "anthropic",
+                    ProviderKind::Mock => "mock",
+                };
+                targets.push(TargetState {
+                    label: format!("{kind}/{}{host}", if target.model.is_empty() { "echo" } else { &target.model }),
+                    provider_kind: target.provider,
+                    model: target.model.clone(),
+                    provider,
+                    breaker: Breaker::new(config.breaker.clone()),
+                    permits: Arc::new(Semaphore::new(usize::try_from(target.max_concurrency).unwrap_or(usize::MAX))),
+                    weight: target.weight,
+                });
+            }
+            table.insert(name.clone(), Route { name: name.clone(), config: config.clone(), targets });
+        }
+        Ok(Self { routes: table })
+    }
+
+    /// Every route, by name.
+    pub fn routes(&self) -> impl Iterator<Item = &Route> {
+        self.routes.values()
+    }
+
+    fn route(&self, model: &str) -> Result<&Route> {
+        self.routes.get(model).ok_or_else(|| Error::UnknownModel {
+            model: model.to_owned(),
+            available: self.routes.keys().cloned().collect(),
+        })
+    }
+
+    /// A whole answer from the route named by `request.model`.
+    pub async fn chat(&self, request: &ChatRequest) -> Result<(ChatResponse, Served)> {
+        let route = self.route(&request.model)?;
+        let (mut response, _permit, served) = run(route, |t| {
+            let provider = t.provider.clone();
+            async move { provider.chat(request).await }
+        })
+        .await?;
+        response.model.clone_from(&route.name);
+        Ok((response, served))
+    }
+
+    /// A streamed answer. Fails (and may fall back) only before the first chunk; a later
+    /// failure is an `Err` item that ends the stream.
+    pub async fn chat_stream(&self, request: &ChatRequest) -> Result<(ChunkStream, Served)> {
+        let route = self.route(&request.model)?;
+        let (stream, permit, served) = run(route, |t| {
+            let provider = t.provider.clone();
+            async move { provider.chat_stream(request).await }
+        })
+        .await?;
+        let name = route.name.clone();
+        let labels = [("route", name.clone()), ("target", served.target.clone())];
+        // The permit lives as long as the stream; the model name is the route's.
+        let stream = stream.map(move |item| {
+            let _held = &permit;
+            match item {
+                Ok(mut chunk) => {
+                    chunk.model.clone_from(&name);
+                    Ok(chunk)
+                }
+                Err(e) => {
+                    metrics::counter!("keel_llm_provider_errors_total", &[
+                        labels[0].clone(),
+                        labels[1].clone(),
+                        ("kind", e.kind.as_str().to_owned()),
+                    ])
+                    .increment(1);
+                    tracing::warn!(event_type = "llm.provider.error", route = %labels[0].1, target = %labels[1].1,
+                        kind = %e.kind, error = %e.message, "stream failed mid-way");
+                    Err(e)
+                }
+            }
+        });
+        Ok((Box::pin(stream), served))
+    }
+}
+
+/// Full jitter: a uniform delay in [0, min(max, base·2^attempt)].
+fn backoff(retry: &keel_core::config::Retry, attempt: u32) -> Duration {
+    let exp = retry.base_delay.saturating_mul(1u32.checked_shl(attempt.min(16)).unwrap_or(u32::MAX));
+    let cap = exp.min(retry.max_delay);
+    cap.mul_f64(fastrand::f64())
+}
+
+/// The order targets are tried in: as configured, or (weighted) the first drawn by
+/// weight and the rest in order.
+fn order(route: &Route) -> Vec<&TargetState> {
+    let mut targets: Vec<&TargetState> = route.targets.iter().collect();
+    if route.config.strategy == Strategy::Weighted && targets.len() > 1 {
+        let total: u64 = targets.iter().map(|t| u64::from(t.weight)).sum();
+        if total > 0 {
+            let mut pick = fastrand::u64(..total);
+            let first = targets
+                .iter()
+                .position(|t| {
+                    let w = u64::from(t.weight);
+                    if pick < w {
+                        true
+                    } else {
+                        pick -= w;
+                        false
+                    }
+                })
+                .unwrap_or(0);
+            let chosen = targets.remove(first);
+            targets.insert(0, chosen);
+        }
+    }
+    targets
+}
+
+async fn run<'r, T, F, Fut>(route: &'r Route, mut call: F) -> Result<(T, OwnedSemaphorePermit, Served)>
+where
+    F: FnMut(&'r TargetState) -> Fut,
+    Fut: Future<Output = std::result::Result<T, ProviderError>>,
+{
+    let started = Instant::now();
+    let deadline = started + route.config.timeout;
+    let retry = &route.config.retry;
+    let mut failures: Vec<(String, ProviderError)> = Vec::new();
+    let mut attempts = 0u32;
+    let targets = order(route);
+    for (position, target) in targets.iter().enumerate() {
+        let target: &'r TargetState = target;
+        if position > 0 {
+            let from = &targets[position - 1].label;
+            metrics::counter!("keel_llm_fallbacks_total", "route" => route.name.clone(), "from" => from.clone(), "to" => target.label.clone()).increment(1);
+            tracing::warn!(event_type = "llm.provider.fallback", route = %route.name, from = %from, to = %target.label, "falling back");
+        }
+        if !target.breaker.allow() {
+            failures.push((target.label.clone(), ProviderError::new(ErrorKind::Unavailable, "circuit breaker open")));
+            continue;
+        }
+        let Ok(permit) = target.permits.clone().try_acquire_owned() else {
+            failures.push((target.label.clone(), ProviderError::new(ErrorKind::Unavailable, "max_concurrency reached")));
+            continue;
+        };
+        let mut last: Option<ProviderError> = None;
+        for attempt in 0..retry.max_attempts {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                break;
+            }
+            attempts += 1;
+            let result = match tokio::time::timeout(remaining, call(target)).await {
+                Ok(result) => result,
+                Err(_) => Err(ProviderError::new(ErrorKind::Timeout, format!("route timeout of {:?} reached", route.config.timeout))),
+            };
+            match result {
+                Ok(value) => {
+                    let state = target.breaker.record_success();
+                    breaker_gauge(route, target, state);
+                    let served = Served { route: route.name.clone(), target: target.label.clone(), attempts };
+                    return Ok((value, permit, served));
+                }
+                Err(e) => {
+                    let state = target.breaker.record_failure();
+                    breaker_gauge(route, target, state);
+                    metrics::counter!("keel_llm_provider_errors_total", "route" => route.name.clone(), "target" => target.label.clone(), "kind" => e.kind.as_str()).increment(1);
+                    tracing::warn!(event_type = "llm.provider.error", route = %route.name, target = %target.label,
+                        kind = %e.kind, status = e.status, attempt = attempt + 1, error = %e.message, "provider call failed");
+                    if !e.kind.is_retryable() {
+                        return Err(Error::Rejected(e));
+                    }
+                    let wait = match e.retry_after {
+                        Some(after) if after > retry.max_retry_after => None,
+                        Some(after) => Some(after),
+                        None => Some(backoff(retry, attempt)),
+                    };
+                    let more = attempt + 1 < retry.max_attempts && state != breaker::State::Open;
+                    last = Some(e);
+                    match wait {
+                        Some(wait) if more && Instant::now() + wait < deadline => tokio::time::sleep(wait).await,
+                        _ => break,
+                    }
+                }
+            }
+        }
+        if let Some(e) = last {
+            failures.push((target.label.clone(), e));
+        }
+    }
+    if !failures.is_empty() && failures.iter().all(|(_, e)| e.kind == ErrorKind::InvalidResponse) {
+        let (_, last) = failures.swap_remove(failures.len() - 1);
+        return Err(Error::InvalidResponse(last));
+    }
+    Err(Error::AllTargetsFailed(failures))
+}
+
+fn breaker_gauge(route: &Route, target: &TargetState, state: breaker::State) {
+    metrics::gauge!("keel_llm_breaker_state", "route" => route.name.clone(), "target" => target.label.clone()).set(state.gauge());
+}

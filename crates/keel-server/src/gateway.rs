@@ -1,0 +1,55 @@
+//! Builds the gateway's routing table from config. With no `[models]` at all, Keel still
+//! serves a model `default`: OpenAI when `OPENAI_API_KEY` is set, else the in-process
+//! echo mock — said plainly at start-up and in /v1/models, so nobody mistakes echo for a
+//! model.
+
+use std::collections::BTreeMap;
+
+use keel_core::config::{Config, ModelRoute, ProviderKind, Target};
+use keel_llm::Router;
+
+/// What the default route is, for the start-up log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Default {
+    /// `[models]` is configured; no default was added.
+    Configured,
+    /// `default` goes to OpenAI (`OPENAI_API_KEY`).
+    OpenAi,
+    /// `default` is the in-process echo mock.
+    EchoMock,
+}
+
+/// The routing table for `config`, reading API keys through `env`.
+pub fn router(config: &Config, env: &dyn Fn(&str) -> Option<String>) -> Result<(Router, Default), keel_llm::router::BuildError> {
+    if !config.models.is_empty() {
+        return Ok((Router::new(&config.models, env)?, Default::Configured));
+    }
+    let target = |provider, model: &str, key: Option<&str>| Target {
+        provider,
+        model: model.to_owned(),
+        base_url: None,
+        api_key_env: key.map(str::to_owned),
+        api_version: None,
+        connect_timeout: std::time::Duration::from_secs(5),
+        first_token_timeout: std::time::Duration::from_secs(60),
+        total_timeout: std::time::Duration::from_secs(120),
+        input_price_per_mtok: 0.0,
+        output_price_per_mtok: 0.0,
+        max_concurrency: 256,
+        weight: 1,
+    };
+    let (chosen, kind) = if env("OPENAI_API_KEY").is_some() {
+        (target(ProviderKind::Openai, "gpt-4o-mini", Some("OPENAI_API_KEY")), Default::OpenAi)
+    } else {
+        (target(ProviderKind::Mock, "", None), Default::EchoMock)
+    };
+    let route = ModelRoute {
+        strategy: keel_core::config::Strategy::Ordered,
+        targets: vec![chosen],
+        retry: keel_core::config::Retry::default(),
+        breaker: keel_core::config::Breaker::default(),
+        timeout: std::time::Duration::from_secs(120),
+    };
+    let routes = BTreeMap::from([("default".to_owned(), route)]);
+    Ok((Router::new(&routes, env)?, kind))
+}

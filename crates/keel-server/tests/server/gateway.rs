@@ -1,0 +1,275 @@
+//! The gateway against `keel mock-llm` over real TCP: retries, Retry-After, breaker,
+//! fallback, no retry on 4xx, timeouts, malformed answers, streaming and mid-stream
+//! failure. Upstream call counts come from the mock's own `/_mock/stats`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use http_body_util::BodyExt as _;
+use keel_core::auth::Role;
+use keel_core::config::{Config, Sources};
+use keel_core::workspace::WorkspaceName;
+use keel_server::{AppState, app};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt as _;
+
+struct Gateway {
+    app: Router,
+    key: String,
+    mock: String,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts a mock-llm on a free port and returns its base URL.
+async fn start_mock() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(keel_server::mock_llm::serve(listener, Default::default(), CancellationToken::new()));
+    format!("http://{addr}")
+}
+
+/// A gateway whose `[models]` come from `models_toml`, where `MOCK` stands for the mock's
+/// base URL.
+async fn gateway(models_toml: &str) -> Gateway {
+    let mock = start_mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = models_toml.replace("MOCK", &format!("{mock}/v1"));
+    let mut cfg = Config::load(Sources { file: Some(("test.toml".into(), text)), ..Sources::default() }).unwrap();
+    cfg.data_dir = dir.path().to_owned();
+    let store = keel_store::open(&cfg).await.unwrap();
+    store.migrate().await.unwrap();
+    let (router, _) = keel_server::gateway::router(&cfg, &|_| None).unwrap();
+    let ws = store.ensure_workspace(&WorkspaceName::parse("gw").unwrap()).await.unwrap();
+    let (token, _) = keel_server::auth::issue_key(store.as_ref(), ws.id, Role::Member, None).await.unwrap();
+    let state = AppState::new(store, Arc::new(cfg), Arc::new(router), CancellationToken::new());
+    Gateway { app: app(state), key: token.expose().to_owned(), mock, _dir: dir }
+}
+
+impl Gateway {
+    async fn chat(&self, body: Value) -> (StatusCode, String) {
+        let req = Request::post("/v1/chat/completions")
+            .header(header::AUTHORIZATION, format!("Bearer {}", self.key))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let res = self.app.clone().oneshot(req).await.unwrap();
+        let status = res.status();
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    async fn calls(&self, model: &str) -> u64 {
+        let stats: Value = reqwest::get(format!("{}/_mock/stats", self.mock)).await.unwrap().json().await.unwrap();
+        stats["calls"][model].as_u64().unwrap_or(0)
+    }
+
+    async fn metrics(&self) -> String {
+        let req = Request::get("/metrics").body(Body::empty()).unwrap();
+        let res = self.app.clone().oneshot(req).await.unwrap();
+        String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+    }
+}
+
+fn hello(model: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "hello there"}], "temperature": 0})
+}
+
+fn target(model: &str) -> String {
+    format!("[[models.m.targets]]\nprovider = \"openai\"\nmodel = \"{model}\"\nbase_url = \"MOCK\"\n")
+}
+
+fn route(retry: &str, targets: &[&str]) -> String {
+    let mut toml = format!("[models.m]\ntimeout = \"20s\"\n[models.m.retry]\n{retry}\n");
+    for t in targets {
+        toml.push_str(&target(t));
+    }
+    toml
+}
+
+#[tokio::test]
+async fn a_plain_completion_goes_through() {
+    let g = gateway(&route("max_attempts = 1", &["echo-model"])).await;
+    let (status, body) = g.chat(hello("m")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["model"], "m", "the public route name, not the upstream one");
+    assert_eq!(v["choices"][0]["message"]["content"], "hello there");
+    assert_eq!(v["usage"]["completion_tokens"], 2);
+    assert_eq!(g.calls("echo-model").await, 1);
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured_then_the_route_falls_back() {
+    let g = gateway(&route("max_attempts = 2\nmax_retry_after = \"5s\"", &["fault/429?retry_after=1", "ok"])).await;
+    let started = Instant::now();
+    let (status, body) = g.chat(hello("m")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(started.elapsed() >= Duration::from_secs(1), "waited the Retry-After second");
+    assert_eq!(g.calls("fault/429?retry_after=1").await, 2, "retried once");
+    assert_eq!(g.calls("ok").await, 1, "then fell back");
+    let metrics = g.metrics().await;
+    assert!(metrics.contains("keel_llm_fallbacks_total{route=\"m\""), "{metrics}");
+    assert!(metrics.contains("kind=\"rate_limit\""), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_retry_after_past_the_cap_falls_back_at_once() {
+    let g = gateway(&route("max_attempts = 3\nmax_retry_after = \"2s\"", &["fault/429?retry_after=60", "ok"])).await;
+    let (status, _) = g.chat(hello("m")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(g.calls("fault/429?retry_after=60").await, 1, "no 60 s wait, no retry");
+}
+
+#[tokio::test]
+async fn a_caller_error_from_upstream_is_not_retried_nor_fallen_back() {
+    let g = gateway(&route("max_attempts = 3", &["fault/400", "ok"])).await;
+    let (status, body) = g.chat(hello("m")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.contains("the provider rejected the request"), "{body}");
+    assert_eq!(g.calls("fault/400").await, 1);
+    assert_eq!(g.calls("ok").await, 0);
+}
+
+#[tokio::test]
+async fn server_errors_are_retried_with_backoff_then_fall_back_in_order() {
+    let g = gateway(&route("max_attempts = 2\nbase_delay = \"10ms\"", &["fault/500", "fault/503", "ok"])).await;
+    let (status, body) = g.chat(hello("m")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!((g.calls("fault/500").await, g.calls("fault/503").await, g.calls("ok").await), (2, 2, 1));
+}
+
+#[tokio::test]
+async fn when_every_target_fails_the_503_lists_each_ones_error() {
+    let g = gateway(&route("max_attempts = 1", &["fault/500", "fault/429?retry_after=0"])).await;
+    let (status, body) = g.chat(hello("m")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let problem: Value = serde_json::from_str(&body).unwrap();
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(detail.contains("openai/fault/500@") && detail.contains(": server"), "{detail}");
+    assert!(detail.contains(": rate_limit"), "{detail}");
+}
+
+#[tokio::test]
+async fn the_breaker_opens_after_failures_and_recovers_after_a_probe() {
+    let toml = format!(
+        "{}[models.m.breaker]\nfailure_threshold = 3\nfailure_ratio = 0.0\ncooldown = \"400ms\"\n",
+        route("max_attempts = 1", &["flaky/500?fail=3", "ok"])
+    );
+    let g = gateway(&toml).await;
+    for _ in 0..3 {
+        assert_eq!(g.chat(hello("m")).await.0, StatusCode::OK, "fell back while failing");
+    }
+    assert_eq!(g.calls("flaky/500?fail=3").await, 3);
+    assert!(g.metrics().await.contains("target=\"openai/flaky/500?fail=3@"), "breaker gauge exported");
+    let gauge = |m: &str| m.lines().find(|l| l.starts_with("keel_llm_breaker_state") && l.contains("flaky")).map(|l| l.rsplit(' ').next().unwrap().to_owned());
+    assert_eq!(gauge(&g.metrics().await).as_deref(), Some("2"), "open");
+
+    assert_eq!(g.chat(hello("m")).await.0, StatusCode::OK);
+    assert_eq!(g.calls("flaky/500?fail=3").await, 3, "an open breaker sends nothing upstream");
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(g.chat(hello("m")).await.0, StatusCode::OK);
+    assert_eq!(g.calls("flaky/500?fail=3").await, 4, "one probe after the cooldown");
+    assert_eq!(gauge(&g.metrics().await).as_deref(), Some("0"), "closed again");
+    let ok_before = g.calls("ok").await;
+    g.chat(hello("m")).await;
+    assert_eq!(g.calls("ok").await, ok_before, "traffic is back on the first target");
+}
+
+#[tokio::test]
+async fn a_hanging_target_times_out_and_a_refused_one_is_skipped() {
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let toml = format!(
+        "[models.m]\n[models.m.retry]\nmax_attempts = 1\n\
+         [[models.m.targets]]\nprovider = \"openai\"\nmodel = \"refused\"\nbase_url = \"http://{closed}/v1\"\n\
+         [[models.m.targets]]\nprovider = \"openai\"\nmodel = \"fault/hang\"\nbase_url = \"MOCK\"\nfirst_token_timeout = \"300ms\"\n\
+         {}",
+        target("ok")
+    );
+    let g = gateway(&toml).await;
+    let started = Instant::now();
+    let (status, body) = g.chat(hello("m")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!((g.calls("fault/hang").await, g.calls("ok").await), (1, 1));
+    let metrics = g.metrics().await;
+    assert!(metrics.contains("kind=\"connect\""), "{metrics}");
+    assert!(metrics.contains("kind=\"timeout\""), "{metrics}");
+}
+
+#[tokio::test]
+async fn malformed_upstream_json_is_a_502() {
+    let g = gateway(&route("max_attempts = 1", &["fault/malformed"])).await;
+    let (status, body) = g.chat(hello("m")).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert!(body.contains("malformed JSON"), "{body}");
+    assert!(g.metrics().await.contains("kind=\"invalid_response\""));
+}
+
+/// Splits an SSE body into its `data` payloads.
+fn sse_data(body: &str) -> Vec<String> {
+    body.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).map(str::to_owned).collect()
+}
+
+#[tokio::test]
+async fn streams_arrive_as_sse_and_end_with_done() {
+    let g = gateway(&route("max_attempts = 1", &["fault/503", "ok"])).await;
+    let mut req = hello("m");
+    req["stream"] = json!(true);
+    req["stream_options"] = json!({"include_usage": true});
+    let (status, body) = g.chat(req).await;
+    assert_eq!(status, StatusCode::OK, "a stream that fails before its first byte falls back: {body}");
+    let data = sse_data(&body);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{body}");
+    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(text, "hello there");
+    assert!(chunks.iter().all(|c| c["model"] == "m"));
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 2, "include_usage is passed through");
+}
+
+#[tokio::test]
+async fn a_stream_cut_mid_way_ends_with_a_clean_error_event() {
+    let g = gateway(&route("max_attempts = 2", &["fault/cut?after=2", "ok"])).await;
+    let mut req = hello("m");
+    req["stream"] = json!(true);
+    let (status, body) = g.chat(req).await;
+    assert_eq!(status, StatusCode::OK);
+    let data = sse_data(&body);
+    assert_eq!(data.len(), 3, "two chunks, then the error: {body}");
+    let error: Value = serde_json::from_str(&data[2]).unwrap();
+    assert_eq!(error["error"]["code"], "connect", "{error}");
+    assert!(!body.contains("[DONE]"));
+    assert_eq!(g.calls("ok").await, 0, "no fallback after the first byte");
+}
+
+#[tokio::test]
+async fn unknown_models_and_bad_requests_say_what_to_fix() {
+    let g = gateway(&route("max_attempts = 1", &["ok"])).await;
+    let (status, body) = g.chat(hello("gpt-nope")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body.contains("available: m"), "{body}");
+    let (status, body) = g.chat(json!({"model": "m", "messages": []})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body.contains("messages"), "{body}");
+    let (status, body) = g.chat(json!({"model": "m"})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body.contains("messages"), "names the missing field: {body}");
+    assert_eq!(g.calls("ok").await, 0);
+}
+
+#[tokio::test]
+async fn with_no_models_configured_default_is_a_plainly_labelled_echo() {
+    let g = gateway("").await;
+    let (status, body) = g.chat(hello("default")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let req = Request::get("/v1/models").header(header::AUTHORIZATION, format!("Bearer {}", g.key)).body(Body::empty()).unwrap();
+    let res = g.app.clone().oneshot(req).await.unwrap();
+    let models: Value = serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(models["data"][0]["id"], "default");
+    assert!(models["data"][0]["keel"]["note"].as_str().unwrap().contains("echo mock"), "{models}");
+}
