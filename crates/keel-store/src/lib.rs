@@ -27,12 +27,14 @@ mod error;
 mod migrate;
 pub mod postgres;
 mod sql;
+pub mod usage;
 pub mod sqlite;
 #[cfg(feature = "testing")]
 pub mod testing;
 
 pub use error::{Error, Result};
 pub use migrate::SchemaState;
+pub use usage::{GroupBy, UsageRecord, UsageRow};
 
 /// Which database a store runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +106,18 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Revokes a key of this workspace (idempotent); `NotFound` for a key of another.
     async fn revoke_api_key(&self, workspace: WorkspaceId, id: ApiKeyId) -> Result<ApiKey>;
+
+    /// Appends usage records in one transaction (a few hundred per statement).
+    async fn insert_usage(&self, records: &[UsageRecord]) -> Result<()>;
+
+    /// Sums a workspace's usage in `[from, to)`, grouped and ordered by the group.
+    async fn usage_summary(
+        &self,
+        workspace: WorkspaceId,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+        group_by: GroupBy,
+    ) -> Result<Vec<UsageRow>>;
 
     /// Closes the pool, waiting for connections in use to be returned.
     async fn close(&self);

@@ -34,6 +34,8 @@ impl PgStore {
     const BACKEND: Backend = Backend::Postgres;
     const MIGRATOR: &'static sqlx::migrate::Migrator = &crate::migrate::POSTGRES;
     const HAS_MIGRATIONS_TABLE: &'static str = "SELECT to_regclass('_sqlx_migrations') IS NOT NULL";
+    /// The UTC day of `created_at`.
+    const DAY_EXPR: &'static str = "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')";
 }
 
-crate::sql::sql_store!(PgStore);
+crate::sql::sql_store!(PgStore, sqlx::Postgres);

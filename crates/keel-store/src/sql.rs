@@ -14,6 +14,9 @@ use uuid::Uuid;
 
 use crate::{Error, Result};
 
+/// Usage rows per INSERT statement (17 parameters each, far under both databases' limits).
+pub(crate) const USAGE_BATCH: usize = 500;
+
 pub(crate) fn workspace_from_row<R: Row>(row: &R) -> Result<Workspace>
 where
     for<'a> &'a str: sqlx::ColumnIndex<R>,
@@ -70,9 +73,10 @@ pub(crate) fn conflict_as(what: &'static str) -> impl FnOnce(sqlx::Error) -> Err
 }
 
 /// Stamps the shared [`Store`](crate::Store) implementation onto a backend type that has
-/// a `pool` field and `BACKEND`, `MIGRATOR` and `HAS_MIGRATIONS_TABLE` constants.
+/// a `pool` field and `BACKEND`, `MIGRATOR`, `HAS_MIGRATIONS_TABLE` and `DAY_EXPR`
+/// constants; `$db` is its sqlx database type.
 macro_rules! sql_store {
-    ($store:ty) => {
+    ($store:ty, $db:ty) => {
         #[async_trait::async_trait]
         impl $crate::Store for $store {
             fn backend(&self) -> $crate::Backend {
@@ -260,6 +264,98 @@ macro_rules! sql_store {
                 .await?
                 .ok_or($crate::Error::NotFound { what: "API key" })?;
                 $crate::sql::api_key_from_row(&row)
+            }
+
+            #[tracing::instrument(skip_all, fields(db.system = %Self::BACKEND, records = records.len()))]
+            async fn insert_usage(&self, records: &[$crate::UsageRecord]) -> $crate::Result<()> {
+                use $crate::usage::to_i64;
+                if records.is_empty() {
+                    return Ok(());
+                }
+                let mut tx = self.pool.begin().await?;
+                for batch in records.chunks($crate::sql::USAGE_BATCH) {
+                    let mut qb = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO usage_records (id, workspace_id, api_key_id, route, provider, upstream_model, \
+                         target, input_tokens, output_tokens, cached_tokens, cost_nanousd, latency_ms, ttft_ms, \
+                         cache_hit, estimated, outcome, created_at) ",
+                    );
+                    qb.push_values(batch, |mut row, r| {
+                        row.push_bind(uuid::Uuid::now_v7())
+                            .push_bind(r.workspace_id.as_uuid())
+                            .push_bind(r.api_key_id.map(|k| k.as_uuid()))
+                            .push_bind(r.route.clone())
+                            .push_bind(r.provider.clone())
+                            .push_bind(r.upstream_model.clone())
+                            .push_bind(r.target.clone())
+                            .push_bind(to_i64(r.input_tokens))
+                            .push_bind(to_i64(r.output_tokens))
+                            .push_bind(to_i64(r.cached_tokens))
+                            .push_bind(to_i64(r.cost_nanousd))
+                            .push_bind(to_i64(r.latency_ms))
+                            .push_bind(r.ttft_ms.map(to_i64))
+                            .push_bind(r.cache_hit)
+                            .push_bind(r.estimated)
+                            .push_bind(r.outcome.clone())
+                            .push_bind(r.created_at);
+                    });
+                    qb.build().execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            #[tracing::instrument(skip_all, fields(db.system = %Self::BACKEND))]
+            async fn usage_summary(
+                &self,
+                workspace: keel_core::id::WorkspaceId,
+                from: time::OffsetDateTime,
+                to: time::OffsetDateTime,
+                group_by: $crate::GroupBy,
+            ) -> $crate::Result<Vec<$crate::UsageRow>> {
+                use sqlx::Row as _;
+                use $crate::usage::to_u64;
+                let group = match group_by {
+                    $crate::GroupBy::Route => "route",
+                    $crate::GroupBy::Key => "api_key_id",
+                    $crate::GroupBy::Model => "upstream_model",
+                    $crate::GroupBy::Day => Self::DAY_EXPR,
+                };
+                let mut qb = sqlx::QueryBuilder::<$db>::new("SELECT ");
+                qb.push(group).push(
+                    " AS grp, COUNT(*) AS requests, \
+                     CAST(COALESCE(SUM(input_tokens), 0) AS BIGINT) AS input_tokens, \
+                     CAST(COALESCE(SUM(output_tokens), 0) AS BIGINT) AS output_tokens, \
+                     CAST(COALESCE(SUM(cost_nanousd), 0) AS BIGINT) AS cost_nanousd, \
+                     CAST(COALESCE(SUM(CASE WHEN cache_hit THEN 1 ELSE 0 END), 0) AS BIGINT) AS cache_hits, \
+                     CAST(COALESCE(SUM(CASE WHEN outcome <> 'ok' THEN 1 ELSE 0 END), 0) AS BIGINT) AS errors \
+                     FROM usage_records WHERE workspace_id = ",
+                );
+                qb.push_bind(workspace.as_uuid())
+                    .push(" AND created_at >= ")
+                    .push_bind(from)
+                    .push(" AND created_at < ")
+                    .push_bind(to)
+                    .push(" GROUP BY grp ORDER BY grp");
+                let rows = qb.build().fetch_all(&self.pool).await?;
+                rows.iter()
+                    .map(|row| {
+                        let group = match group_by {
+                            $crate::GroupBy::Key => row
+                                .try_get::<Option<uuid::Uuid>, _>("grp")?
+                                .map_or_else(|| "-".to_owned(), |u| keel_core::id::ApiKeyId::from_uuid(u).to_string()),
+                            _ => row.try_get::<String, _>("grp")?,
+                        };
+                        Ok($crate::UsageRow {
+                            group,
+                            requests: to_u64(row.try_get("requests")?),
+                            input_tokens: to_u64(row.try_get("input_tokens")?),
+                            output_tokens: to_u64(row.try_get("output_tokens")?),
+                            cost_nanousd: to_u64(row.try_get("cost_nanousd")?),
+                            cache_hits: to_u64(row.try_get("cache_hits")?),
+                            errors: to_u64(row.try_get("errors")?),
+                        })
+                    })
+                    .collect()
             }
 
             async fn close(&self) {

@@ -51,6 +51,8 @@ impl SqliteStore {
     const BACKEND: Backend = Backend::Sqlite;
     const MIGRATOR: &'static sqlx::migrate::Migrator = &crate::migrate::SQLITE;
     const HAS_MIGRATIONS_TABLE: &'static str = "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations')";
+    /// The UTC day of `created_at` (stored as RFC 3339 text in UTC).
+    const DAY_EXPR: &'static str = "substr(created_at, 1, 10)";
 }
 
-crate::sql::sql_store!(SqliteStore);
+crate::sql::sql_store!(SqliteStore, sqlx::Sqlite);

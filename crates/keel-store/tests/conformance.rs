@@ -15,7 +15,7 @@ use keel_core::auth::{ApiKeyToken, KeyName, Role};
 use keel_core::config::Config;
 use keel_core::id::{ApiKeyId, WorkspaceId};
 use keel_core::workspace::WorkspaceName;
-use keel_store::{Error, NewApiKey, Store};
+use keel_store::{Error, GroupBy, NewApiKey, Store, UsageRecord, UsageRow};
 
 struct Fixture {
     store: Arc<dyn Store>,
@@ -79,6 +79,8 @@ conformance!(
     keys_authenticate_until_revoked,
     keys_are_scoped_to_their_workspace,
     duplicate_key_hashes_conflict,
+    usage_is_summed_by_each_grouping_within_the_window,
+    usage_batches_larger_than_one_statement_are_stored_whole,
 );
 
 fn name(s: &str) -> WorkspaceName {
@@ -272,4 +274,96 @@ async fn duplicate_key_hashes_conflict(f: &Fixture) {
     f.store.create_api_key(key.clone()).await.unwrap();
     let err = f.store.create_api_key(key).await.unwrap_err();
     assert!(matches!(err, Error::Conflict { what: "API key" }), "{err}");
+}
+
+fn usage(ws: WorkspaceId, key: Option<ApiKeyId>, route: &str, model: &str, at: time::OffsetDateTime) -> UsageRecord {
+    UsageRecord {
+        workspace_id: ws,
+        api_key_id: key,
+        route: route.to_owned(),
+        provider: "openai".to_owned(),
+        upstream_model: model.to_owned(),
+        target: format!("openai/{model}"),
+        input_tokens: 10,
+        output_tokens: 5,
+        cached_tokens: 0,
+        cost_nanousd: 1_500,
+        latency_ms: 12,
+        ttft_ms: None,
+        cache_hit: false,
+        estimated: false,
+        outcome: "ok".to_owned(),
+        created_at: at,
+    }
+}
+
+async fn usage_is_summed_by_each_grouping_within_the_window(f: &Fixture) {
+    use time::macros::datetime;
+    let ws = f.store.create_workspace(&name("billing")).await.unwrap();
+    let other = f.store.create_workspace(&name("elsewhere")).await.unwrap();
+    let (_, k) = new_key(ws.id, Role::Member);
+    let key = f.store.create_api_key(k).await.unwrap();
+    let day1 = datetime!(2026-11-20 10:00:00.123456 UTC);
+    let day2 = datetime!(2026-11-21 23:59:59 UTC);
+    let mut failed = usage(ws.id, None, "fast", "mini", day2);
+    failed.outcome = "server".to_owned();
+    failed.output_tokens = 0;
+    failed.cost_nanousd = 0;
+    let mut hit = usage(ws.id, Some(key.id), "fast", "mini", day2);
+    hit.cache_hit = true;
+    let records = vec![
+        usage(ws.id, Some(key.id), "default", "gpt-x", day1),
+        usage(ws.id, Some(key.id), "default", "gpt-x", day2),
+        hit,
+        failed,
+        usage(other.id, None, "default", "gpt-x", day1),
+        usage(ws.id, None, "default", "gpt-x", datetime!(2026-11-25 00:00:00 UTC)),
+    ];
+    f.store.insert_usage(&records).await.unwrap();
+
+    let from = datetime!(2026-11-20 00:00:00 UTC);
+    let to = datetime!(2026-11-22 00:00:00 UTC);
+    let by_route = f.store.usage_summary(ws.id, from, to, GroupBy::Route).await.unwrap();
+    assert_eq!(by_route.len(), 2, "{by_route:?}");
+    assert_eq!(
+        by_route[0],
+        UsageRow { group: "default".into(), requests: 2, input_tokens: 20, output_tokens: 10, cost_nanousd: 3_000, cache_hits: 0, errors: 0 }
+    );
+    assert_eq!(
+        by_route[1],
+        UsageRow { group: "fast".into(), requests: 2, input_tokens: 20, output_tokens: 5, cost_nanousd: 1_500, cache_hits: 1, errors: 1 }
+    );
+
+    let by_day = f.store.usage_summary(ws.id, from, to, GroupBy::Day).await.unwrap();
+    let days: Vec<(&str, u64)> = by_day.iter().map(|r| (r.group.as_str(), r.requests)).collect();
+    assert_eq!(days, vec![("2026-11-20", 1), ("2026-11-21", 3)]);
+
+    let by_key = f.store.usage_summary(ws.id, from, to, GroupBy::Key).await.unwrap();
+    let keys: Vec<(String, u64)> = by_key.iter().map(|r| (r.group.clone(), r.requests)).collect();
+    let mut expected = vec![(key.id.to_string(), 3), ("-".to_owned(), 1)];
+    expected.sort();
+    let mut keys_sorted = keys.clone();
+    keys_sorted.sort();
+    assert_eq!(keys_sorted, expected);
+
+    let by_model = f.store.usage_summary(ws.id, from, to, GroupBy::Model).await.unwrap();
+    assert_eq!(by_model.iter().map(|r| r.group.as_str()).collect::<Vec<_>>(), vec!["gpt-x", "mini"]);
+
+    let theirs = f.store.usage_summary(other.id, from, to, GroupBy::Route).await.unwrap();
+    assert_eq!(theirs.len(), 1, "another workspace sees only its own");
+    assert_eq!(theirs[0].requests, 1);
+}
+
+async fn usage_batches_larger_than_one_statement_are_stored_whole(f: &Fixture) {
+    let ws = f.store.create_workspace(&name("bulk")).await.unwrap();
+    let at = time::OffsetDateTime::now_utc();
+    let records: Vec<UsageRecord> = (0..1_234).map(|_| usage(ws.id, None, "r", "m", at)).collect();
+    f.store.insert_usage(&records).await.unwrap();
+    let rows = f
+        .store
+        .usage_summary(ws.id, at - time::Duration::hours(1), at + time::Duration::hours(1), GroupBy::Route)
+        .await
+        .unwrap();
+    assert_eq!(rows[0].requests, 1_234);
+    assert_eq!(rows[0].cost_nanousd, 1_234 * 1_500);
 }
