@@ -32,6 +32,10 @@ pub struct TargetState {
     pub provider_kind: ProviderKind,
     /// The upstream model.
     pub model: String,
+    /// USD per million input tokens.
+    pub input_price_per_mtok: f64,
+    /// USD per million output tokens.
+    pub output_price_per_mtok: f64,
     provider: Arc<dyn Provider>,
     breaker: Breaker,
     permits: Arc<Semaphore>,
@@ -63,6 +67,14 @@ pub struct Served {
     pub route: String,
     /// The target's label.
     pub target: String,
+    /// Its protocol.
+    pub provider: ProviderKind,
+    /// Its upstream model.
+    pub upstream_model: String,
+    /// Its USD per million input tokens.
+    pub input_price_per_mtok: f64,
+    /// Its USD per million output tokens.
+    pub output_price_per_mtok: f64,
     /// Attempts made, across targets.
     pub attempts: u32,
 }
@@ -123,6 +135,8 @@ impl Router {
                     label: format!("{kind}/{}{host}", if target.model.is_empty() { "echo" } else { &target.model }),
                     provider_kind: target.provider,
                     model: target.model.clone(),
+                    input_price_per_mtok: target.input_price_per_mtok,
+                    output_price_per_mtok: target.output_price_per_mtok,
                     provider,
                     breaker: Breaker::new(config.breaker.clone()),
                     permits: Arc::new(Semaphore::new(usize::try_from(target.max_concurrency).unwrap_or(usize::MAX))),
@@ -269,7 +283,15 @@ where
                 Ok(value) => {
                     let state = target.breaker.record_success();
                     breaker_gauge(route, target, state);
-                    let served = Served { route: route.name.clone(), target: target.label.clone(), attempts };
+                    let served = Served {
+                        route: route.name.clone(),
+                        target: target.label.clone(),
+                        provider: target.provider_kind,
+                        upstream_model: target.model.clone(),
+                        input_price_per_mtok: target.input_price_per_mtok,
+                        output_price_per_mtok: target.output_price_per_mtok,
+                        attempts,
+                    };
                     return Ok((value, permit, served));
                 }
                 Err(e) => {
