@@ -55,6 +55,18 @@ pub enum ProviderKind {
     Mock,
 }
 
+impl ProviderKind {
+    /// The provider's name in config, metrics and usage records.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Openai => "openai",
+            ProviderKind::Anthropic => "anthropic",
+            ProviderKind::Mock => "mock",
+        }
+    }
+}
+
 /// One upstream a route can send to.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 

@@ -31,8 +31,24 @@ pub mod gateway;
 pub mod middleware;
 pub mod mock_llm;
 pub mod telemetry;
+pub mod usage;
 
 mod routes;
+
+/// What a server is made of.
+#[derive(Debug)]
+pub struct Parts {
+    /// The opened, migrated store.
+    pub store: Arc<dyn Store>,
+    /// The effective config.
+    pub config: Arc<Config>,
+    /// The gateway's routing table.
+    pub router: Arc<keel_llm::Router>,
+    /// Where usage records go.
+    pub usage: usage::Recorder,
+    /// Cancelled to stop the server; readiness reports 503 from then on.
+    pub shutdown: CancellationToken,
+}
 
 /// Shared state of the server; cheap to clone.
 #[derive(Clone)]
@@ -44,6 +60,7 @@ struct Inner {
     store: Arc<dyn Store>,
     config: Arc<Config>,
     router: Arc<keel_llm::Router>,
+    usage: usage::Recorder,
     metrics: PrometheusHandle,
     openapi_json: std::sync::OnceLock<axum::body::Bytes>,
     shutdown: CancellationToken,
@@ -58,22 +75,17 @@ impl std::fmt::Debug for AppState {
 }
 
 impl AppState {
-    /// State over an opened, migrated store and the gateway's routing table. `shutdown` is
-    /// the token that stops the server; readiness reports 503 once it is cancelled.
-    pub fn new(
-        store: Arc<dyn Store>,
-        config: Arc<Config>,
-        router: Arc<keel_llm::Router>,
-        shutdown: CancellationToken,
-    ) -> Self {
+    /// The state of a server over its parts.
+    pub fn new(parts: Parts) -> Self {
         Self {
             inner: Arc::new(Inner {
-                store,
-                config,
-                router,
+                store: parts.store,
+                config: parts.config,
+                router: parts.router,
+                usage: parts.usage,
                 metrics: telemetry::metrics(),
                 openapi_json: std::sync::OnceLock::new(),
-                shutdown,
+                shutdown: parts.shutdown,
             }),
         }
     }
@@ -91,6 +103,10 @@ impl AppState {
     /// The gateway's routing table.
     pub fn router(&self) -> &keel_llm::Router {
         &self.inner.router
+    }
+
+    pub(crate) fn usage(&self) -> &usage::Recorder {
+        &self.inner.usage
     }
 
     pub(crate) fn metrics(&self) -> &PrometheusHandle {
@@ -157,7 +173,8 @@ fn protected(
 pub fn app(state: AppState) -> Router {
     let viewer = OpenApiRouter::new()
         .routes(routes!(routes::workspaces::current))
-        .routes(routes!(routes::gateway::models));
+        .routes(routes!(routes::gateway::models))
+        .routes(routes!(routes::usage::usage));
     let member = OpenApiRouter::new().routes(routes!(routes::gateway::chat_completions));
     let admin = OpenApiRouter::new()
         .routes(routes!(routes::keys::create, routes::keys::list))

@@ -15,7 +15,7 @@ use keel_core::auth::{KeyName, Role};
 use keel_core::config::{Config, Sources};
 use keel_core::id::ApiKeyId;
 use keel_core::workspace::WorkspaceName;
-use keel_server::{AppState, Server, telemetry};
+use keel_server::{AppState, Parts, Server, telemetry};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
@@ -359,7 +359,14 @@ async fn serve_with_telemetry(config: Config, started: Instant) -> anyhow::Resul
         keel_server::gateway::Default::Configured => {}
     }
     let config = Arc::new(config);
-    let state = AppState::new(store.clone(), config.clone(), Arc::new(router), shutdown.clone());
+    let (usage, usage_writer) = keel_server::usage::start(store.clone());
+    let state = AppState::new(Parts {
+        store: store.clone(),
+        config: config.clone(),
+        router: Arc::new(router),
+        usage,
+        shutdown: shutdown.clone(),
+    });
     let server = Server::bind(state, shutdown)
         .await
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;
@@ -371,7 +378,10 @@ async fn serve_with_telemetry(config: Config, started: Instant) -> anyhow::Resul
         startup_ms = started.elapsed().as_secs_f64() * 1000.0,
         "listening"
     );
-    server.run().await.context("server failed")?;
+    let served = server.run().await.context("server failed");
+    // In-flight requests are done; write every usage record still queued.
+    usage_writer.finish().await;
+    served?;
     store.close().await;
     tracing::info!("stopped");
     Ok(())

@@ -6,12 +6,19 @@ use std::convert::Infallible;
 
 use axum::Json;
 use axum::body::{Body, Bytes};
+use std::time::{Duration, Instant};
+
+use axum::Extension;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt as _;
 use keel_core::config::ProviderKind;
-use keel_llm::types::ChatRequest;
+use keel_core::auth::Principal;
+use keel_llm::router::Served;
+use keel_llm::types::{ChatRequest, Usage};
+use keel_store::UsageRecord;
+use time::OffsetDateTime;
 use serde_json::{Value, json};
 
 use crate::AppState;
@@ -55,7 +62,8 @@ impl From<keel_llm::Error> for ApiError {
     ))]
 pub(crate) async fn chat_completions(
     State(state): State<AppState>,
-    AppJson(request): AppJson<ChatRequest>,
+    Extension(principal): Extension<Principal>,
+    AppJson(mut request): AppJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
     if request.messages.is_empty() {
         return Err(ApiError::bad_request("messages: must hold at least one message"));
@@ -63,34 +71,232 @@ pub(crate) async fn chat_completions(
     if let Some(bad) = request.messages.iter().position(|m| m.role.is_empty()) {
         return Err(ApiError::bad_request(format!("messages[{bad}].role: must not be empty")));
     }
+    let started = Instant::now();
     let router = state.router();
     if !request.is_stream() {
-        let (response, served) = router.chat(&request).await?;
-        tracing::debug!(target_served = %served.target, attempts = served.attempts, "chat completion");
-        return Ok(Json(response).into_response());
-    }
-    let (chunks, _served) = router.chat_stream(&request).await?;
-    // Chunks as `data:` frames, then `[DONE]` after a clean end; a failure mid-way ends
-    // the stream with an error event instead (and no `[DONE]`).
-    let frames = futures_util::stream::unfold((chunks, false), |(mut chunks, finished)| async move {
-        if finished {
-            return None;
-        }
-        let (frame, finished) = match chunks.next().await {
-            Some(Ok(chunk)) => match serde_json::to_string(&chunk) {
-                Ok(json) => (format!("data: {json}\n\n"), false),
-                Err(e) => (error_frame("internal", &format!("cannot encode a chunk: {e}")), true),
-            },
-            Some(Err(e)) => (error_frame(e.kind.as_str(), &format!("the provider failed mid-stream: {}", e.kind)), true),
-            None => ("data: [DONE]\n\n".to_owned(), true),
+        return match router.chat(&request).await {
+            Ok((response, served)) => {
+                let (usage, estimated) = match response.usage {
+                    Some(usage) => (usage, false),
+                    None => (estimate(&request, &response_text(&response)), true),
+                };
+                let record = Account::new(&state, &principal, &served, started).record(usage, estimated, None, "ok");
+                state.usage().record(record).await;
+                Ok(Json(response).into_response())
+            }
+            Err(e) => {
+                record_failure(&state, &principal, &request.model, &e, started).await;
+                Err(e.into())
+            }
         };
-        Some((Ok::<_, Infallible>(Bytes::from(frame)), (chunks, finished)))
-    });
+    }
+
+    // Always ask upstream for usage, so accounting is exact; the usage chunk reaches the
+    // client only if it asked for it.
+    let client_wants_usage = request.stream_options.as_ref().and_then(|o| o.include_usage) == Some(true);
+    request.stream_options.get_or_insert_with(Default::default).include_usage = Some(true);
+    let (chunks, served) = match router.chat_stream(&request).await {
+        Ok(ok) => ok,
+        Err(e) => {
+            record_failure(&state, &principal, &request.model, &e, started).await;
+            return Err(e.into());
+        }
+    };
+    let account = StreamAccount {
+        account: Account::new(&state, &principal, &served, started),
+        ttft: started.elapsed(),
+        usage: None,
+        streamed_text: String::new(),
+        request_text_tokens: estimate(&request, "").prompt_tokens,
+        outcome: "canceled",
+    };
+    // Chunks as `data:` frames, then `[DONE]` after a clean end; a failure mid-way ends
+    // the stream with an error event instead (and no `[DONE]`). The account is recorded
+    // when this stream is dropped: at its end, or when the client goes away.
+    let frames = futures_util::stream::unfold(
+        (chunks, account, false),
+        move |(mut chunks, mut account, finished)| async move {
+            if finished {
+                return None;
+            }
+            loop {
+                let (frame, finished) = match chunks.next().await {
+                    Some(Ok(chunk)) => {
+                        if let Some(usage) = chunk.usage {
+                            account.usage = Some(usage);
+                            if !client_wants_usage && chunk.choices.is_empty() {
+                                continue;
+                            }
+                        }
+                        for choice in &chunk.choices {
+                            if let Some(text) = choice.delta.get("content").and_then(Value::as_str) {
+                                account.streamed_text.push_str(text);
+                            }
+                        }
+                        match serde_json::to_string(&chunk) {
+                            Ok(json) => (format!("data: {json}\n\n"), false),
+                            Err(e) => {
+                                account.outcome = "internal";
+                                (error_frame("internal", &format!("cannot encode a chunk: {e}")), true)
+                            }
+                        }
+                    }
+                    Some(Err(e)) => {
+                        account.outcome = e.kind.as_str();
+                        (error_frame(e.kind.as_str(), &format!("the provider failed mid-stream: {}", e.kind)), true)
+                    }
+                    None => {
+                        account.outcome = "ok";
+                        ("data: [DONE]\n\n".to_owned(), true)
+                    }
+                };
+                return Some((Ok::<_, Infallible>(Bytes::from(frame)), (chunks, account, finished)));
+            }
+        },
+    );
     Ok((
         [(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")],
         Body::from_stream(frames),
     )
         .into_response())
+}
+
+/// What one routed request is billed to, and by whom it was served.
+struct Account {
+    recorder: crate::usage::Recorder,
+    workspace_id: keel_core::id::WorkspaceId,
+    key_id: keel_core::id::ApiKeyId,
+    served: Served,
+    started: Instant,
+}
+
+impl Account {
+    fn new(state: &AppState, principal: &Principal, served: &Served, started: Instant) -> Self {
+        Self {
+            recorder: state.usage().clone(),
+            workspace_id: principal.workspace_id,
+            key_id: principal.key_id,
+            served: served.clone(),
+            started,
+        }
+    }
+
+    /// The usage record, with the request's metrics counted.
+    fn record(&self, usage: Usage, estimated: bool, ttft: Option<Duration>, outcome: &str) -> UsageRecord {
+        let s = &self.served;
+        let latency = self.started.elapsed();
+        let cost = crate::usage::cost_nanousd(usage.prompt_tokens, usage.completion_tokens, s.input_price_per_mtok, s.output_price_per_mtok);
+        let labels = [
+            ("route", s.route.clone()),
+            ("provider", s.provider.as_str().to_owned()),
+            ("model", s.upstream_model.clone()),
+        ];
+        metrics::counter!("keel_llm_requests_total", &[labels[0].clone(), labels[1].clone(), labels[2].clone(), ("outcome", outcome.to_owned())]).increment(1);
+        metrics::histogram!("keel_llm_request_duration_seconds", &labels).record(latency.as_secs_f64());
+        if let Some(ttft) = ttft {
+            metrics::histogram!("keel_llm_time_to_first_token_seconds", &labels).record(ttft.as_secs_f64());
+        }
+        metrics::counter!("keel_llm_tokens_total", &[labels[0].clone(), labels[1].clone(), labels[2].clone(), ("kind", "input".to_owned())]).increment(usage.prompt_tokens);
+        metrics::counter!("keel_llm_tokens_total", &[labels[0].clone(), labels[1].clone(), labels[2].clone(), ("kind", "output".to_owned())]).increment(usage.completion_tokens);
+        metrics::counter!("keel_llm_cost_nanousd_total", &labels).increment(cost);
+        UsageRecord {
+            workspace_id: self.workspace_id,
+            api_key_id: Some(self.key_id),
+            route: s.route.clone(),
+            provider: s.provider.as_str().to_owned(),
+            upstream_model: s.upstream_model.clone(),
+            target: s.target.clone(),
+            input_tokens: usage.prompt_tokens,
+            output_tokens: usage.completion_tokens,
+            cached_tokens: 0,
+            cost_nanousd: cost,
+            latency_ms: u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
+            ttft_ms: ttft.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+            cache_hit: false,
+            estimated,
+            outcome: outcome.to_owned(),
+            created_at: OffsetDateTime::now_utc(),
+        }
+    }
+}
+
+/// A streamed request's account, recorded when the stream is dropped.
+struct StreamAccount {
+    account: Account,
+    ttft: Duration,
+    usage: Option<Usage>,
+    streamed_text: String,
+    request_text_tokens: u64,
+    outcome: &'static str,
+}
+
+impl Drop for StreamAccount {
+    fn drop(&mut self) {
+        let (usage, estimated) = match self.usage {
+            Some(usage) => (usage, false),
+            None => {
+                let completion = approx_tokens(&self.streamed_text);
+                let usage = Usage {
+                    prompt_tokens: self.request_text_tokens,
+                    completion_tokens: completion,
+                    total_tokens: self.request_text_tokens + completion,
+                };
+                (usage, true)
+            }
+        };
+        let record = self.account.record(usage, estimated, Some(self.ttft), self.outcome);
+        self.account.recorder.record_now(record);
+    }
+}
+
+/// A failed routed request: a usage row with no tokens and the error kind as outcome.
+async fn record_failure(state: &AppState, principal: &Principal, route: &str, e: &keel_llm::Error, started: Instant) {
+    let (target, outcome) = match e {
+        keel_llm::Error::UnknownModel { .. } => return,
+        keel_llm::Error::Rejected(p) | keel_llm::Error::InvalidResponse(p) => ("-".to_owned(), p.kind.as_str()),
+        keel_llm::Error::AllTargetsFailed(failures) => match failures.last() {
+            Some((target, p)) => (target.clone(), p.kind.as_str()),
+            None => ("-".to_owned(), "unavailable"),
+        },
+    };
+    metrics::counter!("keel_llm_requests_total", "route" => route.to_owned(), "provider" => "-", "model" => "-", "outcome" => outcome).increment(1);
+    state
+        .usage()
+        .record(UsageRecord {
+            workspace_id: principal.workspace_id,
+            api_key_id: Some(principal.key_id),
+            route: route.to_owned(),
+            provider: "-".to_owned(),
+            upstream_model: "-".to_owned(),
+            target,
+            input_tokens: 0,
+            output_tokens: 0,
+            cached_tokens: 0,
+            cost_nanousd: 0,
+            latency_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            ttft_ms: None,
+            cache_hit: false,
+            estimated: false,
+            outcome: outcome.to_owned(),
+            created_at: OffsetDateTime::now_utc(),
+        })
+        .await;
+}
+
+fn response_text(response: &keel_llm::types::ChatResponse) -> String {
+    response.choices.iter().map(|c| c.message.text()).collect()
+}
+
+/// Token counts when the provider reported none (marked `estimated`).
+fn estimate(request: &ChatRequest, completion: &str) -> Usage {
+    let prompt: u64 = request.messages.iter().map(|m| approx_tokens(&m.text())).sum();
+    let completion = approx_tokens(completion);
+    Usage { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion }
+}
+
+/// About four characters a token, the usual rule for English with GPT tokenizers.
+fn approx_tokens(text: &str) -> u64 {
+    (text.chars().count() as u64).div_ceil(4)
 }
 
 fn error_frame(code: &str, message: &str) -> String {

@@ -5,6 +5,7 @@
 pub(crate) mod gateway;
 pub(crate) mod keys;
 pub(crate) mod system;
+pub(crate) mod usage;
 pub(crate) mod workspaces;
 
 use serde::Serialize;

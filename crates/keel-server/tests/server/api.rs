@@ -26,13 +26,19 @@ async fn harness_with(config: impl FnOnce(&mut Config)) -> Harness {
     config(&mut cfg);
     let store = keel_store::open(&cfg).await.unwrap();
     store.migrate().await.unwrap();
-    let (router, _) = keel_server::gateway::router(&cfg, &|_| None).unwrap();
-    let state = AppState::new(store, Arc::new(cfg), Arc::new(router), CancellationToken::new());
+    let state = state_for(store, cfg, CancellationToken::new());
     Harness {
         app: app(state.clone()),
         state,
         _dir: dir,
     }
+}
+
+/// Server state over `store` and `cfg`, with the default model routes and a usage writer.
+pub fn state_for(store: Arc<dyn keel_store::Store>, cfg: Config, shutdown: CancellationToken) -> AppState {
+    let (router, _) = keel_server::gateway::router(&cfg, &|_| None).unwrap();
+    let (usage, _writer) = keel_server::usage::start(store.clone());
+    AppState::new(keel_server::Parts { store, config: Arc::new(cfg), router: Arc::new(router), usage, shutdown })
 }
 
 async fn harness() -> Harness {
@@ -409,19 +415,15 @@ async fn readiness_reports_schema_and_shutdown() {
     let h = harness().await;
     let (status, _, body) = h.send(get("/readyz", None)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    let version = keel_store::binary_schema_version(keel_store::Backend::Sqlite);
     assert_eq!(
         body,
-        json!({"status": "ok", "database": "sqlite", "schema_version": 1})
+        json!({"status": "ok", "database": "sqlite", "schema_version": version})
     );
 
     let token = CancellationToken::new();
-    let (router, _) = keel_server::gateway::router(h.state.config(), &|_| None).unwrap();
-    let draining = AppState::new(
-        keel_store::open(h.state.config()).await.unwrap(),
-        Arc::new(h.state.config().clone()),
-        Arc::new(router),
-        token.clone(),
-    );
+    let store = keel_store::open(h.state.config()).await.unwrap();
+    let draining = state_for(store, h.state.config().clone(), token.clone());
     token.cancel();
     let res = app(draining).oneshot(get("/readyz", None)).await.unwrap();
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
@@ -451,6 +453,7 @@ async fn openapi_lists_every_route_and_every_listed_route_exists() {
         "DELETE /v1/keys/{id}",
         "POST /v1/chat/completions",
         "GET /v1/models",
+        "GET /v1/usage",
     ]
     .map(str::to_owned)
     .into();

@@ -13,6 +13,7 @@ use keel_core::auth::Role;
 use keel_core::config::{Config, Sources};
 use keel_core::workspace::WorkspaceName;
 use keel_server::{AppState, app};
+use keel_store::GroupBy;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
@@ -21,6 +22,8 @@ struct Gateway {
     app: Router,
     key: String,
     mock: String,
+    store: Arc<dyn keel_store::Store>,
+    writer: Option<keel_server::usage::Writer>,
     _dir: tempfile::TempDir,
 }
 
@@ -42,11 +45,18 @@ async fn gateway(models_toml: &str) -> Gateway {
     cfg.data_dir = dir.path().to_owned();
     let store = keel_store::open(&cfg).await.unwrap();
     store.migrate().await.unwrap();
-    let (router, _) = keel_server::gateway::router(&cfg, &|_| None).unwrap();
     let ws = store.ensure_workspace(&WorkspaceName::parse("gw").unwrap()).await.unwrap();
     let (token, _) = keel_server::auth::issue_key(store.as_ref(), ws.id, Role::Member, None).await.unwrap();
-    let state = AppState::new(store, Arc::new(cfg), Arc::new(router), CancellationToken::new());
-    Gateway { app: app(state), key: token.expose().to_owned(), mock, _dir: dir }
+    let (router, _) = keel_server::gateway::router(&cfg, &|_| None).unwrap();
+    let (usage, writer) = keel_server::usage::start(store.clone());
+    let state = AppState::new(keel_server::Parts {
+        store: store.clone(),
+        config: Arc::new(cfg),
+        router: Arc::new(router),
+        usage,
+        shutdown: CancellationToken::new(),
+    });
+    Gateway { app: app(state), key: token.expose().to_owned(), mock, store, writer: Some(writer), _dir: dir }
 }
 
 impl Gateway {
@@ -272,4 +282,79 @@ async fn with_no_models_configured_default_is_a_plainly_labelled_echo() {
     let models: Value = serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
     assert_eq!(models["data"][0]["id"], "default");
     assert!(models["data"][0]["keel"]["note"].as_str().unwrap().contains("echo mock"), "{models}");
+}
+
+impl Gateway {
+    /// Drains the usage writer: every record so far is in the store.
+    async fn flush(&mut self) {
+        self.writer.take().unwrap().finish().await;
+    }
+
+    async fn get(&self, uri: &str) -> (StatusCode, String, String) {
+        let req = Request::get(uri).header(header::AUTHORIZATION, format!("Bearer {}", self.key)).body(Body::empty()).unwrap();
+        let res = self.app.clone().oneshot(req).await.unwrap();
+        let status = res.status();
+        let content_type = res.headers().get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        (status, content_type, String::from_utf8_lossy(&bytes).into_owned())
+    }
+}
+
+#[tokio::test]
+async fn every_routed_request_leaves_a_usage_row_with_its_cost() {
+    let toml = "[models.priced]\n[models.priced.retry]\nmax_attempts = 1\n\
+                [[models.priced.targets]]\nprovider = \"openai\"\nmodel = \"echo\"\nbase_url = \"MOCK\"\n\
+                input_price_per_mtok = 1.0\noutput_price_per_mtok = 2.0\n\
+                [models.broken]\n[models.broken.retry]\nmax_attempts = 1\n\
+                [[models.broken.targets]]\nprovider = \"openai\"\nmodel = \"fault/500\"\nbase_url = \"MOCK\"\n";
+    let mut g = gateway(toml).await;
+    for _ in 0..3 {
+        assert_eq!(g.chat(hello("priced")).await.0, StatusCode::OK);
+    }
+    let mut streamed = hello("priced");
+    streamed["stream"] = json!(true);
+    let (status, body) = g.chat(streamed).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(!body.contains("\"usage\""), "usage was not asked for, so not sent: {body}");
+    assert_eq!(g.chat(hello("broken")).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(g.chat(hello("nonexistent")).await.0, StatusCode::NOT_FOUND, "not routed, not recorded");
+    g.flush().await;
+
+    let now = time::OffsetDateTime::now_utc();
+    let ws = g.store.workspace_by_name(&WorkspaceName::parse("gw").unwrap()).await.unwrap();
+    let rows = g
+        .store
+        .usage_summary(ws.id, now - time::Duration::hours(1), now + time::Duration::hours(1), GroupBy::Route)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let broken = &rows[0];
+    assert_eq!((broken.group.as_str(), broken.requests, broken.errors, broken.cost_nanousd), ("broken", 1, 1, 0));
+    let priced = &rows[1];
+    assert_eq!((priced.group.as_str(), priced.requests, priced.errors), ("priced", 4, 0));
+    // Each: 2 prompt tokens at $1/M + 2 completion tokens at $2/M = 6,000 nano-USD, exact
+    // for the stream too, because Keel asked upstream for usage.
+    assert_eq!((priced.input_tokens, priced.output_tokens), (8, 8));
+    assert_eq!(priced.cost_nanousd, 4 * 6_000);
+
+    let (status, _, json) = g.get("/v1/usage?group_by=model").await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    let v: Value = serde_json::from_str(&json).unwrap();
+    let echo = v["data"].as_array().unwrap().iter().find(|r| r["group"] == "echo").unwrap();
+    assert_eq!(echo["requests"], 4);
+    assert!((echo["cost_usd"].as_f64().unwrap() - 0.000024).abs() < 1e-12, "{echo}");
+
+    let (status, content_type, csv) = g.get("/v1/usage?group_by=route&format=csv").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(content_type.starts_with("text/csv"));
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines[0], "route,requests,input_tokens,output_tokens,cost_usd,cache_hits,errors");
+    assert_eq!(lines[2], "priced,4,8,8,0.000024000,0,0");
+
+    let (status, _, body) = g.get("/v1/usage?group_by=colour").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body.contains("group_by: expected route, key, model or day"), "{body}");
+    let (status, _, body) = g.get("/v1/usage?from=yesterday").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body.contains("from: expected an RFC 3339 time"), "{body}");
 }
