@@ -10,6 +10,7 @@
 )]
 
 mod config;
+mod gateway;
 mod postgres;
 mod serve;
 mod shutdown;
