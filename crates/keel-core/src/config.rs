@@ -33,6 +33,10 @@ pub struct Config {
     pub telemetry: Telemetry,
     /// Public model names and their provider targets (`[models.<name>]`).
     pub models: BTreeMap<String, ModelRoute>,
+    /// The gateway's response cache.
+    pub cache: Cache,
+    /// Redis, shared by instances (response cache today).
+    pub redis: Redis,
 }
 
 impl Default for Config {
@@ -43,6 +47,8 @@ impl Default for Config {
             database: Database::default(),
             telemetry: Telemetry::default(),
             models: BTreeMap::new(),
+            cache: Cache::default(),
+            redis: Redis::default(),
         }
     }
 }
@@ -147,6 +153,41 @@ impl Default for Telemetry {
     }
 }
 
+/// `[cache]`: exact-match response cache for deterministic requests.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Cache {
+    /// Whether the cache is used at all.
+    pub enabled: bool,
+    /// How long an answer stays cached.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Memory budget of the in-process cache, in bytes (ignored with Redis).
+    pub max_bytes: usize,
+    /// Largest single answer cached, in bytes.
+    pub max_entry_bytes: usize,
+}
+
+impl Default for Cache {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            ttl: Duration::from_secs(600),
+            max_bytes: 64 * 1024 * 1024,
+            max_entry_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// `[redis]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Redis {
+    /// `redis://host:port/db`; unset: everything stays in-process. Env: `KEEL_REDIS_URL`.
+    #[serde(serialize_with = "redact_url")]
+    pub url: Option<SecretString>,
+}
+
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -248,7 +289,7 @@ const NOT_CONFIG_ENV: &[&str] = &["KEEL_CONFIG"];
 /// Prefixes of environment variables reserved for tooling (e.g. the test suite).
 const NOT_CONFIG_ENV_PREFIXES: &[&str] = &["KEEL_TEST_"];
 /// Well-known short names, kept because they are what operators expect to type.
-const ENV_ALIASES: &[(&str, &str)] = &[("KEEL_DATABASE_URL", "database.url")];
+const ENV_ALIASES: &[(&str, &str)] = &[("KEEL_DATABASE_URL", "database.url"), ("KEEL_REDIS_URL", "redis.url")];
 
 /// The most type errors collected before giving up (each pass removes one bad value).
 const MAX_PASSES: usize = 64;
@@ -410,6 +451,15 @@ impl Config {
             push("telemetry.otlp_endpoint", format!("must be an http:// or https:// URL, got {endpoint:?}"),
             );
         }
+        if let Some(url) = &self.redis.url {
+            let url = url.expose_secret();
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                push("redis.url", "must start with redis:// or rediss://".to_owned());
+            }
+        }
+        if self.cache.max_entry_bytes > self.cache.max_bytes {
+            push("cache.max_entry_bytes", "must not exceed cache.max_bytes".to_owned());
+        }
         if self.telemetry.service_name.trim().is_empty() {
             push("telemetry.service_name", "must not be empty".to_owned());
         }
@@ -538,7 +588,7 @@ fn known_keys() -> Vec<String> {
     let mut out = Vec::new();
     collect_keys(&value, String::new(), &mut out);
     // Optional keys are absent from the default; list them by hand.
-    out.extend(["database.url", "telemetry.otlp_endpoint"].map(str::to_owned));
+    out.extend(["database.url", "telemetry.otlp_endpoint", "redis.url"].map(str::to_owned));
     out
 }
 

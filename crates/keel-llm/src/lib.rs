@@ -7,6 +7,7 @@
 //! never waits past a route's total timeout.
 
 pub mod breaker;
+pub mod cache;
 pub mod error;
 pub mod provider;
 pub mod providers;
