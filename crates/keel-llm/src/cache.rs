@@ -268,3 +268,35 @@ mod tests {
         assert_eq!(cache.bytes(), 0, "expired entries free their bytes");
     }
 }
+
+/// The response cache the gateway consults: in-process by default.
+#[derive(Debug)]
+pub struct ResponseCache {
+    memory: Memory,
+}
+
+impl ResponseCache {
+    /// An in-process cache.
+    #[must_use]
+    pub fn in_memory(ttl: Duration, max_bytes: usize, max_entry_bytes: usize) -> Self {
+        Self {
+            memory: Memory::new(ttl, max_bytes, max_entry_bytes),
+        }
+    }
+
+    /// The cached answer for `key`, if any.
+    pub async fn get(&self, key: &Key) -> Option<Arc<Cached>> {
+        let hit = self.memory.get(key);
+        metrics::counter!("keel_llm_cache_lookups_total", "result" => if hit.is_some() { "hit" } else { "miss" }).increment(1);
+        hit
+    }
+
+    /// Stores a finished, successful answer.
+    pub async fn put(&self, key: Key, value: Cached) {
+        let size = serde_json::to_vec(&value).map_or(usize::MAX, |v| v.len());
+        if self.memory.put(key, value, size) {
+            metrics::gauge!("keel_llm_cache_bytes").set(self.memory.bytes() as f64);
+            metrics::gauge!("keel_llm_cache_entries").set(self.memory.len() as f64);
+        }
+    }
+}

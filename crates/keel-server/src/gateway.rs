@@ -53,3 +53,11 @@ pub fn router(config: &Config, env: &dyn Fn(&str) -> Option<String>) -> Result<(
     let routes = BTreeMap::from([("default".to_owned(), route)]);
     Ok((Router::new(&routes, env)?, kind))
 }
+
+/// The response cache `config` asks for, or `None` when it is disabled.
+#[must_use]
+pub fn cache(config: &Config) -> Option<std::sync::Arc<keel_llm::cache::ResponseCache>> {
+    let c = &config.cache;
+    c.enabled
+        .then(|| std::sync::Arc::new(keel_llm::cache::ResponseCache::in_memory(c.ttl, c.max_bytes, c.max_entry_bytes)))
+}

@@ -46,6 +46,8 @@ pub struct Parts {
     pub router: Arc<keel_llm::Router>,
     /// Where usage records go.
     pub usage: usage::Recorder,
+    /// The response cache; `None` when `cache.enabled` is false.
+    pub cache: Option<Arc<keel_llm::cache::ResponseCache>>,
     /// Cancelled to stop the server; readiness reports 503 from then on.
     pub shutdown: CancellationToken,
 }
@@ -61,6 +63,7 @@ struct Inner {
     config: Arc<Config>,
     router: Arc<keel_llm::Router>,
     usage: usage::Recorder,
+    cache: Option<Arc<keel_llm::cache::ResponseCache>>,
     metrics: PrometheusHandle,
     openapi_json: std::sync::OnceLock<axum::body::Bytes>,
     shutdown: CancellationToken,
@@ -83,6 +86,7 @@ impl AppState {
                 config: parts.config,
                 router: parts.router,
                 usage: parts.usage,
+                cache: parts.cache,
                 metrics: telemetry::metrics(),
                 openapi_json: std::sync::OnceLock::new(),
                 shutdown: parts.shutdown,
@@ -103,6 +107,15 @@ impl AppState {
     /// The gateway's routing table.
     pub fn router(&self) -> &keel_llm::Router {
         &self.inner.router
+    }
+
+    pub(crate) fn cache(&self) -> Option<&keel_llm::cache::ResponseCache> {
+        self.inner.cache.as_deref()
+    }
+
+    /// The cache, owned, for streams that outlive the handler.
+    pub(crate) fn inner_cache(&self) -> Option<Arc<keel_llm::cache::ResponseCache>> {
+        self.inner.cache.clone()
     }
 
     pub(crate) fn usage(&self) -> &usage::Recorder {

@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 
 use axum::Extension;
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt as _;
 use keel_core::config::ProviderKind;
 use keel_core::auth::Principal;
+use keel_llm::cache::{Cached, Key};
 use keel_llm::router::Served;
 use keel_llm::types::{ChatRequest, Usage};
 use keel_store::UsageRecord;
@@ -63,6 +64,7 @@ impl From<keel_llm::Error> for ApiError {
 pub(crate) async fn chat_completions(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
+    headers: HeaderMap,
     AppJson(mut request): AppJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
     if request.messages.is_empty() {
@@ -72,6 +74,16 @@ pub(crate) async fn chat_completions(
         return Err(ApiError::bad_request(format!("messages[{bad}].role: must not be empty")));
     }
     let started = Instant::now();
+    let client_wants_usage = request.stream_options.as_ref().and_then(|o| o.include_usage) == Some(true);
+    let cache_key = match state.cache() {
+        Some(_) if cacheable(&headers, &request) => Some(Key::new(&principal.workspace_id.to_string(), &request)),
+        _ => None,
+    };
+    if let (Some(cache), Some(key)) = (state.cache(), &cache_key)
+        && let Some(hit) = cache.get(key).await
+    {
+        return Ok(serve_cached(&state, &principal, &request, &hit, client_wants_usage, started).await);
+    }
     let router = state.router();
     if !request.is_stream() {
         return match router.chat(&request).await {
@@ -82,7 +94,10 @@ pub(crate) async fn chat_completions(
                 };
                 let record = Account::new(&state, &principal, &served, started).record(usage, estimated, None, "ok");
                 state.usage().record(record).await;
-                Ok(Json(response).into_response())
+                if let (Some(cache), Some(key)) = (state.cache(), cache_key) {
+                    cache.put(key, Cached::Whole(response.clone())).await;
+                }
+                Ok(with_cache_header(Json(response).into_response(), cache_key.map(|_| "miss")))
             }
             Err(e) => {
                 record_failure(&state, &principal, &request.model, &e, started).await;
@@ -93,7 +108,6 @@ pub(crate) async fn chat_completions(
 
     // Always ask upstream for usage, so accounting is exact; the usage chunk reaches the
     // client only if it asked for it.
-    let client_wants_usage = request.stream_options.as_ref().and_then(|o| o.include_usage) == Some(true);
     request.stream_options.get_or_insert_with(Default::default).include_usage = Some(true);
     let (chunks, served) = match router.chat_stream(&request).await {
         Ok(ok) => ok,
@@ -110,18 +124,30 @@ pub(crate) async fn chat_completions(
         request_text_tokens: estimate(&request, "").prompt_tokens,
         outcome: "canceled",
     };
+    // On a cache miss the chunks are kept, within the entry size limit, and stored once
+    // the stream has finished cleanly.
+    let mut keep = cache_key.map(|key| (key, Vec::new(), 0usize));
+    let cache = state.inner_cache();
     // Chunks as `data:` frames, then `[DONE]` after a clean end; a failure mid-way ends
     // the stream with an error event instead (and no `[DONE]`). The account is recorded
     // when this stream is dropped: at its end, or when the client goes away.
     let frames = futures_util::stream::unfold(
-        (chunks, account, false),
-        move |(mut chunks, mut account, finished)| async move {
+        (chunks, account, false, keep.take(), cache),
+        move |(mut chunks, mut account, finished, mut keep, cache)| async move {
             if finished {
                 return None;
             }
             loop {
                 let (frame, finished) = match chunks.next().await {
                     Some(Ok(chunk)) => {
+                        if let Some((_, kept, bytes)) = &mut keep {
+                            *bytes += chunk.choices.iter().map(|c| c.delta.to_string().len()).sum::<usize>() + 64;
+                            if *bytes <= MAX_KEPT_STREAM_BYTES {
+                                kept.push(chunk.clone());
+                            } else {
+                                keep = None;
+                            }
+                        }
                         if let Some(usage) = chunk.usage {
                             account.usage = Some(usage);
                             if !client_wants_usage && chunk.choices.is_empty() {
@@ -147,18 +173,98 @@ pub(crate) async fn chat_completions(
                     }
                     None => {
                         account.outcome = "ok";
+                        if let (Some(cache), Some((key, kept, _))) = (&cache, keep.take()) {
+                            cache.put(key, Cached::Stream(kept)).await;
+                        }
                         ("data: [DONE]\n\n".to_owned(), true)
                     }
                 };
-                return Some((Ok::<_, Infallible>(Bytes::from(frame)), (chunks, account, finished)));
+                return Some((Ok::<_, Infallible>(Bytes::from(frame)), (chunks, account, finished, keep, cache)));
             }
         },
     );
-    Ok((
-        [(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")],
-        Body::from_stream(frames),
-    )
-        .into_response())
+    Ok(with_cache_header(sse(Body::from_stream(frames)), cache_key.map(|_| "miss")))
+}
+
+/// Streams kept for the cache are abandoned past this many bytes.
+const MAX_KEPT_STREAM_BYTES: usize = 1024 * 1024;
+
+fn sse(body: Body) -> Response {
+    ([(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")], body).into_response()
+}
+
+fn with_cache_header(mut response: Response, state: Option<&'static str>) -> Response {
+    if let Some(state) = state {
+        response.headers_mut().insert("x-keel-cache", HeaderValue::from_static(state));
+    }
+    response
+}
+
+/// Whether the cache may answer: a deterministic request (or `x-keel-cache: on`), and no
+/// `Cache-Control: no-cache` or `no-store`.
+fn cacheable(headers: &HeaderMap, request: &ChatRequest) -> bool {
+    let refused = headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|d| matches!(d.trim().to_ascii_lowercase().as_str(), "no-cache" | "no-store"));
+    let opted_in = headers.get("x-keel-cache").is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"on"));
+    !refused && (opted_in || keel_llm::cache::is_deterministic(request))
+}
+
+/// Answers from the cache: the whole answer, or the stream replayed; accounted as a
+/// cache hit at no cost.
+async fn serve_cached(
+    state: &AppState,
+    principal: &Principal,
+    request: &ChatRequest,
+    hit: &Cached,
+    client_wants_usage: bool,
+    started: Instant,
+) -> Response {
+    let usage = match hit {
+        Cached::Whole(r) => r.usage,
+        Cached::Stream(chunks) => chunks.iter().find_map(|c| c.usage),
+    }
+    .unwrap_or_default();
+    let latency = started.elapsed();
+    metrics::counter!("keel_llm_cache_hits_total", "route" => request.model.clone()).increment(1);
+    state
+        .usage()
+        .record(UsageRecord {
+            workspace_id: principal.workspace_id,
+            api_key_id: Some(principal.key_id),
+            route: request.model.clone(),
+            provider: "cache".to_owned(),
+            upstream_model: "-".to_owned(),
+            target: "cache".to_owned(),
+            input_tokens: usage.prompt_tokens,
+            output_tokens: usage.completion_tokens,
+            cached_tokens: usage.prompt_tokens,
+            cost_nanousd: 0,
+            latency_ms: u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
+            ttft_ms: request.is_stream().then(|| u64::try_from(latency.as_millis()).unwrap_or(u64::MAX)),
+            cache_hit: true,
+            estimated: false,
+            outcome: "ok".to_owned(),
+            created_at: OffsetDateTime::now_utc(),
+        })
+        .await;
+    let response = match hit {
+        Cached::Whole(response) => Json(response).into_response(),
+        Cached::Stream(chunks) => {
+            let mut frames: Vec<Result<Bytes, Infallible>> = chunks
+                .iter()
+                .filter(|c| client_wants_usage || !(c.usage.is_some() && c.choices.is_empty()))
+                .filter_map(|c| serde_json::to_string(c).ok())
+                .map(|json| Ok(Bytes::from(format!("data: {json}\n\n"))))
+                .collect();
+            frames.push(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
+            sse(Body::from_stream(futures_util::stream::iter(frames)))
+        }
+    };
+    with_cache_header(response, Some("hit"))
 }
 
 /// What one routed request is billed to, and by whom it was served.

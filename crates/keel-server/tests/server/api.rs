@@ -38,7 +38,8 @@ async fn harness_with(config: impl FnOnce(&mut Config)) -> Harness {
 pub fn state_for(store: Arc<dyn keel_store::Store>, cfg: Config, shutdown: CancellationToken) -> AppState {
     let (router, _) = keel_server::gateway::router(&cfg, &|_| None).unwrap();
     let (usage, _writer) = keel_server::usage::start(store.clone());
-    AppState::new(keel_server::Parts { store, config: Arc::new(cfg), router: Arc::new(router), usage, shutdown })
+    let cache = keel_server::gateway::cache(&cfg);
+    AppState::new(keel_server::Parts { store, config: Arc::new(cfg), router: Arc::new(router), usage, cache, shutdown })
 }
 
 async fn harness() -> Harness {

@@ -51,6 +51,7 @@ async fn gateway(models_toml: &str) -> Gateway {
     let (usage, writer) = keel_server::usage::start(store.clone());
     let state = AppState::new(keel_server::Parts {
         store: store.clone(),
+        cache: keel_server::gateway::cache(&cfg),
         config: Arc::new(cfg),
         router: Arc::new(router),
         usage,
@@ -84,8 +85,16 @@ impl Gateway {
     }
 }
 
+/// A request the cache leaves alone (no temperature: OpenAI's default is 1).
 fn hello(model: &str) -> Value {
-    json!({"model": model, "messages": [{"role": "user", "content": "hello there"}], "temperature": 0})
+    json!({"model": model, "messages": [{"role": "user", "content": "hello there"}]})
+}
+
+/// A deterministic request, which the cache may answer.
+fn hello0(model: &str) -> Value {
+    let mut v = hello(model);
+    v["temperature"] = json!(0);
+    v
 }
 
 fn target(model: &str) -> String {
@@ -175,7 +184,13 @@ async fn the_breaker_opens_after_failures_and_recovers_after_a_probe() {
     }
     assert_eq!(g.calls("flaky/500?fail=3").await, 3);
     assert!(g.metrics().await.contains("target=\"openai/flaky/500?fail=3@"), "breaker gauge exported");
-    let gauge = |m: &str| m.lines().find(|l| l.starts_with("keel_llm_breaker_state") && l.contains("flaky")).map(|l| l.rsplit(' ').next().unwrap().to_owned());
+    // The label carries this test's mock address, so other tests' gauges never match.
+    let label = format!("openai/flaky/500?fail=3@{}", g.mock.trim_start_matches("http://"));
+    let gauge = |m: &str| {
+        m.lines()
+            .find(|l| l.starts_with("keel_llm_breaker_state") && l.contains(&label))
+            .map(|l| l.rsplit(' ').next().unwrap().to_owned())
+    };
     assert_eq!(gauge(&g.metrics().await).as_deref(), Some("2"), "open");
 
     assert_eq!(g.chat(hello("m")).await.0, StatusCode::OK);
@@ -357,4 +372,90 @@ async fn every_routed_request_leaves_a_usage_row_with_its_cost() {
     let (status, _, body) = g.get("/v1/usage?from=yesterday").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(body.contains("from: expected an RFC 3339 time"), "{body}");
+}
+
+impl Gateway {
+    async fn chat_with(&self, body: Value, headers: &[(&str, &str)]) -> (StatusCode, Option<String>, String) {
+        let mut req = Request::post("/v1/chat/completions")
+            .header(header::AUTHORIZATION, format!("Bearer {}", self.key))
+            .header(header::CONTENT_TYPE, "application/json");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let res = self.app.clone().oneshot(req.body(Body::from(body.to_string())).unwrap()).await.unwrap();
+        let status = res.status();
+        let cache = res.headers().get("x-keel-cache").map(|v| v.to_str().unwrap().to_owned());
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        (status, cache, String::from_utf8_lossy(&bytes).into_owned())
+    }
+}
+
+#[tokio::test]
+async fn deterministic_requests_are_cached_and_replayed_streams_included() {
+    let mut g = gateway(&route("max_attempts = 1", &["cached"])).await;
+    let (status, cache, first) = g.chat_with(hello0("m"), &[]).await;
+    assert_eq!((status, cache.as_deref()), (StatusCode::OK, Some("miss")));
+    let (_, cache, second) = g.chat_with(hello0("m"), &[]).await;
+    assert_eq!(cache.as_deref(), Some("hit"));
+    assert_eq!(first, second, "the same answer, byte for byte");
+    assert_eq!(g.calls("cached").await, 1, "the hit never reached upstream");
+
+    let (_, cache, _) = g.chat_with(hello0("m"), &[("cache-control", "no-cache")]).await;
+    assert_eq!(cache, None, "no-cache skips the cache");
+    assert_eq!(g.calls("cached").await, 2);
+
+    let mut warm = hello0("m");
+    warm["temperature"] = json!(0.7);
+    let (_, cache, _) = g.chat_with(warm.clone(), &[]).await;
+    assert_eq!(cache, None, "a non-deterministic request is not cached");
+    let (_, cache, _) = g.chat_with(warm.clone(), &[("x-keel-cache", "on")]).await;
+    assert_eq!(cache.as_deref(), Some("miss"), "unless the caller opts in");
+    let (_, cache, _) = g.chat_with(warm, &[("x-keel-cache", "on")]).await;
+    assert_eq!(cache.as_deref(), Some("hit"));
+
+    let mut streamed = hello0("m");
+    streamed["stream"] = json!(true);
+    let (_, cache, live) = g.chat_with(streamed.clone(), &[]).await;
+    assert_eq!(cache.as_deref(), Some("miss"));
+    let (_, cache, replay) = g.chat_with(streamed, &[]).await;
+    assert_eq!(cache.as_deref(), Some("hit"), "streams are cached too");
+    assert_eq!(sse_data(&live).len(), sse_data(&replay).len());
+    assert_eq!(sse_data(&replay).last().map(String::as_str), Some("[DONE]"));
+    let text: String = sse_data(&replay)[..sse_data(&replay).len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(text, "hello there", "replayed as a stream");
+    assert!(!replay.contains("\"usage\""), "the usage chunk Keel asked for is not replayed unasked");
+
+    g.flush().await;
+    let now = time::OffsetDateTime::now_utc();
+    let ws = g.store.workspace_by_name(&WorkspaceName::parse("gw").unwrap()).await.unwrap();
+    let rows = g.store.usage_summary(ws.id, now - time::Duration::hours(1), now + time::Duration::hours(1), GroupBy::Route).await.unwrap();
+    assert_eq!((rows[0].requests, rows[0].cache_hits), (8, 3), "{rows:?}");
+}
+
+#[tokio::test]
+async fn errors_are_never_cached_and_workspaces_do_not_share_entries() {
+    let g = gateway(&route("max_attempts = 1", &["flaky/500?fail=1"])).await;
+    let (status, cache, _) = g.chat_with(hello0("m"), &[]).await;
+    assert_eq!((status, cache), (StatusCode::SERVICE_UNAVAILABLE, None));
+    let (status, cache, _) = g.chat_with(hello0("m"), &[]).await;
+    assert_eq!((status, cache.as_deref()), (StatusCode::OK, Some("miss")), "the failure was not cached");
+    let (_, cache, _) = g.chat_with(hello0("m"), &[]).await;
+    assert_eq!(cache.as_deref(), Some("hit"));
+
+    // The same request from another workspace is a miss: keyspaces are per workspace.
+    let key_b = {
+        let ws = g.store.ensure_workspace(&WorkspaceName::parse("other").unwrap()).await.unwrap();
+        keel_server::auth::issue_key(g.store.as_ref(), ws.id, Role::Member, None).await.unwrap().0.expose().to_owned()
+    };
+    let req = Request::post("/v1/chat/completions")
+        .header(header::AUTHORIZATION, format!("Bearer {key_b}"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(hello0("m").to_string()))
+        .unwrap();
+    let res = g.app.clone().oneshot(req).await.unwrap();
+    assert_eq!(res.headers()["x-keel-cache"], "miss");
 }
