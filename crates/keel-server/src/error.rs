@@ -34,6 +34,43 @@ pub struct Problem {
     /// The request's id, as in its `x-request-id` header.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// The same problem in OpenAI's error shape (an RFC 9457 extension member), so OpenAI
+    /// SDKs in every language show `detail` as the error message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<OpenAiError>,
+}
+
+/// OpenAI's error object: `{"message", "type", "code"}`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct OpenAiError {
+    /// The detail.
+    pub message: String,
+    /// OpenAI's error type for the status (`invalid_request_error`, `authentication_error`, …).
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// Keel's problem slug.
+    pub code: String,
+}
+
+impl Problem {
+    /// The OpenAI error object for this problem.
+    #[must_use]
+    pub fn openai_error(&self) -> OpenAiError {
+        let kind = match self.status {
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            409 => "conflict_error",
+            429 => "rate_limit_error",
+            500..=599 => "server_error",
+            _ => "invalid_request_error",
+        };
+        OpenAiError {
+            message: self.detail.clone(),
+            kind,
+            code: self.kind.rsplit(':').next().unwrap_or_default().to_owned(),
+        }
+    }
 }
 
 /// The media type of every error body.
@@ -144,6 +181,7 @@ impl ApiError {
             detail: self.detail.clone(),
             instance: None,
             request_id: None,
+            error: None,
         }
     }
 

@@ -145,6 +145,7 @@ fn write_problem_body(response: &mut Response, path: &str, request_id: &str) {
     let problem = Problem {
         instance: Some(path.to_owned()),
         request_id: Some(request_id.to_owned()),
+        error: Some(problem.openai_error()),
         ..problem
     };
     let Ok(body) = serde_json::to_vec(&problem) else {

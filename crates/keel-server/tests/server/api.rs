@@ -112,6 +112,7 @@ fn assert_problem(
         body["request_id"].as_str().unwrap(),
         headers["x-request-id"].to_str().unwrap()
     );
+    assert_eq!(body["error"]["message"], body["detail"], "OpenAI-shaped error member: {body}");
 }
 
 #[tokio::test]

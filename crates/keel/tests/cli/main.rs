@@ -12,6 +12,7 @@
 mod config;
 mod gateway;
 mod postgres;
+mod sdk;
 mod serve;
 mod shutdown;
 mod support;
