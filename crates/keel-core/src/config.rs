@@ -289,7 +289,10 @@ const NOT_CONFIG_ENV: &[&str] = &["KEEL_CONFIG"];
 /// Prefixes of environment variables reserved for tooling (e.g. the test suite).
 const NOT_CONFIG_ENV_PREFIXES: &[&str] = &["KEEL_TEST_"];
 /// Well-known short names, kept because they are what operators expect to type.
-const ENV_ALIASES: &[(&str, &str)] = &[("KEEL_DATABASE_URL", "database.url"), ("KEEL_REDIS_URL", "redis.url")];
+const ENV_ALIASES: &[(&str, &str)] = &[
+    ("KEEL_DATABASE_URL", "database.url"),
+    ("KEEL_REDIS_URL", "redis.url"),
+];
 
 /// The most type errors collected before giving up (each pass removes one bad value).
 const MAX_PASSES: usize = 64;
@@ -418,7 +421,10 @@ impl Config {
         let mut out: Vec<(String, String)> = Vec::new();
         for (name, route) in &self.models {
             if !crate::model_route::valid_route_name(name) {
-                out.push((format!("models.{name}"), "model names are 1-128 characters of letters, digits and -_.:/".to_owned()));
+                out.push((
+                    format!("models.{name}"),
+                    "model names are 1-128 characters of letters, digits and -_.:/".to_owned(),
+                ));
             }
             for (key, message) in route.validate() {
                 out.push((format!("models.{name}.{key}"), message));
@@ -429,11 +435,15 @@ impl Config {
             push("server.max_body_bytes", "must be at least 1".to_owned());
         }
         if !(1..=10_000).contains(&self.database.max_connections) {
-            push("database.max_connections", "must be between 1 and 10000".to_owned(),
+            push(
+                "database.max_connections",
+                "must be between 1 and 10000".to_owned(),
             );
         }
         if self.database.acquire_timeout.is_zero() {
-            push("database.acquire_timeout", "must be longer than 0s".to_owned(),
+            push(
+                "database.acquire_timeout",
+                "must be longer than 0s".to_owned(),
             );
         }
         if let Some(url) = &self.database.url {
@@ -448,23 +458,33 @@ impl Config {
         if let Some(endpoint) = &self.telemetry.otlp_endpoint
             && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
         {
-            push("telemetry.otlp_endpoint", format!("must be an http:// or https:// URL, got {endpoint:?}"),
+            push(
+                "telemetry.otlp_endpoint",
+                format!("must be an http:// or https:// URL, got {endpoint:?}"),
             );
         }
         if let Some(url) = &self.redis.url {
             let url = url.expose_secret();
             if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                push("redis.url", "must start with redis:// or rediss://".to_owned());
+                push(
+                    "redis.url",
+                    "must start with redis:// or rediss://".to_owned(),
+                );
             }
         }
         if self.cache.max_entry_bytes > self.cache.max_bytes {
-            push("cache.max_entry_bytes", "must not exceed cache.max_bytes".to_owned());
+            push(
+                "cache.max_entry_bytes",
+                "must not exceed cache.max_bytes".to_owned(),
+            );
         }
         if self.telemetry.service_name.trim().is_empty() {
             push("telemetry.service_name", "must not be empty".to_owned());
         }
         if self.telemetry.log_level.trim().is_empty() {
-            push("telemetry.log_level", "must not be empty; e.g. \"info\"".to_owned(),
+            push(
+                "telemetry.log_level",
+                "must not be empty; e.g. \"info\"".to_owned(),
             );
         }
         out

@@ -196,10 +196,20 @@ impl ModelRoute {
             if let Some(url) = &t.base_url
                 && !(url.starts_with("http://") || url.starts_with("https://"))
             {
-                out.push((key("base_url"), format!("must be an http:// or https:// URL, got {url:?}")));
+                out.push((
+                    key("base_url"),
+                    format!("must be an http:// or https:// URL, got {url:?}"),
+                ));
             }
-            if t.provider != ProviderKind::Mock && t.base_url.is_none() && t.provider == ProviderKind::Openai && t.api_key_env.is_none() {
-                out.push((key("base_url"), "set base_url (or api_key_env for api.openai.com)".to_owned()));
+            if t.provider != ProviderKind::Mock
+                && t.base_url.is_none()
+                && t.provider == ProviderKind::Openai
+                && t.api_key_env.is_none()
+            {
+                out.push((
+                    key("base_url"),
+                    "set base_url (or api_key_env for api.openai.com)".to_owned(),
+                ));
             }
             for (name, d) in [
                 ("connect_timeout", t.connect_timeout),
@@ -211,7 +221,10 @@ impl ModelRoute {
                 }
             }
             if !(t.input_price_per_mtok >= 0.0 && t.output_price_per_mtok >= 0.0) {
-                out.push((key("input_price_per_mtok"), "prices must be 0 or more".to_owned()));
+                out.push((
+                    key("input_price_per_mtok"),
+                    "prices must be 0 or more".to_owned(),
+                ));
             }
             if t.max_concurrency == 0 {
                 out.push((key("max_concurrency"), "must be at least 1".to_owned()));
@@ -221,13 +234,22 @@ impl ModelRoute {
             }
         }
         if self.retry.max_attempts == 0 {
-            out.push(("retry.max_attempts".to_owned(), "must be at least 1".to_owned()));
+            out.push((
+                "retry.max_attempts".to_owned(),
+                "must be at least 1".to_owned(),
+            ));
         }
         if self.breaker.failure_threshold == 0 {
-            out.push(("breaker.failure_threshold".to_owned(), "must be at least 1".to_owned()));
+            out.push((
+                "breaker.failure_threshold".to_owned(),
+                "must be at least 1".to_owned(),
+            ));
         }
         if !(0.0..=1.0).contains(&self.breaker.failure_ratio) {
-            out.push(("breaker.failure_ratio".to_owned(), "must be between 0 and 1".to_owned()));
+            out.push((
+                "breaker.failure_ratio".to_owned(),
+                "must be between 0 and 1".to_owned(),
+            ));
         }
         if self.timeout.is_zero() {
             out.push(("timeout".to_owned(), "must be longer than 0s".to_owned()));

@@ -71,7 +71,9 @@ impl Breaker {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding this lock cannot leave the state inconsistent (every
         // update is a few assignments), so a poisoned lock is still usable.
-        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The current state.
@@ -85,7 +87,9 @@ impl Breaker {
         match inner.state {
             State::Closed => true,
             State::Open => {
-                let cooled = inner.opened_at.is_none_or(|t| t.elapsed() >= self.config.cooldown);
+                let cooled = inner
+                    .opened_at
+                    .is_none_or(|t| t.elapsed() >= self.config.cooldown);
                 if cooled {
                     inner.state = State::HalfOpen;
                     inner.probing = true;
@@ -122,12 +126,16 @@ impl Breaker {
         inner.probing = false;
         inner.consecutive = inner.consecutive.saturating_add(1);
         self.push(&mut inner, false);
-        let window_full = self.config.window > 0 && inner.window.len() >= self.config.window as usize;
+        let window_full =
+            self.config.window > 0 && inner.window.len() >= self.config.window as usize;
         let failures = inner.window.iter().filter(|ok| !**ok).count();
         let ratio_tripped = self.config.failure_ratio > 0.0
             && window_full
             && failures as f64 / inner.window.len() as f64 >= self.config.failure_ratio;
-        if inner.state == State::HalfOpen || inner.consecutive >= self.config.failure_threshold || ratio_tripped {
+        if inner.state == State::HalfOpen
+            || inner.consecutive >= self.config.failure_threshold
+            || ratio_tripped
+        {
             inner.state = State::Open;
             inner.opened_at = Some(Instant::now());
         }
@@ -200,7 +208,11 @@ mod tests {
         b.record_failure();
         assert_eq!(b.state(), State::Closed, "window not yet full");
         b.record_success();
-        assert_eq!(b.state(), State::Closed, "the ratio is checked on failures only");
+        assert_eq!(
+            b.state(),
+            State::Closed,
+            "the ratio is checked on failures only"
+        );
         assert_eq!(b.record_failure(), State::Open, "half of the last 4 failed");
     }
 }

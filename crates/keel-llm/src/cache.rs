@@ -114,7 +114,9 @@ impl Memory {
     fn lock(&self) -> std::sync::MutexGuard<'_, Lru> {
         // Every update leaves the maps consistent before it can panic, so a poisoned
         // lock is still usable.
-        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The cached answer, if present and fresh; marks it recently used.
@@ -146,11 +148,21 @@ impl Memory {
         lru.remove(&key);
         lru.tick += 1;
         let tick = lru.tick;
-        lru.map.insert(key, Slot { value: Arc::new(value), size, expires: Instant::now() + self.ttl, tick });
+        lru.map.insert(
+            key,
+            Slot {
+                value: Arc::new(value),
+                size,
+                expires: Instant::now() + self.ttl,
+                tick,
+            },
+        );
         lru.order.insert(tick, key);
         lru.bytes += size;
         while lru.bytes > self.max_bytes {
-            let Some((_, oldest)) = lru.order.pop_first() else { break };
+            let Some((_, oldest)) = lru.order.pop_first() else {
+                break;
+            };
             if let Some(slot) = lru.map.remove(&oldest) {
                 lru.bytes -= slot.size;
             }
@@ -215,8 +227,15 @@ mod tests {
     fn keys_depend_on_workspace_content_and_stream_but_not_field_order() {
         let a = request("hi", Some(0.0));
         assert_eq!(Key::new("ws1", &a), Key::new("ws1", &a.clone()));
-        assert_ne!(Key::new("ws1", &a), Key::new("ws2", &a), "workspaces never share entries");
-        assert_ne!(Key::new("ws1", &a), Key::new("ws1", &request("hello", Some(0.0))));
+        assert_ne!(
+            Key::new("ws1", &a),
+            Key::new("ws2", &a),
+            "workspaces never share entries"
+        );
+        assert_ne!(
+            Key::new("ws1", &a),
+            Key::new("ws1", &request("hello", Some(0.0)))
+        );
         let mut streamed = a.clone();
         streamed.stream = Some(true);
         assert_ne!(Key::new("ws1", &a), Key::new("ws1", &streamed));
@@ -232,7 +251,10 @@ mod tests {
     #[test]
     fn only_deterministic_requests_qualify() {
         assert!(is_deterministic(&request("x", Some(0.0))));
-        assert!(!is_deterministic(&request("x", None)), "OpenAI's default temperature is 1");
+        assert!(
+            !is_deterministic(&request("x", None)),
+            "OpenAI's default temperature is 1"
+        );
         assert!(!is_deterministic(&request("x", Some(0.7))));
         let mut n2 = request("x", Some(0.0));
         n2.extra.insert("n".into(), json!(2));
@@ -253,7 +275,10 @@ mod tests {
         for key in ["a", "c", "d"] {
             assert!(cache.get(&k(key)).is_some(), "{key} kept");
         }
-        assert!(!cache.put(k("big"), answer("big"), 201), "over max_entry_bytes");
+        assert!(
+            !cache.put(k("big"), answer("big"), 201),
+            "over max_entry_bytes"
+        );
         assert_eq!(cache.len(), 3);
     }
 

@@ -105,19 +105,28 @@ impl Router {
         for (name, config) in routes {
             let mut targets = Vec::with_capacity(config.targets.len());
             for (index, target) in config.targets.iter().enumerate() {
-                let err = |message: String| BuildError { route: name.clone(), index, message };
+                let err = |message: String| BuildError {
+                    route: name.clone(),
+                    index,
+                    message,
+                };
                 let api_key = match &target.api_key_env {
-                    Some(var) => Some(env(var).ok_or_else(|| err(format!("environment variable {var} is not set")))?),
+                    Some(var) => Some(
+                        env(var)
+                            .ok_or_else(|| err(format!("environment variable {var} is not set")))?,
+                    ),
                     None => None,
                 };
                 let provider: Arc<dyn Provider> = match target.provider {
-                    ProviderKind::Openai => {
-                        Arc::new(providers::openai::OpenAi::new(target, api_key).map_err(|e| err(e.message))?)
-                    }
+                    ProviderKind::Openai => Arc::new(
+                        providers::openai::OpenAi::new(target, api_key)
+                            .map_err(|e| err(e.message))?,
+                    ),
                     ProviderKind::Mock => Arc::new(providers::mock::Mock),
-                    ProviderKind::Anthropic => {
-                        return Err(err("the anthropic provider is not available yet; use an OpenAI-compatible endpoint".to_owned()));
-                    }
+                    ProviderKind::Anthropic => Arc::new(
+                        providers::anthropic::Anthropic::new(target, api_key)
+                            .map_err(|e| err(e.message))?,
+                    ),
                 };
                 let host = target
                     .base_url
@@ -132,18 +141,34 @@ impl Router {
                     ProviderKind::Mock => "mock",
                 };
                 targets.push(TargetState {
-                    label: format!("{kind}/{}{host}", if target.model.is_empty() { "echo" } else { &target.model }),
+                    label: format!(
+                        "{kind}/{}{host}",
+                        if target.model.is_empty() {
+                            "echo"
+                        } else {
+                            &target.model
+                        }
+                    ),
                     provider_kind: target.provider,
                     model: target.model.clone(),
                     input_price_per_mtok: target.input_price_per_mtok,
                     output_price_per_mtok: target.output_price_per_mtok,
                     provider,
                     breaker: Breaker::new(config.breaker.clone()),
-                    permits: Arc::new(Semaphore::new(usize::try_from(target.max_concurrency).unwrap_or(usize::MAX))),
+                    permits: Arc::new(Semaphore::new(
+                        usize::try_from(target.max_concurrency).unwrap_or(usize::MAX),
+                    )),
                     weight: target.weight,
                 });
             }
-            table.insert(name.clone(), Route { name: name.clone(), config: config.clone(), targets });
+            table.insert(
+                name.clone(),
+                Route {
+                    name: name.clone(),
+                    config: config.clone(),
+                    targets,
+                },
+            );
         }
         Ok(Self { routes: table })
     }
@@ -210,7 +235,9 @@ impl Router {
 
 /// Full jitter: a uniform delay in [0, min(max, base·2^attempt)].
 fn backoff(retry: &keel_core::config::Retry, attempt: u32) -> Duration {
-    let exp = retry.base_delay.saturating_mul(1u32.checked_shl(attempt.min(16)).unwrap_or(u32::MAX));
+    let exp = retry
+        .base_delay
+        .saturating_mul(1u32.checked_shl(attempt.min(16)).unwrap_or(u32::MAX));
     let cap = exp.min(retry.max_delay);
     cap.mul_f64(fastrand::f64())
 }
@@ -242,7 +269,10 @@ fn order(route: &Route) -> Vec<&TargetState> {
     targets
 }
 
-async fn run<'r, T, F, Fut>(route: &'r Route, mut call: F) -> Result<(T, OwnedSemaphorePermit, Served)>
+async fn run<'r, T, F, Fut>(
+    route: &'r Route,
+    mut call: F,
+) -> Result<(T, OwnedSemaphorePermit, Served)>
 where
     F: FnMut(&'r TargetState) -> Fut,
     Fut: Future<Output = std::result::Result<T, ProviderError>>,
@@ -261,11 +291,17 @@ where
             tracing::warn!(event_type = "llm.provider.fallback", route = %route.name, from = %from, to = %target.label, "falling back");
         }
         if !target.breaker.allow() {
-            failures.push((target.label.clone(), ProviderError::new(ErrorKind::Unavailable, "circuit breaker open")));
+            failures.push((
+                target.label.clone(),
+                ProviderError::new(ErrorKind::Unavailable, "circuit breaker open"),
+            ));
             continue;
         }
         let Ok(permit) = target.permits.clone().try_acquire_owned() else {
-            failures.push((target.label.clone(), ProviderError::new(ErrorKind::Unavailable, "max_concurrency reached")));
+            failures.push((
+                target.label.clone(),
+                ProviderError::new(ErrorKind::Unavailable, "max_concurrency reached"),
+            ));
             continue;
         };
         let mut last: Option<ProviderError> = None;
@@ -277,7 +313,10 @@ where
             attempts += 1;
             let result = match tokio::time::timeout(remaining, call(target)).await {
                 Ok(result) => result,
-                Err(_) => Err(ProviderError::new(ErrorKind::Timeout, format!("route timeout of {:?} reached", route.config.timeout))),
+                Err(_) => Err(ProviderError::new(
+                    ErrorKind::Timeout,
+                    format!("route timeout of {:?} reached", route.config.timeout),
+                )),
             };
             match result {
                 Ok(value) => {
@@ -295,7 +334,13 @@ where
                     return Ok((value, permit, served));
                 }
                 Err(e) => {
-                    let state = target.breaker.record_failure();
+                    // A caller's mistake (upstream 4xx) says nothing about the target's
+                    // health: it is not a breaker failure.
+                    let state = if e.kind.is_retryable() {
+                        target.breaker.record_failure()
+                    } else {
+                        target.breaker.record_success()
+                    };
                     breaker_gauge(route, target, state);
                     metrics::counter!("keel_llm_provider_errors_total", "route" => route.name.clone(), "target" => target.label.clone(), "kind" => e.kind.as_str()).increment(1);
                     tracing::warn!(event_type = "llm.provider.error", route = %route.name, target = %target.label,
@@ -311,7 +356,9 @@ where
                     let more = attempt + 1 < retry.max_attempts && state != breaker::State::Open;
                     last = Some(e);
                     match wait {
-                        Some(wait) if more && Instant::now() + wait < deadline => tokio::time::sleep(wait).await,
+                        Some(wait) if more && Instant::now() + wait < deadline => {
+                            tokio::time::sleep(wait).await
+                        }
                         _ => break,
                     }
                 }
@@ -321,7 +368,11 @@ where
             failures.push((target.label.clone(), e));
         }
     }
-    if !failures.is_empty() && failures.iter().all(|(_, e)| e.kind == ErrorKind::InvalidResponse) {
+    if !failures.is_empty()
+        && failures
+            .iter()
+            .all(|(_, e)| e.kind == ErrorKind::InvalidResponse)
+    {
         let (_, last) = failures.swap_remove(failures.len() - 1);
         return Err(Error::InvalidResponse(last));
     }

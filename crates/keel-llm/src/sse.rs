@@ -47,7 +47,10 @@ impl Reader {
             self.buf.advance(end + 1);
             if line.is_empty() {
                 if let Some(data) = self.data.take() {
-                    return Some(Event { name: self.name.take(), data });
+                    return Some(Event {
+                        name: self.name.take(),
+                        data,
+                    });
                 }
                 self.name = None;
                 continue;

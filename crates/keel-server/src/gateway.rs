@@ -20,7 +20,10 @@ pub enum Default {
 }
 
 /// The routing table for `config`, reading API keys through `env`.
-pub fn router(config: &Config, env: &dyn Fn(&str) -> Option<String>) -> Result<(Router, Default), keel_llm::router::BuildError> {
+pub fn router(
+    config: &Config,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(Router, Default), keel_llm::router::BuildError> {
     if !config.models.is_empty() {
         return Ok((Router::new(&config.models, env)?, Default::Configured));
     }
@@ -39,7 +42,10 @@ pub fn router(config: &Config, env: &dyn Fn(&str) -> Option<String>) -> Result<(
         weight: 1,
     };
     let (chosen, kind) = if env("OPENAI_API_KEY").is_some() {
-        (target(ProviderKind::Openai, "gpt-4o-mini", Some("OPENAI_API_KEY")), Default::OpenAi)
+        (
+            target(ProviderKind::Openai, "gpt-4o-mini", Some("OPENAI_API_KEY")),
+            Default::OpenAi,
+        )
     } else {
         (target(ProviderKind::Mock, "", None), Default::EchoMock)
     };
@@ -58,6 +64,11 @@ pub fn router(config: &Config, env: &dyn Fn(&str) -> Option<String>) -> Result<(
 #[must_use]
 pub fn cache(config: &Config) -> Option<std::sync::Arc<keel_llm::cache::ResponseCache>> {
     let c = &config.cache;
-    c.enabled
-        .then(|| std::sync::Arc::new(keel_llm::cache::ResponseCache::in_memory(c.ttl, c.max_bytes, c.max_entry_bytes)))
+    c.enabled.then(|| {
+        std::sync::Arc::new(keel_llm::cache::ResponseCache::in_memory(
+            c.ttl,
+            c.max_bytes,
+            c.max_entry_bytes,
+        ))
+    })
 }

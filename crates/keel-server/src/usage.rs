@@ -97,7 +97,8 @@ async fn write(store: &dyn Store, batch: &mut Vec<UsageRecord>) {
         match store.insert_usage(batch).await {
             Ok(()) => {
                 metrics::histogram!("keel_usage_batch_size").record(batch.len() as f64);
-                metrics::histogram!("keel_usage_write_duration_seconds").record(started.elapsed().as_secs_f64());
+                metrics::histogram!("keel_usage_write_duration_seconds")
+                    .record(started.elapsed().as_secs_f64());
                 batch.clear();
                 return;
             }
@@ -117,10 +118,20 @@ async fn write(store: &dyn Store, batch: &mut Vec<UsageRecord>) {
 
 /// Cost in nano-USD of `tokens` at `price_per_mtok` USD per million tokens.
 #[must_use]
-pub fn cost_nanousd(input_tokens: u64, output_tokens: u64, input_price_per_mtok: f64, output_price_per_mtok: f64) -> u64 {
+pub fn cost_nanousd(
+    input_tokens: u64,
+    output_tokens: u64,
+    input_price_per_mtok: f64,
+    output_price_per_mtok: f64,
+) -> u64 {
     // USD per token = price / 1e6; nano-USD per token = price * 1e3.
-    let cost = input_tokens as f64 * input_price_per_mtok * 1e3 + output_tokens as f64 * output_price_per_mtok * 1e3;
-    if cost.is_finite() && cost > 0.0 { cost.round() as u64 } else { 0 }
+    let cost = input_tokens as f64 * input_price_per_mtok * 1e3
+        + output_tokens as f64 * output_price_per_mtok * 1e3;
+    if cost.is_finite() && cost > 0.0 {
+        cost.round() as u64
+    } else {
+        0
+    }
 }
 
 #[cfg(test)]
@@ -131,7 +142,11 @@ mod tests {
     fn cost_arithmetic_is_exact_to_the_nano_dollar() {
         // 1,000 input tokens at $0.15/M = $0.00015; 500 output at $0.60/M = $0.0003.
         assert_eq!(cost_nanousd(1_000, 500, 0.15, 0.60), 150_000 + 300_000);
-        assert_eq!(cost_nanousd(1_000_000, 0, 2.5, 10.0), 2_500_000_000, "a million tokens cost the list price");
+        assert_eq!(
+            cost_nanousd(1_000_000, 0, 2.5, 10.0),
+            2_500_000_000,
+            "a million tokens cost the list price"
+        );
         assert_eq!(cost_nanousd(7, 3, 0.0, 0.0), 0);
         assert_eq!(cost_nanousd(1, 1, f64::NAN, 1.0), 0);
     }

@@ -27,10 +27,10 @@ mod error;
 mod migrate;
 pub mod postgres;
 mod sql;
-pub mod usage;
 pub mod sqlite;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod usage;
 
 pub use error::{Error, Result};
 pub use migrate::SchemaState;

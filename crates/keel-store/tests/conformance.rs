@@ -276,7 +276,13 @@ async fn duplicate_key_hashes_conflict(f: &Fixture) {
     assert!(matches!(err, Error::Conflict { what: "API key" }), "{err}");
 }
 
-fn usage(ws: WorkspaceId, key: Option<ApiKeyId>, route: &str, model: &str, at: time::OffsetDateTime) -> UsageRecord {
+fn usage(
+    ws: WorkspaceId,
+    key: Option<ApiKeyId>,
+    route: &str,
+    model: &str,
+    at: time::OffsetDateTime,
+) -> UsageRecord {
     UsageRecord {
         workspace_id: ws,
         api_key_id: key,
@@ -317,39 +323,93 @@ async fn usage_is_summed_by_each_grouping_within_the_window(f: &Fixture) {
         hit,
         failed,
         usage(other.id, None, "default", "gpt-x", day1),
-        usage(ws.id, None, "default", "gpt-x", datetime!(2026-11-25 00:00:00 UTC)),
+        usage(
+            ws.id,
+            None,
+            "default",
+            "gpt-x",
+            datetime!(2026-11-25 00:00:00 UTC),
+        ),
     ];
     f.store.insert_usage(&records).await.unwrap();
 
     let from = datetime!(2026-11-20 00:00:00 UTC);
     let to = datetime!(2026-11-22 00:00:00 UTC);
-    let by_route = f.store.usage_summary(ws.id, from, to, GroupBy::Route).await.unwrap();
+    let by_route = f
+        .store
+        .usage_summary(ws.id, from, to, GroupBy::Route)
+        .await
+        .unwrap();
     assert_eq!(by_route.len(), 2, "{by_route:?}");
     assert_eq!(
         by_route[0],
-        UsageRow { group: "default".into(), requests: 2, input_tokens: 20, output_tokens: 10, cost_nanousd: 3_000, cache_hits: 0, errors: 0 }
+        UsageRow {
+            group: "default".into(),
+            requests: 2,
+            input_tokens: 20,
+            output_tokens: 10,
+            cost_nanousd: 3_000,
+            cache_hits: 0,
+            errors: 0
+        }
     );
     assert_eq!(
         by_route[1],
-        UsageRow { group: "fast".into(), requests: 2, input_tokens: 20, output_tokens: 5, cost_nanousd: 1_500, cache_hits: 1, errors: 1 }
+        UsageRow {
+            group: "fast".into(),
+            requests: 2,
+            input_tokens: 20,
+            output_tokens: 5,
+            cost_nanousd: 1_500,
+            cache_hits: 1,
+            errors: 1
+        }
     );
 
-    let by_day = f.store.usage_summary(ws.id, from, to, GroupBy::Day).await.unwrap();
-    let days: Vec<(&str, u64)> = by_day.iter().map(|r| (r.group.as_str(), r.requests)).collect();
+    let by_day = f
+        .store
+        .usage_summary(ws.id, from, to, GroupBy::Day)
+        .await
+        .unwrap();
+    let days: Vec<(&str, u64)> = by_day
+        .iter()
+        .map(|r| (r.group.as_str(), r.requests))
+        .collect();
     assert_eq!(days, vec![("2026-11-20", 1), ("2026-11-21", 3)]);
 
-    let by_key = f.store.usage_summary(ws.id, from, to, GroupBy::Key).await.unwrap();
-    let keys: Vec<(String, u64)> = by_key.iter().map(|r| (r.group.clone(), r.requests)).collect();
+    let by_key = f
+        .store
+        .usage_summary(ws.id, from, to, GroupBy::Key)
+        .await
+        .unwrap();
+    let keys: Vec<(String, u64)> = by_key
+        .iter()
+        .map(|r| (r.group.clone(), r.requests))
+        .collect();
     let mut expected = vec![(key.id.to_string(), 3), ("-".to_owned(), 1)];
     expected.sort();
     let mut keys_sorted = keys.clone();
     keys_sorted.sort();
     assert_eq!(keys_sorted, expected);
 
-    let by_model = f.store.usage_summary(ws.id, from, to, GroupBy::Model).await.unwrap();
-    assert_eq!(by_model.iter().map(|r| r.group.as_str()).collect::<Vec<_>>(), vec!["gpt-x", "mini"]);
+    let by_model = f
+        .store
+        .usage_summary(ws.id, from, to, GroupBy::Model)
+        .await
+        .unwrap();
+    assert_eq!(
+        by_model
+            .iter()
+            .map(|r| r.group.as_str())
+            .collect::<Vec<_>>(),
+        vec!["gpt-x", "mini"]
+    );
 
-    let theirs = f.store.usage_summary(other.id, from, to, GroupBy::Route).await.unwrap();
+    let theirs = f
+        .store
+        .usage_summary(other.id, from, to, GroupBy::Route)
+        .await
+        .unwrap();
     assert_eq!(theirs.len(), 1, "another workspace sees only its own");
     assert_eq!(theirs[0].requests, 1);
 }
@@ -357,11 +417,18 @@ async fn usage_is_summed_by_each_grouping_within_the_window(f: &Fixture) {
 async fn usage_batches_larger_than_one_statement_are_stored_whole(f: &Fixture) {
     let ws = f.store.create_workspace(&name("bulk")).await.unwrap();
     let at = time::OffsetDateTime::now_utc();
-    let records: Vec<UsageRecord> = (0..1_234).map(|_| usage(ws.id, None, "r", "m", at)).collect();
+    let records: Vec<UsageRecord> = (0..1_234)
+        .map(|_| usage(ws.id, None, "r", "m", at))
+        .collect();
     f.store.insert_usage(&records).await.unwrap();
     let rows = f
         .store
-        .usage_summary(ws.id, at - time::Duration::hours(1), at + time::Duration::hours(1), GroupBy::Route)
+        .usage_summary(
+            ws.id,
+            at - time::Duration::hours(1),
+            at + time::Duration::hours(1),
+            GroupBy::Route,
+        )
         .await
         .unwrap();
     assert_eq!(rows[0].requests, 1_234);

@@ -3,6 +3,8 @@
 //! It parses flags, builds the config from its layers, and hands off to the library
 //! crates; no domain logic lives here.
 
+mod bench;
+
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -96,9 +98,33 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         latency_ms: u64,
     },
+    /// Benchmarks, run against real processes on this machine.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Print the version and the schema version this binary expects.
     #[command(after_help = "Example:\n  keel version")]
     Version,
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Gateway overhead: added latency vs. a zero-latency mock at a constant rate (open
+    /// loop), the cache-hit path, peak RSS, and maximum throughput.
+    #[command(after_help = "Example:\n  keel bench gateway --rate 2000 --duration 10s")]
+    Gateway {
+        /// Requests per second for the open-loop scenarios.
+        #[arg(long, default_value_t = 2000)]
+        rate: u32,
+        /// Measured time per scenario.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Warm-up before each open-loop scenario.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        warmup: Duration,
+        /// Concurrent clients for the throughput scenarios.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -212,9 +238,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             serve(config).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::MockLlm { port, host, script, latency_ms } => {
+        Command::MockLlm {
+            port,
+            host,
+            script,
+            latency_ms,
+        } => {
             let script = match script {
-                Some(path) => keel_server::mock_llm::Script::load(&path).map_err(anyhow::Error::msg)?,
+                Some(path) => {
+                    keel_server::mock_llm::Script::load(&path).map_err(anyhow::Error::msg)?
+                }
                 None => keel_server::mock_llm::Script::default(),
             };
             let listener = tokio::net::TcpListener::bind((host, port))
@@ -222,12 +255,30 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("cannot listen on {host}:{port}"))?;
             let shutdown = CancellationToken::new();
             tokio::spawn(stop_on_signal(shutdown.clone()));
-            note(&format!("mock-llm listening on http://{}/v1", listener.local_addr()?));
+            note(&format!(
+                "mock-llm listening on http://{}/v1",
+                listener.local_addr()?
+            ));
             let options = keel_server::mock_llm::Options {
                 script,
                 latency: Duration::from_millis(latency_ms),
             };
             keel_server::mock_llm::serve(listener, options, shutdown).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Gateway {
+            rate,
+            duration,
+            warmup,
+            concurrency,
+        }) => {
+            bench::gateway(bench::Options {
+                rate,
+                duration,
+                warmup,
+                concurrency,
+            })
+            .await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrate => {
@@ -350,12 +401,15 @@ async fn serve_with_telemetry(config: Config, started: Instant) -> anyhow::Resul
     tokio::spawn(stop_on_signal(shutdown.clone()));
 
     let env = |name: &str| std::env::var(name).ok();
-    let (router, default) = keel_server::gateway::router(&config, &env).context("cannot build the model routes")?;
+    let (router, default) =
+        keel_server::gateway::router(&config, &env).context("cannot build the model routes")?;
     match default {
         keel_server::gateway::Default::EchoMock => tracing::warn!(
             "model `default` is the in-process echo mock, not a language model: configure [models] or set OPENAI_API_KEY"
         ),
-        keel_server::gateway::Default::OpenAi => tracing::info!("model `default` routes to OpenAI (OPENAI_API_KEY)"),
+        keel_server::gateway::Default::OpenAi => {
+            tracing::info!("model `default` routes to OpenAI (OPENAI_API_KEY)")
+        }
         keel_server::gateway::Default::Configured => {}
     }
     let config = Arc::new(config);

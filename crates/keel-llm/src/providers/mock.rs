@@ -16,8 +16,18 @@ pub struct Mock;
 /// The echo answer and its usage for a request (shared with `keel mock-llm`).
 #[must_use]
 pub fn echo(request: &ChatRequest) -> (String, Usage) {
-    let last = request.messages.iter().rev().find(|m| m.role == "user").map(Message::text).unwrap_or_default();
-    let prompt_tokens: u64 = request.messages.iter().map(|m| approx_tokens(&m.text())).sum();
+    let last = request
+        .messages
+        .iter()
+        .rev()
+        .find(|m| m.role == "user")
+        .map(Message::text)
+        .unwrap_or_default();
+    let prompt_tokens: u64 = request
+        .messages
+        .iter()
+        .map(|m| approx_tokens(&m.text()))
+        .sum();
     let completion_tokens = approx_tokens(&last);
     (
         last,
@@ -30,7 +40,9 @@ pub fn echo(request: &ChatRequest) -> (String, Usage) {
 }
 
 fn approx_tokens(text: &str) -> u64 {
-    u64::try_from(text.split_whitespace().count()).unwrap_or(u64::MAX).max(1)
+    u64::try_from(text.split_whitespace().count())
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 fn now() -> u64 {
@@ -70,21 +82,35 @@ impl Provider for Mock {
         let id = format!("chatcmpl-mock-{}", fastrand::u64(..));
         let created = now();
         let model = request.model.clone();
-        let include_usage = request.stream_options.as_ref().and_then(|o| o.include_usage) == Some(true);
-        let chunk = |delta: serde_json::Value, finish: Option<&str>, usage: Option<Usage>| ChatChunk {
-            id: id.clone(),
-            object: "chat.completion.chunk".to_owned(),
-            created,
-            model: model.clone(),
-            choices: if usage.is_some() {
-                Vec::new()
-            } else {
-                vec![ChunkChoice { index: 0, delta, finish_reason: finish.map(str::to_owned), extra: Map::new() }]
-            },
-            usage,
-            extra: Map::new(),
-        };
-        let mut chunks = vec![chunk(json!({"role": "assistant", "content": ""}), None, None)];
+        let include_usage = request
+            .stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            == Some(true);
+        let chunk =
+            |delta: serde_json::Value, finish: Option<&str>, usage: Option<Usage>| ChatChunk {
+                id: id.clone(),
+                object: "chat.completion.chunk".to_owned(),
+                created,
+                model: model.clone(),
+                choices: if usage.is_some() {
+                    Vec::new()
+                } else {
+                    vec![ChunkChoice {
+                        index: 0,
+                        delta,
+                        finish_reason: finish.map(str::to_owned),
+                        extra: Map::new(),
+                    }]
+                },
+                usage,
+                extra: Map::new(),
+            };
+        let mut chunks = vec![chunk(
+            json!({"role": "assistant", "content": ""}),
+            None,
+            None,
+        )];
         for word in text.split_inclusive(' ') {
             chunks.push(chunk(json!({"content": word}), None, None));
         }

@@ -1,5 +1,6 @@
 //! One file per provider, all behind [`crate::Provider`].
 
+pub mod anthropic;
 pub mod mock;
 pub mod openai;
 
@@ -8,7 +9,11 @@ use std::time::Duration;
 use crate::error::{ErrorKind, ProviderError};
 
 /// Classifies a non-success HTTP status from upstream.
-pub(crate) fn status_error(status: u16, retry_after: Option<Duration>, body: &str) -> ProviderError {
+pub(crate) fn status_error(
+    status: u16,
+    retry_after: Option<Duration>,
+    body: &str,
+) -> ProviderError {
     let kind = match status {
         429 => ErrorKind::RateLimit,
         408 => ErrorKind::Timeout,
@@ -29,12 +34,21 @@ pub(crate) fn status_error(status: u16, retry_after: Option<Duration>, body: &st
 
 /// Classifies a transport error.
 pub(crate) fn transport_error(e: &reqwest::Error) -> ProviderError {
-    let kind = if e.is_timeout() { ErrorKind::Timeout } else { ErrorKind::Connect };
+    let kind = if e.is_timeout() {
+        ErrorKind::Timeout
+    } else {
+        ErrorKind::Connect
+    };
     ProviderError::new(kind, format!("{e}"))
 }
 
 /// `Retry-After` in seconds (the HTTP-date form is rare from LLM APIs and is ignored).
 pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
-    value.trim().parse::<f64>().ok().filter(|s| s.is_finite() && *s >= 0.0).map(Duration::from_secs_f64)
+    value
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
 }

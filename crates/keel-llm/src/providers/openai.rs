@@ -14,7 +14,6 @@ use crate::sse;
 use crate::types::{ChatChunk, ChatRequest, ChatResponse};
 
 /// A target that speaks OpenAI Chat Completions.
-#[derive(Debug)]
 pub struct OpenAi {
     client: reqwest::Client,
     url: String,
@@ -25,10 +24,25 @@ pub struct OpenAi {
     total_timeout: Duration,
 }
 
+impl std::fmt::Debug for OpenAi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the API key.
+        f.debug_struct("OpenAi")
+            .field("url", &self.url)
+            .field("model", &self.model)
+            .field("api_key", &self.api_key.as_ref().map(|_| "[redacted]"))
+            .finish_non_exhaustive()
+    }
+}
+
 impl OpenAi {
     /// A provider for `target`, with its API key already read from the environment.
     pub fn new(target: &Target, api_key: Option<String>) -> Result<Self, ProviderError> {
-        let base = target.base_url.as_deref().unwrap_or("https://api.openai.com/v1").trim_end_matches('/');
+        let base = target
+            .base_url
+            .as_deref()
+            .unwrap_or("https://api.openai.com/v1")
+            .trim_end_matches('/');
         let url = match &target.api_version {
             Some(version) => format!("{base}/chat/completions?api-version={version}"),
             None => format!("{base}/chat/completions"),
@@ -38,7 +52,9 @@ impl OpenAi {
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)
             .build()
-            .map_err(|e| ProviderError::new(ErrorKind::Connect, format!("cannot build HTTP client: {e}")))?;
+            .map_err(|e| {
+                ProviderError::new(ErrorKind::Connect, format!("cannot build HTTP client: {e}"))
+            })?;
         Ok(Self {
             client,
             url,
@@ -51,9 +67,17 @@ impl OpenAi {
     }
 
     fn request(&self, body: &ChatRequest) -> reqwest::RequestBuilder {
-        let mut req = self.client.post(&self.url).timeout(self.total_timeout).json(body);
+        let mut req = self
+            .client
+            .post(&self.url)
+            .timeout(self.total_timeout)
+            .json(body);
         if let Some(key) = &self.api_key {
-            req = if self.azure { req.header("api-key", key) } else { req.bearer_auth(key) };
+            req = if self.azure {
+                req.header("api-key", key)
+            } else {
+                req.bearer_auth(key)
+            };
         }
         req
     }
@@ -66,7 +90,11 @@ impl OpenAi {
     }
 
     async fn send(&self, body: &ChatRequest) -> Result<reqwest::Response, ProviderError> {
-        let response = self.request(body).send().await.map_err(|e| transport_error(&e))?;
+        let response = self
+            .request(body)
+            .send()
+            .await
+            .map_err(|e| transport_error(&e))?;
         let status = response.status();
         if status.is_success() {
             return Ok(response);
@@ -85,7 +113,10 @@ impl Provider for OpenAi {
             let response = self.send(&body).await?;
             let bytes = response.bytes().await.map_err(|e| transport_error(&e))?;
             serde_json::from_slice::<ChatResponse>(&bytes).map_err(|e| {
-                ProviderError::new(ErrorKind::InvalidResponse, format!("upstream sent malformed JSON: {e}"))
+                ProviderError::new(
+                    ErrorKind::InvalidResponse,
+                    format!("upstream sent malformed JSON: {e}"),
+                )
             })
         };
         match tokio::time::timeout(self.first_token_timeout, call).await {
@@ -105,7 +136,10 @@ impl Provider for OpenAi {
             match chunks.next().await {
                 Some(Ok(first)) => Ok((first, chunks)),
                 Some(Err(e)) => Err(e),
-                None => Err(ProviderError::new(ErrorKind::InvalidResponse, "upstream stream ended before any chunk")),
+                None => Err(ProviderError::new(
+                    ErrorKind::InvalidResponse,
+                    "upstream stream ended before any chunk",
+                )),
             }
         };
         let (first, rest) = match tokio::time::timeout(self.first_token_timeout, first).await {
@@ -117,7 +151,9 @@ impl Provider for OpenAi {
                 ));
             }
         };
-        Ok(Box::pin(futures_util::stream::once(async { Ok(first) }).chain(rest)))
+        Ok(Box::pin(
+            futures_util::stream::once(async { Ok(first) }).chain(rest),
+        ))
     }
 }
 
@@ -125,33 +161,45 @@ impl Provider for OpenAi {
 /// connection that closes before it is a failure, not a short answer.
 fn chunk_stream(response: reqwest::Response) -> ChunkStream {
     let state = (response.bytes_stream(), sse::Reader::default(), false);
-    Box::pin(futures_util::stream::unfold(state, |(mut bytes, mut reader, mut done)| async move {
-        if done {
-            return None;
-        }
-        loop {
-            if let Some(event) = reader.next_event() {
-                if event.data == "[DONE]" {
-                    return None;
+    Box::pin(futures_util::stream::unfold(
+        state,
+        |(mut bytes, mut reader, mut done)| async move {
+            if done {
+                return None;
+            }
+            loop {
+                if let Some(event) = reader.next_event() {
+                    if event.data == "[DONE]" {
+                        return None;
+                    }
+                    let item = serde_json::from_str::<ChatChunk>(&event.data).map_err(|e| {
+                        done = true;
+                        ProviderError::new(
+                            ErrorKind::InvalidResponse,
+                            format!("upstream sent a malformed chunk: {e}"),
+                        )
+                    });
+                    return Some((item, (bytes, reader, done)));
                 }
-                let item = serde_json::from_str::<ChatChunk>(&event.data).map_err(|e| {
-                    done = true;
-                    ProviderError::new(ErrorKind::InvalidResponse, format!("upstream sent a malformed chunk: {e}"))
-                });
-                return Some((item, (bytes, reader, done)));
-            }
-            if reader.overflowed() {
-                let e = ProviderError::new(ErrorKind::InvalidResponse, "upstream event larger than 4 MiB");
-                return Some((Err(e), (bytes, reader, true)));
-            }
-            match bytes.next().await {
-                Some(Ok(chunk)) => reader.push(&chunk),
-                Some(Err(e)) => return Some((Err(transport_error(&e)), (bytes, reader, true))),
-                None => {
-                    let e = ProviderError::new(ErrorKind::Connect, "upstream closed the stream before [DONE]");
+                if reader.overflowed() {
+                    let e = ProviderError::new(
+                        ErrorKind::InvalidResponse,
+                        "upstream event larger than 4 MiB",
+                    );
                     return Some((Err(e), (bytes, reader, true)));
                 }
+                match bytes.next().await {
+                    Some(Ok(chunk)) => reader.push(&chunk),
+                    Some(Err(e)) => return Some((Err(transport_error(&e)), (bytes, reader, true))),
+                    None => {
+                        let e = ProviderError::new(
+                            ErrorKind::Connect,
+                            "upstream closed the stream before [DONE]",
+                        );
+                        return Some((Err(e), (bytes, reader, true)));
+                    }
+                }
             }
-        }
-    }))
+        },
+    ))
 }

@@ -13,14 +13,14 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt as _;
-use keel_core::config::ProviderKind;
 use keel_core::auth::Principal;
+use keel_core::config::ProviderKind;
 use keel_llm::cache::{Cached, Key};
 use keel_llm::router::Served;
 use keel_llm::types::{ChatRequest, Usage};
 use keel_store::UsageRecord;
-use time::OffsetDateTime;
 use serde_json::{Value, json};
+use time::OffsetDateTime;
 
 use crate::AppState;
 use crate::error::{ApiError, Problem};
@@ -34,8 +34,12 @@ impl From<keel_llm::Error> for ApiError {
                 "model {model:?} is not a configured route; available: {}",
                 available.join(", ")
             )),
-            E::Rejected(e) => ApiError::bad_request(format!("the provider rejected the request: {}", e.message)),
-            E::InvalidResponse(e) => ApiError::bad_gateway(format!("the provider's answer was invalid: {}", e.message)),
+            E::Rejected(e) => {
+                ApiError::bad_request(format!("the provider rejected the request: {}", e.message))
+            }
+            E::InvalidResponse(e) => {
+                ApiError::bad_gateway(format!("the provider's answer was invalid: {}", e.message))
+            }
             E::AllTargetsFailed(failures) => {
                 let list = failures
                     .iter()
@@ -68,21 +72,39 @@ pub(crate) async fn chat_completions(
     AppJson(mut request): AppJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
     if request.messages.is_empty() {
-        return Err(ApiError::bad_request("messages: must hold at least one message"));
+        return Err(ApiError::bad_request(
+            "messages: must hold at least one message",
+        ));
     }
     if let Some(bad) = request.messages.iter().position(|m| m.role.is_empty()) {
-        return Err(ApiError::bad_request(format!("messages[{bad}].role: must not be empty")));
+        return Err(ApiError::bad_request(format!(
+            "messages[{bad}].role: must not be empty"
+        )));
     }
     let started = Instant::now();
-    let client_wants_usage = request.stream_options.as_ref().and_then(|o| o.include_usage) == Some(true);
+    let client_wants_usage = request
+        .stream_options
+        .as_ref()
+        .and_then(|o| o.include_usage)
+        == Some(true);
     let cache_key = match state.cache() {
-        Some(_) if cacheable(&headers, &request) => Some(Key::new(&principal.workspace_id.to_string(), &request)),
+        Some(_) if cacheable(&headers, &request) => {
+            Some(Key::new(&principal.workspace_id.to_string(), &request))
+        }
         _ => None,
     };
     if let (Some(cache), Some(key)) = (state.cache(), &cache_key)
         && let Some(hit) = cache.get(key).await
     {
-        return Ok(serve_cached(&state, &principal, &request, &hit, client_wants_usage, started).await);
+        return Ok(serve_cached(
+            &state,
+            &principal,
+            &request,
+            &hit,
+            client_wants_usage,
+            started,
+        )
+        .await);
     }
     let router = state.router();
     if !request.is_stream() {
@@ -92,12 +114,16 @@ pub(crate) async fn chat_completions(
                     Some(usage) => (usage, false),
                     None => (estimate(&request, &response_text(&response)), true),
                 };
-                let record = Account::new(&state, &principal, &served, started).record(usage, estimated, None, "ok");
+                let record = Account::new(&state, &principal, &served, started)
+                    .record(usage, estimated, None, "ok");
                 state.usage().record(record).await;
                 if let (Some(cache), Some(key)) = (state.cache(), cache_key) {
                     cache.put(key, Cached::Whole(response.clone())).await;
                 }
-                Ok(with_cache_header(Json(response).into_response(), cache_key.map(|_| "miss")))
+                Ok(with_cache_header(
+                    Json(response).into_response(),
+                    cache_key.map(|_| "miss"),
+                ))
             }
             Err(e) => {
                 record_failure(&state, &principal, &request.model, &e, started).await;
@@ -108,7 +134,10 @@ pub(crate) async fn chat_completions(
 
     // Always ask upstream for usage, so accounting is exact; the usage chunk reaches the
     // client only if it asked for it.
-    request.stream_options.get_or_insert_with(Default::default).include_usage = Some(true);
+    request
+        .stream_options
+        .get_or_insert_with(Default::default)
+        .include_usage = Some(true);
     let (chunks, served) = match router.chat_stream(&request).await {
         Ok(ok) => ok,
         Err(e) => {
@@ -141,7 +170,12 @@ pub(crate) async fn chat_completions(
                 let (frame, finished) = match chunks.next().await {
                     Some(Ok(chunk)) => {
                         if let Some((_, kept, bytes)) = &mut keep {
-                            *bytes += chunk.choices.iter().map(|c| c.delta.to_string().len()).sum::<usize>() + 64;
+                            *bytes += chunk
+                                .choices
+                                .iter()
+                                .map(|c| c.delta.to_string().len())
+                                .sum::<usize>()
+                                + 64;
                             if *bytes <= MAX_KEPT_STREAM_BYTES {
                                 kept.push(chunk.clone());
                             } else {
@@ -155,7 +189,8 @@ pub(crate) async fn chat_completions(
                             }
                         }
                         for choice in &chunk.choices {
-                            if let Some(text) = choice.delta.get("content").and_then(Value::as_str) {
+                            if let Some(text) = choice.delta.get("content").and_then(Value::as_str)
+                            {
                                 account.streamed_text.push_str(text);
                             }
                         }
@@ -163,13 +198,22 @@ pub(crate) async fn chat_completions(
                             Ok(json) => (format!("data: {json}\n\n"), false),
                             Err(e) => {
                                 account.outcome = "internal";
-                                (error_frame("internal", &format!("cannot encode a chunk: {e}")), true)
+                                (
+                                    error_frame("internal", &format!("cannot encode a chunk: {e}")),
+                                    true,
+                                )
                             }
                         }
                     }
                     Some(Err(e)) => {
                         account.outcome = e.kind.as_str();
-                        (error_frame(e.kind.as_str(), &format!("the provider failed mid-stream: {}", e.kind)), true)
+                        (
+                            error_frame(
+                                e.kind.as_str(),
+                                &format!("the provider failed mid-stream: {}", e.kind),
+                            ),
+                            true,
+                        )
                     }
                     None => {
                         account.outcome = "ok";
@@ -179,23 +223,38 @@ pub(crate) async fn chat_completions(
                         ("data: [DONE]\n\n".to_owned(), true)
                     }
                 };
-                return Some((Ok::<_, Infallible>(Bytes::from(frame)), (chunks, account, finished, keep, cache)));
+                return Some((
+                    Ok::<_, Infallible>(Bytes::from(frame)),
+                    (chunks, account, finished, keep, cache),
+                ));
             }
         },
     );
-    Ok(with_cache_header(sse(Body::from_stream(frames)), cache_key.map(|_| "miss")))
+    Ok(with_cache_header(
+        sse(Body::from_stream(frames)),
+        cache_key.map(|_| "miss"),
+    ))
 }
 
 /// Streams kept for the cache are abandoned past this many bytes.
 const MAX_KEPT_STREAM_BYTES: usize = 1024 * 1024;
 
 fn sse(body: Body) -> Response {
-    ([(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")], body).into_response()
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 fn with_cache_header(mut response: Response, state: Option<&'static str>) -> Response {
     if let Some(state) = state {
-        response.headers_mut().insert("x-keel-cache", HeaderValue::from_static(state));
+        response
+            .headers_mut()
+            .insert("x-keel-cache", HeaderValue::from_static(state));
     }
     response
 }
@@ -208,8 +267,15 @@ fn cacheable(headers: &HeaderMap, request: &ChatRequest) -> bool {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|d| matches!(d.trim().to_ascii_lowercase().as_str(), "no-cache" | "no-store"));
-    let opted_in = headers.get("x-keel-cache").is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"on"));
+        .any(|d| {
+            matches!(
+                d.trim().to_ascii_lowercase().as_str(),
+                "no-cache" | "no-store"
+            )
+        });
+    let opted_in = headers
+        .get("x-keel-cache")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"on"));
     !refused && (opted_in || keel_llm::cache::is_deterministic(request))
 }
 
@@ -244,7 +310,9 @@ async fn serve_cached(
             cached_tokens: usage.prompt_tokens,
             cost_nanousd: 0,
             latency_ms: u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
-            ttft_ms: request.is_stream().then(|| u64::try_from(latency.as_millis()).unwrap_or(u64::MAX)),
+            ttft_ms: request
+                .is_stream()
+                .then(|| u64::try_from(latency.as_millis()).unwrap_or(u64::MAX)),
             cache_hit: true,
             estimated: false,
             outcome: "ok".to_owned(),
@@ -288,22 +356,62 @@ impl Account {
     }
 
     /// The usage record, with the request's metrics counted.
-    fn record(&self, usage: Usage, estimated: bool, ttft: Option<Duration>, outcome: &str) -> UsageRecord {
+    fn record(
+        &self,
+        usage: Usage,
+        estimated: bool,
+        ttft: Option<Duration>,
+        outcome: &str,
+    ) -> UsageRecord {
         let s = &self.served;
         let latency = self.started.elapsed();
-        let cost = crate::usage::cost_nanousd(usage.prompt_tokens, usage.completion_tokens, s.input_price_per_mtok, s.output_price_per_mtok);
+        let cost = crate::usage::cost_nanousd(
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            s.input_price_per_mtok,
+            s.output_price_per_mtok,
+        );
         let labels = [
             ("route", s.route.clone()),
             ("provider", s.provider.as_str().to_owned()),
             ("model", s.upstream_model.clone()),
         ];
-        metrics::counter!("keel_llm_requests_total", &[labels[0].clone(), labels[1].clone(), labels[2].clone(), ("outcome", outcome.to_owned())]).increment(1);
-        metrics::histogram!("keel_llm_request_duration_seconds", &labels).record(latency.as_secs_f64());
+        metrics::counter!(
+            "keel_llm_requests_total",
+            &[
+                labels[0].clone(),
+                labels[1].clone(),
+                labels[2].clone(),
+                ("outcome", outcome.to_owned())
+            ]
+        )
+        .increment(1);
+        metrics::histogram!("keel_llm_request_duration_seconds", &labels)
+            .record(latency.as_secs_f64());
         if let Some(ttft) = ttft {
-            metrics::histogram!("keel_llm_time_to_first_token_seconds", &labels).record(ttft.as_secs_f64());
+            metrics::histogram!("keel_llm_time_to_first_token_seconds", &labels)
+                .record(ttft.as_secs_f64());
         }
-        metrics::counter!("keel_llm_tokens_total", &[labels[0].clone(), labels[1].clone(), labels[2].clone(), ("kind", "input".to_owned())]).increment(usage.prompt_tokens);
-        metrics::counter!("keel_llm_tokens_total", &[labels[0].clone(), labels[1].clone(), labels[2].clone(), ("kind", "output".to_owned())]).increment(usage.completion_tokens);
+        metrics::counter!(
+            "keel_llm_tokens_total",
+            &[
+                labels[0].clone(),
+                labels[1].clone(),
+                labels[2].clone(),
+                ("kind", "input".to_owned())
+            ]
+        )
+        .increment(usage.prompt_tokens);
+        metrics::counter!(
+            "keel_llm_tokens_total",
+            &[
+                labels[0].clone(),
+                labels[1].clone(),
+                labels[2].clone(),
+                ("kind", "output".to_owned())
+            ]
+        )
+        .increment(usage.completion_tokens);
         metrics::counter!("keel_llm_cost_nanousd_total", &labels).increment(cost);
         UsageRecord {
             workspace_id: self.workspace_id,
@@ -350,16 +458,26 @@ impl Drop for StreamAccount {
                 (usage, true)
             }
         };
-        let record = self.account.record(usage, estimated, Some(self.ttft), self.outcome);
+        let record = self
+            .account
+            .record(usage, estimated, Some(self.ttft), self.outcome);
         self.account.recorder.record_now(record);
     }
 }
 
 /// A failed routed request: a usage row with no tokens and the error kind as outcome.
-async fn record_failure(state: &AppState, principal: &Principal, route: &str, e: &keel_llm::Error, started: Instant) {
+async fn record_failure(
+    state: &AppState,
+    principal: &Principal,
+    route: &str,
+    e: &keel_llm::Error,
+    started: Instant,
+) {
     let (target, outcome) = match e {
         keel_llm::Error::UnknownModel { .. } => return,
-        keel_llm::Error::Rejected(p) | keel_llm::Error::InvalidResponse(p) => ("-".to_owned(), p.kind.as_str()),
+        keel_llm::Error::Rejected(p) | keel_llm::Error::InvalidResponse(p) => {
+            ("-".to_owned(), p.kind.as_str())
+        }
         keel_llm::Error::AllTargetsFailed(failures) => match failures.last() {
             Some((target, p)) => (target.clone(), p.kind.as_str()),
             None => ("-".to_owned(), "unavailable"),
@@ -395,9 +513,17 @@ fn response_text(response: &keel_llm::types::ChatResponse) -> String {
 
 /// Token counts when the provider reported none (marked `estimated`).
 fn estimate(request: &ChatRequest, completion: &str) -> Usage {
-    let prompt: u64 = request.messages.iter().map(|m| approx_tokens(&m.text())).sum();
+    let prompt: u64 = request
+        .messages
+        .iter()
+        .map(|m| approx_tokens(&m.text()))
+        .sum();
     let completion = approx_tokens(completion);
-    Usage { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion }
+    Usage {
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        total_tokens: prompt + completion,
+    }
 }
 
 /// About four characters a token, the usual rule for English with GPT tokenizers.

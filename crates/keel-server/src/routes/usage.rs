@@ -1,10 +1,10 @@
 //! GET /v1/usage: the workspace's LLM usage and cost, summed and grouped, as JSON or CSV.
 
+use axum::Extension;
 use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use axum::Extension;
 use keel_core::auth::Principal;
 use keel_store::GroupBy;
 use serde::{Deserialize, Serialize};
@@ -63,8 +63,11 @@ pub(crate) struct UsageSummary {
 }
 
 fn parse_time(name: &str, value: &str) -> Result<OffsetDateTime, ApiError> {
-    OffsetDateTime::parse(value, &Rfc3339)
-        .map_err(|e| ApiError::bad_request(format!("{name}: expected an RFC 3339 time such as 2026-11-01T00:00:00Z ({e})")))
+    OffsetDateTime::parse(value, &Rfc3339).map_err(|e| {
+        ApiError::bad_request(format!(
+            "{name}: expected an RFC 3339 time such as 2026-11-01T00:00:00Z ({e})"
+        ))
+    })
 }
 
 /// Usage and cost of the caller's workspace, grouped by route, key, upstream model or
@@ -95,14 +98,25 @@ pub(crate) async fn usage(
         "key" => (GroupBy::Key, "key"),
         "model" => (GroupBy::Model, "model"),
         "day" => (GroupBy::Day, "day"),
-        other => return Err(ApiError::bad_request(format!("group_by: expected route, key, model or day, got {other:?}"))),
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "group_by: expected route, key, model or day, got {other:?}"
+            )));
+        }
     };
     let csv = match query.format.as_deref().unwrap_or("json") {
         "json" => false,
         "csv" => true,
-        other => return Err(ApiError::bad_request(format!("format: expected json or csv, got {other:?}"))),
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "format: expected json or csv, got {other:?}"
+            )));
+        }
     };
-    let rows = state.store().usage_summary(principal.workspace_id, from, to, group_by).await?;
+    let rows = state
+        .store()
+        .usage_summary(principal.workspace_id, from, to, group_by)
+        .await?;
     let data: Vec<UsageGroup> = rows
         .into_iter()
         .map(|r| UsageGroup {
@@ -117,7 +131,9 @@ pub(crate) async fn usage(
         })
         .collect();
     if csv {
-        let mut out = format!("{group_name},requests,input_tokens,output_tokens,cost_usd,cache_hits,errors\n");
+        let mut out = format!(
+            "{group_name},requests,input_tokens,output_tokens,cost_usd,cache_hits,errors\n"
+        );
         for g in &data {
             out.push_str(&format!(
                 "{},{},{},{},{:.9},{},{}\n",
@@ -133,12 +149,22 @@ pub(crate) async fn usage(
         return Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], out).into_response());
     }
     let fmt = |t: OffsetDateTime| t.format(&Rfc3339).unwrap_or_default();
-    Ok(Json(UsageSummary { from: fmt(from), to: fmt(to), group_by: group_name.to_owned(), data }).into_response())
+    Ok(Json(UsageSummary {
+        from: fmt(from),
+        to: fmt(to),
+        group_by: group_name.to_owned(),
+        data,
+    })
+    .into_response())
 }
 
 /// Quotes a CSV field when it needs it (RFC 4180), and defuses spreadsheet formulas.
 fn csv_field(value: &str) -> String {
-    let value = if value.starts_with(['=', '+', '-', '@']) && value != "-" { format!("'{value}") } else { value.to_owned() };
+    let value = if value.starts_with(['=', '+', '-', '@']) && value != "-" {
+        format!("'{value}")
+    } else {
+        value.to_owned()
+    };
     if value.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", value.replace('"', "\"\""))
     } else {

@@ -35,11 +35,22 @@ async fn harness_with(config: impl FnOnce(&mut Config)) -> Harness {
 }
 
 /// Server state over `store` and `cfg`, with the default model routes and a usage writer.
-pub fn state_for(store: Arc<dyn keel_store::Store>, cfg: Config, shutdown: CancellationToken) -> AppState {
+pub fn state_for(
+    store: Arc<dyn keel_store::Store>,
+    cfg: Config,
+    shutdown: CancellationToken,
+) -> AppState {
     let (router, _) = keel_server::gateway::router(&cfg, &|_| None).unwrap();
     let (usage, _writer) = keel_server::usage::start(store.clone());
     let cache = keel_server::gateway::cache(&cfg);
-    AppState::new(keel_server::Parts { store, config: Arc::new(cfg), router: Arc::new(router), usage, cache, shutdown })
+    AppState::new(keel_server::Parts {
+        store,
+        config: Arc::new(cfg),
+        router: Arc::new(router),
+        usage,
+        cache,
+        shutdown,
+    })
 }
 
 async fn harness() -> Harness {
@@ -112,7 +123,10 @@ fn assert_problem(
         body["request_id"].as_str().unwrap(),
         headers["x-request-id"].to_str().unwrap()
     );
-    assert_eq!(body["error"]["message"], body["detail"], "OpenAI-shaped error member: {body}");
+    assert_eq!(
+        body["error"]["message"], body["detail"],
+        "OpenAI-shaped error member: {body}"
+    );
 }
 
 #[tokio::test]

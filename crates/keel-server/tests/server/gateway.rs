@@ -31,7 +31,11 @@ struct Gateway {
 async fn start_mock() -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(keel_server::mock_llm::serve(listener, Default::default(), CancellationToken::new()));
+    tokio::spawn(keel_server::mock_llm::serve(
+        listener,
+        Default::default(),
+        CancellationToken::new(),
+    ));
     format!("http://{addr}")
 }
 
@@ -41,12 +45,21 @@ async fn gateway(models_toml: &str) -> Gateway {
     let mock = start_mock().await;
     let dir = tempfile::tempdir().unwrap();
     let text = models_toml.replace("MOCK", &format!("{mock}/v1"));
-    let mut cfg = Config::load(Sources { file: Some(("test.toml".into(), text)), ..Sources::default() }).unwrap();
+    let mut cfg = Config::load(Sources {
+        file: Some(("test.toml".into(), text)),
+        ..Sources::default()
+    })
+    .unwrap();
     cfg.data_dir = dir.path().to_owned();
     let store = keel_store::open(&cfg).await.unwrap();
     store.migrate().await.unwrap();
-    let ws = store.ensure_workspace(&WorkspaceName::parse("gw").unwrap()).await.unwrap();
-    let (token, _) = keel_server::auth::issue_key(store.as_ref(), ws.id, Role::Member, None).await.unwrap();
+    let ws = store
+        .ensure_workspace(&WorkspaceName::parse("gw").unwrap())
+        .await
+        .unwrap();
+    let (token, _) = keel_server::auth::issue_key(store.as_ref(), ws.id, Role::Member, None)
+        .await
+        .unwrap();
     let (router, _) = keel_server::gateway::router(&cfg, &|_| None).unwrap();
     let (usage, writer) = keel_server::usage::start(store.clone());
     let state = AppState::new(keel_server::Parts {
@@ -57,7 +70,14 @@ async fn gateway(models_toml: &str) -> Gateway {
         usage,
         shutdown: CancellationToken::new(),
     });
-    Gateway { app: app(state), key: token.expose().to_owned(), mock, store, writer: Some(writer), _dir: dir }
+    Gateway {
+        app: app(state),
+        key: token.expose().to_owned(),
+        mock,
+        store,
+        writer: Some(writer),
+        _dir: dir,
+    }
 }
 
 impl Gateway {
@@ -74,7 +94,12 @@ impl Gateway {
     }
 
     async fn calls(&self, model: &str) -> u64 {
-        let stats: Value = reqwest::get(format!("{}/_mock/stats", self.mock)).await.unwrap().json().await.unwrap();
+        let stats: Value = reqwest::get(format!("{}/_mock/stats", self.mock))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         stats["calls"][model].as_u64().unwrap_or(0)
     }
 
@@ -98,7 +123,9 @@ fn hello0(model: &str) -> Value {
 }
 
 fn target(model: &str) -> String {
-    format!("[[models.m.targets]]\nprovider = \"openai\"\nmodel = \"{model}\"\nbase_url = \"MOCK\"\n")
+    format!(
+        "[[models.m.targets]]\nprovider = \"openai\"\nmodel = \"{model}\"\nbase_url = \"MOCK\"\n"
+    )
 }
 
 fn route(retry: &str, targets: &[&str]) -> String {
@@ -115,7 +142,10 @@ async fn a_plain_completion_goes_through() {
     let (status, body) = g.chat(hello("m")).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(v["model"], "m", "the public route name, not the upstream one");
+    assert_eq!(
+        v["model"], "m",
+        "the public route name, not the upstream one"
+    );
     assert_eq!(v["choices"][0]["message"]["content"], "hello there");
     assert_eq!(v["usage"]["completion_tokens"], 2);
     assert_eq!(g.calls("echo-model").await, 1);
@@ -123,24 +153,42 @@ async fn a_plain_completion_goes_through() {
 
 #[tokio::test]
 async fn retry_after_is_honoured_then_the_route_falls_back() {
-    let g = gateway(&route("max_attempts = 2\nmax_retry_after = \"5s\"", &["fault/429?retry_after=1", "ok"])).await;
+    let g = gateway(&route(
+        "max_attempts = 2\nmax_retry_after = \"5s\"",
+        &["fault/429?retry_after=1", "ok"],
+    ))
+    .await;
     let started = Instant::now();
     let (status, body) = g.chat(hello("m")).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert!(started.elapsed() >= Duration::from_secs(1), "waited the Retry-After second");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "waited the Retry-After second"
+    );
     assert_eq!(g.calls("fault/429?retry_after=1").await, 2, "retried once");
     assert_eq!(g.calls("ok").await, 1, "then fell back");
     let metrics = g.metrics().await;
-    assert!(metrics.contains("keel_llm_fallbacks_total{route=\"m\""), "{metrics}");
+    assert!(
+        metrics.contains("keel_llm_fallbacks_total{route=\"m\""),
+        "{metrics}"
+    );
     assert!(metrics.contains("kind=\"rate_limit\""), "{metrics}");
 }
 
 #[tokio::test]
 async fn a_retry_after_past_the_cap_falls_back_at_once() {
-    let g = gateway(&route("max_attempts = 3\nmax_retry_after = \"2s\"", &["fault/429?retry_after=60", "ok"])).await;
+    let g = gateway(&route(
+        "max_attempts = 3\nmax_retry_after = \"2s\"",
+        &["fault/429?retry_after=60", "ok"],
+    ))
+    .await;
     let (status, _) = g.chat(hello("m")).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(g.calls("fault/429?retry_after=60").await, 1, "no 60 s wait, no retry");
+    assert_eq!(
+        g.calls("fault/429?retry_after=60").await,
+        1,
+        "no 60 s wait, no retry"
+    );
 }
 
 #[tokio::test]
@@ -155,20 +203,38 @@ async fn a_caller_error_from_upstream_is_not_retried_nor_fallen_back() {
 
 #[tokio::test]
 async fn server_errors_are_retried_with_backoff_then_fall_back_in_order() {
-    let g = gateway(&route("max_attempts = 2\nbase_delay = \"10ms\"", &["fault/500", "fault/503", "ok"])).await;
+    let g = gateway(&route(
+        "max_attempts = 2\nbase_delay = \"10ms\"",
+        &["fault/500", "fault/503", "ok"],
+    ))
+    .await;
     let (status, body) = g.chat(hello("m")).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!((g.calls("fault/500").await, g.calls("fault/503").await, g.calls("ok").await), (2, 2, 1));
+    assert_eq!(
+        (
+            g.calls("fault/500").await,
+            g.calls("fault/503").await,
+            g.calls("ok").await
+        ),
+        (2, 2, 1)
+    );
 }
 
 #[tokio::test]
 async fn when_every_target_fails_the_503_lists_each_ones_error() {
-    let g = gateway(&route("max_attempts = 1", &["fault/500", "fault/429?retry_after=0"])).await;
+    let g = gateway(&route(
+        "max_attempts = 1",
+        &["fault/500", "fault/429?retry_after=0"],
+    ))
+    .await;
     let (status, body) = g.chat(hello("m")).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     let problem: Value = serde_json::from_str(&body).unwrap();
     let detail = problem["detail"].as_str().unwrap();
-    assert!(detail.contains("openai/fault/500@") && detail.contains(": server"), "{detail}");
+    assert!(
+        detail.contains("openai/fault/500@") && detail.contains(": server"),
+        "{detail}"
+    );
     assert!(detail.contains(": rate_limit"), "{detail}");
 }
 
@@ -180,12 +246,24 @@ async fn the_breaker_opens_after_failures_and_recovers_after_a_probe() {
     );
     let g = gateway(&toml).await;
     for _ in 0..3 {
-        assert_eq!(g.chat(hello("m")).await.0, StatusCode::OK, "fell back while failing");
+        assert_eq!(
+            g.chat(hello("m")).await.0,
+            StatusCode::OK,
+            "fell back while failing"
+        );
     }
     assert_eq!(g.calls("flaky/500?fail=3").await, 3);
-    assert!(g.metrics().await.contains("target=\"openai/flaky/500?fail=3@"), "breaker gauge exported");
+    assert!(
+        g.metrics()
+            .await
+            .contains("target=\"openai/flaky/500?fail=3@"),
+        "breaker gauge exported"
+    );
     // The label carries this test's mock address, so other tests' gauges never match.
-    let label = format!("openai/flaky/500?fail=3@{}", g.mock.trim_start_matches("http://"));
+    let label = format!(
+        "openai/flaky/500?fail=3@{}",
+        g.mock.trim_start_matches("http://")
+    );
     let gauge = |m: &str| {
         m.lines()
             .find(|l| l.starts_with("keel_llm_breaker_state") && l.contains(&label))
@@ -194,20 +272,40 @@ async fn the_breaker_opens_after_failures_and_recovers_after_a_probe() {
     assert_eq!(gauge(&g.metrics().await).as_deref(), Some("2"), "open");
 
     assert_eq!(g.chat(hello("m")).await.0, StatusCode::OK);
-    assert_eq!(g.calls("flaky/500?fail=3").await, 3, "an open breaker sends nothing upstream");
+    assert_eq!(
+        g.calls("flaky/500?fail=3").await,
+        3,
+        "an open breaker sends nothing upstream"
+    );
 
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(g.chat(hello("m")).await.0, StatusCode::OK);
-    assert_eq!(g.calls("flaky/500?fail=3").await, 4, "one probe after the cooldown");
-    assert_eq!(gauge(&g.metrics().await).as_deref(), Some("0"), "closed again");
+    assert_eq!(
+        g.calls("flaky/500?fail=3").await,
+        4,
+        "one probe after the cooldown"
+    );
+    assert_eq!(
+        gauge(&g.metrics().await).as_deref(),
+        Some("0"),
+        "closed again"
+    );
     let ok_before = g.calls("ok").await;
     g.chat(hello("m")).await;
-    assert_eq!(g.calls("ok").await, ok_before, "traffic is back on the first target");
+    assert_eq!(
+        g.calls("ok").await,
+        ok_before,
+        "traffic is back on the first target"
+    );
 }
 
 #[tokio::test]
 async fn a_hanging_target_times_out_and_a_refused_one_is_skipped() {
-    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let toml = format!(
         "[models.m]\n[models.m.retry]\nmax_attempts = 1\n\
          [[models.m.targets]]\nprovider = \"openai\"\nmodel = \"refused\"\nbase_url = \"http://{closed}/v1\"\n\
@@ -237,7 +335,10 @@ async fn malformed_upstream_json_is_a_502() {
 
 /// Splits an SSE body into its `data` payloads.
 fn sse_data(body: &str) -> Vec<String> {
-    body.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).map(str::to_owned).collect()
+    body.split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .map(str::to_owned)
+        .collect()
 }
 
 #[tokio::test]
@@ -247,14 +348,28 @@ async fn streams_arrive_as_sse_and_end_with_done() {
     req["stream"] = json!(true);
     req["stream_options"] = json!({"include_usage": true});
     let (status, body) = g.chat(req).await;
-    assert_eq!(status, StatusCode::OK, "a stream that fails before its first byte falls back: {body}");
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "a stream that fails before its first byte falls back: {body}"
+    );
     let data = sse_data(&body);
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{body}");
-    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
-    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
     assert_eq!(text, "hello there");
     assert!(chunks.iter().all(|c| c["model"] == "m"));
-    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 2, "include_usage is passed through");
+    assert_eq!(
+        chunks.last().unwrap()["usage"]["completion_tokens"],
+        2,
+        "include_usage is passed through"
+    );
 }
 
 #[tokio::test]
@@ -292,11 +407,21 @@ async fn with_no_models_configured_default_is_a_plainly_labelled_echo() {
     let g = gateway("").await;
     let (status, body) = g.chat(hello("default")).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let req = Request::get("/v1/models").header(header::AUTHORIZATION, format!("Bearer {}", g.key)).body(Body::empty()).unwrap();
+    let req = Request::get("/v1/models")
+        .header(header::AUTHORIZATION, format!("Bearer {}", g.key))
+        .body(Body::empty())
+        .unwrap();
     let res = g.app.clone().oneshot(req).await.unwrap();
-    let models: Value = serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    let models: Value =
+        serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
     assert_eq!(models["data"][0]["id"], "default");
-    assert!(models["data"][0]["keel"]["note"].as_str().unwrap().contains("echo mock"), "{models}");
+    assert!(
+        models["data"][0]["keel"]["note"]
+            .as_str()
+            .unwrap()
+            .contains("echo mock"),
+        "{models}"
+    );
 }
 
 impl Gateway {
@@ -306,12 +431,23 @@ impl Gateway {
     }
 
     async fn get(&self, uri: &str) -> (StatusCode, String, String) {
-        let req = Request::get(uri).header(header::AUTHORIZATION, format!("Bearer {}", self.key)).body(Body::empty()).unwrap();
+        let req = Request::get(uri)
+            .header(header::AUTHORIZATION, format!("Bearer {}", self.key))
+            .body(Body::empty())
+            .unwrap();
         let res = self.app.clone().oneshot(req).await.unwrap();
         let status = res.status();
-        let content_type = res.headers().get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+        let content_type = res
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
         let bytes = res.into_body().collect().await.unwrap().to_bytes();
-        (status, content_type, String::from_utf8_lossy(&bytes).into_owned())
+        (
+            status,
+            content_type,
+            String::from_utf8_lossy(&bytes).into_owned(),
+        )
     }
 }
 
@@ -330,23 +466,53 @@ async fn every_routed_request_leaves_a_usage_row_with_its_cost() {
     streamed["stream"] = json!(true);
     let (status, body) = g.chat(streamed).await;
     assert_eq!(status, StatusCode::OK);
-    assert!(!body.contains("\"usage\""), "usage was not asked for, so not sent: {body}");
-    assert_eq!(g.chat(hello("broken")).await.0, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(g.chat(hello("nonexistent")).await.0, StatusCode::NOT_FOUND, "not routed, not recorded");
+    assert!(
+        !body.contains("\"usage\""),
+        "usage was not asked for, so not sent: {body}"
+    );
+    assert_eq!(
+        g.chat(hello("broken")).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        g.chat(hello("nonexistent")).await.0,
+        StatusCode::NOT_FOUND,
+        "not routed, not recorded"
+    );
     g.flush().await;
 
     let now = time::OffsetDateTime::now_utc();
-    let ws = g.store.workspace_by_name(&WorkspaceName::parse("gw").unwrap()).await.unwrap();
+    let ws = g
+        .store
+        .workspace_by_name(&WorkspaceName::parse("gw").unwrap())
+        .await
+        .unwrap();
     let rows = g
         .store
-        .usage_summary(ws.id, now - time::Duration::hours(1), now + time::Duration::hours(1), GroupBy::Route)
+        .usage_summary(
+            ws.id,
+            now - time::Duration::hours(1),
+            now + time::Duration::hours(1),
+            GroupBy::Route,
+        )
         .await
         .unwrap();
     assert_eq!(rows.len(), 2, "{rows:?}");
     let broken = &rows[0];
-    assert_eq!((broken.group.as_str(), broken.requests, broken.errors, broken.cost_nanousd), ("broken", 1, 1, 0));
+    assert_eq!(
+        (
+            broken.group.as_str(),
+            broken.requests,
+            broken.errors,
+            broken.cost_nanousd
+        ),
+        ("broken", 1, 1, 0)
+    );
     let priced = &rows[1];
-    assert_eq!((priced.group.as_str(), priced.requests, priced.errors), ("priced", 4, 0));
+    assert_eq!(
+        (priced.group.as_str(), priced.requests, priced.errors),
+        ("priced", 4, 0)
+    );
     // Each: 2 prompt tokens at $1/M + 2 completion tokens at $2/M = 6,000 nano-USD, exact
     // for the stream too, because Keel asked upstream for usage.
     assert_eq!((priced.input_tokens, priced.output_tokens), (8, 8));
@@ -355,36 +521,62 @@ async fn every_routed_request_leaves_a_usage_row_with_its_cost() {
     let (status, _, json) = g.get("/v1/usage?group_by=model").await;
     assert_eq!(status, StatusCode::OK, "{json}");
     let v: Value = serde_json::from_str(&json).unwrap();
-    let echo = v["data"].as_array().unwrap().iter().find(|r| r["group"] == "echo").unwrap();
+    let echo = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["group"] == "echo")
+        .unwrap();
     assert_eq!(echo["requests"], 4);
-    assert!((echo["cost_usd"].as_f64().unwrap() - 0.000024).abs() < 1e-12, "{echo}");
+    assert!(
+        (echo["cost_usd"].as_f64().unwrap() - 0.000024).abs() < 1e-12,
+        "{echo}"
+    );
 
     let (status, content_type, csv) = g.get("/v1/usage?group_by=route&format=csv").await;
     assert_eq!(status, StatusCode::OK);
     assert!(content_type.starts_with("text/csv"));
     let lines: Vec<&str> = csv.lines().collect();
-    assert_eq!(lines[0], "route,requests,input_tokens,output_tokens,cost_usd,cache_hits,errors");
+    assert_eq!(
+        lines[0],
+        "route,requests,input_tokens,output_tokens,cost_usd,cache_hits,errors"
+    );
     assert_eq!(lines[2], "priced,4,8,8,0.000024000,0,0");
 
     let (status, _, body) = g.get("/v1/usage?group_by=colour").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(body.contains("group_by: expected route, key, model or day"), "{body}");
+    assert!(
+        body.contains("group_by: expected route, key, model or day"),
+        "{body}"
+    );
     let (status, _, body) = g.get("/v1/usage?from=yesterday").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(body.contains("from: expected an RFC 3339 time"), "{body}");
 }
 
 impl Gateway {
-    async fn chat_with(&self, body: Value, headers: &[(&str, &str)]) -> (StatusCode, Option<String>, String) {
+    async fn chat_with(
+        &self,
+        body: Value,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Option<String>, String) {
         let mut req = Request::post("/v1/chat/completions")
             .header(header::AUTHORIZATION, format!("Bearer {}", self.key))
             .header(header::CONTENT_TYPE, "application/json");
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let res = self.app.clone().oneshot(req.body(Body::from(body.to_string())).unwrap()).await.unwrap();
+        let res = self
+            .app
+            .clone()
+            .oneshot(req.body(Body::from(body.to_string())).unwrap())
+            .await
+            .unwrap();
         let status = res.status();
-        let cache = res.headers().get("x-keel-cache").map(|v| v.to_str().unwrap().to_owned());
+        let cache = res
+            .headers()
+            .get("x-keel-cache")
+            .map(|v| v.to_str().unwrap().to_owned());
         let bytes = res.into_body().collect().await.unwrap().to_bytes();
         (status, cache, String::from_utf8_lossy(&bytes).into_owned())
     }
@@ -400,7 +592,9 @@ async fn deterministic_requests_are_cached_and_replayed_streams_included() {
     assert_eq!(first, second, "the same answer, byte for byte");
     assert_eq!(g.calls("cached").await, 1, "the hit never reached upstream");
 
-    let (_, cache, _) = g.chat_with(hello0("m"), &[("cache-control", "no-cache")]).await;
+    let (_, cache, _) = g
+        .chat_with(hello0("m"), &[("cache-control", "no-cache")])
+        .await;
     assert_eq!(cache, None, "no-cache skips the cache");
     assert_eq!(g.calls("cached").await, 2);
 
@@ -424,15 +618,35 @@ async fn deterministic_requests_are_cached_and_replayed_streams_included() {
     let text: String = sse_data(&replay)[..sse_data(&replay).len() - 1]
         .iter()
         .map(|d| serde_json::from_str::<Value>(d).unwrap())
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
         .collect();
     assert_eq!(text, "hello there", "replayed as a stream");
-    assert!(!replay.contains("\"usage\""), "the usage chunk Keel asked for is not replayed unasked");
+    assert!(
+        !replay.contains("\"usage\""),
+        "the usage chunk Keel asked for is not replayed unasked"
+    );
 
     g.flush().await;
     let now = time::OffsetDateTime::now_utc();
-    let ws = g.store.workspace_by_name(&WorkspaceName::parse("gw").unwrap()).await.unwrap();
-    let rows = g.store.usage_summary(ws.id, now - time::Duration::hours(1), now + time::Duration::hours(1), GroupBy::Route).await.unwrap();
+    let ws = g
+        .store
+        .workspace_by_name(&WorkspaceName::parse("gw").unwrap())
+        .await
+        .unwrap();
+    let rows = g
+        .store
+        .usage_summary(
+            ws.id,
+            now - time::Duration::hours(1),
+            now + time::Duration::hours(1),
+            GroupBy::Route,
+        )
+        .await
+        .unwrap();
     assert_eq!((rows[0].requests, rows[0].cache_hits), (8, 3), "{rows:?}");
 }
 
@@ -442,14 +656,27 @@ async fn errors_are_never_cached_and_workspaces_do_not_share_entries() {
     let (status, cache, _) = g.chat_with(hello0("m"), &[]).await;
     assert_eq!((status, cache), (StatusCode::SERVICE_UNAVAILABLE, None));
     let (status, cache, _) = g.chat_with(hello0("m"), &[]).await;
-    assert_eq!((status, cache.as_deref()), (StatusCode::OK, Some("miss")), "the failure was not cached");
+    assert_eq!(
+        (status, cache.as_deref()),
+        (StatusCode::OK, Some("miss")),
+        "the failure was not cached"
+    );
     let (_, cache, _) = g.chat_with(hello0("m"), &[]).await;
     assert_eq!(cache.as_deref(), Some("hit"));
 
     // The same request from another workspace is a miss: keyspaces are per workspace.
     let key_b = {
-        let ws = g.store.ensure_workspace(&WorkspaceName::parse("other").unwrap()).await.unwrap();
-        keel_server::auth::issue_key(g.store.as_ref(), ws.id, Role::Member, None).await.unwrap().0.expose().to_owned()
+        let ws = g
+            .store
+            .ensure_workspace(&WorkspaceName::parse("other").unwrap())
+            .await
+            .unwrap();
+        keel_server::auth::issue_key(g.store.as_ref(), ws.id, Role::Member, None)
+            .await
+            .unwrap()
+            .0
+            .expose()
+            .to_owned()
     };
     let req = Request::post("/v1/chat/completions")
         .header(header::AUTHORIZATION, format!("Bearer {key_b}"))

@@ -9,5 +9,6 @@
     reason = "test code: a failed unwrap is a failed test"
 )]
 
+mod anthropic;
 mod api;
 mod gateway;

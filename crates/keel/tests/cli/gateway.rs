@@ -12,12 +12,22 @@ use crate::support::{Keel, client, create_key, eventually, keel_command};
 /// Starts `keel mock-llm --port 0` and returns the process and its base URL.
 async fn mock_llm(dir: &std::path::Path) -> (tokio::process::Child, String) {
     let mut cmd: tokio::process::Command = keel_command(dir).into();
-    cmd.args(["mock-llm", "--port", "0"]).stderr(Stdio::piped()).stdout(Stdio::null()).kill_on_drop(true);
+    cmd.args(["mock-llm", "--port", "0"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .kill_on_drop(true);
     let mut child = cmd.spawn().unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await.unwrap().unwrap().unwrap();
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     let url = line.rsplit(' ').next().unwrap().to_owned();
-    assert!(url.starts_with("http://127.0.0.1:") && url.ends_with("/v1"), "{line}");
+    assert!(
+        url.starts_with("http://127.0.0.1:") && url.ends_with("/v1"),
+        "{line}"
+    );
     (child, url)
 }
 
@@ -25,15 +35,34 @@ async fn mock_llm(dir: &std::path::Path) -> (tokio::process::Child, String) {
 async fn serve_routes_to_mock_llm_and_accounts_every_request_through_a_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let (_mock, mock_url) = mock_llm(dir.path()).await;
-    let quickstart = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/quickstart/keel.toml")).unwrap();
-    std::fs::write(dir.path().join("keel.toml"), quickstart.replace("http://127.0.0.1:9999/v1", &mock_url)).unwrap();
+    let quickstart = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/quickstart/keel.toml"
+    ))
+    .unwrap();
+    std::fs::write(
+        dir.path().join("keel.toml"),
+        quickstart.replace("http://127.0.0.1:9999/v1", &mock_url),
+    )
+    .unwrap();
     let key = create_key(dir.path(), "acme", "member", &[]);
     let mut keel = Keel::start(dir.path(), &[]).await;
     let http = client();
 
-    let models: Value = http.get(keel.url("/v1/models")).bearer_auth(&key).send().await.unwrap().json().await.unwrap();
+    let models: Value = http
+        .get(keel.url("/v1/models"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(models["data"][0]["id"], "default");
-    assert!(models["data"][0]["keel"]["note"].is_null(), "a configured route is not the echo mock");
+    assert!(
+        models["data"][0]["keel"]["note"].is_null(),
+        "a configured route is not the echo mock"
+    );
 
     let ask = |stream: bool| {
         http.post(keel.url("/v1/chat/completions"))
@@ -42,7 +71,10 @@ async fn serve_routes_to_mock_llm_and_accounts_every_request_through_a_sigterm()
             .send()
     };
     let whole: Value = ask(false).await.unwrap().json().await.unwrap();
-    assert_eq!(whole["choices"][0]["message"]["content"], "ping from the quickstart");
+    assert_eq!(
+        whole["choices"][0]["message"]["content"],
+        "ping from the quickstart"
+    );
     let streamed = ask(true).await.unwrap();
     assert_eq!(streamed.headers()["content-type"], "text/event-stream");
     let text = streamed.text().await.unwrap();
@@ -58,16 +90,40 @@ async fn serve_routes_to_mock_llm_and_accounts_every_request_through_a_sigterm()
         assert_eq!(response.unwrap().status(), 200);
     }
     keel.signal("-TERM");
-    assert_eq!(keel.wait(Duration::from_secs(20)).await, Some(0), "{}", keel.output());
+    assert_eq!(
+        keel.wait(Duration::from_secs(20)).await,
+        Some(0),
+        "{}",
+        keel.output()
+    );
 
     let keel = Keel::start(dir.path(), &[]).await;
-    eventually(Duration::from_secs(10), "the restarted server is ready", || async {
-        http.get(keel.url("/readyz")).send().await.is_ok_and(|r| r.status() == 200)
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the restarted server is ready",
+        || async {
+            http.get(keel.url("/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        },
+    )
     .await;
-    let summary: Value = http.get(keel.url("/v1/usage")).bearer_auth(&key).send().await.unwrap().json().await.unwrap();
+    let summary: Value = http
+        .get(keel.url("/v1/usage"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let row = &summary["data"][0];
     assert_eq!(row["group"], "default", "{summary}");
-    assert_eq!(row["requests"], burst + 2, "no usage row lost to the shutdown: {summary}");
+    assert_eq!(
+        row["requests"],
+        burst + 2,
+        "no usage row lost to the shutdown: {summary}"
+    );
     assert!(row["cost_nanousd"].as_u64().unwrap() > 0);
 }

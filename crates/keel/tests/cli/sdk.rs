@@ -17,13 +17,23 @@ async fn the_openai_python_sdk_works_unchanged() {
     let dir = tempfile::tempdir().unwrap();
 
     let mut cmd: tokio::process::Command = keel_command(dir.path()).into();
-    cmd.args(["mock-llm", "--port", "0", "--script", &format!("{root}/tests/sdk/script.json")])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .kill_on_drop(true);
+    cmd.args([
+        "mock-llm",
+        "--port",
+        "0",
+        "--script",
+        &format!("{root}/tests/sdk/script.json"),
+    ])
+    .stderr(Stdio::piped())
+    .stdout(Stdio::null())
+    .kill_on_drop(true);
     let mut mock = cmd.spawn().unwrap();
     let mut lines = BufReader::new(mock.stderr.take().unwrap()).lines();
-    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await.unwrap().unwrap().unwrap();
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     let mock_url = line.rsplit(' ').next().unwrap().to_owned();
 
     std::fs::write(

@@ -1,0 +1,407 @@
+//! `keel bench gateway`: the gateway's overhead, measured the way TensorZero publishes
+//! it. A zero-latency `keel mock-llm` and a `keel serve` run as separate processes on this
+//! machine; constant-rate open-loop load goes first straight to the mock, then through
+//! Keel, at the same rate; the added latency is the difference of the client-side
+//! percentiles. Also: the cache-hit path, Keel's peak RSS during the run, and maximum
+//! sustained throughput (closed loop), streaming and not.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt as _, BufReader};
+use tokio::process::{Child, Command};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Requests per second for the open-loop scenarios.
+    pub rate: u32,
+    /// Measured time per scenario.
+    pub duration: Duration,
+    /// Unmeasured time before each scenario.
+    pub warmup: Duration,
+    /// Concurrent clients for the throughput scenarios.
+    pub concurrency: usize,
+}
+
+struct Stats {
+    sent: usize,
+    errors: usize,
+    latencies: Vec<Duration>,
+}
+
+impl Stats {
+    fn pct(&self, p: f64) -> Duration {
+        if self.latencies.is_empty() {
+            return Duration::ZERO;
+        }
+        let i = ((self.latencies.len() - 1) as f64 * p).round() as usize;
+        self.latencies[i]
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Runs the gateway benchmark and prints its figures.
+pub async fn gateway(options: Options) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("cannot find the keel binary")?;
+    let dir = std::env::temp_dir().join(format!("keel-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = run(&exe, &dir, &options).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+async fn run(exe: &Path, dir: &Path, o: &Options) -> anyhow::Result<()> {
+    let (mut mock, mock_url) = start_mock(exe, dir).await?;
+    std::fs::write(
+        dir.join("keel.toml"),
+        format!(
+            "data_dir = {data:?}\n[server]\nlisten = \"127.0.0.1:0\"\n[telemetry]\nlog_level = \"info\"\n\
+             [models.default]\n[models.default.retry]\nmax_attempts = 1\n\
+             [[models.default.targets]]\nprovider = \"openai\"\nmodel = \"bench\"\nbase_url = \"{mock_url}\"\n\
+             input_price_per_mtok = 0.15\noutput_price_per_mtok = 0.6\n",
+            data = dir.display().to_string(),
+        ),
+    )?;
+    let config = dir.join("keel.toml");
+    let key = create_key(exe, dir, &config).await?;
+    let (mut keel, keel_url, pid) = start_keel(exe, dir, &config).await?;
+
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(4096)
+        .tcp_nodelay(true)
+        .build()?;
+    let body = |temperature: Option<f64>, stream: bool| {
+        let mut b = json!({"model": "default", "messages": [{"role": "user", "content": "Say hello to the benchmark."}]});
+        if let Some(t) = temperature {
+            b["temperature"] = json!(t);
+        }
+        if stream {
+            b["stream"] = json!(true);
+        }
+        b
+    };
+    let direct = format!("{mock_url}/chat/completions");
+    let via = format!("{keel_url}/v1/chat/completions");
+
+    println_out(&format!(
+        "keel bench gateway: {} req/s for {:?} per scenario (after {:?} warm-up), {} cores",
+        o.rate,
+        o.duration,
+        o.warmup,
+        std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+    ));
+    let direct_stats = open_loop(&client, &direct, None, &body(None, false), o).await;
+    let rss = RssSampler::start(pid);
+    let via_stats = open_loop(&client, &via, Some(&key), &body(None, false), o).await;
+    let peak_rss = rss.stop().await;
+    let hit_stats = open_loop(&client, &via, Some(&key), &body(Some(0.0), false), o).await;
+
+    println_out("");
+    println_out("scenario                         sent  errors   p50 ms   p90 ms   p99 ms");
+    for (name, s) in [
+        ("direct to mock", &direct_stats),
+        ("via keel (cache off)", &via_stats),
+        ("via keel (cache hit)", &hit_stats),
+    ] {
+        println_out(&format!(
+            "{name:<30} {:>6}  {:>6}  {:>7.3}  {:>7.3}  {:>7.3}",
+            s.sent,
+            s.errors,
+            ms(s.pct(0.5)),
+            ms(s.pct(0.9)),
+            ms(s.pct(0.99))
+        ));
+    }
+    let added = |p: f64| ms(via_stats.pct(p)) - ms(direct_stats.pct(p));
+    let hit_added = |p: f64| ms(hit_stats.pct(p)) - ms(direct_stats.pct(p));
+    println_out(&format!(
+        "\nadded by keel at {} req/s: p50 {:+.3} ms, p90 {:+.3} ms, p99 {:+.3} ms",
+        o.rate,
+        added(0.5),
+        added(0.9),
+        added(0.99)
+    ));
+    println_out(&format!(
+        "cache-hit path: p50 {:.3} ms, p99 {:.3} ms (vs direct: p99 {:+.3} ms)",
+        ms(hit_stats.pct(0.5)),
+        ms(hit_stats.pct(0.99)),
+        hit_added(0.99)
+    ));
+    println_out(&format!(
+        "keel peak RSS during the via-keel run: {:.1} MB",
+        peak_rss as f64 / 1e6
+    ));
+
+    for (name, stream) in [("non-streaming", false), ("streaming", true)] {
+        let rps = closed_loop(
+            &client,
+            &via,
+            &key,
+            &body(None, stream),
+            o.concurrency,
+            o.duration,
+        )
+        .await;
+        println_out(&format!(
+            "max sustained throughput via keel, {name}, {} clients: {rps:.0} req/s",
+            o.concurrency
+        ));
+    }
+    let direct_rps = closed_loop(
+        &client,
+        &direct,
+        "",
+        &body(None, false),
+        o.concurrency,
+        o.duration,
+    )
+    .await;
+    println_out(&format!(
+        "max throughput of the mock alone, non-streaming, {} clients: {direct_rps:.0} req/s",
+        o.concurrency
+    ));
+
+    let _ = keel.start_kill();
+    let _ = mock.start_kill();
+    let _ = keel.wait().await;
+    let _ = mock.wait().await;
+    Ok(())
+}
+
+/// Bench output is the command's result, so it goes to stdout.
+fn println_out(line: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
+}
+
+/// Sends `rate` requests a second for the warm-up and then the measured duration, each
+/// on its own task, never waiting for answers (open loop); latency is measured per
+/// request from its send to its last byte.
+async fn open_loop(
+    client: &reqwest::Client,
+    url: &str,
+    key: Option<&str>,
+    body: &Value,
+    o: &Options,
+) -> Stats {
+    let body = Arc::new(serde_json::to_vec(body).unwrap_or_default());
+    let interval = Duration::from_secs_f64(1.0 / f64::from(o.rate.max(1)));
+    let warm = (o.warmup.as_secs_f64() * f64::from(o.rate)) as usize;
+    let total = warm + (o.duration.as_secs_f64() * f64::from(o.rate)) as usize;
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::with_capacity(total);
+    for i in 0..total {
+        tokio::time::sleep_until(start + interval * u32::try_from(i).unwrap_or(u32::MAX)).await;
+        let (client, url, body) = (client.clone(), url.to_owned(), body.clone());
+        let key = key.map(str::to_owned);
+        tasks.push(tokio::spawn(async move {
+            let sent = Instant::now();
+            let mut req = client
+                .post(url)
+                .header("content-type", "application/json")
+                .body((*body).clone());
+            if let Some(key) = key {
+                req = req.bearer_auth(key);
+            }
+            let ok = match req.send().await {
+                Ok(res) => res.status().is_success() & res.bytes().await.is_ok(),
+                Err(_) => false,
+            };
+            (i, sent.elapsed(), ok)
+        }));
+    }
+    let mut stats = Stats {
+        sent: 0,
+        errors: 0,
+        latencies: Vec::with_capacity(total),
+    };
+    for task in tasks {
+        if let Ok((i, latency, ok)) = task.await {
+            if i < warm {
+                continue;
+            }
+            stats.sent += 1;
+            if ok {
+                stats.latencies.push(latency);
+            } else {
+                stats.errors += 1;
+            }
+        }
+    }
+    stats.latencies.sort_unstable();
+    stats
+}
+
+/// `concurrency` clients each sending the next request as soon as the last is answered.
+async fn closed_loop(
+    client: &reqwest::Client,
+    url: &str,
+    key: &str,
+    body: &Value,
+    concurrency: usize,
+    duration: Duration,
+) -> f64 {
+    let body = Arc::new(serde_json::to_vec(body).unwrap_or_default());
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let mut workers = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        let (client, url, body, done, stop, key) = (
+            client.clone(),
+            url.to_owned(),
+            body.clone(),
+            done.clone(),
+            stop.clone(),
+            key.to_owned(),
+        );
+        workers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let mut req = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body((*body).clone());
+                if !key.is_empty() {
+                    req = req.bearer_auth(&key);
+                }
+                if let Ok(res) = req.send().await
+                    && res.status().is_success()
+                    && res.bytes().await.is_ok()
+                {
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = started.elapsed();
+    let completed = done.load(Ordering::Relaxed);
+    for w in workers {
+        let _ = w.await;
+    }
+    completed as f64 / elapsed.as_secs_f64()
+}
+
+/// Samples a process's resident set size every 50 ms and keeps the peak.
+struct RssSampler {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<u64>,
+}
+
+impl RssSampler {
+    fn start(pid: u32) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut peak = 0;
+            while !flag.load(Ordering::Relaxed) {
+                peak = peak.max(rss_bytes(pid).unwrap_or(0));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            peak
+        });
+        Self { stop, task }
+    }
+
+    async fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap_or(0)
+    }
+}
+
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+async fn start_mock(exe: &Path, dir: &Path) -> anyhow::Result<(Child, String)> {
+    let mut child = Command::new(exe)
+        .args(["mock-llm", "--port", "0"])
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stderr = child.stderr.take().context("no stderr")?;
+    let mut lines = BufReader::new(stderr).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await??
+        .context("mock-llm exited")?;
+    let url = line.rsplit(' ').next().unwrap_or_default().to_owned();
+    if !url.starts_with("http://") {
+        bail!("unexpected mock-llm output: {line}");
+    }
+    Ok((child, url))
+}
+
+async fn create_key(exe: &Path, dir: &Path, config: &PathBuf) -> anyhow::Result<String> {
+    let out = Command::new(exe)
+        .args([
+            "keys",
+            "create",
+            "--workspace",
+            "bench",
+            "--role",
+            "member",
+            "--config",
+        ])
+        .arg(config)
+        .current_dir(dir)
+        .output()
+        .await?;
+    if !out.status.success() {
+        bail!(
+            "keys create failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+}
+
+async fn start_keel(
+    exe: &Path,
+    dir: &Path,
+    config: &PathBuf,
+) -> anyhow::Result<(Child, String, u32)> {
+    let mut child = Command::new(exe)
+        .args(["serve", "--config"])
+        .arg(config)
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id().context("keel exited")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await??
+            .context("keel exited before listening")?;
+        if line.contains("\"message\":\"listening\"") {
+            let v: Value = serde_json::from_str(&line)?;
+            break v["addr"].as_str().unwrap_or_default().to_owned();
+        }
+    };
+    // Keep draining its log so it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((child, format!("http://{addr}"), pid))
+}
