@@ -294,34 +294,131 @@ mod tests {
     }
 }
 
-/// The response cache the gateway consults: in-process by default.
+/// The response cache the gateway consults: in-process by default, Redis when configured.
 #[derive(Debug)]
 pub struct ResponseCache {
-    memory: Memory,
+    backend: Backend,
+    ttl: Duration,
+    max_entry_bytes: usize,
 }
+
+enum Backend {
+    Memory(Memory),
+    Redis(redis::aio::ConnectionManager),
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::Memory(_) => "Memory",
+            Backend::Redis(_) => "Redis",
+        })
+    }
+}
+
+/// Longest a cache lookup or write may take before it counts as a miss: a slow cache must
+/// never slow the request it was meant to speed up.
+const REDIS_TIMEOUT: Duration = Duration::from_millis(100);
 
 impl ResponseCache {
     /// An in-process cache.
     #[must_use]
     pub fn in_memory(ttl: Duration, max_bytes: usize, max_entry_bytes: usize) -> Self {
         Self {
-            memory: Memory::new(ttl, max_bytes, max_entry_bytes),
+            backend: Backend::Memory(Memory::new(ttl, max_bytes, max_entry_bytes)),
+            ttl,
+            max_entry_bytes,
         }
     }
 
-    /// The cached answer for `key`, if any.
+    /// A cache in Redis at `url`, shared by every instance.
+    pub async fn redis(url: &str, ttl: Duration, max_entry_bytes: usize) -> Result<Self, String> {
+        let client = redis::Client::open(url).map_err(|e| format!("redis.url is not usable: {e}"))?;
+        let connect = client.get_connection_manager();
+        let manager = match tokio::time::timeout(Duration::from_secs(3), connect).await {
+            Ok(Ok(manager)) => manager,
+            Ok(Err(e)) => return Err(format!("cannot connect to Redis: {e}")),
+            Err(_) => return Err("cannot connect to Redis: no answer within 3s".to_owned()),
+        };
+        Ok(Self {
+            backend: Backend::Redis(manager),
+            ttl,
+            max_entry_bytes,
+        })
+    }
+
+    /// Which store backs the cache: `memory` or `redis`.
+    #[must_use]
+    pub fn backend(&self) -> &'static str {
+        match self.backend {
+            Backend::Memory(_) => "memory",
+            Backend::Redis(_) => "redis",
+        }
+    }
+
+    fn redis_key(key: &Key) -> String {
+        format!("keel:cache:v1:{}", key.hex())
+    }
+
+    /// The cached answer for `key`, if any. A cache that fails is a miss.
     pub async fn get(&self, key: &Key) -> Option<Arc<Cached>> {
-        let hit = self.memory.get(key);
-        metrics::counter!("keel_llm_cache_lookups_total", "result" => if hit.is_some() { "hit" } else { "miss" }).increment(1);
+        let hit = match &self.backend {
+            Backend::Memory(memory) => memory.get(key),
+            Backend::Redis(manager) => {
+                let mut conn = manager.clone();
+                let get = redis::cmd("GET").arg(Self::redis_key(key)).query_async::<Option<Vec<u8>>>(&mut conn);
+                match tokio::time::timeout(REDIS_TIMEOUT, get).await {
+                    Ok(Ok(Some(bytes))) => serde_json::from_slice::<Cached>(&bytes).ok().map(Arc::new),
+                    Ok(Ok(None)) => None,
+                    Ok(Err(e)) => {
+                        cache_error("get", &e.to_string());
+                        None
+                    }
+                    Err(_) => {
+                        cache_error("get", "timed out");
+                        None
+                    }
+                }
+            }
+        };
+        metrics::counter!("keel_llm_cache_lookups_total", "result" => if hit.is_some() { "hit" } else { "miss" })
+            .increment(1);
         hit
     }
 
     /// Stores a finished, successful answer.
     pub async fn put(&self, key: Key, value: Cached) {
-        let size = serde_json::to_vec(&value).map_or(usize::MAX, |v| v.len());
-        if self.memory.put(key, value, size) {
-            metrics::gauge!("keel_llm_cache_bytes").set(self.memory.bytes() as f64);
-            metrics::gauge!("keel_llm_cache_entries").set(self.memory.len() as f64);
+        let Ok(bytes) = serde_json::to_vec(&value) else { return };
+        if bytes.len() > self.max_entry_bytes {
+            return;
+        }
+        match &self.backend {
+            Backend::Memory(memory) => {
+                if memory.put(key, value, bytes.len()) {
+                    metrics::gauge!("keel_llm_cache_bytes").set(memory.bytes() as f64);
+                    metrics::gauge!("keel_llm_cache_entries").set(memory.len() as f64);
+                }
+            }
+            Backend::Redis(manager) => {
+                let mut conn = manager.clone();
+                let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+                let set = redis::cmd("SET")
+                    .arg(Self::redis_key(&key))
+                    .arg(bytes)
+                    .arg("PX")
+                    .arg(ttl_ms)
+                    .query_async::<()>(&mut conn);
+                match tokio::time::timeout(REDIS_TIMEOUT, set).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => cache_error("set", &e.to_string()),
+                    Err(_) => cache_error("set", "timed out"),
+                }
+            }
         }
     }
+}
+
+fn cache_error(op: &'static str, error: &str) {
+    metrics::counter!("keel_llm_cache_errors_total", "op" => op).increment(1);
+    tracing::warn!(op, error, "response cache unavailable; treated as a miss");
 }

@@ -60,15 +60,25 @@ pub fn router(
     Ok((Router::new(&routes, env)?, kind))
 }
 
-/// The response cache `config` asks for, or `None` when it is disabled.
-#[must_use]
-pub fn cache(config: &Config) -> Option<std::sync::Arc<keel_llm::cache::ResponseCache>> {
+/// The response cache `config` asks for: Redis when `redis.url` is set (falling back to
+/// the in-process cache, with a warning, when Redis cannot be reached at start), `None`
+/// when `cache.enabled` is false.
+pub async fn cache(config: &Config) -> Option<std::sync::Arc<keel_llm::cache::ResponseCache>> {
+    use secrecy::ExposeSecret as _;
     let c = &config.cache;
-    c.enabled.then(|| {
-        std::sync::Arc::new(keel_llm::cache::ResponseCache::in_memory(
-            c.ttl,
-            c.max_bytes,
-            c.max_entry_bytes,
-        ))
-    })
+    if !c.enabled {
+        return None;
+    }
+    let memory = || keel_llm::cache::ResponseCache::in_memory(c.ttl, c.max_bytes, c.max_entry_bytes);
+    let cache = match &config.redis.url {
+        Some(url) => match keel_llm::cache::ResponseCache::redis(url.expose_secret(), c.ttl, c.max_entry_bytes).await {
+            Ok(cache) => cache,
+            Err(e) => {
+                tracing::warn!(error = %e, "response cache falls back to in-process memory");
+                memory()
+            }
+        },
+        None => memory(),
+    };
+    Some(std::sync::Arc::new(cache))
 }

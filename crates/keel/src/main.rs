@@ -419,7 +419,7 @@ async fn serve_with_telemetry(config: Config, started: Instant) -> anyhow::Resul
         config: config.clone(),
         router: Arc::new(router),
         usage,
-        cache: keel_server::gateway::cache(&config),
+        cache: keel_server::gateway::cache(&config).await,
         shutdown: shutdown.clone(),
     });
     let server = Server::bind(state, shutdown)

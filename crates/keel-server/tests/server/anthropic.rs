@@ -74,7 +74,7 @@ async fn gateway_with(models_toml: &str, replies: Vec<ScriptedReply>) -> Gateway
     let (usage, writer) = keel_server::usage::start(store.clone());
     let state = AppState::new(keel_server::Parts {
         store,
-        cache: keel_server::gateway::cache(&cfg),
+        cache: keel_server::gateway::cache(&cfg).await,
         config: Arc::new(cfg),
         router: Arc::new(router),
         usage,

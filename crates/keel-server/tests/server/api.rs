@@ -26,7 +26,7 @@ async fn harness_with(config: impl FnOnce(&mut Config)) -> Harness {
     config(&mut cfg);
     let store = keel_store::open(&cfg).await.unwrap();
     store.migrate().await.unwrap();
-    let state = state_for(store, cfg, CancellationToken::new());
+    let state = state_for(store, cfg, CancellationToken::new()).await;
     Harness {
         app: app(state.clone()),
         state,
@@ -35,14 +35,14 @@ async fn harness_with(config: impl FnOnce(&mut Config)) -> Harness {
 }
 
 /// Server state over `store` and `cfg`, with the default model routes and a usage writer.
-pub fn state_for(
+pub async fn state_for(
     store: Arc<dyn keel_store::Store>,
     cfg: Config,
     shutdown: CancellationToken,
 ) -> AppState {
-    let (router, _) = keel_server::gateway::router(&cfg, &|_| None).unwrap();
+    let (router, _) = keel_server::gateway::router(&cfg, &|_| None).unwrap().await;
     let (usage, _writer) = keel_server::usage::start(store.clone());
-    let cache = keel_server::gateway::cache(&cfg);
+    let cache = keel_server::gateway::cache(&cfg).await;
     AppState::new(keel_server::Parts {
         store,
         config: Arc::new(cfg),
@@ -439,7 +439,7 @@ async fn readiness_reports_schema_and_shutdown() {
 
     let token = CancellationToken::new();
     let store = keel_store::open(h.state.config()).await.unwrap();
-    let draining = state_for(store, h.state.config().clone(), token.clone());
+    let draining = state_for(store, h.state.config().clone(), token.clone()).await;
     token.cancel();
     let res = app(draining).oneshot(get("/readyz", None)).await.unwrap();
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);

@@ -64,7 +64,7 @@ async fn gateway(models_toml: &str) -> Gateway {
     let (usage, writer) = keel_server::usage::start(store.clone());
     let state = AppState::new(keel_server::Parts {
         store: store.clone(),
-        cache: keel_server::gateway::cache(&cfg),
+        cache: keel_server::gateway::cache(&cfg).await,
         config: Arc::new(cfg),
         router: Arc::new(router),
         usage,
@@ -685,4 +685,58 @@ async fn errors_are_never_cached_and_workspaces_do_not_share_entries() {
         .unwrap();
     let res = g.app.clone().oneshot(req).await.unwrap();
     assert_eq!(res.headers()["x-keel-cache"], "miss");
+}
+
+fn redis_url() -> String {
+    std::env::var("KEEL_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".to_owned())
+}
+
+#[tokio::test]
+async fn a_redis_cache_is_shared_by_instances() {
+    let toml = format!("[redis]\nurl = \"{}\"\n{}", redis_url(), route("max_attempts = 1", &["shared"]));
+    let g = gateway(&toml).await;
+    // A second instance: its own router and its own cache client, the same store and Redis.
+    let cfg = {
+        let text = toml.replace("MOCK", &format!("{}/v1", g.mock));
+        let mut cfg = Config::load(Sources { file: Some(("test.toml".into(), text)), ..Sources::default() }).unwrap();
+        cfg.data_dir = g._dir.path().to_owned();
+        cfg
+    };
+    let cache = keel_server::gateway::cache(&cfg).await.unwrap();
+    assert_eq!(cache.backend(), "redis", "KEEL_TEST_REDIS_URL ({}) must be reachable", redis_url());
+    let (router, _) = keel_server::gateway::router(&cfg, &|_| None).unwrap();
+    let (usage, _writer) = keel_server::usage::start(g.store.clone());
+    let second = app(AppState::new(keel_server::Parts {
+        store: g.store.clone(),
+        config: Arc::new(cfg),
+        router: Arc::new(router),
+        usage,
+        cache: Some(cache),
+        shutdown: CancellationToken::new(),
+    }));
+
+    let (_, first, body_a) = g.chat_with(hello0("m"), &[]).await;
+    assert_eq!(first.as_deref(), Some("miss"));
+    let req = Request::post("/v1/chat/completions")
+        .header(header::AUTHORIZATION, format!("Bearer {}", g.key))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(hello0("m").to_string()))
+        .unwrap();
+    let res = second.oneshot(req).await.unwrap();
+    assert_eq!(res.headers()["x-keel-cache"], "hit", "the other instance's answer, from Redis");
+    let body_b = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body_a.as_bytes(), &body_b[..]);
+    assert_eq!(g.calls("shared").await, 1);
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_at_start_falls_back_to_memory() {
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let cfg = Config::load(Sources {
+        file: Some(("t.toml".into(), format!("[redis]\nurl = \"redis://{closed}/0\"\n"))),
+        ..Sources::default()
+    })
+    .unwrap();
+    let cache = keel_server::gateway::cache(&cfg).await.unwrap();
+    assert_eq!(cache.backend(), "memory");
 }
