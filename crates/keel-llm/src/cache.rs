@@ -366,8 +366,9 @@ impl ResponseCache {
             Backend::Memory(memory) => memory.get(key),
             Backend::Redis(manager) => {
                 let mut conn = manager.clone();
-                let get = redis::cmd("GET").arg(Self::redis_key(key)).query_async::<Option<Vec<u8>>>(&mut conn);
-                match tokio::time::timeout(REDIS_TIMEOUT, get).await {
+                let mut cmd = redis::cmd("GET");
+                cmd.arg(Self::redis_key(key));
+                match tokio::time::timeout(REDIS_TIMEOUT, cmd.query_async::<Option<Vec<u8>>>(&mut conn)).await {
                     Ok(Ok(Some(bytes))) => serde_json::from_slice::<Cached>(&bytes).ok().map(Arc::new),
                     Ok(Ok(None)) => None,
                     Ok(Err(e)) => {
@@ -402,13 +403,9 @@ impl ResponseCache {
             Backend::Redis(manager) => {
                 let mut conn = manager.clone();
                 let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-                let set = redis::cmd("SET")
-                    .arg(Self::redis_key(&key))
-                    .arg(bytes)
-                    .arg("PX")
-                    .arg(ttl_ms)
-                    .query_async::<()>(&mut conn);
-                match tokio::time::timeout(REDIS_TIMEOUT, set).await {
+                let mut cmd = redis::cmd("SET");
+                cmd.arg(Self::redis_key(&key)).arg(bytes).arg("PX").arg(ttl_ms);
+                match tokio::time::timeout(REDIS_TIMEOUT, cmd.query_async::<()>(&mut conn)).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => cache_error("set", &e.to_string()),
                     Err(_) => cache_error("set", "timed out"),

@@ -40,7 +40,7 @@ pub async fn state_for(
     cfg: Config,
     shutdown: CancellationToken,
 ) -> AppState {
-    let (router, _) = keel_server::gateway::router(&cfg, &|_| None).unwrap().await;
+    let (router, _) = keel_server::gateway::router(&cfg, &|_| None).unwrap();
     let (usage, _writer) = keel_server::usage::start(store.clone());
     let cache = keel_server::gateway::cache(&cfg).await;
     AppState::new(keel_server::Parts {
