@@ -39,7 +39,9 @@ impl State {
 struct Inner {
     state: State,
     opened_at: Option<Instant>,
-    probing: bool,
+    /// When the half-open probe was let through; a probe that never reports back (its
+    /// caller gave up) lapses after `cooldown`, so the breaker cannot stick half-open.
+    probe_started: Option<Instant>,
     consecutive: u32,
     window: VecDeque<bool>,
 }
@@ -61,7 +63,7 @@ impl Breaker {
             inner: Mutex::new(Inner {
                 state: State::Closed,
                 opened_at: None,
-                probing: false,
+                probe_started: None,
                 consecutive: 0,
                 window: VecDeque::with_capacity(window),
             }),
@@ -84,25 +86,23 @@ impl Breaker {
     /// Whether a call may go to this target now. In half-open, only one probe at a time.
     pub fn allow(&self) -> bool {
         let mut inner = self.lock();
+        let cooldown = self.config.cooldown;
         match inner.state {
             State::Closed => true,
             State::Open => {
-                let cooled = inner
-                    .opened_at
-                    .is_none_or(|t| t.elapsed() >= self.config.cooldown);
+                let cooled = inner.opened_at.is_none_or(|t| t.elapsed() >= cooldown);
                 if cooled {
                     inner.state = State::HalfOpen;
-                    inner.probing = true;
+                    inner.probe_started = Some(Instant::now());
                 }
                 cooled
             }
             State::HalfOpen => {
-                if inner.probing {
-                    false
-                } else {
-                    inner.probing = true;
-                    true
+                let free = inner.probe_started.is_none_or(|t| t.elapsed() >= cooldown);
+                if free {
+                    inner.probe_started = Some(Instant::now());
                 }
+                free
             }
         }
     }
@@ -111,7 +111,7 @@ impl Breaker {
     pub fn record_success(&self) -> State {
         let mut inner = self.lock();
         inner.consecutive = 0;
-        inner.probing = false;
+        inner.probe_started = None;
         if inner.state == State::HalfOpen {
             inner.state = State::Closed;
             inner.window.clear();
@@ -123,7 +123,7 @@ impl Breaker {
     /// Records a failure; returns the new state.
     pub fn record_failure(&self) -> State {
         let mut inner = self.lock();
-        inner.probing = false;
+        inner.probe_started = None;
         inner.consecutive = inner.consecutive.saturating_add(1);
         self.push(&mut inner, false);
         let window_full =
@@ -184,6 +184,18 @@ mod tests {
         assert!(b.allow());
         assert_eq!(b.record_success(), State::Closed, "a good probe closes");
         assert!(b.allow());
+    }
+
+    #[test]
+    fn a_probe_that_never_reports_back_lapses() {
+        let b = breaker(1, 30);
+        b.record_failure();
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(b.allow(), "the probe");
+        assert!(!b.allow(), "while it is in flight");
+        // Its caller gave up without recording anything.
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(b.allow(), "a lapsed probe frees the slot");
     }
 
     #[test]

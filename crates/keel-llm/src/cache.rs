@@ -333,7 +333,8 @@ impl ResponseCache {
 
     /// A cache in Redis at `url`, shared by every instance.
     pub async fn redis(url: &str, ttl: Duration, max_entry_bytes: usize) -> Result<Self, String> {
-        let client = redis::Client::open(url).map_err(|e| format!("redis.url is not usable: {e}"))?;
+        let client =
+            redis::Client::open(url).map_err(|e| format!("redis.url is not usable: {e}"))?;
         let connect = client.get_connection_manager();
         let manager = match tokio::time::timeout(Duration::from_secs(3), connect).await {
             Ok(Ok(manager)) => manager,
@@ -368,8 +369,15 @@ impl ResponseCache {
                 let mut conn = manager.clone();
                 let mut cmd = redis::cmd("GET");
                 cmd.arg(Self::redis_key(key));
-                match tokio::time::timeout(REDIS_TIMEOUT, cmd.query_async::<Option<Vec<u8>>>(&mut conn)).await {
-                    Ok(Ok(Some(bytes))) => serde_json::from_slice::<Cached>(&bytes).ok().map(Arc::new),
+                match tokio::time::timeout(
+                    REDIS_TIMEOUT,
+                    cmd.query_async::<Option<Vec<u8>>>(&mut conn),
+                )
+                .await
+                {
+                    Ok(Ok(Some(bytes))) => {
+                        serde_json::from_slice::<Cached>(&bytes).ok().map(Arc::new)
+                    }
                     Ok(Ok(None)) => None,
                     Ok(Err(e)) => {
                         cache_error("get", &e.to_string());
@@ -389,7 +397,9 @@ impl ResponseCache {
 
     /// Stores a finished, successful answer.
     pub async fn put(&self, key: Key, value: Cached) {
-        let Ok(bytes) = serde_json::to_vec(&value) else { return };
+        let Ok(bytes) = serde_json::to_vec(&value) else {
+            return;
+        };
         if bytes.len() > self.max_entry_bytes {
             return;
         }
@@ -402,9 +412,14 @@ impl ResponseCache {
             }
             Backend::Redis(manager) => {
                 let mut conn = manager.clone();
-                let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+                let ttl_ms = u64::try_from(self.ttl.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .max(1);
                 let mut cmd = redis::cmd("SET");
-                cmd.arg(Self::redis_key(&key)).arg(bytes).arg("PX").arg(ttl_ms);
+                cmd.arg(Self::redis_key(&key))
+                    .arg(bytes)
+                    .arg("PX")
+                    .arg(ttl_ms);
                 match tokio::time::timeout(REDIS_TIMEOUT, cmd.query_async::<()>(&mut conn)).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => cache_error("set", &e.to_string()),

@@ -17,8 +17,11 @@ pub enum ErrorKind {
     Connect,
     /// Upstream answered something that is not the protocol (malformed JSON, …).
     InvalidResponse,
-    /// Upstream rejected the request itself (4xx other than 429): the caller's mistake.
+    /// Upstream rejected the request itself (400, 413, 422, …): the caller's mistake.
     Client,
+    /// Upstream refused Keel (401, 402, 403, 404): a bad key, no quota, or a model the
+    /// target does not have — the operator's problem, so the route falls back.
+    Denied,
     /// The target's breaker is open, or its concurrency limit is reached.
     Unavailable,
 }
@@ -34,6 +37,7 @@ impl ErrorKind {
             ErrorKind::Connect => "connect",
             ErrorKind::InvalidResponse => "invalid_response",
             ErrorKind::Client => "client",
+            ErrorKind::Denied => "denied",
             ErrorKind::Unavailable => "unavailable",
         }
     }

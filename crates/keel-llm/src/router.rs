@@ -37,7 +37,7 @@ pub struct TargetState {
     /// USD per million output tokens.
     pub output_price_per_mtok: f64,
     provider: Arc<dyn Provider>,
-    breaker: Breaker,
+    breaker: Arc<Breaker>,
     permits: Arc<Semaphore>,
     weight: u32,
 }
@@ -154,7 +154,7 @@ impl Router {
                     input_price_per_mtok: target.input_price_per_mtok,
                     output_price_per_mtok: target.output_price_per_mtok,
                     provider,
-                    breaker: Breaker::new(config.breaker.clone()),
+                    breaker: Arc::new(Breaker::new(config.breaker.clone())),
                     permits: Arc::new(Semaphore::new(
                         usize::try_from(target.max_concurrency).unwrap_or(usize::MAX),
                     )),
@@ -208,7 +208,13 @@ impl Router {
         .await?;
         let name = route.name.clone();
         let labels = [("route", name.clone()), ("target", served.target.clone())];
-        // The permit lives as long as the stream; the model name is the route's.
+        let breaker = route
+            .targets
+            .iter()
+            .find(|t| t.label == served.target)
+            .map(|t| t.breaker.clone());
+        // The permit lives as long as the stream; the model name is the route's; a failure
+        // mid-way counts against the target's breaker like any other.
         let stream = stream.map(move |item| {
             let _held = &permit;
             match item {
@@ -217,6 +223,11 @@ impl Router {
                     Ok(chunk)
                 }
                 Err(e) => {
+                    if let Some(breaker) = &breaker
+                        && e.kind.is_retryable()
+                    {
+                        breaker.record_failure();
+                    }
                     metrics::counter!("keel_llm_provider_errors_total", &[
                         labels[0].clone(),
                         labels[1].clone(),
@@ -290,13 +301,8 @@ where
             metrics::counter!("keel_llm_fallbacks_total", "route" => route.name.clone(), "from" => from.clone(), "to" => target.label.clone()).increment(1);
             tracing::warn!(event_type = "llm.provider.fallback", route = %route.name, from = %from, to = %target.label, "falling back");
         }
-        if !target.breaker.allow() {
-            failures.push((
-                target.label.clone(),
-                ProviderError::new(ErrorKind::Unavailable, "circuit breaker open"),
-            ));
-            continue;
-        }
+        // The permit first: a half-open breaker's single probe must not be spent on a
+        // call that never happens.
         let Ok(permit) = target.permits.clone().try_acquire_owned() else {
             failures.push((
                 target.label.clone(),
@@ -304,6 +310,13 @@ where
             ));
             continue;
         };
+        if !target.breaker.allow() {
+            failures.push((
+                target.label.clone(),
+                ProviderError::new(ErrorKind::Unavailable, "circuit breaker open"),
+            ));
+            continue;
+        }
         let mut last: Option<ProviderError> = None;
         for attempt in 0..retry.max_attempts {
             let remaining = deadline.saturating_duration_since(Instant::now());

@@ -33,7 +33,7 @@ impl Reader {
     /// Whether the buffered, incomplete event is over the size limit.
     #[must_use]
     pub fn overflowed(&self) -> bool {
-        self.buf.len() > Self::MAX_EVENT_BYTES
+        self.buf.len() + self.data.as_ref().map_or(0, String::len) > Self::MAX_EVENT_BYTES
     }
 
     /// The next complete event, if one is buffered.
@@ -79,6 +79,20 @@ impl Reader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_event_that_never_ends_overflows() {
+        let mut r = Reader::default();
+        let line = format!("data: {}\n", "x".repeat(1024));
+        for _ in 0..5000 {
+            r.push(line.as_bytes());
+            assert_eq!(r.next_event(), None);
+        }
+        assert!(
+            r.overflowed(),
+            "data lines without a blank line count against the limit"
+        );
+    }
 
     #[test]
     fn events_split_across_reads_are_reassembled() {

@@ -69,9 +69,16 @@ pub async fn cache(config: &Config) -> Option<std::sync::Arc<keel_llm::cache::Re
     if !c.enabled {
         return None;
     }
-    let memory = || keel_llm::cache::ResponseCache::in_memory(c.ttl, c.max_bytes, c.max_entry_bytes);
+    let memory =
+        || keel_llm::cache::ResponseCache::in_memory(c.ttl, c.max_bytes, c.max_entry_bytes);
     let cache = match &config.redis.url {
-        Some(url) => match keel_llm::cache::ResponseCache::redis(url.expose_secret(), c.ttl, c.max_entry_bytes).await {
+        Some(url) => match keel_llm::cache::ResponseCache::redis(
+            url.expose_secret(),
+            c.ttl,
+            c.max_entry_bytes,
+        )
+        .await
+        {
             Ok(cache) => cache,
             Err(e) => {
                 tracing::warn!(error = %e, "response cache falls back to in-process memory");

@@ -103,6 +103,8 @@ pub struct Options {
 #[derive(Debug, Default)]
 struct Mock {
     options: Options,
+    /// Cancelled on shutdown: a hanging request gives up then, so shutdown is not held.
+    shutdown: CancellationToken,
     next_reply: AtomicUsize,
     calls: Mutex<HashMap<String, u64>>,
 }
@@ -122,8 +124,13 @@ impl Mock {
 
 /// The mock's router.
 pub fn app(options: Options) -> axum::Router {
+    app_with_shutdown(options, CancellationToken::new())
+}
+
+fn app_with_shutdown(options: Options, shutdown: CancellationToken) -> axum::Router {
     let state = Arc::new(Mock {
         options,
+        shutdown,
         ..Mock::default()
     });
     axum::Router::new()
@@ -140,7 +147,7 @@ pub async fn serve(
     options: Options,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app(options))
+    axum::serve(listener, app_with_shutdown(options, shutdown.clone()))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
 }
@@ -247,7 +254,8 @@ async fn plan(mock: &Mock, model: &str, stream: bool, wire: Wire) -> Plan {
         "fault/503" => return Plan::Answer(error_response(wire, 503, None)),
         "fault/529" => return Plan::Answer(error_response(wire, 529, None)),
         "fault/hang" => {
-            std::future::pending::<()>().await;
+            mock.shutdown.cancelled().await;
+            return Plan::Answer(error_response(wire, 503, None));
         }
         "fault/slow" => {
             tokio::time::sleep(Duration::from_millis(param(

@@ -154,11 +154,11 @@ impl Provider for Anthropic {
             })?;
             Ok(to_chat_response(message, &self.model, now()))
         };
-        match tokio::time::timeout(self.first_token_timeout, call).await {
+        match tokio::time::timeout(self.total_timeout, call).await {
             Ok(result) => result,
             Err(_) => Err(ProviderError::new(
                 ErrorKind::Timeout,
-                format!("no answer within {:?}", self.first_token_timeout),
+                format!("no answer within {:?}", self.total_timeout),
             )),
         }
     }

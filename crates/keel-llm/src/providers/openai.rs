@@ -119,11 +119,13 @@ impl Provider for OpenAi {
                 )
             })
         };
-        match tokio::time::timeout(self.first_token_timeout, call).await {
+        // A whole answer takes as long as its generation: bounded by the attempt's total
+        // timeout (the first-token timeout is for streams).
+        match tokio::time::timeout(self.total_timeout, call).await {
             Ok(result) => result,
             Err(_) => Err(ProviderError::new(
                 ErrorKind::Timeout,
-                format!("no answer within {:?}", self.first_token_timeout),
+                format!("no answer within {:?}", self.total_timeout),
             )),
         }
     }
@@ -172,6 +174,9 @@ fn chunk_stream(response: reqwest::Response) -> ChunkStream {
                     if event.data == "[DONE]" {
                         return None;
                     }
+                    if let Some(e) = stream_error(&event.data) {
+                        return Some((Err(e), (bytes, reader, true)));
+                    }
                     let item = serde_json::from_str::<ChatChunk>(&event.data).map_err(|e| {
                         done = true;
                         ProviderError::new(
@@ -201,5 +206,33 @@ fn chunk_stream(response: reqwest::Response) -> ChunkStream {
                 }
             }
         },
+    ))
+}
+
+/// An error the upstream sent inside the stream (`data: {"error": {...}}`), classified.
+fn stream_error(data: &str) -> Option<ProviderError> {
+    if !data.trim_start().starts_with("{\"error\"") {
+        return None;
+    }
+    let value: serde_json::Value = serde_json::from_str(data).ok()?;
+    let error = value.get("error")?;
+    let label = |k: &str| {
+        error
+            .get(k)
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let (kind_text, code, message) = (label("type"), label("code"), label("message"));
+    let kind = if kind_text.contains("rate_limit") || code.contains("rate_limit") {
+        ErrorKind::RateLimit
+    } else if kind_text.contains("invalid_request") {
+        ErrorKind::Client
+    } else {
+        ErrorKind::Server
+    };
+    Some(ProviderError::new(
+        kind,
+        format!("upstream stream error: {message}"),
     ))
 }

@@ -309,7 +309,7 @@ async fn a_hanging_target_times_out_and_a_refused_one_is_skipped() {
     let toml = format!(
         "[models.m]\n[models.m.retry]\nmax_attempts = 1\n\
          [[models.m.targets]]\nprovider = \"openai\"\nmodel = \"refused\"\nbase_url = \"http://{closed}/v1\"\n\
-         [[models.m.targets]]\nprovider = \"openai\"\nmodel = \"fault/hang\"\nbase_url = \"MOCK\"\nfirst_token_timeout = \"300ms\"\n\
+         [[models.m.targets]]\nprovider = \"openai\"\nmodel = \"fault/hang\"\nbase_url = \"MOCK\"\ntotal_timeout = \"300ms\"\n\
          {}",
         target("ok")
     );
@@ -693,17 +693,30 @@ fn redis_url() -> String {
 
 #[tokio::test]
 async fn a_redis_cache_is_shared_by_instances() {
-    let toml = format!("[redis]\nurl = \"{}\"\n{}", redis_url(), route("max_attempts = 1", &["shared"]));
+    let toml = format!(
+        "[redis]\nurl = \"{}\"\n{}",
+        redis_url(),
+        route("max_attempts = 1", &["shared"])
+    );
     let g = gateway(&toml).await;
     // A second instance: its own router and its own cache client, the same store and Redis.
     let cfg = {
         let text = toml.replace("MOCK", &format!("{}/v1", g.mock));
-        let mut cfg = Config::load(Sources { file: Some(("test.toml".into(), text)), ..Sources::default() }).unwrap();
+        let mut cfg = Config::load(Sources {
+            file: Some(("test.toml".into(), text)),
+            ..Sources::default()
+        })
+        .unwrap();
         cfg.data_dir = g._dir.path().to_owned();
         cfg
     };
     let cache = keel_server::gateway::cache(&cfg).await.unwrap();
-    assert_eq!(cache.backend(), "redis", "KEEL_TEST_REDIS_URL ({}) must be reachable", redis_url());
+    assert_eq!(
+        cache.backend(),
+        "redis",
+        "KEEL_TEST_REDIS_URL ({}) must be reachable",
+        redis_url()
+    );
     let (router, _) = keel_server::gateway::router(&cfg, &|_| None).unwrap();
     let (usage, _writer) = keel_server::usage::start(g.store.clone());
     let second = app(AppState::new(keel_server::Parts {
@@ -723,7 +736,11 @@ async fn a_redis_cache_is_shared_by_instances() {
         .body(Body::from(hello0("m").to_string()))
         .unwrap();
     let res = second.oneshot(req).await.unwrap();
-    assert_eq!(res.headers()["x-keel-cache"], "hit", "the other instance's answer, from Redis");
+    assert_eq!(
+        res.headers()["x-keel-cache"],
+        "hit",
+        "the other instance's answer, from Redis"
+    );
     let body_b = res.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(body_a.as_bytes(), &body_b[..]);
     assert_eq!(g.calls("shared").await, 1);
@@ -731,12 +748,51 @@ async fn a_redis_cache_is_shared_by_instances() {
 
 #[tokio::test]
 async fn an_unreachable_redis_at_start_falls_back_to_memory() {
-    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let cfg = Config::load(Sources {
-        file: Some(("t.toml".into(), format!("[redis]\nurl = \"redis://{closed}/0\"\n"))),
+        file: Some((
+            "t.toml".into(),
+            format!("[redis]\nurl = \"redis://{closed}/0\"\n"),
+        )),
         ..Sources::default()
     })
     .unwrap();
     let cache = keel_server::gateway::cache(&cfg).await.unwrap();
     assert_eq!(cache.backend(), "memory");
+}
+
+#[tokio::test]
+async fn an_upstream_that_refuses_keel_is_skipped_not_blamed_on_the_caller() {
+    let g = gateway(&route("max_attempts = 1", &["flaky/401?fail=99", "ok"])).await;
+    let (status, body) = g.chat(hello("m")).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "a bad upstream key falls back: {body}"
+    );
+    assert_eq!(g.calls("ok").await, 1);
+    assert!(g.metrics().await.contains("kind=\"denied\""));
+}
+
+#[tokio::test]
+async fn a_stream_that_fails_mid_way_counts_against_the_breaker() {
+    let toml = format!(
+        "{}[models.m.breaker]\nfailure_threshold = 1\nfailure_ratio = 0.0\ncooldown = \"60s\"\n",
+        route("max_attempts = 1", &["fault/cut?after=2", "ok"])
+    );
+    let g = gateway(&toml).await;
+    let mut req = hello("m");
+    req["stream"] = json!(true);
+    let (_, body) = g.chat(req.clone()).await;
+    assert!(body.contains("\"error\""), "{body}");
+    let (_, body) = g.chat(req).await;
+    assert!(
+        body.trim_end().ends_with("data: [DONE]"),
+        "the open breaker skipped the cutting target: {body}"
+    );
+    assert_eq!(g.calls("fault/cut?after=2").await, 1);
 }
