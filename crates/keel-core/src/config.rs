@@ -59,6 +59,10 @@ impl Default for Config {
 pub struct Server {
     /// Address to bind; port 0 picks a free port.
     pub listen: SocketAddr,
+    /// How long an authenticated API key is remembered in process (0s: look it up on every
+    /// request). A key revoked elsewhere keeps working here for at most this long.
+    #[serde(with = "humantime_serde")]
+    pub key_cache_ttl: Duration,
     /// Largest request body accepted, in bytes; larger ones get 413.
     pub max_body_bytes: usize,
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
@@ -70,6 +74,7 @@ impl Default for Server {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            key_cache_ttl: Duration::from_secs(5),
             max_body_bytes: 1024 * 1024,
             drain_timeout: Duration::from_secs(30),
         }

@@ -16,13 +16,77 @@ use keel_store::{NewApiKey, Store};
 use crate::AppState;
 use crate::error::ApiError;
 
+/// Remembers authenticated keys for a few seconds, so the hot path does not hit the
+/// database on every request. Bounded; only valid keys are remembered (an attacker's
+/// guesses cannot fill it); a revoke through this instance forgets the key at once.
+#[derive(Debug)]
+pub struct KeyCache {
+    ttl: std::time::Duration,
+    entries: std::sync::Mutex<std::collections::HashMap<String, (Principal, std::time::Instant)>>,
+}
+
+impl KeyCache {
+    /// Most keys remembered.
+    const MAX: usize = 10_000;
+
+    /// A cache with this time-to-live (zero disables it).
+    #[must_use]
+    pub fn new(ttl: std::time::Duration) -> Self {
+        Self {
+            ttl,
+            entries: std::sync::Mutex::default(),
+        }
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (Principal, std::time::Instant)>>
+    {
+        // Inserts and removals leave the map consistent, so a poisoned lock is usable.
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn get(&self, hash: &str) -> Option<Principal> {
+        if self.ttl.is_zero() {
+            return None;
+        }
+        let entries = self.lock();
+        entries
+            .get(hash)
+            .filter(|(_, at)| at.elapsed() < self.ttl)
+            .map(|(p, _)| p.clone())
+    }
+
+    fn insert(&self, hash: String, principal: Principal) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let mut entries = self.lock();
+        if entries.len() >= Self::MAX {
+            let ttl = self.ttl;
+            entries.retain(|_, (_, at)| at.elapsed() < ttl);
+            if entries.len() >= Self::MAX {
+                entries.clear();
+            }
+        }
+        entries.insert(hash, (principal, std::time::Instant::now()));
+    }
+
+    /// Forgets a key (after it is revoked).
+    pub fn forget(&self, key_id: keel_core::id::ApiKeyId) {
+        self.lock().retain(|_, (p, _)| p.key_id != key_id);
+    }
+}
+
 /// Authenticates the request and checks the caller has at least the route's role.
 pub(crate) async fn require(
     State((state, required)): State<(AppState, Role)>,
     mut req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let principal = authenticate(state.store(), req.headers()).await?;
+    let principal = authenticate(state.store(), state.key_cache(), req.headers()).await?;
     tracing::Span::current().record(
         "workspace_id",
         tracing::field::display(principal.workspace_id),
@@ -37,7 +101,11 @@ pub(crate) async fn require(
     Ok(next.run(req).await)
 }
 
-async fn authenticate(store: &dyn Store, headers: &HeaderMap) -> Result<Principal, ApiError> {
+async fn authenticate(
+    store: &dyn Store,
+    cache: &KeyCache,
+    headers: &HeaderMap,
+) -> Result<Principal, ApiError> {
     let value = headers.get(header::AUTHORIZATION).ok_or_else(|| {
         ApiError::unauthorized("missing credentials: send `Authorization: Bearer <API key>`")
     })?;
@@ -53,10 +121,16 @@ async fn authenticate(store: &dyn Store, headers: &HeaderMap) -> Result<Principa
         }
     };
     let token = ApiKeyToken::parse(token).map_err(|e| ApiError::unauthorized(e.to_string()))?;
-    store
-        .authenticate(&token.hash())
+    let hash = token.hash();
+    if let Some(principal) = cache.get(hash.as_str()) {
+        return Ok(principal);
+    }
+    let principal = store
+        .authenticate(&hash)
         .await?
-        .ok_or_else(|| ApiError::unauthorized("the API key is not valid or has been revoked"))
+        .ok_or_else(|| ApiError::unauthorized("the API key is not valid or has been revoked"))?;
+    cache.insert(hash.as_str().to_owned(), principal.clone());
+    Ok(principal)
 }
 
 /// Creates a key for a workspace: a fresh random token, of which only the hash is stored.
@@ -97,5 +171,39 @@ impl From<IssueError> for ApiError {
             IssueError::Random(e) => ApiError::internal(&e),
             IssueError::Store(e) => e.into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use keel_core::auth::{Principal, Role};
+    use keel_core::id::{ApiKeyId, WorkspaceId};
+
+    use super::KeyCache;
+
+    fn principal() -> Principal {
+        Principal { workspace_id: WorkspaceId::new(), key_id: ApiKeyId::new(), role: Role::Member }
+    }
+
+    #[test]
+    fn keys_are_remembered_until_the_ttl_or_a_forget() {
+        let cache = KeyCache::new(Duration::from_millis(40));
+        let p = principal();
+        cache.insert("h1".into(), p.clone());
+        assert_eq!(cache.get("h1"), Some(p.clone()));
+        cache.forget(p.key_id);
+        assert_eq!(cache.get("h1"), None, "forgotten on revoke");
+        cache.insert("h2".into(), p);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(cache.get("h2"), None, "expired");
+    }
+
+    #[test]
+    fn a_zero_ttl_disables_the_cache() {
+        let cache = KeyCache::new(Duration::ZERO);
+        cache.insert("h".into(), principal());
+        assert_eq!(cache.get("h"), None);
     }
 }

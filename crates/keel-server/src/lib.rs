@@ -64,6 +64,7 @@ struct Inner {
     router: Arc<keel_llm::Router>,
     usage: usage::Recorder,
     cache: Option<Arc<keel_llm::cache::ResponseCache>>,
+    key_cache: auth::KeyCache,
     metrics: PrometheusHandle,
     openapi_json: std::sync::OnceLock<axum::body::Bytes>,
     shutdown: CancellationToken,
@@ -83,6 +84,7 @@ impl AppState {
         Self {
             inner: Arc::new(Inner {
                 store: parts.store,
+                key_cache: auth::KeyCache::new(parts.config.server.key_cache_ttl),
                 config: parts.config,
                 router: parts.router,
                 usage: parts.usage,
@@ -116,6 +118,10 @@ impl AppState {
     /// The cache, owned, for streams that outlive the handler.
     pub(crate) fn inner_cache(&self) -> Option<Arc<keel_llm::cache::ResponseCache>> {
         self.inner.cache.clone()
+    }
+
+    pub(crate) fn key_cache(&self) -> &auth::KeyCache {
+        &self.inner.key_cache
     }
 
     pub(crate) fn usage(&self) -> &usage::Recorder {

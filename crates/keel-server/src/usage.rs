@@ -19,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 const QUEUE: usize = 8_192;
 /// Most records written in one transaction.
 const MAX_BATCH: usize = 2_000;
+/// Pause after each write, so records coalesce into fewer transactions (and fsyncs).
+const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 /// Attempts to write one batch before it is logged as lost.
 const WRITE_ATTEMPTS: u32 = 8;
 
@@ -80,6 +82,10 @@ async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<UsageRecord>, stop: C
                     break;
                 }
                 write(store.as_ref(), &mut batch).await;
+                tokio::select! {
+                    () = tokio::time::sleep(FLUSH_INTERVAL) => {}
+                    () = stop.cancelled() => break,
+                }
             }
             () = stop.cancelled() => break,
         }

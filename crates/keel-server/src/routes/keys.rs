@@ -170,6 +170,7 @@ pub(crate) async fn revoke(
         .store()
         .revoke_api_key(principal.workspace_id, id)
         .await?;
+    state.key_cache().forget(key.id);
     tracing::info!(key_id = %key.id, "API key revoked");
     Ok(Json(key.into()))
 }
