@@ -184,7 +184,11 @@ mod tests {
     use super::KeyCache;
 
     fn principal() -> Principal {
-        Principal { workspace_id: WorkspaceId::new(), key_id: ApiKeyId::new(), role: Role::Member }
+        Principal {
+            workspace_id: WorkspaceId::new(),
+            key_id: ApiKeyId::new(),
+            role: Role::Member,
+        }
     }
 
     #[test]

@@ -86,6 +86,9 @@ pub struct ApiError {
     challenge: bool,
     /// Seconds the client should wait, for 503s.
     retry_after: Option<u32>,
+    /// Ask the client not to reuse the connection: the request body was not read to its
+    /// end, so the server will close it.
+    close: bool,
 }
 
 impl ApiError {
@@ -96,6 +99,7 @@ impl ApiError {
             detail: detail.into(),
             challenge: false,
             retry_after: None,
+            close: false,
         }
     }
 
@@ -128,13 +132,17 @@ impl ApiError {
     }
     /// 413.
     pub fn payload_too_large(limit: usize) -> Self {
-        Self::new(
+        let error = Self::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload-too-large",
             format!(
                 "request body is larger than the limit of {limit} bytes (server.max_body_bytes)"
             ),
-        )
+        );
+        Self {
+            close: true,
+            ..error
+        }
     }
     /// 415.
     pub fn unsupported_media_type(detail: impl Into<String>) -> Self {
@@ -212,6 +220,9 @@ impl IntoResponse for ApiError {
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer realm=\"keel\""),
             );
+        }
+        if self.close {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         if let Some(secs) = self.retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));

@@ -99,10 +99,12 @@ pub fn check_filter(filter: &str) -> Result<(), Error> {
         .map_err(|e| Error::Filter(filter.to_owned(), e.to_string()))
 }
 
-/// Running telemetry; call [`Telemetry::shutdown`] at exit to flush spans.
+/// Running telemetry; call [`Telemetry::shutdown`] at exit to flush spans and logs.
 #[derive(Debug)]
 pub struct Telemetry {
     provider: SdkTracerProvider,
+    /// Flushes the log writer thread when dropped.
+    _logs: tracing_appender::non_blocking::WorkerGuard,
 }
 
 /// Installs the global subscriber (logs + traces), the metrics recorder and the panic hook.
@@ -119,6 +121,14 @@ pub fn init(config: &config::Telemetry) -> Result<Telemetry, Error> {
     let provider = tracer_provider(config)?;
     let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("keel"));
 
+    // Log lines go to stdout from a dedicated thread through a bounded buffer, so a request
+    // never waits on a write syscall; if stdout stalls and the buffer fills, lines are
+    // dropped (and counted by the appender) rather than slowing requests.
+    let (stdout, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(65_536)
+        .lossy(true)
+        .thread_name("keel-log-writer")
+        .finish(std::io::stdout());
     let registry = tracing_subscriber::registry().with(filter).with(otel);
     let result = match config.log_format {
         LogFormat::Json => registry
@@ -126,11 +136,11 @@ pub fn init(config: &config::Telemetry) -> Result<Telemetry, Error> {
                 tracing_subscriber::fmt::layer()
                     .fmt_fields(JsonFields::new())
                     .event_format(JsonLines)
-                    .with_writer(std::io::stdout),
+                    .with_writer(stdout),
             )
             .try_init(),
         LogFormat::Pretty => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stdout))
+            .with(tracing_subscriber::fmt::layer().with_writer(stdout))
             .try_init(),
     };
     result.map_err(|_| Error::AlreadyInitialised)?;
@@ -150,7 +160,10 @@ pub fn init(config: &config::Telemetry) -> Result<Telemetry, Error> {
     }));
 
     metrics();
-    Ok(Telemetry { provider })
+    Ok(Telemetry {
+        provider,
+        _logs: guard,
+    })
 }
 
 fn tracer_provider(config: &config::Telemetry) -> Result<SdkTracerProvider, Error> {

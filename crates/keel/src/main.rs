@@ -5,6 +5,11 @@
 
 mod bench;
 
+/// mimalloc: per-thread caches instead of glibc malloc's contended arenas (measured in
+/// docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

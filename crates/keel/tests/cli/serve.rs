@@ -150,6 +150,11 @@ async fn bad_input_over_the_wire_is_problem_json() {
         .send()
         .await
         .unwrap();
+    assert_eq!(
+        res.headers()["connection"],
+        "close",
+        "the unread body makes the connection unusable"
+    );
     assert_problem(res, 413).await;
 
     let res = post()
