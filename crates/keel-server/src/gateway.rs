@@ -1,7 +1,7 @@
 //! Builds the gateway's routing table from config. With no `[models]` at all, Keel still
-//! serves a model `default`: OpenAI when `OPENAI_API_KEY` is set, else the in-process
-//! echo mock — said plainly at start-up and in /v1/models, so nobody mistakes echo for a
-//! model.
+//! serves a model `default`: OpenAI when `OPENAI_API_KEY` is set, else Anthropic when
+//! `ANTHROPIC_API_KEY` is, else the in-process echo mock — said plainly at start-up and in
+//! /v1/models, so nobody mistakes echo for a model.
 
 use std::collections::BTreeMap;
 
@@ -15,6 +15,8 @@ pub enum Default {
     Configured,
     /// `default` goes to OpenAI (`OPENAI_API_KEY`).
     OpenAi,
+    /// `default` goes to Anthropic (`ANTHROPIC_API_KEY`, and no `OPENAI_API_KEY`).
+    Anthropic,
     /// `default` is the in-process echo mock.
     EchoMock,
 }
@@ -45,6 +47,15 @@ pub fn router(
         (
             target(ProviderKind::Openai, "gpt-4o-mini", Some("OPENAI_API_KEY")),
             Default::OpenAi,
+        )
+    } else if env("ANTHROPIC_API_KEY").is_some() {
+        (
+            target(
+                ProviderKind::Anthropic,
+                "claude-sonnet-4-5",
+                Some("ANTHROPIC_API_KEY"),
+            ),
+            Default::Anthropic,
         )
     } else {
         (target(ProviderKind::Mock, "", None), Default::EchoMock)

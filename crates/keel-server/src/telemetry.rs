@@ -125,7 +125,7 @@ pub fn init(config: &config::Telemetry) -> Result<Telemetry, Error> {
     // never waits on a write syscall; if stdout stalls and the buffer fills, lines are
     // dropped (and counted by the appender) rather than slowing requests.
     let (stdout, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .buffered_lines_limit(65_536)
+        .buffered_lines_limit(4_096)
         .lossy(true)
         .thread_name("keel-log-writer")
         .finish(std::io::stdout());

@@ -5,11 +5,6 @@
 
 mod bench;
 
-/// mimalloc: per-thread caches instead of glibc malloc's contended arenas (measured in
-/// docs/BENCHMARKS.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -414,6 +409,9 @@ async fn serve_with_telemetry(config: Config, started: Instant) -> anyhow::Resul
         ),
         keel_server::gateway::Default::OpenAi => {
             tracing::info!("model `default` routes to OpenAI (OPENAI_API_KEY)")
+        }
+        keel_server::gateway::Default::Anthropic => {
+            tracing::info!("model `default` routes to Anthropic (ANTHROPIC_API_KEY)")
         }
         keel_server::gateway::Default::Configured => {}
     }

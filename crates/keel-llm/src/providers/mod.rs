@@ -16,7 +16,7 @@ pub(crate) fn status_error(
 ) -> ProviderError {
     let kind = match status {
         429 => ErrorKind::RateLimit,
-        401 | 402 | 403 | 404 => ErrorKind::Denied,
+        401..=404 => ErrorKind::Denied,
         408 => ErrorKind::Timeout,
         500..=599 => ErrorKind::Server,
         _ => ErrorKind::Client,

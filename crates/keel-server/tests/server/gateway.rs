@@ -796,3 +796,17 @@ async fn a_stream_that_fails_mid_way_counts_against_the_breaker() {
     );
     assert_eq!(g.calls("fault/cut?after=2").await, 1);
 }
+
+#[test]
+fn the_default_model_follows_the_provider_keys_in_the_environment() {
+    use keel_server::gateway::{Default as D, router};
+    let cfg = Config::default();
+    let pick = |vars: &'static [&'static str]| {
+        router(&cfg, &|name| vars.contains(&name).then(|| "k".to_owned()))
+            .unwrap()
+            .1
+    };
+    assert_eq!(pick(&["OPENAI_API_KEY", "ANTHROPIC_API_KEY"]), D::OpenAi);
+    assert_eq!(pick(&["ANTHROPIC_API_KEY"]), D::Anthropic);
+    assert_eq!(pick(&[]), D::EchoMock);
+}
