@@ -171,30 +171,11 @@ impl Provider for Anthropic {
             .and_then(|o| o.include_usage)
             == Some(true);
         let translator = StreamTranslator::new(self.model.clone(), now(), include_usage);
-        let first = async {
+        super::first_chunk(self.first_token_timeout, async {
             let response = self.send(&body).await?;
-            let mut chunks = chunk_stream(response.bytes_stream(), translator);
-            match chunks.next().await {
-                Some(Ok(first)) => Ok((first, chunks)),
-                Some(Err(e)) => Err(e),
-                None => Err(ProviderError::new(
-                    ErrorKind::InvalidResponse,
-                    "upstream stream ended before any chunk",
-                )),
-            }
-        };
-        let (first, rest) = match tokio::time::timeout(self.first_token_timeout, first).await {
-            Ok(result) => result?,
-            Err(_) => {
-                return Err(ProviderError::new(
-                    ErrorKind::Timeout,
-                    format!("no first token within {:?}", self.first_token_timeout),
-                ));
-            }
-        };
-        Ok(Box::pin(
-            futures_util::stream::once(async { Ok(first) }).chain(rest),
-        ))
+            Ok(chunk_stream(response.bytes_stream(), translator))
+        })
+        .await
     }
 }
 

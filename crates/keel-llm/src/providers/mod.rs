@@ -6,7 +6,10 @@ pub mod openai;
 
 use std::time::Duration;
 
+use futures_util::StreamExt as _;
+
 use crate::error::{ErrorKind, ProviderError};
+use crate::provider::ChunkStream;
 
 /// Classifies a non-success HTTP status from upstream.
 pub(crate) fn status_error(
@@ -52,4 +55,34 @@ pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Durati
         .ok()
         .filter(|s| s.is_finite() && *s >= 0.0)
         .map(Duration::from_secs_f64)
+}
+
+/// Opens an upstream stream and waits up to `timeout` for its first chunk: a failure or
+/// silence before the first token is an `Err` (so the router may fall back); after it, the
+/// stream is returned with the first chunk put back in front.
+pub(crate) async fn first_chunk<F>(timeout: Duration, open: F) -> Result<ChunkStream, ProviderError>
+where
+    F: Future<Output = Result<ChunkStream, ProviderError>> + Send,
+{
+    let first = async {
+        let mut chunks = open.await?;
+        match chunks.next().await {
+            Some(Ok(first)) => Ok((first, chunks)),
+            Some(Err(e)) => Err(e),
+            None => Err(ProviderError::new(
+                ErrorKind::InvalidResponse,
+                "upstream stream ended before any chunk",
+            )),
+        }
+    };
+    match tokio::time::timeout(timeout, first).await {
+        Ok(Ok((first, rest))) => Ok(Box::pin(
+            futures_util::stream::once(async { Ok(first) }).chain(rest),
+        )),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(ProviderError::new(
+            ErrorKind::Timeout,
+            format!("no first token within {timeout:?}"),
+        )),
+    }
 }

@@ -132,30 +132,11 @@ impl Provider for OpenAi {
 
     async fn chat_stream(&self, request: &ChatRequest) -> Result<ChunkStream, ProviderError> {
         let body = self.upstream_body(request, true);
-        let first = async {
+        super::first_chunk(self.first_token_timeout, async {
             let response = self.send(&body).await?;
-            let mut chunks = chunk_stream(response);
-            match chunks.next().await {
-                Some(Ok(first)) => Ok((first, chunks)),
-                Some(Err(e)) => Err(e),
-                None => Err(ProviderError::new(
-                    ErrorKind::InvalidResponse,
-                    "upstream stream ended before any chunk",
-                )),
-            }
-        };
-        let (first, rest) = match tokio::time::timeout(self.first_token_timeout, first).await {
-            Ok(result) => result?,
-            Err(_) => {
-                return Err(ProviderError::new(
-                    ErrorKind::Timeout,
-                    format!("no first token within {:?}", self.first_token_timeout),
-                ));
-            }
-        };
-        Ok(Box::pin(
-            futures_util::stream::once(async { Ok(first) }).chain(rest),
-        ))
+            Ok(chunk_stream(response))
+        })
+        .await
     }
 }
 

@@ -4,129 +4,13 @@
 //! cut. The mock checks requests the way Anthropic does (roles, `max_tokens`, tool
 //! pairing), so a translation mistake fails here as the 400 the real API would send.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::Router;
-use axum::body::Body;
-use axum::http::{Request, StatusCode, header};
-use http_body_util::BodyExt as _;
-use keel_core::auth::Role;
-use keel_core::config::{Config, Sources};
-use keel_core::workspace::WorkspaceName;
-use keel_server::mock_llm::{Options, Script, ScriptedReply, ScriptedToolCall};
-use keel_server::{AppState, app};
+use axum::http::StatusCode;
+use keel_server::mock_llm::{Options, ScriptedReply, ScriptedToolCall};
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
-use tower::ServiceExt as _;
 
-struct Gateway {
-    app: Router,
-    key: String,
-    mocks: [String; 2],
-    _writer: keel_server::usage::Writer,
-    _dir: tempfile::TempDir,
-}
-
-/// Starts a mock-llm on a free port and returns its root URL.
-async fn start_mock(options: Options) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(keel_server::mock_llm::serve(
-        listener,
-        options,
-        CancellationToken::new(),
-    ));
-    format!("http://{addr}")
-}
-
-/// A gateway whose `[models]` come from `models_toml`, where `MOCK` stands for an echoing
-/// mock and `SCRIPTED` for one that plays `replies`. Both are given as the API root with
-/// no `/v1`, the form Anthropic's SDKs take and the provider appends `/v1/messages` to.
-async fn gateway_with(models_toml: &str, replies: Vec<ScriptedReply>) -> Gateway {
-    let echo = start_mock(Options::default()).await;
-    let scripted = start_mock(Options {
-        script: Script { replies },
-        ..Options::default()
-    })
-    .await;
-    let dir = tempfile::tempdir().unwrap();
-    let text = models_toml
-        .replace("SCRIPTED", &scripted)
-        .replace("MOCK", &echo);
-    let mut cfg = Config::load(Sources {
-        file: Some(("test.toml".into(), text)),
-        ..Sources::default()
-    })
-    .unwrap();
-    cfg.data_dir = dir.path().to_owned();
-    let store = keel_store::open(&cfg).await.unwrap();
-    store.migrate().await.unwrap();
-    let env = |var: &str| (var == "ANTHROPIC_API_KEY").then(|| "sk-ant-test".to_owned());
-    let (router, _) = keel_server::gateway::router(&cfg, &env).unwrap();
-    let ws = store
-        .ensure_workspace(&WorkspaceName::parse("anthropic").unwrap())
-        .await
-        .unwrap();
-    let (token, _) = keel_server::auth::issue_key(store.as_ref(), ws.id, Role::Member, None)
-        .await
-        .unwrap();
-    let (usage, writer) = keel_server::usage::start(store.clone());
-    let state = AppState::new(keel_server::Parts {
-        store,
-        cache: keel_server::gateway::cache(&cfg).await,
-        config: Arc::new(cfg),
-        router: Arc::new(router),
-        usage,
-        shutdown: CancellationToken::new(),
-    });
-    Gateway {
-        app: app(state),
-        key: token.expose().to_owned(),
-        mocks: [echo, scripted],
-        _writer: writer,
-        _dir: dir,
-    }
-}
-
-async fn gateway(models_toml: &str) -> Gateway {
-    gateway_with(models_toml, Vec::new()).await
-}
-
-impl Gateway {
-    async fn chat(&self, body: Value) -> (StatusCode, String) {
-        let req = Request::post("/v1/chat/completions")
-            .header(header::AUTHORIZATION, format!("Bearer {}", self.key))
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Body::from(body.to_string()))
-            .unwrap();
-        let res = self.app.clone().oneshot(req).await.unwrap();
-        let status = res.status();
-        let bytes = res.into_body().collect().await.unwrap().to_bytes();
-        (status, String::from_utf8_lossy(&bytes).into_owned())
-    }
-
-    /// Upstream calls for `model`, on both mocks.
-    async fn calls(&self, model: &str) -> u64 {
-        let mut total = 0;
-        for mock in &self.mocks {
-            let stats: Value = reqwest::get(format!("{mock}/_mock/stats"))
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            total += stats["calls"][model].as_u64().unwrap_or(0);
-        }
-        total
-    }
-
-    async fn metrics(&self) -> String {
-        let req = Request::get("/metrics").body(Body::empty()).unwrap();
-        let res = self.app.clone().oneshot(req).await.unwrap();
-        String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
-    }
-}
+use crate::support::{gateway, gateway_with, start_mock};
 
 fn target(model: &str) -> String {
     let base = if model.starts_with("scripted") {
@@ -136,7 +20,7 @@ fn target(model: &str) -> String {
     };
     format!(
         "[[models.m.targets]]\nprovider = \"anthropic\"\nmodel = \"{model}\"\nbase_url = \"{base}\"\n\
-         api_key_env = \"ANTHROPIC_API_KEY\"\n"
+         api_key_env = \"TEST_ANTHROPIC_KEY\"\n"
     )
 }
 

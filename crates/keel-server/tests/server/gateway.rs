@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use http_body_util::BodyExt as _;
@@ -18,97 +17,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 
-struct Gateway {
-    app: Router,
-    key: String,
-    mock: String,
-    store: Arc<dyn keel_store::Store>,
-    writer: Option<keel_server::usage::Writer>,
-    _dir: tempfile::TempDir,
-}
-
-/// Starts a mock-llm on a free port and returns its base URL.
-async fn start_mock() -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(keel_server::mock_llm::serve(
-        listener,
-        Default::default(),
-        CancellationToken::new(),
-    ));
-    format!("http://{addr}")
-}
-
-/// A gateway whose `[models]` come from `models_toml`, where `MOCK` stands for the mock's
-/// base URL.
-async fn gateway(models_toml: &str) -> Gateway {
-    let mock = start_mock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let text = models_toml.replace("MOCK", &format!("{mock}/v1"));
-    let mut cfg = Config::load(Sources {
-        file: Some(("test.toml".into(), text)),
-        ..Sources::default()
-    })
-    .unwrap();
-    cfg.data_dir = dir.path().to_owned();
-    let store = keel_store::open(&cfg).await.unwrap();
-    store.migrate().await.unwrap();
-    let ws = store
-        .ensure_workspace(&WorkspaceName::parse("gw").unwrap())
-        .await
-        .unwrap();
-    let (token, _) = keel_server::auth::issue_key(store.as_ref(), ws.id, Role::Member, None)
-        .await
-        .unwrap();
-    let (router, _) = keel_server::gateway::router(&cfg, &|_| None).unwrap();
-    let (usage, writer) = keel_server::usage::start(store.clone());
-    let state = AppState::new(keel_server::Parts {
-        store: store.clone(),
-        cache: keel_server::gateway::cache(&cfg).await,
-        config: Arc::new(cfg),
-        router: Arc::new(router),
-        usage,
-        shutdown: CancellationToken::new(),
-    });
-    Gateway {
-        app: app(state),
-        key: token.expose().to_owned(),
-        mock,
-        store,
-        writer: Some(writer),
-        _dir: dir,
-    }
-}
-
-impl Gateway {
-    async fn chat(&self, body: Value) -> (StatusCode, String) {
-        let req = Request::post("/v1/chat/completions")
-            .header(header::AUTHORIZATION, format!("Bearer {}", self.key))
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Body::from(body.to_string()))
-            .unwrap();
-        let res = self.app.clone().oneshot(req).await.unwrap();
-        let status = res.status();
-        let bytes = res.into_body().collect().await.unwrap().to_bytes();
-        (status, String::from_utf8_lossy(&bytes).into_owned())
-    }
-
-    async fn calls(&self, model: &str) -> u64 {
-        let stats: Value = reqwest::get(format!("{}/_mock/stats", self.mock))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        stats["calls"][model].as_u64().unwrap_or(0)
-    }
-
-    async fn metrics(&self) -> String {
-        let req = Request::get("/metrics").body(Body::empty()).unwrap();
-        let res = self.app.clone().oneshot(req).await.unwrap();
-        String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
-    }
-}
+use crate::support::gateway;
 
 /// A request the cache leaves alone (no temperature: OpenAI's default is 1).
 fn hello(model: &str) -> Value {
@@ -124,7 +33,7 @@ fn hello0(model: &str) -> Value {
 
 fn target(model: &str) -> String {
     format!(
-        "[[models.m.targets]]\nprovider = \"openai\"\nmodel = \"{model}\"\nbase_url = \"MOCK\"\n"
+        "[[models.m.targets]]\nprovider = \"openai\"\nmodel = \"{model}\"\nbase_url = \"MOCK/v1\"\n"
     )
 }
 
@@ -309,7 +218,7 @@ async fn a_hanging_target_times_out_and_a_refused_one_is_skipped() {
     let toml = format!(
         "[models.m]\n[models.m.retry]\nmax_attempts = 1\n\
          [[models.m.targets]]\nprovider = \"openai\"\nmodel = \"refused\"\nbase_url = \"http://{closed}/v1\"\n\
-         [[models.m.targets]]\nprovider = \"openai\"\nmodel = \"fault/hang\"\nbase_url = \"MOCK\"\ntotal_timeout = \"300ms\"\n\
+         [[models.m.targets]]\nprovider = \"openai\"\nmodel = \"fault/hang\"\nbase_url = \"MOCK/v1\"\ntotal_timeout = \"300ms\"\n\
          {}",
         target("ok")
     );
@@ -424,40 +333,13 @@ async fn with_no_models_configured_default_is_a_plainly_labelled_echo() {
     );
 }
 
-impl Gateway {
-    /// Drains the usage writer: every record so far is in the store.
-    async fn flush(&mut self) {
-        self.writer.take().unwrap().finish().await;
-    }
-
-    async fn get(&self, uri: &str) -> (StatusCode, String, String) {
-        let req = Request::get(uri)
-            .header(header::AUTHORIZATION, format!("Bearer {}", self.key))
-            .body(Body::empty())
-            .unwrap();
-        let res = self.app.clone().oneshot(req).await.unwrap();
-        let status = res.status();
-        let content_type = res
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .map(|v| v.to_str().unwrap().to_owned())
-            .unwrap_or_default();
-        let bytes = res.into_body().collect().await.unwrap().to_bytes();
-        (
-            status,
-            content_type,
-            String::from_utf8_lossy(&bytes).into_owned(),
-        )
-    }
-}
-
 #[tokio::test]
 async fn every_routed_request_leaves_a_usage_row_with_its_cost() {
     let toml = "[models.priced]\n[models.priced.retry]\nmax_attempts = 1\n\
-                [[models.priced.targets]]\nprovider = \"openai\"\nmodel = \"echo\"\nbase_url = \"MOCK\"\n\
+                [[models.priced.targets]]\nprovider = \"openai\"\nmodel = \"echo\"\nbase_url = \"MOCK/v1\"\n\
                 input_price_per_mtok = 1.0\noutput_price_per_mtok = 2.0\n\
                 [models.broken]\n[models.broken.retry]\nmax_attempts = 1\n\
-                [[models.broken.targets]]\nprovider = \"openai\"\nmodel = \"fault/500\"\nbase_url = \"MOCK\"\n";
+                [[models.broken.targets]]\nprovider = \"openai\"\nmodel = \"fault/500\"\nbase_url = \"MOCK/v1\"\n";
     let mut g = gateway(toml).await;
     for _ in 0..3 {
         assert_eq!(g.chat(hello("priced")).await.0, StatusCode::OK);
@@ -552,34 +434,6 @@ async fn every_routed_request_leaves_a_usage_row_with_its_cost() {
     let (status, _, body) = g.get("/v1/usage?from=yesterday").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(body.contains("from: expected an RFC 3339 time"), "{body}");
-}
-
-impl Gateway {
-    async fn chat_with(
-        &self,
-        body: Value,
-        headers: &[(&str, &str)],
-    ) -> (StatusCode, Option<String>, String) {
-        let mut req = Request::post("/v1/chat/completions")
-            .header(header::AUTHORIZATION, format!("Bearer {}", self.key))
-            .header(header::CONTENT_TYPE, "application/json");
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let res = self
-            .app
-            .clone()
-            .oneshot(req.body(Body::from(body.to_string())).unwrap())
-            .await
-            .unwrap();
-        let status = res.status();
-        let cache = res
-            .headers()
-            .get("x-keel-cache")
-            .map(|v| v.to_str().unwrap().to_owned());
-        let bytes = res.into_body().collect().await.unwrap().to_bytes();
-        (status, cache, String::from_utf8_lossy(&bytes).into_owned())
-    }
 }
 
 #[tokio::test]
@@ -701,13 +555,13 @@ async fn a_redis_cache_is_shared_by_instances() {
     let g = gateway(&toml).await;
     // A second instance: its own router and its own cache client, the same store and Redis.
     let cfg = {
-        let text = toml.replace("MOCK", &format!("{}/v1", g.mock));
+        let text = toml.replace("MOCK", &g.mock);
         let mut cfg = Config::load(Sources {
             file: Some(("test.toml".into(), text)),
             ..Sources::default()
         })
         .unwrap();
-        cfg.data_dir = g._dir.path().to_owned();
+        cfg.data_dir = g.dir.path().to_owned();
         cfg
     };
     let cache = keel_server::gateway::cache(&cfg).await.unwrap();

@@ -12,3 +12,4 @@
 mod anthropic;
 mod api;
 mod gateway;
+mod support;
