@@ -77,7 +77,13 @@ for chunk in stream:
 check("stream tool call", name == "get_weather" and json.loads(args) == {"city": "Paris"}, (name, args))
 check("stream tool finish", finish == "tool_calls", finish)
 
-# 5. Models, and errors as the SDK's typed exceptions.
+# 5. Embeddings (the SDK asks for base64 and decodes it).
+e = client.embeddings.create(model="default", input=["hello", "world"])
+check("embeddings count", len(e.data) == 2, e)
+check("embeddings vectors", len(e.data[0].embedding) == 8 and e.data[0].embedding != e.data[1].embedding, e.data[0])
+check("embeddings usage", e.usage.prompt_tokens == 2, e.usage)
+
+# 6. Models, and errors as the SDK's typed exceptions.
 ids = [m.id for m in client.models.list()]
 check("models", "default" in ids, ids)
 try:

@@ -21,7 +21,7 @@ use crate::breaker::{self, Breaker};
 use crate::error::{Error, ErrorKind, ProviderError, Result};
 use crate::provider::{ChunkStream, Provider};
 use crate::providers;
-use crate::types::{ChatRequest, ChatResponse};
+use crate::types::{ChatRequest, ChatResponse, EmbeddingsRequest, EmbeddingsResponse};
 
 /// One target of a route, with its live state.
 #[derive(Debug)]
@@ -191,6 +191,21 @@ impl Router {
         let (mut response, _permit, served) = run(route, |t| {
             let provider = t.provider.clone();
             async move { provider.chat(request).await }
+        })
+        .await?;
+        response.model.clone_from(&route.name);
+        Ok((response, served))
+    }
+
+    /// Embeddings from the route named by `request.model`.
+    pub async fn embeddings(
+        &self,
+        request: &EmbeddingsRequest,
+    ) -> Result<(EmbeddingsResponse, Served)> {
+        let route = self.route(&request.model)?;
+        let (mut response, _permit, served) = run(route, |t| {
+            let provider = t.provider.clone();
+            async move { provider.embeddings(request).await }
         })
         .await?;
         response.model.clone_from(&route.name);

@@ -193,3 +193,59 @@ pub struct ChunkChoice {
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
+
+/// POST /v1/embeddings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EmbeddingsRequest {
+    /// The public model (route) name.
+    pub model: String,
+    /// A string, an array of strings, or token arrays.
+    pub input: Value,
+    /// `float` (default) or `base64`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoding_format: Option<String>,
+    /// Everything else (`dimensions`, `user`, …).
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl EmbeddingsRequest {
+    /// The input texts (token-array inputs count as empty texts).
+    #[must_use]
+    pub fn texts(&self) -> Vec<String> {
+        match &self.input {
+            Value::String(s) => vec![s.clone()],
+            Value::Array(items) => items
+                .iter()
+                .map(|i| i.as_str().unwrap_or_default().to_owned())
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Token counts of an embeddings request.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EmbeddingsUsage {
+    /// Tokens in the input.
+    pub prompt_tokens: u64,
+    /// The same.
+    pub total_tokens: u64,
+}
+
+/// The embeddings answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EmbeddingsResponse {
+    /// `list`.
+    pub object: String,
+    /// One `{object: "embedding", index, embedding}` per input.
+    pub data: Vec<Value>,
+    /// The model (the route name on Keel's side).
+    pub model: String,
+    /// Token counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<EmbeddingsUsage>,
+    /// Anything else.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}

@@ -194,7 +194,9 @@ pub fn app(state: AppState) -> Router {
         .routes(routes!(routes::workspaces::current))
         .routes(routes!(routes::gateway::models))
         .routes(routes!(routes::usage::usage));
-    let member = OpenApiRouter::new().routes(routes!(routes::gateway::chat_completions));
+    let member = OpenApiRouter::new()
+        .routes(routes!(routes::gateway::chat_completions))
+        .routes(routes!(routes::gateway::embeddings));
     let admin = OpenApiRouter::new()
         .routes(routes!(routes::keys::create, routes::keys::list))
         .routes(routes!(routes::keys::revoke));

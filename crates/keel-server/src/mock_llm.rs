@@ -26,6 +26,9 @@
 //! before). Its echo is the last user message's text, where a `tool_result` counts as text
 //! (one per line), so a follow-up turn echoes the tool results it carried.
 //!
+//! `POST /v1/embeddings` answers deterministic 8-dimension vectors (floats, or base64 when
+//! asked), with the same directives.
+//!
 //! `GET /_mock/stats` returns calls per model, both endpoints together; `DELETE
 //! /_mock/stats` resets them.
 
@@ -136,6 +139,7 @@ fn app_with_shutdown(options: Options, shutdown: CancellationToken) -> axum::Rou
     axum::Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/messages", post(messages))
+        .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
         .route("/_mock/stats", get(stats).delete(reset))
         .with_state(state)
@@ -314,6 +318,18 @@ async fn chat(State(mock): State<Arc<Mock>>, Json(request): Json<ChatRequest>) -
     } else {
         Json(whole_reply(&request, reply)).into_response()
     }
+}
+
+/// OpenAI embeddings: deterministic vectors (floats or base64), with the same fault
+/// directives as chat.
+async fn embeddings(
+    State(mock): State<Arc<Mock>>,
+    Json(request): Json<keel_llm::types::EmbeddingsRequest>,
+) -> Response {
+    if let Plan::Answer(response) = plan(&mock, &request.model, false, Wire::OpenAi).await {
+        return response;
+    }
+    Json(keel_llm::providers::mock::embed(&request, &request.model)).into_response()
 }
 
 fn next_reply(mock: &Mock, request: &ChatRequest) -> ScriptedReply {

@@ -7,7 +7,10 @@ use serde_json::{Map, json};
 
 use crate::error::ProviderError;
 use crate::provider::{ChunkStream, Provider};
-use crate::types::{ChatChunk, ChatRequest, ChatResponse, Choice, ChunkChoice, Message, Usage};
+use crate::types::{
+    ChatChunk, ChatRequest, ChatResponse, Choice, ChunkChoice, EmbeddingsRequest,
+    EmbeddingsResponse, EmbeddingsUsage, Message, Usage,
+};
 
 /// Echoes the last user message back.
 #[derive(Debug, Default)]
@@ -53,6 +56,13 @@ fn now() -> u64 {
 
 #[async_trait::async_trait]
 impl Provider for Mock {
+    async fn embeddings(
+        &self,
+        request: &EmbeddingsRequest,
+    ) -> Result<EmbeddingsResponse, ProviderError> {
+        Ok(embed(request, &request.model))
+    }
+
     async fn chat(&self, request: &ChatRequest) -> Result<ChatResponse, ProviderError> {
         let (text, usage) = echo(request);
         Ok(ChatResponse {
@@ -119,5 +129,49 @@ impl Provider for Mock {
             chunks.push(chunk(json!({}), None, Some(usage)));
         }
         Ok(Box::pin(futures_util::stream::iter(chunks).map(Ok)))
+    }
+}
+
+/// Deterministic embeddings for `request` (shared with `keel mock-llm`): 8 dimensions
+/// derived from each text's bytes, as floats or base64 of little-endian f32s.
+#[must_use]
+pub fn embed(request: &EmbeddingsRequest, model: &str) -> EmbeddingsResponse {
+    use base64::Engine as _;
+    let base64 = request.encoding_format.as_deref() == Some("base64");
+    let texts = request.texts();
+    let data = texts
+        .iter()
+        .enumerate()
+        .map(|(index, text)| {
+            let mut v = [0f32; 8];
+            for (i, b) in text.bytes().enumerate() {
+                v[i % 8] += f32::from(b) / 255.0;
+            }
+            let norm = v
+                .iter()
+                .map(|x| x * x)
+                .sum::<f32>()
+                .sqrt()
+                .max(f32::EPSILON);
+            let v: Vec<f32> = v.iter().map(|x| x / norm).collect();
+            let embedding = if base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                serde_json::json!(v)
+            };
+            serde_json::json!({"object": "embedding", "index": index, "embedding": embedding})
+        })
+        .collect();
+    let tokens: u64 = texts.iter().map(|t| approx_tokens(t)).sum();
+    EmbeddingsResponse {
+        object: "list".to_owned(),
+        data,
+        model: model.to_owned(),
+        usage: Some(EmbeddingsUsage {
+            prompt_tokens: tokens,
+            total_tokens: tokens,
+        }),
+        extra: Map::new(),
     }
 }

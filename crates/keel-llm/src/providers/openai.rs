@@ -11,7 +11,7 @@ use super::{retry_after, status_error, transport_error};
 use crate::error::{ErrorKind, ProviderError};
 use crate::provider::{ChunkStream, Provider};
 use crate::sse;
-use crate::types::{ChatChunk, ChatRequest, ChatResponse};
+use crate::types::{ChatChunk, ChatRequest, ChatResponse, EmbeddingsRequest, EmbeddingsResponse};
 
 /// A target that speaks OpenAI Chat Completions.
 pub struct OpenAi {
@@ -137,6 +137,41 @@ impl Provider for OpenAi {
             Ok(chunk_stream(response))
         })
         .await
+    }
+
+    async fn embeddings(
+        &self,
+        request: &EmbeddingsRequest,
+    ) -> Result<EmbeddingsResponse, ProviderError> {
+        let mut body = request.clone();
+        body.model.clone_from(&self.model);
+        let url = self.url.replacen("/chat/completions", "/embeddings", 1);
+        let mut req = self
+            .client
+            .post(url)
+            .timeout(self.total_timeout)
+            .json(&body);
+        if let Some(key) = &self.api_key {
+            req = if self.azure {
+                req.header("api-key", key)
+            } else {
+                req.bearer_auth(key)
+            };
+        }
+        let response = req.send().await.map_err(|e| transport_error(&e))?;
+        let status = response.status();
+        if !status.is_success() {
+            let retry_after = retry_after(response.headers());
+            let text = response.text().await.unwrap_or_default();
+            return Err(status_error(status.as_u16(), retry_after, &text));
+        }
+        let bytes = response.bytes().await.map_err(|e| transport_error(&e))?;
+        serde_json::from_slice(&bytes).map_err(|e| {
+            ProviderError::new(
+                ErrorKind::InvalidResponse,
+                format!("upstream sent malformed JSON: {e}"),
+            )
+        })
     }
 }
 

@@ -17,7 +17,7 @@ use keel_core::auth::Principal;
 use keel_core::config::ProviderKind;
 use keel_llm::cache::{Cached, Key};
 use keel_llm::router::Served;
-use keel_llm::types::{ChatRequest, Usage};
+use keel_llm::types::{ChatRequest, EmbeddingsRequest, Usage};
 use keel_store::UsageRecord;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
@@ -234,6 +234,56 @@ pub(crate) async fn chat_completions(
         sse(Body::from_stream(frames)),
         cache_key.map(|_| "miss"),
     ))
+}
+
+/// Creates embeddings (OpenAI format). Requires role: member.
+#[utoipa::path(post, path = "/v1/embeddings", tag = super::GATEWAY,
+    request_body(content = Object, description = "An OpenAI embeddings request; `model` is a Keel route name"),
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "The embeddings", body = Object),
+        (status = 400, description = "Malformed request, or the route's provider has no embeddings", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown model", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Every target failed", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn embeddings(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    AppJson(request): AppJson<EmbeddingsRequest>,
+) -> Result<Response, ApiError> {
+    let texts = request.texts();
+    let valid = match &request.input {
+        Value::String(s) => !s.is_empty(),
+        Value::Array(items) => !items.is_empty() && items.len() <= 2048,
+        _ => false,
+    };
+    if !valid {
+        return Err(ApiError::bad_request(
+            "input: must be a non-empty string or an array of 1 to 2048 inputs",
+        ));
+    }
+    let started = Instant::now();
+    match state.router().embeddings(&request).await {
+        Ok((response, served)) => {
+            let (prompt_tokens, estimated) = match response.usage {
+                Some(u) => (u.prompt_tokens, false),
+                None => (texts.iter().map(|t| approx_tokens(t)).sum(), true),
+            };
+            let usage = Usage {
+                prompt_tokens,
+                completion_tokens: 0,
+                total_tokens: prompt_tokens,
+            };
+            let record = Account::new(&state, &principal, &served, started)
+                .record(usage, estimated, None, "ok");
+            state.usage().record(record).await;
+            Ok(Json(response).into_response())
+        }
+        Err(e) => {
+            record_failure(&state, &principal, &request.model, &e, started).await;
+            Err(e.into())
+        }
+    }
 }
 
 /// Streams kept for the cache are abandoned past this many bytes.

@@ -470,6 +470,7 @@ async fn openapi_lists_every_route_and_every_listed_route_exists() {
         "POST /v1/chat/completions",
         "GET /v1/models",
         "GET /v1/usage",
+        "POST /v1/embeddings",
     ]
     .map(str::to_owned)
     .into();

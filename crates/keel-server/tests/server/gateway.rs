@@ -664,3 +664,79 @@ fn the_default_model_follows_the_provider_keys_in_the_environment() {
     assert_eq!(pick(&["ANTHROPIC_API_KEY"]), D::Anthropic);
     assert_eq!(pick(&[]), D::EchoMock);
 }
+
+#[tokio::test]
+async fn embeddings_are_routed_with_fallback_and_accounted() {
+    let toml = format!(
+        "{}[models.claude]\n[[models.claude.targets]]\nprovider = \"anthropic\"\nmodel = \"c\"\nbase_url = \"MOCK\"\n",
+        route("max_attempts = 1", &["fault/500", "embed"])
+    );
+    let mut g = gateway(&toml).await;
+    let req = |model: &str, input: Value| {
+        Request::post("/v1/embeddings")
+            .header(header::AUTHORIZATION, format!("Bearer {}", g.key))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(
+                json!({"model": model, "input": input}).to_string(),
+            ))
+            .unwrap()
+    };
+    let res = g
+        .app
+        .clone()
+        .oneshot(req("m", json!(["hello", "world"])))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let v: Value =
+        serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(v["model"], "m");
+    assert_eq!(v["data"].as_array().unwrap().len(), 2);
+    assert_eq!(v["data"][0]["embedding"].as_array().unwrap().len(), 8);
+    assert_ne!(
+        v["data"][0]["embedding"], v["data"][1]["embedding"],
+        "different texts, different vectors"
+    );
+    assert_eq!(
+        (g.calls("fault/500").await, g.calls("embed").await),
+        (1, 1),
+        "fell back"
+    );
+
+    let res = g.app.clone().oneshot(req("m", json!([]))).await.unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST, "empty input");
+    let res = g
+        .app
+        .clone()
+        .oneshot(req("claude", json!("x")))
+        .await
+        .unwrap();
+    assert_eq!(
+        res.status(),
+        StatusCode::BAD_REQUEST,
+        "Anthropic has no embeddings API"
+    );
+
+    g.flush().await;
+    let now = time::OffsetDateTime::now_utc();
+    let ws = g
+        .store
+        .workspace_by_name(&WorkspaceName::parse("gw").unwrap())
+        .await
+        .unwrap();
+    let rows = g
+        .store
+        .usage_summary(
+            ws.id,
+            now - time::Duration::hours(1),
+            now + time::Duration::hours(1),
+            GroupBy::Model,
+        )
+        .await
+        .unwrap();
+    let embed = rows.iter().find(|r| r.group == "embed").unwrap();
+    assert_eq!(
+        (embed.requests, embed.input_tokens, embed.output_tokens),
+        (1, 2, 0)
+    );
+}

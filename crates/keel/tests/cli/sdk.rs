@@ -61,5 +61,5 @@ async fn the_openai_python_sdk_works_unchanged() {
         String::from_utf8_lossy(&out.stderr),
         keel.output()
     );
-    assert!(stdout.contains("13 passed, 0 failed"), "{stdout}");
+    assert!(stdout.contains("16 passed, 0 failed"), "{stdout}");
 }
