@@ -13,6 +13,7 @@ pub mod provider;
 pub mod providers;
 pub mod router;
 pub mod sse;
+pub mod tokens;
 pub mod types;
 
 pub use error::{Error, ErrorKind, ProviderError, Result};

@@ -16,6 +16,7 @@
 //! | `fault/malformed` | 200 with a body that is not JSON (or a malformed event) |
 //! | `fault/close` | drops the connection without answering |
 //! | `flaky/STATUS?fail=N` | the first N calls get STATUS, later ones answer |
+//! | `nousage…` | answers without token counts (as some compatible servers do) |
 //! | anything else | the next scripted reply (`--script`), else an echo of the last user message |
 //!
 //! `/v1/messages` checks requests the way Anthropic does, so a translation mistake shows
@@ -381,14 +382,26 @@ fn whole_reply(request: &ChatRequest, reply: ScriptedReply) -> Value {
     if let Some(calls) = tool_calls {
         message["tool_calls"] = calls;
     }
-    json!({
+    let mut answer = json!({
         "id": format!("chatcmpl-{}", response_id()),
         "object": "chat.completion",
         "created": 0,
         "model": request.model,
         "choices": [{"index": 0, "message": message, "finish_reason": finish}],
         "usage": usage,
-    })
+    });
+    if reports_no_usage(request)
+        && let Some(obj) = answer.as_object_mut()
+    {
+        obj.remove("usage");
+    }
+    answer
+}
+
+/// Model names starting with `nousage` get answers without token counts, as some
+/// OpenAI-compatible servers send.
+fn reports_no_usage(request: &ChatRequest) -> bool {
+    request.model.starts_with("nousage")
 }
 
 fn response_id() -> String {
@@ -423,6 +436,7 @@ fn stream_reply(request: &ChatRequest, reply: ScriptedReply, cut_after: Option<u
         .as_ref()
         .and_then(|o| o.include_usage)
         == Some(true)
+        && !reports_no_usage(request)
     {
         events.push(
             json!({"id": id, "object": "chat.completion.chunk", "created": 0, "model": model,

@@ -415,6 +415,8 @@ async fn serve_with_telemetry(config: Config, started: Instant) -> anyhow::Resul
         }
         keel_server::gateway::Default::Configured => {}
     }
+    // Load the tokenizer used for estimated usage off the request path.
+    tokio::task::spawn_blocking(keel_llm::tokens::warm);
     let config = Arc::new(config);
     let (usage, usage_writer) = keel_server::usage::start(store.clone());
     let state = AppState::new(Parts {

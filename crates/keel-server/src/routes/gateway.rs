@@ -576,9 +576,9 @@ fn estimate(request: &ChatRequest, completion: &str) -> Usage {
     }
 }
 
-/// About four characters a token, the usual rule for English with GPT tokenizers.
+/// Tokens in `text`, with a real tokenizer (o200k_base), for estimated usage.
 fn approx_tokens(text: &str) -> u64 {
-    (text.chars().count() as u64).div_ceil(4)
+    keel_llm::tokens::count(text)
 }
 
 fn error_frame(code: &str, message: &str) -> String {

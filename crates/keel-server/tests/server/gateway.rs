@@ -740,3 +740,41 @@ async fn embeddings_are_routed_with_fallback_and_accounted() {
         (1, 2, 0)
     );
 }
+
+#[tokio::test]
+async fn without_provider_usage_tokens_are_counted_with_a_real_tokenizer() {
+    let mut g = gateway(&route("max_attempts = 1", &["nousage"])).await;
+    let word = json!({"model": "m", "messages": [{"role": "user", "content": "antidisestablishmentarianism"}]});
+    assert_eq!(g.chat(word.clone()).await.0, StatusCode::OK);
+    let mut streamed = word;
+    streamed["stream"] = json!(true);
+    assert_eq!(g.chat(streamed).await.0, StatusCode::OK);
+    g.flush().await;
+    let now = time::OffsetDateTime::now_utc();
+    let ws = g
+        .store
+        .workspace_by_name(&WorkspaceName::parse("gw").unwrap())
+        .await
+        .unwrap();
+    let rows = g
+        .store
+        .usage_summary(
+            ws.id,
+            now - time::Duration::hours(1),
+            now + time::Duration::hours(1),
+            GroupBy::Route,
+        )
+        .await
+        .unwrap();
+    let expected = keel_llm::tokens::count("antidisestablishmentarianism");
+    assert!(expected > 1, "one word, several BPE tokens");
+    assert_eq!(
+        (
+            rows[0].requests,
+            rows[0].input_tokens,
+            rows[0].output_tokens
+        ),
+        (2, 2 * expected, 2 * expected),
+        "{rows:?}"
+    );
+}
