@@ -16,6 +16,7 @@
 //! | `fault/malformed` | 200 with a body that is not JSON (or a malformed event) |
 //! | `fault/close` | drops the connection without answering |
 //! | `flaky/STATUS?fail=N` | the first N calls get STATUS, later ones answer |
+//! | `fault/drip?interval_ms=N` | streams a chunk every N ms for a long time; counts streams whose client leaves (`abandoned_streams`) |
 //! | `nousage…` | answers without token counts (as some compatible servers do) |
 //! | anything else | the next scripted reply (`--script`), else an echo of the last user message |
 //!
@@ -111,6 +112,8 @@ struct Mock {
     shutdown: CancellationToken,
     next_reply: AtomicUsize,
     calls: Mutex<HashMap<String, u64>>,
+    /// Streams whose client went away before the end (`fault/drip`).
+    abandoned: std::sync::atomic::AtomicU64,
 }
 
 impl Mock {
@@ -169,7 +172,8 @@ async fn stats(State(mock): State<Arc<Mock>>) -> Json<Value> {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .clone();
-    Json(json!({ "calls": calls }))
+    let abandoned = mock.abandoned.load(Ordering::Relaxed);
+    Json(json!({ "calls": calls, "abandoned_streams": abandoned }))
 }
 
 async fn reset(State(mock): State<Arc<Mock>>) -> StatusCode {
@@ -313,6 +317,14 @@ async fn chat(State(mock): State<Arc<Mock>>, Json(request): Json<ChatRequest>) -
         Plan::Answer(response) => return response,
         Plan::Reply { cut_after } => cut_after,
     };
+    let (name, params) = directive(&request.model);
+    if stream && name == "fault/drip" {
+        return drip(
+            &mock,
+            &request,
+            Duration::from_millis(param(&params, "interval_ms", 20)),
+        );
+    }
     let reply = next_reply(&mock, &request);
     if stream {
         stream_reply(&request, reply, cut_after)
@@ -449,6 +461,55 @@ fn stream_reply(request: &ChatRequest, reply: ScriptedReply, cut_after: Option<u
 
 /// An SSE response of `frames`, then `end`; with `cut_after`, only the first N frames and
 /// then a dropped connection.
+/// `fault/drip`: a long stream, one chunk every `interval`, that counts itself in
+/// `abandoned_streams` if its client goes away before the end — how tests see that
+/// Keel cancels the upstream request when its own client disconnects.
+fn drip(mock: &Arc<Mock>, request: &ChatRequest, interval: Duration) -> Response {
+    struct Guard {
+        mock: Arc<Mock>,
+        done: bool,
+    }
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            if !self.done {
+                self.mock.abandoned.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    const CHUNKS: u32 = 1_000;
+    let model = request.model.clone();
+    let guard = Guard {
+        mock: mock.clone(),
+        done: false,
+    };
+    let frames = futures_util::stream::unfold((0u32, guard), move |(i, mut guard)| {
+        let model = model.clone();
+        async move {
+            if guard.done {
+                return None;
+            }
+            tokio::time::sleep(interval).await;
+            let frame = if i + 1 >= CHUNKS {
+                guard.done = true;
+                "data: [DONE]\n\n".to_owned()
+            } else {
+                let chunk = json!({"id": "chatcmpl-drip", "object": "chat.completion.chunk", "created": 0, "model": model,
+                                   "choices": [{"index": 0, "delta": {"content": "drip "}, "finish_reason": null}]});
+                format!("data: {chunk}\n\n")
+            };
+            Some((Ok::<_, std::io::Error>(Bytes::from(frame)), (i + 1, guard)))
+        }
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(frames),
+    )
+        .into_response()
+}
+
 fn sse_response(
     frames: Vec<String>,
     end: Option<&'static str>,

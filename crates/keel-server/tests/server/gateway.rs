@@ -778,3 +778,60 @@ async fn without_provider_usage_tokens_are_counted_with_a_real_tokenizer() {
         "{rows:?}"
     );
 }
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_stream_cancels_the_upstream_request() {
+    let mut g = gateway(&route("max_attempts = 1", &["fault/drip?interval_ms=20"])).await;
+    let mut body = hello("m");
+    body["stream"] = json!(true);
+    let req = Request::post("/v1/chat/completions")
+        .header(header::AUTHORIZATION, format!("Bearer {}", g.key))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let res = g.app.clone().oneshot(req).await.unwrap();
+    let mut stream = res.into_body();
+    let first = stream.frame().await.unwrap().unwrap();
+    assert!(first.data_ref().is_some_and(|d| d.starts_with(b"data: ")));
+    drop(stream); // the client goes away
+    let mut abandoned = 0;
+    for _ in 0..50 {
+        let stats: Value = reqwest::get(format!("{}/_mock/stats", g.mock))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        abandoned = stats["abandoned_streams"].as_u64().unwrap_or(0);
+        if abandoned > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        abandoned, 1,
+        "the upstream stream was dropped, not left running"
+    );
+    g.flush().await;
+    let now = time::OffsetDateTime::now_utc();
+    let ws = g
+        .store
+        .workspace_by_name(&WorkspaceName::parse("gw").unwrap())
+        .await
+        .unwrap();
+    let rows = g
+        .store
+        .usage_summary(
+            ws.id,
+            now - time::Duration::hours(1),
+            now + time::Duration::hours(1),
+            GroupBy::Route,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (rows[0].requests, rows[0].errors),
+        (1, 1),
+        "accounted as canceled: {rows:?}"
+    );
+}
