@@ -127,7 +127,7 @@ impl Anthropic {
             return Ok(response);
         }
         let retry_after = retry_after(response.headers());
-        let text = response.text().await.unwrap_or_default();
+        let text = super::error_text(response).await;
         Err(status_error(status.as_u16(), retry_after, &text))
     }
 }
@@ -145,7 +145,7 @@ impl Provider for Anthropic {
         let body = to_messages_request(request, &self.model, false)?;
         let call = async {
             let response = self.send(&body).await?;
-            let bytes = response.bytes().await.map_err(|e| transport_error(&e))?;
+            let bytes = super::read_capped(response, super::MAX_ANSWER_BYTES).await?;
             let message = serde_json::from_slice::<wire::Message>(&bytes).map_err(|e| {
                 ProviderError::new(
                     ErrorKind::InvalidResponse,

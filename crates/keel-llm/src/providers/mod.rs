@@ -86,3 +86,40 @@ where
         )),
     }
 }
+
+/// Largest whole answer read from upstream.
+pub(crate) const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
+/// Largest error body read from upstream (only its start is ever shown).
+pub(crate) const MAX_ERROR_BYTES: usize = 64 * 1024;
+
+/// Reads a response body, refusing one larger than `limit`: a broken upstream or proxy
+/// must not make the gateway hold an unbounded body.
+pub(crate) async fn read_capped(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<bytes::Bytes, ProviderError> {
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| transport_error(&e))? {
+        if body.len() + chunk.len() > limit {
+            return Err(ProviderError::new(
+                ErrorKind::InvalidResponse,
+                format!("upstream answer larger than {limit} bytes"),
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// The start of an error body, as text (at most [`MAX_ERROR_BYTES`] are read).
+pub(crate) async fn error_text(mut response: reqwest::Response) -> String {
+    let mut body = Vec::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        let room = MAX_ERROR_BYTES.saturating_sub(body.len());
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() >= MAX_ERROR_BYTES {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&body).into_owned()
+}

@@ -100,7 +100,7 @@ impl OpenAi {
             return Ok(response);
         }
         let retry_after = retry_after(response.headers());
-        let text = response.text().await.unwrap_or_default();
+        let text = super::error_text(response).await;
         Err(status_error(status.as_u16(), retry_after, &text))
     }
 }
@@ -111,7 +111,7 @@ impl Provider for OpenAi {
         let body = self.upstream_body(request, false);
         let call = async {
             let response = self.send(&body).await?;
-            let bytes = response.bytes().await.map_err(|e| transport_error(&e))?;
+            let bytes = super::read_capped(response, super::MAX_ANSWER_BYTES).await?;
             serde_json::from_slice::<ChatResponse>(&bytes).map_err(|e| {
                 ProviderError::new(
                     ErrorKind::InvalidResponse,
@@ -162,10 +162,10 @@ impl Provider for OpenAi {
         let status = response.status();
         if !status.is_success() {
             let retry_after = retry_after(response.headers());
-            let text = response.text().await.unwrap_or_default();
+            let text = super::error_text(response).await;
             return Err(status_error(status.as_u16(), retry_after, &text));
         }
-        let bytes = response.bytes().await.map_err(|e| transport_error(&e))?;
+        let bytes = super::read_capped(response, super::MAX_ANSWER_BYTES).await?;
         serde_json::from_slice(&bytes).map_err(|e| {
             ProviderError::new(
                 ErrorKind::InvalidResponse,
