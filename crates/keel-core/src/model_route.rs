@@ -107,6 +107,15 @@ pub struct Target {
     /// Relative weight for the `weighted` strategy.
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// Ask this target for usage on streams (`stream_options.include_usage`), so
+    /// accounting is exact. Turn off for old OpenAI-compatible servers that reject the
+    /// field; their streams are then counted with the tokenizer and marked estimated.
+    #[serde(default = "default_true")]
+    pub stream_usage: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_connect_timeout() -> Duration {

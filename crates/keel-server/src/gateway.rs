@@ -42,6 +42,7 @@ pub fn router(
         output_price_per_mtok: 0.0,
         max_concurrency: 256,
         weight: 1,
+        stream_usage: true,
     };
     let (chosen, kind) = if env("OPENAI_API_KEY").is_some() {
         (

@@ -165,12 +165,9 @@ impl Provider for Anthropic {
 
     async fn chat_stream(&self, request: &ChatRequest) -> Result<ChunkStream, ProviderError> {
         let body = to_messages_request(request, &self.model, true)?;
-        let include_usage = request
-            .stream_options
-            .as_ref()
-            .and_then(|o| o.include_usage)
-            == Some(true);
-        let translator = StreamTranslator::new(self.model.clone(), now(), include_usage);
+        // Anthropic always reports usage; emit it as a chunk so accounting is exact (the
+        // gateway passes it on only to clients that asked for it).
+        let translator = StreamTranslator::new(self.model.clone(), now(), true);
         super::first_chunk(self.first_token_timeout, async {
             let response = self.send(&body).await?;
             Ok(chunk_stream(response.bytes_stream(), translator))
@@ -1056,6 +1053,7 @@ mod tests {
             output_price_per_mtok: 0.0,
             max_concurrency: 1,
             weight: 1,
+            stream_usage: true,
         }
     }
 

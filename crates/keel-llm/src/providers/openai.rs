@@ -20,6 +20,7 @@ pub struct OpenAi {
     model: String,
     api_key: Option<String>,
     azure: bool,
+    stream_usage: bool,
     first_token_timeout: Duration,
     total_timeout: Duration,
 }
@@ -61,6 +62,7 @@ impl OpenAi {
             model: target.model.clone(),
             api_key,
             azure: target.api_version.is_some(),
+            stream_usage: target.stream_usage,
             first_token_timeout: target.first_token_timeout,
             total_timeout: target.total_timeout,
         })
@@ -86,6 +88,13 @@ impl OpenAi {
         let mut body = request.clone();
         body.model.clone_from(&self.model);
         body.stream = stream.then_some(true);
+        if stream && self.stream_usage {
+            // Always ask for usage on streams, so accounting is exact; the gateway passes
+            // the usage chunk on only to clients that asked for it.
+            body.stream_options
+                .get_or_insert_with(Default::default)
+                .include_usage = Some(true);
+        }
         body
     }
 

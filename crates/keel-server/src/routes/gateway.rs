@@ -69,7 +69,7 @@ pub(crate) async fn chat_completions(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     headers: HeaderMap,
-    AppJson(mut request): AppJson<ChatRequest>,
+    AppJson(request): AppJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
     if request.messages.is_empty() {
         return Err(ApiError::bad_request(
@@ -132,12 +132,6 @@ pub(crate) async fn chat_completions(
         };
     }
 
-    // Always ask upstream for usage, so accounting is exact; the usage chunk reaches the
-    // client only if it asked for it.
-    request
-        .stream_options
-        .get_or_insert_with(Default::default)
-        .include_usage = Some(true);
     let (chunks, served) = match router.chat_stream(&request).await {
         Ok(ok) => ok,
         Err(e) => {

@@ -835,3 +835,38 @@ async fn a_client_that_leaves_mid_stream_cancels_the_upstream_request() {
         "accounted as canceled: {rows:?}"
     );
 }
+
+#[tokio::test]
+async fn stream_usage_off_leaves_include_usage_out_and_estimates_instead() {
+    let toml = "[models.m]\n[models.m.retry]\nmax_attempts = 1\n\
+                [[models.m.targets]]\nprovider = \"openai\"\nmodel = \"plain\"\nbase_url = \"MOCK/v1\"\nstream_usage = false\n";
+    let mut g = gateway(toml).await;
+    let word = "antidisestablishmentarianism";
+    let body =
+        json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": word}]});
+    assert_eq!(g.chat(body).await.0, StatusCode::OK);
+    g.flush().await;
+    let now = time::OffsetDateTime::now_utc();
+    let ws = g
+        .store
+        .workspace_by_name(&WorkspaceName::parse("gw").unwrap())
+        .await
+        .unwrap();
+    let rows = g
+        .store
+        .usage_summary(
+            ws.id,
+            now - time::Duration::hours(1),
+            now + time::Duration::hours(1),
+            GroupBy::Route,
+        )
+        .await
+        .unwrap();
+    // The mock counts words (1) when asked for usage; the tokenizer counts BPE tokens.
+    let tokens = keel_llm::tokens::count(word);
+    assert_eq!(
+        (rows[0].input_tokens, rows[0].output_tokens),
+        (tokens, tokens),
+        "{rows:?}"
+    );
+}
