@@ -361,24 +361,7 @@ async fn every_routed_request_leaves_a_usage_row_with_its_cost() {
         StatusCode::NOT_FOUND,
         "not routed, not recorded"
     );
-    g.flush().await;
-
-    let now = time::OffsetDateTime::now_utc();
-    let ws = g
-        .store
-        .workspace_by_name(&WorkspaceName::parse("gw").unwrap())
-        .await
-        .unwrap();
-    let rows = g
-        .store
-        .usage_summary(
-            ws.id,
-            now - time::Duration::hours(1),
-            now + time::Duration::hours(1),
-            GroupBy::Route,
-        )
-        .await
-        .unwrap();
+    let rows = g.usage(GroupBy::Route).await;
     assert_eq!(rows.len(), 2, "{rows:?}");
     let broken = &rows[0];
     assert_eq!(
@@ -484,23 +467,7 @@ async fn deterministic_requests_are_cached_and_replayed_streams_included() {
         "the usage chunk Keel asked for is not replayed unasked"
     );
 
-    g.flush().await;
-    let now = time::OffsetDateTime::now_utc();
-    let ws = g
-        .store
-        .workspace_by_name(&WorkspaceName::parse("gw").unwrap())
-        .await
-        .unwrap();
-    let rows = g
-        .store
-        .usage_summary(
-            ws.id,
-            now - time::Duration::hours(1),
-            now + time::Duration::hours(1),
-            GroupBy::Route,
-        )
-        .await
-        .unwrap();
+    let rows = g.usage(GroupBy::Route).await;
     assert_eq!((rows[0].requests, rows[0].cache_hits), (8, 3), "{rows:?}");
 }
 
@@ -717,23 +684,7 @@ async fn embeddings_are_routed_with_fallback_and_accounted() {
         "Anthropic has no embeddings API"
     );
 
-    g.flush().await;
-    let now = time::OffsetDateTime::now_utc();
-    let ws = g
-        .store
-        .workspace_by_name(&WorkspaceName::parse("gw").unwrap())
-        .await
-        .unwrap();
-    let rows = g
-        .store
-        .usage_summary(
-            ws.id,
-            now - time::Duration::hours(1),
-            now + time::Duration::hours(1),
-            GroupBy::Model,
-        )
-        .await
-        .unwrap();
+    let rows = g.usage(GroupBy::Model).await;
     let embed = rows.iter().find(|r| r.group == "embed").unwrap();
     assert_eq!(
         (embed.requests, embed.input_tokens, embed.output_tokens),
@@ -749,23 +700,7 @@ async fn without_provider_usage_tokens_are_counted_with_a_real_tokenizer() {
     let mut streamed = word;
     streamed["stream"] = json!(true);
     assert_eq!(g.chat(streamed).await.0, StatusCode::OK);
-    g.flush().await;
-    let now = time::OffsetDateTime::now_utc();
-    let ws = g
-        .store
-        .workspace_by_name(&WorkspaceName::parse("gw").unwrap())
-        .await
-        .unwrap();
-    let rows = g
-        .store
-        .usage_summary(
-            ws.id,
-            now - time::Duration::hours(1),
-            now + time::Duration::hours(1),
-            GroupBy::Route,
-        )
-        .await
-        .unwrap();
+    let rows = g.usage(GroupBy::Route).await;
     let expected = keel_llm::tokens::count("antidisestablishmentarianism");
     assert!(expected > 1, "one word, several BPE tokens");
     assert_eq!(
@@ -812,23 +747,7 @@ async fn a_client_that_leaves_mid_stream_cancels_the_upstream_request() {
         abandoned, 1,
         "the upstream stream was dropped, not left running"
     );
-    g.flush().await;
-    let now = time::OffsetDateTime::now_utc();
-    let ws = g
-        .store
-        .workspace_by_name(&WorkspaceName::parse("gw").unwrap())
-        .await
-        .unwrap();
-    let rows = g
-        .store
-        .usage_summary(
-            ws.id,
-            now - time::Duration::hours(1),
-            now + time::Duration::hours(1),
-            GroupBy::Route,
-        )
-        .await
-        .unwrap();
+    let rows = g.usage(GroupBy::Route).await;
     assert_eq!(
         (rows[0].requests, rows[0].errors),
         (1, 1),
@@ -845,23 +764,7 @@ async fn stream_usage_off_leaves_include_usage_out_and_estimates_instead() {
     let body =
         json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": word}]});
     assert_eq!(g.chat(body).await.0, StatusCode::OK);
-    g.flush().await;
-    let now = time::OffsetDateTime::now_utc();
-    let ws = g
-        .store
-        .workspace_by_name(&WorkspaceName::parse("gw").unwrap())
-        .await
-        .unwrap();
-    let rows = g
-        .store
-        .usage_summary(
-            ws.id,
-            now - time::Duration::hours(1),
-            now + time::Duration::hours(1),
-            GroupBy::Route,
-        )
-        .await
-        .unwrap();
+    let rows = g.usage(GroupBy::Route).await;
     // The mock counts words (1) when asked for usage; the tokenizer counts BPE tokens.
     let tokens = keel_llm::tokens::count(word);
     assert_eq!(

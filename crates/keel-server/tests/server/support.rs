@@ -180,4 +180,20 @@ impl Gateway {
     pub async fn flush(&mut self) {
         self.writer.take().unwrap().finish().await;
     }
+
+    /// Drains the usage writer, then sums workspace `gw`'s usage of the last hour.
+    pub async fn usage(&mut self, group_by: keel_store::GroupBy) -> Vec<keel_store::UsageRow> {
+        self.flush().await;
+        let now = time::OffsetDateTime::now_utc();
+        let ws = self
+            .store
+            .workspace_by_name(&WorkspaceName::parse("gw").unwrap())
+            .await
+            .unwrap();
+        let hour = time::Duration::hours(1);
+        self.store
+            .usage_summary(ws.id, now - hour, now + hour, group_by)
+            .await
+            .unwrap()
+    }
 }
