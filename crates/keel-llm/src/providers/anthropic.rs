@@ -25,7 +25,7 @@ use keel_core::config::Target;
 use reqwest::header::HeaderValue;
 use serde_json::{Map, Value, json};
 
-use super::{retry_after, status_error, transport_error};
+use super::transport_error;
 use crate::error::{ErrorKind, ProviderError};
 use crate::provider::{ChunkStream, Provider};
 use crate::sse;
@@ -117,18 +117,7 @@ impl Anthropic {
     }
 
     async fn send(&self, body: &Value) -> Result<reqwest::Response, ProviderError> {
-        let response = self
-            .request(body)
-            .send()
-            .await
-            .map_err(|e| transport_error(&e))?;
-        let status = response.status();
-        if status.is_success() {
-            return Ok(response);
-        }
-        let retry_after = retry_after(response.headers());
-        let text = super::error_text(response).await;
-        Err(status_error(status.as_u16(), retry_after, &text))
+        super::send(self.request(body)).await
     }
 }
 

@@ -123,3 +123,18 @@ pub(crate) async fn error_text(mut response: reqwest::Response) -> String {
     }
     String::from_utf8_lossy(&body).into_owned()
 }
+
+/// Sends an upstream request: a transport failure or a non-2xx answer becomes a classified
+/// [`ProviderError`] (with `Retry-After` and the start of the error body).
+pub(crate) async fn send(
+    request: reqwest::RequestBuilder,
+) -> Result<reqwest::Response, ProviderError> {
+    let response = request.send().await.map_err(|e| transport_error(&e))?;
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let retry_after = retry_after(response.headers());
+    let text = error_text(response).await;
+    Err(status_error(status.as_u16(), retry_after, &text))
+}

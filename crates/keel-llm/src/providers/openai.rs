@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures_util::StreamExt as _;
 use keel_core::config::Target;
 
-use super::{retry_after, status_error, transport_error};
+use super::transport_error;
 use crate::error::{ErrorKind, ProviderError};
 use crate::provider::{ChunkStream, Provider};
 use crate::sse;
@@ -99,18 +99,7 @@ impl OpenAi {
     }
 
     async fn send(&self, body: &ChatRequest) -> Result<reqwest::Response, ProviderError> {
-        let response = self
-            .request(body)
-            .send()
-            .await
-            .map_err(|e| transport_error(&e))?;
-        let status = response.status();
-        if status.is_success() {
-            return Ok(response);
-        }
-        let retry_after = retry_after(response.headers());
-        let text = super::error_text(response).await;
-        Err(status_error(status.as_u16(), retry_after, &text))
+        super::send(self.request(body)).await
     }
 }
 
@@ -167,13 +156,7 @@ impl Provider for OpenAi {
                 req.bearer_auth(key)
             };
         }
-        let response = req.send().await.map_err(|e| transport_error(&e))?;
-        let status = response.status();
-        if !status.is_success() {
-            let retry_after = retry_after(response.headers());
-            let text = super::error_text(response).await;
-            return Err(status_error(status.as_u16(), retry_after, &text));
-        }
+        let response = super::send(req).await?;
         let bytes = super::read_capped(response, super::MAX_ANSWER_BYTES).await?;
         serde_json::from_slice(&bytes).map_err(|e| {
             ProviderError::new(
