@@ -85,14 +85,7 @@ impl Anthropic {
                 Ok::<_, ProviderError>(value)
             })
             .transpose()?;
-        let client = reqwest::Client::builder()
-            .connect_timeout(target.connect_timeout)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| {
-                ProviderError::new(ErrorKind::Connect, format!("cannot build HTTP client: {e}"))
-            })?;
+        let client = super::http_client(target)?;
         Ok(Self {
             client,
             url: messages_url(target.base_url.as_deref()),

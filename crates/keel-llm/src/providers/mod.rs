@@ -138,3 +138,18 @@ pub(crate) async fn send(
     let text = error_text(response).await;
     Err(status_error(status.as_u16(), retry_after, &text))
 }
+
+/// The HTTP client for one target: its connect timeout, pooled keep-alive connections,
+/// no Nagle delay.
+pub(crate) fn http_client(
+    target: &keel_core::config::Target,
+) -> Result<reqwest::Client, ProviderError> {
+    reqwest::Client::builder()
+        .connect_timeout(target.connect_timeout)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .tcp_nodelay(true)
+        .build()
+        .map_err(|e| {
+            ProviderError::new(ErrorKind::Connect, format!("cannot build HTTP client: {e}"))
+        })
+}

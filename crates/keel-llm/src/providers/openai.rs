@@ -48,14 +48,7 @@ impl OpenAi {
             Some(version) => format!("{base}/chat/completions?api-version={version}"),
             None => format!("{base}/chat/completions"),
         };
-        let client = reqwest::Client::builder()
-            .connect_timeout(target.connect_timeout)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| {
-                ProviderError::new(ErrorKind::Connect, format!("cannot build HTTP client: {e}"))
-            })?;
+        let client = super::http_client(target)?;
         Ok(Self {
             client,
             url,
