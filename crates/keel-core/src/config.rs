@@ -37,6 +37,12 @@ pub struct Config {
     pub cache: Cache,
     /// Redis, shared by instances (response cache today).
     pub redis: Redis,
+    /// The event log and its streams.
+    pub events: Events,
+    /// Webhook delivery.
+    pub webhooks: Webhooks,
+    /// NATS JetStream export of the event log.
+    pub nats: Nats,
 }
 
 impl Default for Config {
@@ -49,6 +55,9 @@ impl Default for Config {
             models: BTreeMap::new(),
             cache: Cache::default(),
             redis: Redis::default(),
+            events: Events::default(),
+            webhooks: Webhooks::default(),
+            nats: Nats::default(),
         }
     }
 }
@@ -184,6 +193,99 @@ impl Default for Cache {
     }
 }
 
+/// `[events]`: the event log, its retention and its live streams.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Events {
+    /// How long events are kept; older ones are pruned in the background, and asking for
+    /// them answers 410.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// How often the pruner runs.
+    #[serde(with = "humantime_serde")]
+    pub prune_interval: Duration,
+    /// How many events a live stream may fall behind before it is closed with
+    /// `consumer_too_slow` (the client then resumes from its last id).
+    pub stream_buffer: usize,
+    /// Interval of the keep-alive comment on idle streams.
+    #[serde(with = "humantime_serde")]
+    pub keepalive: Duration,
+    /// Most live stream clients (SSE and WebSocket) at once; past it, 503.
+    pub max_stream_clients: usize,
+}
+
+impl Default for Events {
+    fn default() -> Self {
+        Self {
+            retention: Duration::from_secs(7 * 24 * 3600),
+            prune_interval: Duration::from_secs(60),
+            stream_buffer: 4096,
+            keepalive: Duration::from_secs(15),
+            max_stream_clients: 10_000,
+        }
+    }
+}
+
+/// `[webhooks]`: how events are delivered to subscribers' URLs.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Webhooks {
+    /// Whether webhook URLs may point at loopback, private, link-local or other internal
+    /// addresses. Off in production: such URLs are refused when created and when
+    /// delivered to (the address is checked after DNS resolution, every time).
+    pub allow_private: bool,
+    /// Attempts per event before it is dead-lettered for that webhook.
+    pub max_attempts: u32,
+    /// Delay before the second attempt; doubles each attempt (with jitter).
+    #[serde(with = "humantime_serde")]
+    pub retry_base_delay: Duration,
+    /// Longest delay between attempts.
+    #[serde(with = "humantime_serde")]
+    pub retry_max_delay: Duration,
+    /// Time limit of one delivery request.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for Webhooks {
+    fn default() -> Self {
+        Self {
+            allow_private: false,
+            max_attempts: 8,
+            retry_base_delay: Duration::from_secs(1),
+            retry_max_delay: Duration::from_secs(300),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `[nats]`: export of every workspace's events to a NATS JetStream stream, on subjects
+/// `<subject_prefix>.<workspace id>.<event type>`, with `Nats-Msg-Id` = event id.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Nats {
+    /// `nats://host:port`; unset: no export. Env: `KEEL_NATS_URL`.
+    #[serde(serialize_with = "redact_url")]
+    pub url: Option<SecretString>,
+    /// The JetStream stream, created if missing (subjects `<subject_prefix>.>`).
+    pub stream: String,
+    /// First subject token.
+    pub subject_prefix: String,
+    /// Most events in flight (published, not yet acknowledged) at once.
+    pub batch: usize,
+}
+
+impl Default for Nats {
+    fn default() -> Self {
+        Self {
+            url: None,
+            stream: "KEEL_EVENTS".to_owned(),
+            subject_prefix: "keel".to_owned(),
+            batch: 256,
+        }
+    }
+}
+
 /// `[redis]`.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default)]
@@ -297,6 +399,7 @@ const NOT_CONFIG_ENV_PREFIXES: &[&str] = &["KEEL_TEST_"];
 const ENV_ALIASES: &[(&str, &str)] = &[
     ("KEEL_DATABASE_URL", "database.url"),
     ("KEEL_REDIS_URL", "redis.url"),
+    ("KEEL_NATS_URL", "nats.url"),
 ];
 
 /// The most type errors collected before giving up (each pass removes one bad value).
@@ -436,6 +539,62 @@ impl Config {
             }
         }
         let mut push = |key: &'static str, message: String| out.push((key.to_owned(), message));
+        if self.events.retention.is_zero() {
+            push("events.retention", "must be longer than 0s".to_owned());
+        }
+        if self.events.prune_interval.is_zero() {
+            push("events.prune_interval", "must be longer than 0s".to_owned());
+        }
+        if self.events.keepalive.is_zero() {
+            push("events.keepalive", "must be longer than 0s".to_owned());
+        }
+        if !(16..=1_048_576).contains(&self.events.stream_buffer) {
+            push(
+                "events.stream_buffer",
+                "must be between 16 and 1048576".to_owned(),
+            );
+        }
+        if self.events.max_stream_clients == 0 {
+            push("events.max_stream_clients", "must be at least 1".to_owned());
+        }
+        if !(1..=100).contains(&self.webhooks.max_attempts) {
+            push(
+                "webhooks.max_attempts",
+                "must be between 1 and 100".to_owned(),
+            );
+        }
+        if self.webhooks.timeout.is_zero() {
+            push("webhooks.timeout", "must be longer than 0s".to_owned());
+        }
+        if self.webhooks.retry_max_delay < self.webhooks.retry_base_delay {
+            push(
+                "webhooks.retry_max_delay",
+                "must be at least webhooks.retry_base_delay".to_owned(),
+            );
+        }
+        if let Some(url) = &self.nats.url {
+            let url = url.expose_secret();
+            if !(url.starts_with("nats://") || url.starts_with("tls://")) {
+                push("nats.url", "must start with nats:// or tls://".to_owned());
+            }
+        }
+        let token_ok = |t: &str| {
+            !t.is_empty()
+                && t.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        };
+        if !token_ok(&self.nats.stream) {
+            push("nats.stream", "must be letters, digits, - and _".to_owned());
+        }
+        if !token_ok(&self.nats.subject_prefix) {
+            push(
+                "nats.subject_prefix",
+                "must be one subject token: letters, digits, - and _".to_owned(),
+            );
+        }
+        if !(1..=10_000).contains(&self.nats.batch) {
+            push("nats.batch", "must be between 1 and 10000".to_owned());
+        }
         if self.server.max_body_bytes == 0 {
             push("server.max_body_bytes", "must be at least 1".to_owned());
         }

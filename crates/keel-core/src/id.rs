@@ -103,6 +103,44 @@ id_type!(
     "API key id"
 );
 
+id_type!(
+    /// An event in a workspace's log.
+    EventId,
+    "evt",
+    "event id"
+);
+id_type!(
+    /// An agent.
+    AgentId,
+    "agt",
+    "agent id"
+);
+id_type!(
+    /// A task: what was asked of an agent.
+    TaskId,
+    "task",
+    "task id"
+);
+id_type!(
+    /// A run: one attempt at a task.
+    RunId,
+    "run",
+    "run id"
+);
+
+id_type!(
+    /// A webhook subscription.
+    WebhookId,
+    "whk",
+    "webhook id"
+);
+id_type!(
+    /// One attempt to deliver an event to a webhook.
+    DeliveryId,
+    "dlv",
+    "delivery id"
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod event;
 pub mod id;
 mod model_route;
 pub mod workspace;

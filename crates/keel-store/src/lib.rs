@@ -19,11 +19,13 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use keel_core::auth::{ApiKey, KeyHash, KeyName, Principal, Role};
 use keel_core::config::Config;
-use keel_core::id::{ApiKeyId, WorkspaceId};
+use keel_core::event::{Event, NewEvent};
+use keel_core::id::{ApiKeyId, DeliveryId, WebhookId, WorkspaceId};
 use keel_core::workspace::{Workspace, WorkspaceName};
 use time::OffsetDateTime;
 
 mod error;
+pub mod events;
 mod migrate;
 pub mod postgres;
 mod sql;
@@ -31,10 +33,13 @@ pub mod sqlite;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod usage;
+pub mod webhooks;
 
 pub use error::{Error, Result};
+pub use events::{Commit, EventHead};
 pub use migrate::SchemaState;
 pub use usage::{GroupBy, UsageRecord, UsageRow};
+pub use webhooks::{Delivery, NewWebhook, Outcome, Webhook};
 
 /// Which database a store runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +57,19 @@ impl fmt::Display for Backend {
             Backend::Postgres => "postgres",
         })
     }
+}
+
+/// How far behind an exporter is on one workspace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExportBacklog {
+    /// The workspace.
+    pub workspace_id: WorkspaceId,
+    /// Exported through this seq.
+    pub exported: i64,
+    /// The log's newest seq.
+    pub last_seq: i64,
+    /// Retention has removed everything through this seq.
+    pub pruned_through: i64,
 }
 
 /// A key to be stored (its secret already reduced to a hash).
@@ -119,9 +137,102 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         group_by: GroupBy,
     ) -> Result<Vec<UsageRow>>;
 
+    /// Appends events to their workspaces' logs in one transaction, numbering each
+    /// workspace's events consecutively after its last seq, in the order given. Returns
+    /// them as committed, in the order given.
+    async fn append_events(&self, events: &[NewEvent]) -> Result<Vec<Event>>;
+
+    /// Up to `limit` events of a workspace with seq greater than `after`, oldest first.
+    async fn events_after(
+        &self,
+        workspace: WorkspaceId,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<Event>>;
+
+    /// Where a workspace's log stands (zeros for a workspace with no events).
+    async fn event_head(&self, workspace: WorkspaceId) -> Result<EventHead>;
+
+    /// Removes every event committed before `cutoff` and records, per workspace, how far
+    /// the log was pruned. Returns how many events were removed.
+    async fn prune_events(&self, cutoff: OffsetDateTime) -> Result<u64>;
+
+    /// Commits to any workspace's log by any process sharing this database, as they
+    /// happen — `None` where the backend has no such channel (SQLite: one process owns
+    /// the file, so the appender announces its own commits).
+    async fn listen_commits(&self) -> Result<Option<CommitStream>>;
+
+    /// Stores a webhook subscription; it starts after the workspace's newest event.
+    async fn create_webhook(&self, webhook: NewWebhook) -> Result<Webhook>;
+
+    /// A workspace's webhooks, oldest first.
+    async fn list_webhooks(&self, workspace: WorkspaceId) -> Result<Vec<Webhook>>;
+
+    /// One webhook of this workspace; `NotFound` for another's.
+    async fn webhook(&self, workspace: WorkspaceId, id: WebhookId) -> Result<Webhook>;
+
+    /// Deletes a webhook of this workspace and its delivery log.
+    async fn delete_webhook(&self, workspace: WorkspaceId, id: WebhookId) -> Result<()>;
+
+    /// Every webhook of every workspace (for the dispatcher).
+    async fn all_webhooks(&self) -> Result<Vec<Webhook>>;
+
+    /// Takes or renews the webhook's delivery lease for `owner` until `until`; false when
+    /// another owner holds an unexpired lease.
+    async fn lease_webhook(
+        &self,
+        id: WebhookId,
+        owner: uuid::Uuid,
+        until: OffsetDateTime,
+    ) -> Result<bool>;
+
+    /// Moves the webhook's cursor forward to `seq`, if `owner` still holds its lease.
+    async fn advance_webhook(&self, id: WebhookId, owner: uuid::Uuid, seq: i64) -> Result<bool>;
+
+    /// Logs a delivery attempt.
+    async fn record_delivery(&self, delivery: &Delivery) -> Result<()>;
+
+    /// A webhook's delivery attempts with id after `after`, oldest first, optionally
+    /// only those with one outcome.
+    async fn list_deliveries(
+        &self,
+        workspace: WorkspaceId,
+        webhook: WebhookId,
+        outcome: Option<Outcome>,
+        after: Option<DeliveryId>,
+        limit: u32,
+    ) -> Result<Vec<Delivery>>;
+
+    /// One delivery attempt of this workspace's webhook.
+    async fn delivery(
+        &self,
+        workspace: WorkspaceId,
+        webhook: WebhookId,
+        id: DeliveryId,
+    ) -> Result<Delivery>;
+
+    /// Takes or renews exporter `name`'s lease for `owner` until `until`; false while
+    /// another owner holds it.
+    async fn lease_exporter(
+        &self,
+        name: &str,
+        owner: uuid::Uuid,
+        until: OffsetDateTime,
+    ) -> Result<bool>;
+
+    /// Workspaces whose log has events exporter `name` has not exported:
+    /// (workspace, exported through, newest seq, pruned through).
+    async fn export_backlog(&self, name: &str) -> Result<Vec<ExportBacklog>>;
+
+    /// Records that exporter `name` has exported `workspace`'s events through `seq`.
+    async fn advance_export(&self, name: &str, workspace: WorkspaceId, seq: i64) -> Result<()>;
+
     /// Closes the pool, waiting for connections in use to be returned.
     async fn close(&self);
 }
+
+/// A stream of [`Commit`]s; ends only when the store is closed.
+pub type CommitStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Commit> + Send>>;
 
 /// Opens the store the config names — Postgres when `database.url` is set, else SQLite in
 /// `data_dir` — and refuses a database whose schema is newer than this binary.

@@ -7,9 +7,9 @@ use std::str::FromStr;
 
 use keel_core::config::Database;
 use secrecy::{ExposeSecret, SecretString};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 
-use crate::{Backend, Error, Result};
+use crate::{Backend, Commit, Error, Result};
 
 /// A store on a Postgres database.
 #[derive(Debug, Clone)]
@@ -36,6 +36,35 @@ impl PgStore {
     const HAS_MIGRATIONS_TABLE: &'static str = "SELECT to_regclass('_sqlx_migrations') IS NOT NULL";
     /// The UTC day of `created_at`.
     const DAY_EXPR: &'static str = "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')";
+    /// Announces a commit to every instance listening (delivered at commit, not before).
+    const NOTIFY_SQL: Option<&'static str> = Some("SELECT pg_notify('keel_events', $1)");
+
+    /// Follows `NOTIFY keel_events` on a dedicated connection. When the connection drops,
+    /// the stream yields [`Commit::Resync`] and reconnects (notifications sent meanwhile
+    /// are lost, so followers re-read the log).
+    async fn commit_stream(&self) -> Result<Option<crate::CommitStream>> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(crate::events::NOTIFY_CHANNEL).await?;
+        let stream = futures_util::stream::unfold(listener, |mut listener| async move {
+            loop {
+                match listener.try_recv().await {
+                    Ok(Some(n)) => {
+                        if let Some(commit) = crate::events::parse_notification(n.payload()) {
+                            return Some((commit, listener));
+                        }
+                    }
+                    // The connection dropped; the next `try_recv` reconnects.
+                    Ok(None) => return Some((Commit::Resync, listener)),
+                    Err(sqlx::Error::PoolClosed) => return None,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "event listener cannot reconnect; retrying in 1 s");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
+        Ok(Some(Box::pin(stream)))
+    }
 }
 
 crate::sql::sql_store!(PgStore, sqlx::Postgres);

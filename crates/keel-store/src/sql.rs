@@ -358,8 +358,396 @@ macro_rules! sql_store {
                     .collect()
             }
 
+            #[tracing::instrument(skip_all, fields(db.system = %Self::BACKEND, events = events.len()))]
+            async fn append_events(
+                &self,
+                events: &[keel_core::event::NewEvent],
+            ) -> $crate::Result<Vec<keel_core::event::Event>> {
+                if events.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let mut tx = self.pool.begin().await?;
+                let committed = Self::append_events_tx(&mut tx, events).await?;
+                tx.commit().await?;
+                Ok(committed)
+            }
+
+            #[tracing::instrument(skip_all, fields(db.system = %Self::BACKEND))]
+            async fn events_after(
+                &self,
+                workspace: keel_core::id::WorkspaceId,
+                after: i64,
+                limit: u32,
+            ) -> $crate::Result<Vec<keel_core::event::Event>> {
+                sqlx::query(concat!(
+                    "SELECT ",
+                    $crate::events::event_columns!(),
+                    " FROM events WHERE workspace_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+                ))
+                    .bind(workspace.as_uuid())
+                    .bind(after)
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await?
+                    .iter()
+                    .map($crate::events::event_from_row)
+                    .collect()
+            }
+
+            #[tracing::instrument(skip_all, fields(db.system = %Self::BACKEND))]
+            async fn event_head(
+                &self,
+                workspace: keel_core::id::WorkspaceId,
+            ) -> $crate::Result<$crate::EventHead> {
+                use sqlx::Row as _;
+                let row = sqlx::query("SELECT last_seq, pruned_through FROM event_heads WHERE workspace_id = $1")
+                    .bind(workspace.as_uuid())
+                    .fetch_optional(&self.pool)
+                    .await?;
+                Ok(match row {
+                    Some(row) => $crate::EventHead {
+                        last_seq: row.try_get("last_seq")?,
+                        pruned_through: row.try_get("pruned_through")?,
+                    },
+                    None => $crate::EventHead::default(),
+                })
+            }
+
+            #[tracing::instrument(skip_all, fields(db.system = %Self::BACKEND))]
+            async fn prune_events(&self, cutoff: time::OffsetDateTime) -> $crate::Result<u64> {
+                use sqlx::Row as _;
+                // Seq order is commit order, so "older than the cutoff" is a prefix of each
+                // workspace's log: delete through the newest old seq and record it.
+                let heads = sqlx::query(
+                    "SELECT workspace_id, MAX(seq) AS through FROM events WHERE created_at < $1 GROUP BY workspace_id",
+                )
+                .bind(cutoff)
+                .fetch_all(&self.pool)
+                .await?;
+                let mut removed = 0u64;
+                for head in heads {
+                    let workspace: uuid::Uuid = head.try_get("workspace_id")?;
+                    let through: i64 = head.try_get("through")?;
+                    let mut tx = self.pool.begin().await?;
+                    let done = sqlx::query("DELETE FROM events WHERE workspace_id = $1 AND seq <= $2")
+                        .bind(workspace)
+                        .bind(through)
+                        .execute(&mut *tx)
+                        .await?;
+                    sqlx::query(
+                        "UPDATE event_heads SET pruned_through = $2 WHERE workspace_id = $1 AND pruned_through < $2",
+                    )
+                    .bind(workspace)
+                    .bind(through)
+                    .execute(&mut *tx)
+                    .await?;
+                    tx.commit().await?;
+                    removed += done.rows_affected();
+                }
+                Ok(removed)
+            }
+
+            async fn listen_commits(&self) -> $crate::Result<Option<$crate::CommitStream>> {
+                self.commit_stream().await
+            }
+
+            #[tracing::instrument(skip_all, fields(db.system = %Self::BACKEND))]
+            async fn create_webhook(&self, w: $crate::NewWebhook) -> $crate::Result<$crate::Webhook> {
+                let mut tx = self.pool.begin().await?;
+                let head: Option<i64> = sqlx::query_scalar("SELECT last_seq FROM event_heads WHERE workspace_id = $1")
+                    .bind(w.workspace_id.as_uuid())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let stored = $crate::Webhook {
+                    id: keel_core::id::WebhookId::new(),
+                    workspace_id: w.workspace_id,
+                    url: w.url,
+                    types: w.types,
+                    secret: w.secret,
+                    description: w.description,
+                    created_at: $crate::now(),
+                    cursor_seq: head.unwrap_or(0),
+                };
+                sqlx::query(concat!("INSERT INTO webhooks (", $crate::webhooks::webhook_columns!(), ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"))
+                    .bind(stored.id.as_uuid())
+                    .bind(stored.workspace_id.as_uuid())
+                    .bind(&stored.url)
+                    .bind(&stored.types)
+                    .bind(&stored.secret)
+                    .bind(stored.description.as_deref())
+                    .bind(stored.created_at)
+                    .bind(stored.cursor_seq)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(stored)
+            }
+
+            async fn list_webhooks(&self, workspace: keel_core::id::WorkspaceId) -> $crate::Result<Vec<$crate::Webhook>> {
+                sqlx::query(concat!("SELECT ", $crate::webhooks::webhook_columns!(), " FROM webhooks WHERE workspace_id = $1 ORDER BY id"))
+                    .bind(workspace.as_uuid())
+                    .fetch_all(&self.pool)
+                    .await?
+                    .iter()
+                    .map($crate::webhooks::webhook_from_row)
+                    .collect()
+            }
+
+            async fn webhook(&self, workspace: keel_core::id::WorkspaceId, id: keel_core::id::WebhookId) -> $crate::Result<$crate::Webhook> {
+                let row = sqlx::query(concat!("SELECT ", $crate::webhooks::webhook_columns!(), " FROM webhooks WHERE workspace_id = $1 AND id = $2"))
+                    .bind(workspace.as_uuid())
+                    .bind(id.as_uuid())
+                    .fetch_optional(&self.pool)
+                    .await?
+                    .ok_or($crate::Error::NotFound { what: "webhook" })?;
+                $crate::webhooks::webhook_from_row(&row)
+            }
+
+            async fn delete_webhook(&self, workspace: keel_core::id::WorkspaceId, id: keel_core::id::WebhookId) -> $crate::Result<()> {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query("DELETE FROM webhook_deliveries WHERE workspace_id = $1 AND webhook_id = $2")
+                    .bind(workspace.as_uuid())
+                    .bind(id.as_uuid())
+                    .execute(&mut *tx)
+                    .await?;
+                let done = sqlx::query("DELETE FROM webhooks WHERE workspace_id = $1 AND id = $2")
+                    .bind(workspace.as_uuid())
+                    .bind(id.as_uuid())
+                    .execute(&mut *tx)
+                    .await?;
+                if done.rows_affected() == 0 {
+                    return Err($crate::Error::NotFound { what: "webhook" });
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn all_webhooks(&self) -> $crate::Result<Vec<$crate::Webhook>> {
+                sqlx::query(concat!("SELECT ", $crate::webhooks::webhook_columns!(), " FROM webhooks ORDER BY id"))
+                    .fetch_all(&self.pool)
+                    .await?
+                    .iter()
+                    .map($crate::webhooks::webhook_from_row)
+                    .collect()
+            }
+
+            async fn lease_webhook(
+                &self,
+                id: keel_core::id::WebhookId,
+                owner: uuid::Uuid,
+                until: time::OffsetDateTime,
+            ) -> $crate::Result<bool> {
+                let done = sqlx::query(
+                    "UPDATE webhooks SET lease_owner = $2, lease_until = $3 \
+                     WHERE id = $1 AND (lease_owner IS NULL OR lease_owner = $2 OR lease_until < $4)",
+                )
+                .bind(id.as_uuid())
+                .bind(owner)
+                .bind(until)
+                .bind($crate::now())
+                .execute(&self.pool)
+                .await?;
+                Ok(done.rows_affected() == 1)
+            }
+
+            async fn advance_webhook(&self, id: keel_core::id::WebhookId, owner: uuid::Uuid, seq: i64) -> $crate::Result<bool> {
+                let done = sqlx::query(
+                    "UPDATE webhooks SET cursor_seq = $3 WHERE id = $1 AND lease_owner = $2 AND cursor_seq < $3",
+                )
+                .bind(id.as_uuid())
+                .bind(owner)
+                .bind(seq)
+                .execute(&self.pool)
+                .await?;
+                Ok(done.rows_affected() == 1)
+            }
+
+            async fn record_delivery(&self, d: &$crate::Delivery) -> $crate::Result<()> {
+                sqlx::query(concat!(
+                    "INSERT INTO webhook_deliveries (", $crate::webhooks::delivery_columns!(),
+                    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+                ))
+                .bind(d.id.as_uuid())
+                .bind(d.webhook_id.as_uuid())
+                .bind(d.workspace_id.as_uuid())
+                .bind(d.event_seq)
+                .bind(d.event_id.as_uuid())
+                .bind(&d.event_type)
+                .bind(d.attempt)
+                .bind(d.outcome.as_str())
+                .bind(d.status_code)
+                .bind(d.error.as_deref())
+                .bind(d.duration_ms)
+                .bind(d.created_at)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn list_deliveries(
+                &self,
+                workspace: keel_core::id::WorkspaceId,
+                webhook: keel_core::id::WebhookId,
+                outcome: Option<$crate::Outcome>,
+                after: Option<keel_core::id::DeliveryId>,
+                limit: u32,
+            ) -> $crate::Result<Vec<$crate::Delivery>> {
+                let mut qb = sqlx::QueryBuilder::<$db>::new(concat!("SELECT ", $crate::webhooks::delivery_columns!(), " FROM webhook_deliveries WHERE workspace_id = "));
+                qb.push_bind(workspace.as_uuid()).push(" AND webhook_id = ").push_bind(webhook.as_uuid());
+                if let Some(outcome) = outcome {
+                    qb.push(" AND outcome = ").push_bind(outcome.as_str());
+                }
+                if let Some(after) = after {
+                    qb.push(" AND id > ").push_bind(after.as_uuid());
+                }
+                qb.push(" ORDER BY id LIMIT ").push_bind(i64::from(limit));
+                qb.build()
+                    .fetch_all(&self.pool)
+                    .await?
+                    .iter()
+                    .map($crate::webhooks::delivery_from_row)
+                    .collect()
+            }
+
+            async fn delivery(
+                &self,
+                workspace: keel_core::id::WorkspaceId,
+                webhook: keel_core::id::WebhookId,
+                id: keel_core::id::DeliveryId,
+            ) -> $crate::Result<$crate::Delivery> {
+                let row = sqlx::query(concat!("SELECT ", $crate::webhooks::delivery_columns!(), " FROM webhook_deliveries WHERE workspace_id = $1 AND webhook_id = $2 AND id = $3"))
+                    .bind(workspace.as_uuid())
+                    .bind(webhook.as_uuid())
+                    .bind(id.as_uuid())
+                    .fetch_optional(&self.pool)
+                    .await?
+                    .ok_or($crate::Error::NotFound { what: "delivery" })?;
+                $crate::webhooks::delivery_from_row(&row)
+            }
+
+            async fn lease_exporter(&self, name: &str, owner: uuid::Uuid, until: time::OffsetDateTime) -> $crate::Result<bool> {
+                let done = sqlx::query(
+                    "INSERT INTO exporters (name, lease_owner, lease_until) VALUES ($1, $2, $3) \
+                     ON CONFLICT (name) DO UPDATE SET lease_owner = $2, lease_until = $3 \
+                     WHERE exporters.lease_owner = $2 OR exporters.lease_until < $4",
+                )
+                .bind(name)
+                .bind(owner)
+                .bind(until)
+                .bind($crate::now())
+                .execute(&self.pool)
+                .await?;
+                Ok(done.rows_affected() == 1)
+            }
+
+            async fn export_backlog(&self, name: &str) -> $crate::Result<Vec<$crate::ExportBacklog>> {
+                use sqlx::Row as _;
+                let rows = sqlx::query(
+                    "SELECT h.workspace_id, COALESCE(c.seq, 0) AS exported, h.last_seq, h.pruned_through \
+                     FROM event_heads h LEFT JOIN export_cursors c ON c.workspace_id = h.workspace_id AND c.name = $1 \
+                     WHERE h.last_seq > COALESCE(c.seq, 0) ORDER BY h.workspace_id",
+                )
+                .bind(name)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok($crate::ExportBacklog {
+                            workspace_id: keel_core::id::WorkspaceId::from_uuid(r.try_get("workspace_id")?),
+                            exported: r.try_get("exported")?,
+                            last_seq: r.try_get("last_seq")?,
+                            pruned_through: r.try_get("pruned_through")?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn advance_export(&self, name: &str, workspace: keel_core::id::WorkspaceId, seq: i64) -> $crate::Result<()> {
+                sqlx::query(
+                    "INSERT INTO export_cursors (name, workspace_id, seq) VALUES ($1, $2, $3) \
+                     ON CONFLICT (name, workspace_id) DO UPDATE SET seq = $3 WHERE export_cursors.seq < $3",
+                )
+                .bind(name)
+                .bind(workspace.as_uuid())
+                .bind(seq)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
             async fn close(&self) {
                 self.pool.close().await;
+            }
+        }
+
+        impl $store {
+            /// Appends `events` inside `tx` — the transaction of the state change that
+            /// causes them, so the change and its events commit together or not at all.
+            pub(crate) async fn append_events_tx(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                events: &[keel_core::event::NewEvent],
+            ) -> $crate::Result<Vec<keel_core::event::Event>> {
+                // One workspace at a time, in id order, so concurrent appenders lock
+                // `event_heads` rows in the same order and cannot deadlock.
+                let mut order: Vec<(usize, &keel_core::event::NewEvent)> = events.iter().enumerate().collect();
+                order.sort_by_key(|(_, e)| e.workspace_id);
+                let now = $crate::now();
+                let mut committed: Vec<Option<keel_core::event::Event>> = vec![None; events.len()];
+                for group in order.chunk_by(|a, b| a.1.workspace_id == b.1.workspace_id) {
+                    let workspace = group[0].1.workspace_id;
+                    let n = i64::try_from(group.len()).unwrap_or(i64::MAX);
+                    let last: i64 = sqlx::query_scalar(
+                        "INSERT INTO event_heads (workspace_id, last_seq) VALUES ($1, $2) \
+                         ON CONFLICT (workspace_id) DO UPDATE SET last_seq = event_heads.last_seq + $2 \
+                         RETURNING last_seq",
+                    )
+                    .bind(workspace.as_uuid())
+                    .bind(n)
+                    .fetch_one(&mut **tx)
+                    .await?;
+                    let first = last - n + 1;
+                    for (offset, (index, e)) in (0i64..).zip(group) {
+                        committed[*index] = Some(keel_core::event::Event {
+                            event_id: keel_core::id::EventId::new(),
+                            event_type: e.event_type.as_str().to_owned(),
+                            timestamp: now,
+                            seq: first + offset,
+                            correlation_id: e.correlation_id.clone(),
+                            workspace_id: workspace,
+                            agent_id: e.agent_id,
+                            task_id: e.task_id,
+                            run_id: e.run_id,
+                            data: e.data.clone(),
+                            version: e.event_type.version().to_owned(),
+                        });
+                    }
+                    if let Some(notify) = Self::NOTIFY_SQL {
+                        sqlx::query(notify)
+                            .bind(format!("{}:{last}", workspace.as_uuid().simple()))
+                            .execute(&mut **tx)
+                            .await?;
+                    }
+                }
+                let committed: Vec<keel_core::event::Event> = committed.into_iter().flatten().collect();
+                for batch in committed.chunks($crate::events::EVENT_BATCH) {
+                    let mut qb = sqlx::QueryBuilder::<$db>::new("INSERT INTO events (");
+                    qb.push($crate::events::event_columns!()).push(") ");
+                    qb.push_values(batch, |mut row, e| {
+                        row.push_bind(e.workspace_id.as_uuid())
+                            .push_bind(e.seq)
+                            .push_bind(e.event_id.as_uuid())
+                            .push_bind(e.event_type.clone())
+                            .push_bind(e.version.clone())
+                            .push_bind(e.timestamp)
+                            .push_bind(e.correlation_id.clone())
+                            .push_bind(e.agent_id.map(|id| id.as_uuid()))
+                            .push_bind(e.task_id.map(|id| id.as_uuid()))
+                            .push_bind(e.run_id.map(|id| id.as_uuid()))
+                            .push_bind(e.data.to_string());
+                    });
+                    qb.build().execute(&mut **tx).await?;
+                }
+                Ok(committed)
             }
         }
     };

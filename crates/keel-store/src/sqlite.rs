@@ -53,6 +53,12 @@ impl SqliteStore {
     const HAS_MIGRATIONS_TABLE: &'static str = "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations')";
     /// The UTC day of `created_at` (stored as RFC 3339 text in UTC).
     const DAY_EXPR: &'static str = "substr(created_at, 1, 10)";
+    /// One process owns the file: the appender announces its own commits.
+    const NOTIFY_SQL: Option<&'static str> = None;
+
+    async fn commit_stream(&self) -> Result<Option<crate::CommitStream>> {
+        Ok(None)
+    }
 }
 
 crate::sql::sql_store!(SqliteStore, sqlx::Sqlite);

@@ -13,9 +13,11 @@ use std::sync::Arc;
 
 use keel_core::auth::{ApiKeyToken, KeyName, Role};
 use keel_core::config::Config;
+use keel_core::event::{EventType, NewEvent};
+use keel_core::id::{AgentId, RunId, TaskId};
 use keel_core::id::{ApiKeyId, WorkspaceId};
 use keel_core::workspace::WorkspaceName;
-use keel_store::{Error, GroupBy, NewApiKey, Store, UsageRecord, UsageRow};
+use keel_store::{Commit, Error, EventHead, GroupBy, NewApiKey, Store, UsageRecord, UsageRow};
 
 struct Fixture {
     store: Arc<dyn Store>,
@@ -81,6 +83,13 @@ conformance!(
     duplicate_key_hashes_conflict,
     usage_is_summed_by_each_grouping_within_the_window,
     usage_batches_larger_than_one_statement_are_stored_whole,
+    events_are_numbered_per_workspace_without_gaps,
+    concurrent_appends_never_share_or_skip_a_seq,
+    events_round_trip_every_field,
+    pruning_removes_a_prefix_and_records_it,
+    postgres_announces_commits_to_listeners,
+    webhooks_are_scoped_leased_and_log_their_deliveries,
+    exporters_lease_and_track_a_cursor_per_workspace,
 );
 
 fn name(s: &str) -> WorkspaceName {
@@ -433,4 +442,344 @@ async fn usage_batches_larger_than_one_statement_are_stored_whole(f: &Fixture) {
         .unwrap();
     assert_eq!(rows[0].requests, 1_234);
     assert_eq!(rows[0].cost_nanousd, 1_234 * 1_500);
+}
+
+fn ping(workspace: WorkspaceId, n: usize) -> NewEvent {
+    NewEvent::new(
+        EventType::SystemPing,
+        workspace,
+        serde_json::json!({ "message": n.to_string() }),
+    )
+}
+
+async fn events_are_numbered_per_workspace_without_gaps(f: &Fixture) {
+    let a = f.store.create_workspace(&name("a")).await.unwrap().id;
+    let b = f.store.create_workspace(&name("b")).await.unwrap().id;
+    assert_eq!(f.store.event_head(a).await.unwrap(), EventHead::default());
+    // Interleaved in one batch: each workspace still numbers its own from 1.
+    let batch: Vec<NewEvent> = (0..6)
+        .map(|i| ping(if i % 2 == 0 { a } else { b }, i))
+        .collect();
+    let committed = f.store.append_events(&batch).await.unwrap();
+    assert_eq!(committed.len(), 6);
+    for ws in [a, b] {
+        let seqs: Vec<i64> = committed
+            .iter()
+            .filter(|e| e.workspace_id == ws)
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(seqs, vec![1, 2, 3]);
+    }
+    let more = f.store.append_events(&[ping(a, 6)]).await.unwrap();
+    assert_eq!(more[0].seq, 4);
+    assert_eq!(
+        f.store.event_head(a).await.unwrap(),
+        EventHead {
+            last_seq: 4,
+            pruned_through: 0
+        }
+    );
+    assert_eq!(f.store.event_head(b).await.unwrap().last_seq, 3);
+
+    let read = f.store.events_after(a, 1, 2).await.unwrap();
+    assert_eq!(read.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![2, 3]);
+    assert_eq!(
+        read[0].data["message"], "2",
+        "order within a workspace is the batch's order"
+    );
+    assert!(f.store.events_after(a, 4, 10).await.unwrap().is_empty());
+    assert!(
+        f.store
+            .events_after(WorkspaceId::new(), 0, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn concurrent_appends_never_share_or_skip_a_seq(f: &Fixture) {
+    let ws = f.store.create_workspace(&name("busy")).await.unwrap().id;
+    let mut handles = Vec::new();
+    for writer in 0..8 {
+        let store = f.store.clone();
+        handles.push(tokio::spawn(async move {
+            for i in 0..10 {
+                store
+                    .append_events(&[ping(ws, writer * 100 + i), ping(ws, writer * 100 + i)])
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    let all = f.store.events_after(ws, 0, 1000).await.unwrap();
+    assert_eq!(
+        all.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=160).collect::<Vec<_>>()
+    );
+    // A batch's two events are adjacent: nobody else's append landed between them.
+    for pair in all.chunks(2) {
+        assert_eq!(pair[0].data, pair[1].data);
+    }
+}
+
+async fn events_round_trip_every_field(f: &Fixture) {
+    let ws = f.store.create_workspace(&name("full")).await.unwrap().id;
+    let mut event = NewEvent::new(
+        EventType::ToolCall,
+        ws,
+        serde_json::json!({ "tool": "search", "call_id": "c1", "arguments": { "q": "ü", "n": [1, 2.5, null] } }),
+    )
+    .correlated(Some("4bf92f3577b34da6a3ce929d0e0e4736".to_owned()));
+    event.agent_id = Some(AgentId::new());
+    event.task_id = Some(TaskId::new());
+    event.run_id = Some(RunId::new());
+    let committed = f
+        .store
+        .append_events(std::slice::from_ref(&event))
+        .await
+        .unwrap();
+    let read = f.store.events_after(ws, 0, 10).await.unwrap();
+    assert_eq!(read, committed);
+    let e = &read[0];
+    assert_eq!(e.event_type, "tool.call");
+    assert_eq!(e.version, "1.0");
+    assert_eq!(
+        (e.agent_id, e.task_id, e.run_id),
+        (event.agent_id, event.task_id, event.run_id)
+    );
+    assert_eq!(e.data, event.data);
+}
+
+async fn pruning_removes_a_prefix_and_records_it(f: &Fixture) {
+    let ws = f.store.create_workspace(&name("old")).await.unwrap().id;
+    let other = f.store.create_workspace(&name("new")).await.unwrap().id;
+    f.store
+        .append_events(&[ping(ws, 1), ping(ws, 2), ping(other, 1)])
+        .await
+        .unwrap();
+    let cutoff = time::OffsetDateTime::now_utc() + time::Duration::milliseconds(1);
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    f.store.append_events(&[ping(ws, 3)]).await.unwrap();
+    assert_eq!(f.store.prune_events(cutoff).await.unwrap(), 3);
+    assert_eq!(
+        f.store.event_head(ws).await.unwrap(),
+        EventHead {
+            last_seq: 3,
+            pruned_through: 2
+        }
+    );
+    assert_eq!(f.store.event_head(ws).await.unwrap().oldest_held(), 3);
+    assert_eq!(
+        f.store.event_head(other).await.unwrap(),
+        EventHead {
+            last_seq: 1,
+            pruned_through: 1
+        }
+    );
+    let left = f.store.events_after(ws, 0, 10).await.unwrap();
+    assert_eq!(left.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![3]);
+    // Nothing older is left: a second pass removes nothing, and new appends continue the seq.
+    assert_eq!(f.store.prune_events(cutoff).await.unwrap(), 0);
+    assert_eq!(
+        f.store.append_events(&[ping(other, 2)]).await.unwrap()[0].seq,
+        2
+    );
+}
+
+async fn postgres_announces_commits_to_listeners(f: &Fixture) {
+    use futures_util::StreamExt as _;
+    let listener = f.store.listen_commits().await.unwrap();
+    let Some(mut commits) = listener else {
+        assert_eq!(f.store.backend(), keel_store::Backend::Sqlite);
+        return;
+    };
+    let ws = f.store.create_workspace(&name("loud")).await.unwrap().id;
+    f.store
+        .append_events(&[ping(ws, 1), ping(ws, 2)])
+        .await
+        .unwrap();
+    let commit = tokio::time::timeout(std::time::Duration::from_secs(5), commits.next())
+        .await
+        .unwrap();
+    assert_eq!(
+        commit,
+        Some(Commit::Appended {
+            workspace_id: ws,
+            last_seq: 2
+        })
+    );
+}
+
+async fn webhooks_are_scoped_leased_and_log_their_deliveries(f: &Fixture) {
+    use keel_store::{Delivery, NewWebhook, Outcome};
+    let ws = f.store.create_workspace(&name("hooks")).await.unwrap().id;
+    let other = f.store.create_workspace(&name("other")).await.unwrap().id;
+    f.store
+        .append_events(&[ping(ws, 1), ping(ws, 2)])
+        .await
+        .unwrap();
+    let hook = f
+        .store
+        .create_webhook(NewWebhook {
+            workspace_id: ws,
+            url: "https://example.com/hook".into(),
+            types: "task.*".into(),
+            secret: "whsec_abc".into(),
+            description: Some("ci".into()),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        hook.cursor_seq, 2,
+        "a new webhook starts after the newest event"
+    );
+    assert_eq!(f.store.list_webhooks(ws).await.unwrap(), vec![hook.clone()]);
+    assert!(f.store.list_webhooks(other).await.unwrap().is_empty());
+    assert!(matches!(
+        f.store.webhook(other, hook.id).await,
+        Err(Error::NotFound { .. })
+    ));
+    assert_eq!(f.store.all_webhooks().await.unwrap().len(), 1);
+
+    let (me, rival) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    let later = time::OffsetDateTime::now_utc() + time::Duration::seconds(30);
+    assert!(f.store.lease_webhook(hook.id, me, later).await.unwrap());
+    assert!(
+        !f.store.lease_webhook(hook.id, rival, later).await.unwrap(),
+        "held by another"
+    );
+    assert!(
+        f.store.lease_webhook(hook.id, me, later).await.unwrap(),
+        "renewable by its owner"
+    );
+    assert!(!f.store.advance_webhook(hook.id, rival, 5).await.unwrap());
+    assert!(f.store.advance_webhook(hook.id, me, 5).await.unwrap());
+    assert!(
+        !f.store.advance_webhook(hook.id, me, 4).await.unwrap(),
+        "never backwards"
+    );
+    assert_eq!(f.store.webhook(ws, hook.id).await.unwrap().cursor_seq, 5);
+    let past = time::OffsetDateTime::now_utc() - time::Duration::seconds(1);
+    assert!(f.store.lease_webhook(hook.id, me, past).await.unwrap());
+    assert!(
+        f.store.lease_webhook(hook.id, rival, later).await.unwrap(),
+        "an expired lease is taken over"
+    );
+
+    let event = f.store.events_after(ws, 0, 1).await.unwrap().remove(0);
+    let mut ids = Vec::new();
+    for (attempt, outcome) in [
+        (1, Outcome::Failed),
+        (2, Outcome::DeadLettered),
+        (3, Outcome::Delivered),
+    ] {
+        let d = Delivery {
+            id: keel_core::id::DeliveryId::new(),
+            webhook_id: hook.id,
+            workspace_id: ws,
+            event_seq: event.seq,
+            event_id: event.event_id,
+            event_type: event.event_type.clone(),
+            attempt,
+            outcome,
+            status_code: Some(500),
+            error: Some("boom".into()),
+            duration_ms: 3,
+            created_at: time::OffsetDateTime::now_utc()
+                .replace_nanosecond(0)
+                .unwrap(),
+        };
+        f.store.record_delivery(&d).await.unwrap();
+        ids.push(d);
+    }
+    let all = f
+        .store
+        .list_deliveries(ws, hook.id, None, None, 10)
+        .await
+        .unwrap();
+    assert_eq!(all, ids);
+    let dead = f
+        .store
+        .list_deliveries(ws, hook.id, Some(Outcome::DeadLettered), None, 10)
+        .await
+        .unwrap();
+    assert_eq!(dead, vec![ids[1].clone()]);
+    let after = f
+        .store
+        .list_deliveries(ws, hook.id, None, Some(ids[0].id), 1)
+        .await
+        .unwrap();
+    assert_eq!(after, vec![ids[1].clone()]);
+    assert_eq!(
+        f.store.delivery(ws, hook.id, ids[2].id).await.unwrap(),
+        ids[2]
+    );
+    assert!(
+        f.store
+            .list_deliveries(other, hook.id, None, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    assert!(matches!(
+        f.store.delete_webhook(other, hook.id).await,
+        Err(Error::NotFound { .. })
+    ));
+    f.store.delete_webhook(ws, hook.id).await.unwrap();
+    assert!(f.store.list_webhooks(ws).await.unwrap().is_empty());
+    assert!(
+        f.store
+            .list_deliveries(ws, hook.id, None, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn exporters_lease_and_track_a_cursor_per_workspace(f: &Fixture) {
+    let a = f.store.create_workspace(&name("xa")).await.unwrap().id;
+    let b = f.store.create_workspace(&name("xb")).await.unwrap().id;
+    let (me, rival) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    let later = time::OffsetDateTime::now_utc() + time::Duration::seconds(30);
+    assert!(f.store.lease_exporter("nats", me, later).await.unwrap());
+    assert!(!f.store.lease_exporter("nats", rival, later).await.unwrap());
+    assert!(f.store.lease_exporter("nats", me, later).await.unwrap());
+    assert!(
+        f.store.lease_exporter("other", rival, later).await.unwrap(),
+        "leases are per exporter"
+    );
+    assert!(f.store.export_backlog("nats").await.unwrap().is_empty());
+    f.store
+        .append_events(&[ping(a, 1), ping(a, 2), ping(b, 1)])
+        .await
+        .unwrap();
+    let mut backlog = f.store.export_backlog("nats").await.unwrap();
+    backlog.sort_by_key(|x| x.last_seq);
+    assert_eq!(backlog.len(), 2);
+    assert_eq!((backlog[0].exported, backlog[0].last_seq), (0, 1));
+    assert_eq!(
+        (
+            backlog[1].workspace_id,
+            backlog[1].exported,
+            backlog[1].last_seq
+        ),
+        (a, 0, 2)
+    );
+    f.store.advance_export("nats", a, 2).await.unwrap();
+    f.store.advance_export("nats", a, 1).await.unwrap();
+    let backlog = f.store.export_backlog("nats").await.unwrap();
+    assert_eq!(
+        backlog.iter().map(|x| x.workspace_id).collect::<Vec<_>>(),
+        vec![b],
+        "a is done; never moved back"
+    );
+    assert_eq!(
+        f.store.export_backlog("other").await.unwrap().len(),
+        2,
+        "cursors are per exporter"
+    );
 }
