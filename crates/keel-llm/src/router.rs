@@ -5,8 +5,9 @@
 //!
 //! Only retryable failures are retried (429, 5xx, timeouts, connection errors, invalid
 //! responses); a 4xx from upstream is the caller's mistake and is returned at once. Every
-//! provider error and every fallback is logged (`event_type` = `llm.provider.error` /
-//! `llm.provider.fallback`) and counted.
+//! provider error and every fallback is logged, counted, and told to the caller's
+//! [`Observer`] (the gateway records them as `llm.provider.error` /
+//! `llm.provider.fallback` events).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -22,6 +23,77 @@ use crate::error::{Error, ErrorKind, ProviderError, Result};
 use crate::provider::{ChunkStream, Provider};
 use crate::providers;
 use crate::types::{ChatRequest, ChatResponse, EmbeddingsRequest, EmbeddingsResponse};
+
+/// Where a failed attempt happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Before an answer (or a stream's first chunk) arrived.
+    Request,
+    /// In a stream, after its first chunk.
+    Stream,
+}
+
+impl Phase {
+    /// `request` or `stream`.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Phase::Request => "request",
+            Phase::Stream => "stream",
+        }
+    }
+}
+
+/// One failed attempt at a target.
+#[derive(Debug)]
+pub struct AttemptFailed<'a> {
+    /// The route.
+    pub route: &'a str,
+    /// The target's label.
+    pub target: &'a str,
+    /// Its protocol.
+    pub provider: ProviderKind,
+    /// Its upstream model.
+    pub upstream_model: &'a str,
+    /// What went wrong.
+    pub error: &'a ProviderError,
+    /// Attempts at this target so far, this one included.
+    pub attempt: u32,
+    /// Before or after the first chunk.
+    pub phase: Phase,
+}
+
+/// A move from one target to the next.
+#[derive(Debug)]
+pub struct FellBack<'a> {
+    /// The route.
+    pub route: &'a str,
+    /// The target given up on.
+    pub from: &'a str,
+    /// The target tried next.
+    pub to: &'a str,
+    /// Why the previous one was given up on (its last error kind).
+    pub reason: &'a str,
+}
+
+/// Told about every failed attempt and every fallback of one request, as they happen
+/// (the gateway records them as `llm.provider.error` / `llm.provider.fallback` events).
+/// Called on the request's task: implementations must not block.
+pub trait Observer: Send + Sync {
+    /// An attempt failed.
+    fn attempt_failed(&self, failure: &AttemptFailed<'_>);
+    /// The route moved on to its next target.
+    fn fell_back(&self, fallback: &FellBack<'_>);
+}
+
+/// An observer that ignores everything.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Unobserved;
+
+impl Observer for Unobserved {
+    fn attempt_failed(&self, _: &AttemptFailed<'_>) {}
+    fn fell_back(&self, _: &FellBack<'_>) {}
+}
 
 /// One target of a route, with its live state.
 #[derive(Debug)]
@@ -186,9 +258,13 @@ impl Router {
     }
 
     /// A whole answer from the route named by `request.model`.
-    pub async fn chat(&self, request: &ChatRequest) -> Result<(ChatResponse, Served)> {
+    pub async fn chat(
+        &self,
+        request: &ChatRequest,
+        observer: &dyn Observer,
+    ) -> Result<(ChatResponse, Served)> {
         let route = self.route(&request.model)?;
-        let (mut response, _permit, served) = run(route, |t| {
+        let (mut response, _permit, served) = run(route, observer, |t| {
             let provider = t.provider.clone();
             async move { provider.chat(request).await }
         })
@@ -201,9 +277,10 @@ impl Router {
     pub async fn embeddings(
         &self,
         request: &EmbeddingsRequest,
+        observer: &dyn Observer,
     ) -> Result<(EmbeddingsResponse, Served)> {
         let route = self.route(&request.model)?;
-        let (mut response, _permit, served) = run(route, |t| {
+        let (mut response, _permit, served) = run(route, observer, |t| {
             let provider = t.provider.clone();
             async move { provider.embeddings(request).await }
         })
@@ -214,9 +291,13 @@ impl Router {
 
     /// A streamed answer. Fails (and may fall back) only before the first chunk; a later
     /// failure is an `Err` item that ends the stream.
-    pub async fn chat_stream(&self, request: &ChatRequest) -> Result<(ChunkStream, Served)> {
+    pub async fn chat_stream(
+        &self,
+        request: &ChatRequest,
+        observer: Arc<dyn Observer>,
+    ) -> Result<(ChunkStream, Served)> {
         let route = self.route(&request.model)?;
-        let (stream, permit, served) = run(route, |t| {
+        let (stream, permit, served) = run(route, observer.as_ref(), |t| {
             let provider = t.provider.clone();
             async move { provider.chat_stream(request).await }
         })
@@ -228,6 +309,7 @@ impl Router {
             .iter()
             .find(|t| t.label == served.target)
             .map(|t| t.breaker.clone());
+        let (provider, upstream_model) = (served.provider, served.upstream_model.clone());
         // The permit lives as long as the stream; the model name is the route's; a failure
         // mid-way counts against the target's breaker like any other.
         let stream = stream.map(move |item| {
@@ -251,6 +333,15 @@ impl Router {
                     .increment(1);
                     tracing::warn!(event_type = "llm.provider.error", route = %labels[0].1, target = %labels[1].1,
                         kind = %e.kind, error = %e.message, "stream failed mid-way");
+                    observer.attempt_failed(&AttemptFailed {
+                        route: &labels[0].1,
+                        target: &labels[1].1,
+                        provider,
+                        upstream_model: &upstream_model,
+                        error: &e,
+                        attempt: 1,
+                        phase: Phase::Stream,
+                    });
                     Err(e)
                 }
             }
@@ -297,6 +388,7 @@ fn order(route: &Route) -> Vec<&TargetState> {
 
 async fn run<'r, T, F, Fut>(
     route: &'r Route,
+    observer: &dyn Observer,
     mut call: F,
 ) -> Result<(T, OwnedSemaphorePermit, Served)>
 where
@@ -315,6 +407,14 @@ where
             let from = &targets[position - 1].label;
             metrics::counter!("keel_llm_fallbacks_total", "route" => route.name.clone(), "from" => from.clone(), "to" => target.label.clone()).increment(1);
             tracing::warn!(event_type = "llm.provider.fallback", route = %route.name, from = %from, to = %target.label, "falling back");
+            observer.fell_back(&FellBack {
+                route: &route.name,
+                from,
+                to: &target.label,
+                reason: failures
+                    .last()
+                    .map_or("unavailable", |(_, e)| e.kind.as_str()),
+            });
         }
         // The permit first: a half-open breaker's single probe must not be spent on a
         // call that never happens.
@@ -373,6 +473,15 @@ where
                     metrics::counter!("keel_llm_provider_errors_total", "route" => route.name.clone(), "target" => target.label.clone(), "kind" => e.kind.as_str()).increment(1);
                     tracing::warn!(event_type = "llm.provider.error", route = %route.name, target = %target.label,
                         kind = %e.kind, status = e.status, attempt = attempt + 1, error = %e.message, "provider call failed");
+                    observer.attempt_failed(&AttemptFailed {
+                        route: &route.name,
+                        target: &target.label,
+                        provider: target.provider_kind,
+                        upstream_model: &target.model,
+                        error: &e,
+                        attempt: attempt + 1,
+                        phase: Phase::Request,
+                    });
                     if !e.kind.is_retryable() {
                         return Err(Error::Rejected(e));
                     }

@@ -38,6 +38,9 @@ pub struct Problem {
     /// SDKs in every language show `detail` as the error message.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<OpenAiError>,
+    /// For 410 on the event log: the oldest seq still held.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oldest_seq: Option<i64>,
 }
 
 /// OpenAI's error object: `{"message", "type", "code"}`.
@@ -89,6 +92,8 @@ pub struct ApiError {
     /// Ask the client not to reuse the connection: the request body was not read to its
     /// end, so the server will close it.
     close: bool,
+    /// For 410 on the event log.
+    oldest_seq: Option<i64>,
 }
 
 impl ApiError {
@@ -100,6 +105,7 @@ impl ApiError {
             challenge: false,
             retry_after: None,
             close: false,
+            oldest_seq: None,
         }
     }
 
@@ -129,6 +135,14 @@ impl ApiError {
     /// 409: conflicts with the current state.
     pub fn conflict(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, "conflict", detail)
+    }
+    /// 410: the events asked for are older than retention keeps; `oldest_seq` is the
+    /// oldest still held.
+    pub fn gone(detail: impl Into<String>, oldest_seq: i64) -> Self {
+        Self {
+            oldest_seq: Some(oldest_seq),
+            ..Self::new(StatusCode::GONE, "gone", detail)
+        }
     }
     /// 413.
     pub fn payload_too_large(limit: usize) -> Self {
@@ -190,6 +204,7 @@ impl ApiError {
             instance: None,
             request_id: None,
             error: None,
+            oldest_seq: self.oldest_seq,
         }
     }
 
@@ -243,6 +258,22 @@ impl From<keel_store::Error> for ApiError {
                 ApiError::unavailable("the database is unavailable; retry shortly")
             }
             e => ApiError::internal(&e),
+        }
+    }
+}
+
+impl From<crate::events::AppendError> for ApiError {
+    fn from(e: crate::events::AppendError) -> Self {
+        use crate::events::AppendError as E;
+        match e {
+            E::Store(e) if e.is_unavailable() => {
+                tracing::warn!(error = %e, "database unavailable");
+                ApiError::unavailable("the database is unavailable; retry shortly")
+            }
+            E::Store(e) => ApiError::internal(&e),
+            E::Stopped => {
+                ApiError::unavailable("the server is shutting down; retry on another instance")
+            }
         }
     }
 }

@@ -101,3 +101,63 @@ pub async fn cache(config: &Config) -> Option<std::sync::Arc<keel_llm::cache::Re
     };
     Some(std::sync::Arc::new(cache))
 }
+
+/// Records a request's failed attempts and fallbacks as `llm.provider.error` and
+/// `llm.provider.fallback` events in its workspace's log.
+#[derive(Debug)]
+pub(crate) struct EventObserver {
+    log: crate::events::EventLog,
+    workspace: keel_core::id::WorkspaceId,
+    correlation_id: Option<String>,
+}
+
+impl EventObserver {
+    pub(crate) fn new(log: crate::events::EventLog, workspace: keel_core::id::WorkspaceId) -> Self {
+        Self {
+            log,
+            workspace,
+            correlation_id: crate::telemetry::current_trace_id(),
+        }
+    }
+}
+
+impl keel_llm::router::Observer for EventObserver {
+    fn attempt_failed(&self, f: &keel_llm::router::AttemptFailed<'_>) {
+        let data = serde_json::json!({
+            "route": f.route,
+            "target": f.target,
+            "provider": f.provider.as_str(),
+            "upstream_model": f.upstream_model,
+            "kind": f.error.kind.as_str(),
+            "status": f.error.status,
+            "message": f.error.message,
+            "attempt": f.attempt,
+            "phase": f.phase.as_str(),
+        });
+        self.log.emit(
+            keel_core::event::NewEvent::new(
+                keel_core::event::EventType::LlmProviderError,
+                self.workspace,
+                data,
+            )
+            .correlated(self.correlation_id.clone()),
+        );
+    }
+
+    fn fell_back(&self, f: &keel_llm::router::FellBack<'_>) {
+        let data = serde_json::json!({
+            "route": f.route,
+            "from_target": f.from,
+            "to_target": f.to,
+            "reason": f.reason,
+        });
+        self.log.emit(
+            keel_core::event::NewEvent::new(
+                keel_core::event::EventType::LlmProviderFallback,
+                self.workspace,
+                data,
+            )
+            .correlated(self.correlation_id.clone()),
+        );
+    }
+}

@@ -26,12 +26,16 @@ use utoipa_axum::routes;
 
 pub mod auth;
 pub mod error;
+pub mod events;
 pub mod extract;
 pub mod gateway;
 pub mod middleware;
 pub mod mock_llm;
+pub mod nats;
+pub mod schemas;
 pub mod telemetry;
 pub mod usage;
+pub mod webhooks;
 
 mod routes;
 
@@ -48,6 +52,8 @@ pub struct Parts {
     pub usage: usage::Recorder,
     /// The response cache; `None` when `cache.enabled` is false.
     pub cache: Option<Arc<keel_llm::cache::ResponseCache>>,
+    /// The event log.
+    pub events: events::EventLog,
     /// Cancelled to stop the server; readiness reports 503 from then on.
     pub shutdown: CancellationToken,
 }
@@ -67,6 +73,7 @@ struct Inner {
     key_cache: auth::KeyCache,
     metrics: PrometheusHandle,
     openapi_json: std::sync::OnceLock<axum::body::Bytes>,
+    events: events::EventLog,
     shutdown: CancellationToken,
 }
 
@@ -91,6 +98,7 @@ impl AppState {
                 cache: parts.cache,
                 metrics: telemetry::metrics(),
                 openapi_json: std::sync::OnceLock::new(),
+                events: parts.events,
                 shutdown: parts.shutdown,
             }),
         }
@@ -132,6 +140,15 @@ impl AppState {
         &self.inner.metrics
     }
 
+    /// The event log.
+    pub fn events(&self) -> &events::EventLog {
+        &self.inner.events
+    }
+
+    pub(crate) fn shutdown_token(&self) -> &CancellationToken {
+        &self.inner.shutdown
+    }
+
     pub(crate) fn is_shutting_down(&self) -> bool {
         self.inner.shutdown.is_cancelled()
     }
@@ -153,6 +170,7 @@ impl AppState {
         (name = "workspaces", description = "Workspaces (tenants)"),
         (name = "keys", description = "API keys"),
         (name = "gateway", description = "OpenAI-compatible LLM gateway"),
+        (name = "events", description = "The event log: live streams, history, schemas"),
     ),
     modifiers(&BearerAuth),
 )]
@@ -193,13 +211,23 @@ pub fn app(state: AppState) -> Router {
     let viewer = OpenApiRouter::new()
         .routes(routes!(routes::workspaces::current))
         .routes(routes!(routes::gateway::models))
-        .routes(routes!(routes::usage::usage));
+        .routes(routes!(routes::usage::usage))
+        .routes(routes!(routes::events::events))
+        .routes(routes!(routes::events::schemas))
+        .routes(routes!(routes::ws::ws))
+        .routes(routes!(routes::webhooks::list))
+        .routes(routes!(routes::webhooks::get))
+        .routes(routes!(routes::webhooks::deliveries));
     let member = OpenApiRouter::new()
         .routes(routes!(routes::gateway::chat_completions))
         .routes(routes!(routes::gateway::embeddings));
     let admin = OpenApiRouter::new()
         .routes(routes!(routes::keys::create, routes::keys::list))
-        .routes(routes!(routes::keys::revoke));
+        .routes(routes!(routes::keys::revoke))
+        .routes(routes!(routes::events::ping))
+        .routes(routes!(routes::webhooks::create))
+        .routes(routes!(routes::webhooks::delete))
+        .routes(routes!(routes::webhooks::redeliver));
 
     let (router, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(routes::system::healthz))

@@ -292,3 +292,13 @@ impl Visit for JsonVisitor {
         self.0.insert(field.name().into(), value.to_string().into());
     }
 }
+
+/// The trace id of the current span (32 hex digits), if it is traced.
+#[must_use]
+pub fn current_trace_id() -> Option<String> {
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let cx = tracing::Span::current().context();
+    let span = cx.span();
+    let sc = span.span_context();
+    sc.is_valid().then(|| sc.trace_id().to_string())
+}

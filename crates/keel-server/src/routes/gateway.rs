@@ -3,6 +3,7 @@
 //! their API key and Keel's /v1 as their base URL.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use axum::Json;
 use axum::body::{Body, Bytes};
@@ -25,6 +26,7 @@ use time::OffsetDateTime;
 use crate::AppState;
 use crate::error::{ApiError, Problem};
 use crate::extract::AppJson;
+use crate::gateway::EventObserver;
 
 impl From<keel_llm::Error> for ApiError {
     fn from(e: keel_llm::Error) -> Self {
@@ -107,8 +109,12 @@ pub(crate) async fn chat_completions(
         .await);
     }
     let router = state.router();
+    let observer = Arc::new(EventObserver::new(
+        state.events().clone(),
+        principal.workspace_id,
+    ));
     if !request.is_stream() {
-        return match router.chat(&request).await {
+        return match router.chat(&request, observer.as_ref()).await {
             Ok((response, served)) => {
                 let (usage, estimated) = match response.usage {
                     Some(usage) => (usage, false),
@@ -132,7 +138,7 @@ pub(crate) async fn chat_completions(
         };
     }
 
-    let (chunks, served) = match router.chat_stream(&request).await {
+    let (chunks, served) = match router.chat_stream(&request, observer).await {
         Ok(ok) => ok,
         Err(e) => {
             record_failure(&state, &principal, &request.model, &e, started).await;
@@ -257,7 +263,8 @@ pub(crate) async fn embeddings(
         ));
     }
     let started = Instant::now();
-    match state.router().embeddings(&request).await {
+    let observer = EventObserver::new(state.events().clone(), principal.workspace_id);
+    match state.router().embeddings(&request, &observer).await {
         Ok((response, served)) => {
             let (prompt_tokens, estimated) = match response.usage {
                 Some(u) => (u.prompt_tokens, false),

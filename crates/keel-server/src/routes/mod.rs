@@ -2,11 +2,14 @@
 //! domain types, call the store, shape the response. Authorisation is not here: it is
 //! applied per route group in [`crate::app`].
 
+pub(crate) mod events;
 pub(crate) mod gateway;
 pub(crate) mod keys;
 pub(crate) mod system;
 pub(crate) mod usage;
+pub(crate) mod webhooks;
 pub(crate) mod workspaces;
+pub(crate) mod ws;
 
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -17,6 +20,8 @@ pub(crate) const OPS: &str = "ops";
 pub(crate) const WORKSPACES: &str = "workspaces";
 /// The OpenAPI tag for the OpenAI-compatible gateway.
 pub(crate) const GATEWAY: &str = "gateway";
+/// The OpenAPI tag for the event log.
+pub(crate) const EVENTS: &str = "events";
 /// The OpenAPI tag for key endpoints.
 pub(crate) const KEYS: &str = "keys";
 

@@ -43,8 +43,12 @@ pub async fn state_for(
     let (router, _) = keel_server::gateway::router(&cfg, &|_| None).unwrap();
     let (usage, _writer) = keel_server::usage::start(store.clone());
     let cache = keel_server::gateway::cache(&cfg).await;
+    let (events, _tasks) = keel_server::events::start(store.clone(), &cfg)
+        .await
+        .unwrap();
     AppState::new(keel_server::Parts {
         store,
+        events,
         config: Arc::new(cfg),
         router: Arc::new(router),
         usage,
@@ -471,6 +475,16 @@ async fn openapi_lists_every_route_and_every_listed_route_exists() {
         "GET /v1/models",
         "GET /v1/usage",
         "POST /v1/embeddings",
+        "GET /v1/events",
+        "GET /v1/events/schemas",
+        "GET /v1/ws",
+        "POST /v1/events/ping",
+        "GET /v1/webhooks",
+        "POST /v1/webhooks",
+        "GET /v1/webhooks/{id}",
+        "DELETE /v1/webhooks/{id}",
+        "GET /v1/webhooks/{id}/deliveries",
+        "POST /v1/webhooks/{id}/deliveries/{delivery_id}/redeliver",
     ]
     .map(str::to_owned)
     .into();
@@ -479,7 +493,9 @@ async fn openapi_lists_every_route_and_every_listed_route_exists() {
     // Each documented operation is really routed (it never reaches the 404 fallback).
     for op in &documented {
         let (method, path) = op.split_once(' ').unwrap();
-        let path = path.replace("{id}", "key_00000000000000000000000000000000");
+        let path = path
+            .replace("{id}", "key_00000000000000000000000000000000")
+            .replace("{delivery_id}", "dlv_00000000000000000000000000000000");
         let req = Request::builder()
             .method(method)
             .uri(&path)

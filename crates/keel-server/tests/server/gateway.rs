@@ -127,6 +127,48 @@ async fn server_errors_are_retried_with_backoff_then_fall_back_in_order() {
         ),
         (2, 2, 1)
     );
+    // Each failed attempt and each fallback is an event in the workspace's log.
+    let events = g.events(6).await;
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "llm.provider.error",
+            "llm.provider.error",
+            "llm.provider.fallback",
+            "llm.provider.error",
+            "llm.provider.error",
+            "llm.provider.fallback"
+        ]
+    );
+    for e in &events {
+        crate::events::assert_valid(e);
+    }
+    assert_eq!(events[0]["data"]["kind"], "server");
+    assert_eq!(events[0]["data"]["status"], 500);
+    assert_eq!(events[0]["data"]["upstream_model"], "fault/500");
+    assert_eq!(events[0]["data"]["phase"], "request");
+    assert_eq!(
+        (
+            events[0]["data"]["attempt"].as_u64(),
+            events[1]["data"]["attempt"].as_u64()
+        ),
+        (Some(1), Some(2))
+    );
+    assert_eq!(events[2]["data"]["reason"], "server");
+    assert_eq!(
+        events[2]["data"]["from_target"],
+        events[0]["data"]["target"]
+    );
+    assert_eq!(
+        events[5]["data"]["to_target"]
+            .as_str()
+            .map(|t| t.contains("ok")),
+        Some(true)
+    );
 }
 
 #[tokio::test]
@@ -540,8 +582,12 @@ async fn a_redis_cache_is_shared_by_instances() {
     );
     let (router, _) = keel_server::gateway::router(&cfg, &|_| None).unwrap();
     let (usage, _writer) = keel_server::usage::start(g.store.clone());
+    let (events, _tasks) = keel_server::events::start(g.store.clone(), &cfg)
+        .await
+        .unwrap();
     let second = app(AppState::new(keel_server::Parts {
         store: g.store.clone(),
+        events,
         config: Arc::new(cfg),
         router: Arc::new(router),
         usage,

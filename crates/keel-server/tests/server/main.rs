@@ -11,5 +11,7 @@
 
 mod anthropic;
 mod api;
+mod events;
 mod gateway;
 mod support;
+mod webhooks;

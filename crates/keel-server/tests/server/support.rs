@@ -75,8 +75,12 @@ pub async fn gateway_with(models_toml: &str, replies: Vec<ScriptedReply>) -> Gat
         .await
         .unwrap();
     let (usage, writer) = keel_server::usage::start(store.clone());
+    let (events, _tasks) = keel_server::events::start(store.clone(), &cfg)
+        .await
+        .unwrap();
     let state = AppState::new(keel_server::Parts {
         store: store.clone(),
+        events,
         cache: keel_server::gateway::cache(&cfg).await,
         config: Arc::new(cfg),
         router: Arc::new(router),
@@ -100,6 +104,27 @@ pub async fn gateway(models_toml: &str) -> Gateway {
 }
 
 impl Gateway {
+    /// The first `n` events of workspace `gw`, waiting up to 5 s for them to be committed.
+    pub async fn events(&self, n: usize) -> Vec<Value> {
+        let ws = self
+            .store
+            .workspace_by_name(&WorkspaceName::parse("gw").unwrap())
+            .await
+            .unwrap()
+            .id;
+        for _ in 0..100 {
+            let events = self.store.events_after(ws, 0, 1000).await.unwrap();
+            if events.len() >= n {
+                return events
+                    .iter()
+                    .map(|e| serde_json::to_value(e).unwrap())
+                    .collect();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("fewer than {n} events were committed");
+    }
+
     /// POSTs a chat completion; returns status and body.
     pub async fn chat(&self, body: Value) -> (StatusCode, String) {
         let (status, _, body) = self.chat_with(body, &[]).await;

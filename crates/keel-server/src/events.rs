@@ -1,0 +1,675 @@
+//! The event log at run time: appending (group commit), fan-out to live followers, the
+//! cross-instance follower, and retention.
+//!
+//! - [`EventLog::append`] queues events for the one writer task, which commits whatever
+//!   has queued as one transaction (many appenders share one fsync) and answers each
+//!   caller with its committed events. [`EventLog::emit`] is the fire-and-forget form for
+//!   events that are not part of a state change (a provider error, a fallback).
+//! - Committed events go to the [`Hub`]: one bounded broadcast ring per workspace that has
+//!   followers, each event rendered once (SSE frame and JSON) and shared by every follower.
+//! - On Postgres, commits by other instances arrive by `LISTEN/NOTIFY`; the follower task
+//!   reads them from the log and publishes them here too.
+//! - Correctness never rests on the broadcast: a follower numbers what it has seen, skips
+//!   what it has, and reads any gap from the store (see [`follow`]).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use futures_util::StreamExt as _;
+use keel_core::config::Events as EventsConfig;
+use keel_core::event::{Event, NewEvent, TypeFilter};
+use keel_core::id::{AgentId, TaskId, WorkspaceId};
+use keel_store::{Commit, Store};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Most append requests queued before `append` waits (and `emit` drops).
+const QUEUE: usize = 16_384;
+/// Most events committed in one transaction.
+const MAX_BATCH: usize = 4_096;
+/// Events read from the store per page when a follower catches up.
+const PAGE: u32 = 500;
+
+/// Why the event log could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The store's commit listener could not start.
+    #[error(transparent)]
+    Store(keel_store::Error),
+    /// The webhook HTTP client could not be built.
+    #[error("cannot build the webhook HTTP client: {0}")]
+    Http(reqwest::Error),
+}
+
+/// Why an append failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    /// The store refused or is down (shared by every append in the failed batch).
+    #[error(transparent)]
+    Store(Arc<keel_store::Error>),
+    /// The writer has stopped (the server is shutting down).
+    #[error("the event writer has stopped")]
+    Stopped,
+}
+
+struct Job {
+    events: Vec<NewEvent>,
+    reply: Option<oneshot::Sender<Result<Vec<Event>, Arc<keel_store::Error>>>>,
+}
+
+/// The handle everything appends and follows through; cheap to clone.
+#[derive(Clone)]
+pub struct EventLog {
+    inner: Arc<LogInner>,
+}
+
+struct LogInner {
+    tx: mpsc::Sender<Job>,
+    hub: Arc<Hub>,
+    webhooks: crate::webhooks::Dispatcher,
+    store: Arc<dyn Store>,
+    config: EventsConfig,
+    clients: Arc<tokio::sync::Semaphore>,
+}
+
+impl std::fmt::Debug for EventLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventLog").finish_non_exhaustive()
+    }
+}
+
+/// The background tasks of the event log; [`Tasks::finish`] drains and stops them.
+#[derive(Debug)]
+pub struct Tasks {
+    stop: CancellationToken,
+    writer: JoinHandle<()>,
+    others: Vec<JoinHandle<()>>,
+}
+
+/// Starts the writer, the pruner and (on Postgres) the cross-instance follower.
+pub async fn start(
+    store: Arc<dyn Store>,
+    full: &keel_core::config::Config,
+) -> Result<(EventLog, Tasks), StartError> {
+    let config = &full.events;
+    let (tx, rx) = mpsc::channel(QUEUE);
+    let stop = CancellationToken::new();
+    let hub = Arc::new(Hub::new(config.stream_buffer));
+    let webhooks = crate::webhooks::Dispatcher::new(store.clone(), hub.clone(), &full.webhooks)
+        .map_err(StartError::Http)?;
+    let log = EventLog {
+        inner: Arc::new(LogInner {
+            tx,
+            hub,
+            webhooks: webhooks.clone(),
+            store: store.clone(),
+            config: config.clone(),
+            clients: Arc::new(tokio::sync::Semaphore::new(config.max_stream_clients)),
+        }),
+    };
+    let writer = tokio::spawn(write_loop(log.clone(), rx, stop.clone()));
+    let mut others = vec![tokio::spawn(prune_loop(
+        store.clone(),
+        config.clone(),
+        stop.clone(),
+    ))];
+    if let Some(commits) = store.listen_commits().await.map_err(StartError::Store)? {
+        others.push(tokio::spawn(follow_commits(
+            log.clone(),
+            commits,
+            stop.clone(),
+        )));
+    }
+    others.push(webhooks.start(stop.clone()));
+    if full.nats.url.is_some() {
+        others.push(tokio::spawn(crate::nats::run(
+            log.clone(),
+            full.nats.clone(),
+            stop.clone(),
+        )));
+    }
+    Ok((
+        log,
+        Tasks {
+            stop,
+            writer,
+            others,
+        },
+    ))
+}
+
+impl Tasks {
+    /// Commits everything queued, then stops every task.
+    pub async fn finish(self) {
+        self.stop.cancel();
+        if let Err(e) = self.writer.await {
+            tracing::error!(error = %e, "event writer task failed");
+        }
+        for task in self.others {
+            let _ = task.await;
+        }
+    }
+}
+
+impl EventLog {
+    /// Appends events and returns them as committed (with their ids and seqs), sharing a
+    /// transaction with whatever else is being appended at the moment.
+    pub async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Event>, AppendError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .tx
+            .send(Job {
+                events,
+                reply: Some(reply),
+            })
+            .await
+            .map_err(|_| AppendError::Stopped)?;
+        match answer.await {
+            Ok(Ok(events)) => Ok(events),
+            Ok(Err(e)) => Err(AppendError::Store(e)),
+            Err(_) => Err(AppendError::Stopped),
+        }
+    }
+
+    /// Queues an event without waiting for its commit. Never blocks: if the queue is full
+    /// (the store is far behind) the event is dropped, logged and counted in
+    /// `keel_events_dropped_total`.
+    pub fn emit(&self, event: NewEvent) {
+        let job = Job {
+            events: vec![event],
+            reply: None,
+        };
+        if self.inner.tx.try_send(job).is_err() {
+            metrics::counter!("keel_events_dropped_total").increment(1);
+            tracing::warn!("event queue full or closed; an event was dropped");
+        }
+    }
+
+    /// Hands events committed elsewhere (in a state change's own transaction) to live
+    /// followers.
+    pub fn publish(&self, events: &[Event]) {
+        self.inner.hub.publish(events);
+    }
+
+    /// The webhook dispatcher.
+    pub fn webhooks(&self) -> &crate::webhooks::Dispatcher {
+        &self.inner.webhooks
+    }
+
+    pub(crate) fn store(&self) -> &dyn Store {
+        self.inner.store.as_ref()
+    }
+
+    pub(crate) fn config(&self) -> &EventsConfig {
+        &self.inner.config
+    }
+
+    /// A slot for one live follower, or `None` when `events.max_stream_clients` are
+    /// already connected.
+    pub(crate) fn client_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.inner.clients.clone().try_acquire_owned().ok()
+    }
+}
+
+async fn write_loop(log: EventLog, mut rx: mpsc::Receiver<Job>, stop: CancellationToken) {
+    let mut jobs: Vec<Job> = Vec::with_capacity(256);
+    loop {
+        tokio::select! {
+            received = rx.recv_many(&mut jobs, 256) => {
+                if received == 0 {
+                    break;
+                }
+                commit(&log, &mut jobs).await;
+            }
+            () = stop.cancelled() => break,
+        }
+    }
+    rx.close();
+    while rx.recv_many(&mut jobs, 256).await > 0 {
+        commit(&log, &mut jobs).await;
+    }
+}
+
+/// Commits queued jobs, up to [`MAX_BATCH`] events a transaction.
+async fn commit(log: &EventLog, jobs: &mut Vec<Job>) {
+    let mut start = 0;
+    while start < jobs.len() {
+        let mut end = start;
+        let mut count = 0;
+        while end < jobs.len() && (count == 0 || count + jobs[end].events.len() <= MAX_BATCH) {
+            count += jobs[end].events.len();
+            end += 1;
+        }
+        let batch = &mut jobs[start..end];
+        let events: Vec<NewEvent> = batch
+            .iter()
+            .flat_map(|j| j.events.iter().cloned())
+            .collect();
+        let started = std::time::Instant::now();
+        let result = append_with_retry(
+            log.store(),
+            &events,
+            batch.iter().all(|j| j.reply.is_some()),
+        )
+        .await;
+        match result {
+            Ok(committed) => {
+                metrics::histogram!("keel_events_batch_size").record(committed.len() as f64);
+                metrics::histogram!("keel_events_write_duration_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                for event in &committed {
+                    metrics::counter!("keel_events_total", "type" => event.event_type.clone())
+                        .increment(1);
+                }
+                log.inner.hub.publish(&committed);
+                let mut rest = committed.as_slice();
+                for job in batch.iter_mut() {
+                    let (mine, others) = rest.split_at(job.events.len().min(rest.len()));
+                    rest = others;
+                    if let Some(reply) = job.reply.take() {
+                        let _ = reply.send(Ok(mine.to_vec()));
+                    }
+                }
+            }
+            Err(e) => {
+                let e = Arc::new(e);
+                for job in batch.iter_mut() {
+                    match job.reply.take() {
+                        Some(reply) => {
+                            let _ = reply.send(Err(e.clone()));
+                        }
+                        None => {
+                            metrics::counter!("keel_events_dropped_total")
+                                .increment(job.events.len() as u64);
+                        }
+                    }
+                }
+                tracing::error!(error = %e, events = events.len(), "event append failed");
+            }
+        }
+        start = end;
+    }
+    jobs.clear();
+}
+
+/// Callers waiting on the result get the first error at once; fire-and-forget events are
+/// retried with backoff for a few seconds before they are given up.
+async fn append_with_retry(
+    store: &dyn Store,
+    events: &[NewEvent],
+    all_waiting: bool,
+) -> Result<Vec<Event>, keel_store::Error> {
+    let attempts = if all_waiting { 1 } else { 6 };
+    let mut delay = Duration::from_millis(50);
+    let mut attempt = 1;
+    loop {
+        match store.append_events(events).await {
+            Ok(committed) => return Ok(committed),
+            Err(e) if attempt < attempts => {
+                tracing::warn!(error = %e, attempt, "event append failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn prune_loop(store: Arc<dyn Store>, config: EventsConfig, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(config.prune_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let cutoff = time::OffsetDateTime::now_utc()
+            - time::Duration::try_from(config.retention).unwrap_or(time::Duration::MAX);
+        match store.prune_events(cutoff).await {
+            Ok(0) => {}
+            Ok(n) => {
+                metrics::counter!("keel_events_pruned_total").increment(n);
+                tracing::info!(events = n, retention = ?config.retention, "pruned events past retention");
+            }
+            Err(e) => tracing::warn!(error = %e, "event pruning failed; will retry"),
+        }
+    }
+}
+
+/// Publishes other instances' commits to this instance's followers.
+async fn follow_commits(
+    log: EventLog,
+    mut commits: keel_store::CommitStream,
+    stop: CancellationToken,
+) {
+    loop {
+        let commit = tokio::select! {
+            commit = commits.next() => commit,
+            () = stop.cancelled() => return,
+        };
+        let targets: Vec<(WorkspaceId, i64)> = match commit {
+            None => return,
+            Some(Commit::Appended {
+                workspace_id,
+                last_seq,
+            }) => match log.inner.hub.published(workspace_id) {
+                Some(published) if published < last_seq => vec![(workspace_id, published)],
+                _ => Vec::new(),
+            },
+            Some(Commit::Resync) => log.inner.hub.followed(),
+        };
+        for (workspace, mut after) in targets {
+            loop {
+                match log.store().events_after(workspace, after, PAGE).await {
+                    Ok(page) => {
+                        let Some(last) = page.last() else { break };
+                        after = last.seq;
+                        log.inner.hub.publish(&page);
+                        if page.len() < PAGE as usize {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read events committed by another instance");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One committed event, rendered once for every follower.
+#[derive(Debug)]
+pub(crate) struct Frame {
+    pub(crate) event: Event,
+    /// `id: <seq>\nevent: <type>\ndata: <json>\n\n`.
+    pub(crate) sse: Bytes,
+    /// The envelope as JSON.
+    pub(crate) json: Bytes,
+}
+
+impl Frame {
+    pub(crate) fn new(event: Event) -> Self {
+        let json = serde_json::to_vec(&event).unwrap_or_default();
+        let mut sse = Vec::with_capacity(json.len() + 64);
+        sse.extend_from_slice(b"id: ");
+        sse.extend_from_slice(event.seq.to_string().as_bytes());
+        sse.extend_from_slice(b"\nevent: ");
+        sse.extend_from_slice(event.event_type.as_bytes());
+        sse.extend_from_slice(b"\ndata: ");
+        sse.extend_from_slice(&json);
+        sse.extend_from_slice(b"\n\n");
+        Self {
+            event,
+            sse: sse.into(),
+            json: json.into(),
+        }
+    }
+}
+
+/// Per-workspace broadcast rings of committed events, for workspaces with followers.
+pub(crate) struct Hub {
+    channels: Mutex<HashMap<WorkspaceId, Channel>>,
+    capacity: usize,
+}
+
+struct Channel {
+    tx: broadcast::Sender<Arc<Frame>>,
+    /// The highest seq sent on this channel.
+    published: i64,
+}
+
+impl Hub {
+    fn new(capacity: usize) -> Self {
+        Self {
+            channels: Mutex::new(HashMap::new()),
+            capacity,
+        }
+    }
+
+    pub(crate) fn subscribe(&self, workspace: WorkspaceId) -> broadcast::Receiver<Arc<Frame>> {
+        let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+        let rx = channels
+            .entry(workspace)
+            .or_insert_with(|| Channel {
+                tx: broadcast::channel(self.capacity).0,
+                published: 0,
+            })
+            .tx
+            .subscribe();
+        metrics::gauge!("keel_event_streams_followed_workspaces").set(channels.len() as f64);
+        rx
+    }
+
+    fn published(&self, workspace: WorkspaceId) -> Option<i64> {
+        let channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+        channels.get(&workspace).map(|c| c.published)
+    }
+
+    fn followed(&self) -> Vec<(WorkspaceId, i64)> {
+        let channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+        channels.iter().map(|(w, c)| (*w, c.published)).collect()
+    }
+
+    fn publish(&self, events: &[Event]) {
+        // Find the followed workspaces under the lock; render outside it.
+        let senders: HashMap<WorkspaceId, (broadcast::Sender<Arc<Frame>>, i64)> = {
+            let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+            channels.retain(|_, c| c.tx.receiver_count() > 0);
+            events
+                .iter()
+                .filter_map(|e| {
+                    channels
+                        .get(&e.workspace_id)
+                        .map(|c| (e.workspace_id, (c.tx.clone(), c.published)))
+                })
+                .collect()
+        };
+        if senders.is_empty() {
+            return;
+        }
+        let mut highest: HashMap<WorkspaceId, i64> = HashMap::new();
+        for event in events {
+            let Some((tx, published)) = senders.get(&event.workspace_id) else {
+                continue;
+            };
+            if event.seq <= *published {
+                continue;
+            }
+            let _ = tx.send(Arc::new(Frame::new(event.clone())));
+            let top = highest.entry(event.workspace_id).or_insert(0);
+            *top = (*top).max(event.seq);
+        }
+        let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+        for (workspace, seq) in highest {
+            if let Some(c) = channels.get_mut(&workspace) {
+                c.published = c.published.max(seq);
+            }
+        }
+    }
+}
+
+/// What a follower asked for.
+#[derive(Debug, Clone)]
+pub(crate) struct Selection {
+    pub(crate) workspace: WorkspaceId,
+    pub(crate) types: TypeFilter,
+    pub(crate) task_id: Option<TaskId>,
+    pub(crate) agent_id: Option<AgentId>,
+}
+
+impl Selection {
+    pub(crate) fn matches(&self, event: &Event) -> bool {
+        self.types.matches(&event.event_type)
+            && self.task_id.is_none_or(|t| event.task_id == Some(t))
+            && self.agent_id.is_none_or(|a| event.agent_id == Some(a))
+    }
+}
+
+/// Why a live follow ended (sent to the client as `stream.closed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Closed {
+    /// The follower fell more than `events.stream_buffer` events behind.
+    TooSlow,
+    /// The server is shutting down.
+    ShuttingDown,
+    /// The store could not be read.
+    Unavailable,
+}
+
+impl Closed {
+    pub(crate) const fn reason(self) -> &'static str {
+        match self {
+            Closed::TooSlow => "consumer_too_slow",
+            Closed::ShuttingDown => "shutting_down",
+            Closed::Unavailable => "store_unavailable",
+        }
+    }
+}
+
+/// What a follow hands its transport, in order.
+#[derive(Debug)]
+pub(crate) enum Item {
+    /// An event that matches the selection.
+    Event(Arc<Frame>),
+    /// Nothing happened for a keep-alive interval.
+    KeepAlive,
+    /// The follow is over; `resume_after` is the last seq it had seen.
+    Closed(Closed, i64),
+}
+
+/// Follows a workspace's log from `after` (exclusive): first what the store holds, then
+/// live commits, delivering each matching event exactly once and in seq order, until the
+/// client goes away, falls too far behind, or the server stops. `send` returns false when
+/// the client is gone.
+///
+/// The broadcast is a fast path only: an event at or below the last seq seen is skipped,
+/// and a jump past it (a commit by another writer or instance that has not arrived yet, or
+/// a notification lost on reconnect) is filled from the store.
+pub(crate) async fn follow<F, Fut>(
+    log: &EventLog,
+    selection: &Selection,
+    after: i64,
+    stop: &CancellationToken,
+    mut send: F,
+) where
+    F: FnMut(Item) -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let mut live = log.inner.hub.subscribe(selection.workspace);
+    let mut seen = after;
+    // History first (subscribed already, so nothing committed meanwhile is missed).
+    match catch_up(log, selection, &mut seen, &mut send).await {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(()) => {
+            send(Item::Closed(Closed::Unavailable, seen)).await;
+            return;
+        }
+    }
+    let keepalive = log.config().keepalive;
+    // Catching up on history can take longer than the ring holds, through no fault of the
+    // client's: a lag before the first live event is made good from the store (a few
+    // times at most); a lag after that means the client cannot keep up.
+    let mut history_lags = 0u32;
+    let mut live_started = false;
+    loop {
+        let received = tokio::select! {
+            biased;
+            () = stop.cancelled() => {
+                send(Item::Closed(Closed::ShuttingDown, seen)).await;
+                return;
+            }
+            received = live.recv() => received,
+            () = tokio::time::sleep(keepalive) => {
+                if !send(Item::KeepAlive).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        let frame = match received {
+            Ok(frame) => frame,
+            Err(broadcast::error::RecvError::Lagged(_)) if !live_started && history_lags < 3 => {
+                history_lags += 1;
+                match catch_up(log, selection, &mut seen, &mut send).await {
+                    Ok(true) => continue,
+                    Ok(false) => return,
+                    Err(()) => {
+                        send(Item::Closed(Closed::Unavailable, seen)).await;
+                        return;
+                    }
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                metrics::counter!("keel_event_streams_cut_total", "reason" => "consumer_too_slow")
+                    .increment(1);
+                tracing::info!(
+                    missed,
+                    resume_after = seen,
+                    "event follower too slow; closing its stream"
+                );
+                send(Item::Closed(Closed::TooSlow, seen)).await;
+                return;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        live_started = true;
+        let seq = frame.event.seq;
+        if seq <= seen {
+            continue;
+        }
+        if seq > seen + 1 {
+            match catch_up(log, selection, &mut seen, &mut send).await {
+                Ok(true) => continue,
+                Ok(false) => return,
+                Err(()) => {
+                    send(Item::Closed(Closed::Unavailable, seen)).await;
+                    return;
+                }
+            }
+        }
+        seen = seq;
+        if selection.matches(&frame.event) && !send(Item::Event(frame)).await {
+            return;
+        }
+    }
+}
+
+/// Delivers what the store holds after `seen`; Ok(false) when the client went away.
+async fn catch_up<F, Fut>(
+    log: &EventLog,
+    selection: &Selection,
+    seen: &mut i64,
+    send: &mut F,
+) -> Result<bool, ()>
+where
+    F: FnMut(Item) -> Fut,
+    Fut: Future<Output = bool>,
+{
+    loop {
+        let page = log
+            .store()
+            .events_after(selection.workspace, *seen, PAGE)
+            .await
+            .map_err(|e| tracing::warn!(error = %e, "cannot read the event log for a follower"))?;
+        let full = page.len() == PAGE as usize;
+        for event in page {
+            *seen = event.seq;
+            if selection.matches(&event) && !send(Item::Event(Arc::new(Frame::new(event)))).await {
+                return Ok(false);
+            }
+        }
+        if !full {
+            return Ok(true);
+        }
+    }
+}
