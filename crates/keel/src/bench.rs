@@ -37,15 +37,20 @@ struct Stats {
 
 impl Stats {
     fn pct(&self, p: f64) -> Duration {
-        if self.latencies.is_empty() {
-            return Duration::ZERO;
-        }
-        let i = ((self.latencies.len() - 1) as f64 * p).round() as usize;
-        self.latencies[i]
+        percentile(&self.latencies, p)
     }
 }
 
-fn ms(d: Duration) -> f64 {
+/// The `p` quantile (0 to 1, nearest rank) of sorted durations; zero when there are none.
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
@@ -72,7 +77,7 @@ async fn run(exe: &Path, dir: &Path, o: &Options) -> anyhow::Result<()> {
         ),
     )?;
     let config = dir.join("keel.toml");
-    let key = create_key(exe, dir, &config).await?;
+    let key = create_key(exe, dir, &config, "member").await?;
     let (mut keel, keel_url, pid) = start_keel(exe, dir, &config).await?;
 
     let client = reqwest::Client::builder()
@@ -178,7 +183,7 @@ async fn run(exe: &Path, dir: &Path, o: &Options) -> anyhow::Result<()> {
 }
 
 /// Bench output is the command's result, so it goes to stdout.
-fn println_out(line: &str) {
+pub(crate) fn println_out(line: &str) {
     use std::io::Write as _;
     let _ = writeln!(std::io::stdout().lock(), "{line}");
 }
@@ -293,13 +298,13 @@ async fn closed_loop(
 }
 
 /// Samples a process's resident set size every 50 ms and keeps the peak.
-struct RssSampler {
+pub(crate) struct RssSampler {
     stop: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<u64>,
 }
 
 impl RssSampler {
-    fn start(pid: u32) -> Self {
+    pub(crate) fn start(pid: u32) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let task = tokio::spawn(async move {
@@ -313,13 +318,13 @@ impl RssSampler {
         Self { stop, task }
     }
 
-    async fn stop(self) -> u64 {
+    pub(crate) async fn stop(self) -> u64 {
         self.stop.store(true, Ordering::Relaxed);
         self.task.await.unwrap_or(0)
     }
 }
 
-fn rss_bytes(pid: u32) -> Option<u64> {
+pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: u64 = status
         .lines()
@@ -352,7 +357,13 @@ async fn start_mock(exe: &Path, dir: &Path) -> anyhow::Result<(Child, String)> {
     Ok((child, url))
 }
 
-async fn create_key(exe: &Path, dir: &Path, config: &PathBuf) -> anyhow::Result<String> {
+/// Creates a key in workspace `bench` with the CLI, before the server starts.
+pub(crate) async fn create_key(
+    exe: &Path,
+    dir: &Path,
+    config: &PathBuf,
+    role: &str,
+) -> anyhow::Result<String> {
     let out = Command::new(exe)
         .args([
             "keys",
@@ -360,7 +371,7 @@ async fn create_key(exe: &Path, dir: &Path, config: &PathBuf) -> anyhow::Result<
             "--workspace",
             "bench",
             "--role",
-            "member",
+            role,
             "--config",
         ])
         .arg(config)
@@ -376,11 +387,60 @@ async fn create_key(exe: &Path, dir: &Path, config: &PathBuf) -> anyhow::Result<
     Ok(String::from_utf8(out.stdout)?.trim().to_owned())
 }
 
-async fn start_keel(
+/// Starts `keel serve` and waits for it to listen; returns it, its URL and its pid.
+pub(crate) async fn start_keel(
     exe: &Path,
     dir: &Path,
     config: &PathBuf,
 ) -> anyhow::Result<(Child, String, u32)> {
+    let (child, url, pid, _log) = start_keel_logged(exe, dir, config).await?;
+    Ok((child, url, pid))
+}
+
+/// The warnings and errors in Keel's log, tallied while it is drained.
+#[derive(Debug, Default)]
+pub(crate) struct LogTally {
+    pub(crate) warnings: u64,
+    pub(crate) errors: u64,
+    /// Count per distinct `message: error` text, for the first few distinct ones.
+    pub(crate) kinds: std::collections::BTreeMap<String, u64>,
+}
+
+/// Distinct warning and error texts kept by [`LogTally`].
+const LOG_KINDS: usize = 8;
+
+impl LogTally {
+    fn record(&mut self, line: &str) {
+        let error = line.contains("\"level\":\"ERROR\"");
+        if !error && !line.contains("\"level\":\"WARN\"") {
+            return;
+        }
+        if error {
+            self.errors += 1;
+        } else {
+            self.warnings += 1;
+        }
+        let v: Value = serde_json::from_str(line).unwrap_or_default();
+        let text = format!(
+            "{} {}: {}",
+            if error { "ERROR" } else { "WARN" },
+            v["message"].as_str().unwrap_or("?"),
+            v["error"].as_str().unwrap_or("")
+        );
+        if let Some(n) = self.kinds.get_mut(&text) {
+            *n += 1;
+        } else if self.kinds.len() < LOG_KINDS {
+            self.kinds.insert(text, 1);
+        }
+    }
+}
+
+/// [`start_keel`], also tallying the warnings and errors Keel logs from then on.
+pub(crate) async fn start_keel_logged(
+    exe: &Path,
+    dir: &Path,
+    config: &PathBuf,
+) -> anyhow::Result<(Child, String, u32, Arc<std::sync::Mutex<LogTally>>)> {
     let mut child = Command::new(exe)
         .args(["serve", "--config"])
         .arg(config)
@@ -402,6 +462,14 @@ async fn start_keel(
         }
     };
     // Keep draining its log so it never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok((child, format!("http://{addr}"), pid))
+    let tally = Arc::new(std::sync::Mutex::new(LogTally::default()));
+    let log = tally.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            log.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .record(&line);
+        }
+    });
+    Ok((child, format!("http://{addr}"), pid, tally))
 }

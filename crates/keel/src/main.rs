@@ -4,6 +4,8 @@
 //! crates; no domain logic lives here.
 
 mod bench;
+mod bench_events;
+mod events_cli;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -74,6 +76,9 @@ enum Command {
     /// Create, list and revoke API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Check files of events, or follow a running server's event stream.
+    #[command(subcommand)]
+    Events(EventsCommand),
     /// Run a mock LLM server (OpenAI wire format) with scripted replies and injected faults.
     #[command(
         name = "mock-llm",
@@ -125,6 +130,42 @@ enum BenchCommand {
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
     },
+    /// The event log: emit → SSE fan-out latency, write throughput with live followers,
+    /// and a reconnect storm, every client checked for exactly-once in-order delivery;
+    /// Keel's RSS after each part. Each part runs its own `keel serve` on SQLite.
+    #[command(
+        after_help = "Examples:\n  keel bench events\n  keel bench events --quick\n  keel bench events --clients 2000 --rate 500 --duration 30s"
+    )]
+    Events {
+        /// Live SSE clients in the fan-out part [default: 1000; 50 with --quick].
+        #[arg(long)]
+        clients: Option<usize>,
+        /// Events a second emitted in the fan-out part [default: 200; 100 with --quick].
+        #[arg(long)]
+        rate: Option<u32>,
+        /// How long the fan-out part emits [default: 10s; 2s with --quick].
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+        /// Concurrent writers in the throughput part, and appending the storm's log
+        /// [default: 64; 16 with --quick].
+        #[arg(long)]
+        writers: Option<usize>,
+        /// How long the throughput part writes [default: 5s; 2s with --quick].
+        #[arg(long, value_parser = humantime::parse_duration)]
+        write_duration: Option<Duration>,
+        /// SSE clients following the throughput part [default: 10; 4 with --quick].
+        #[arg(long)]
+        followers: Option<usize>,
+        /// Events in the log before the reconnect storm [default: 20000; 2000 with --quick].
+        #[arg(long)]
+        log_events: Option<u64>,
+        /// Clients resuming at once in the reconnect storm [default: 1000; 50 with --quick].
+        #[arg(long)]
+        reconnect_clients: Option<usize>,
+        /// Smaller defaults for a smoke run; flags given still win.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -135,6 +176,36 @@ enum ConfigCommand {
     /// Print the effective config as TOML, secrets redacted.
     #[command(after_help = "Example:\n  KEEL_SERVER__LISTEN=0.0.0.0:80 keel config show")]
     Show,
+}
+
+#[derive(Debug, Subcommand)]
+enum EventsCommand {
+    /// Check a file of events (one JSON envelope per line; `-` for stdin) against the
+    /// published schemas, reporting each bad line. Exits 1 if any line is bad.
+    #[command(after_help = "Example:\n  keel events validate exported.jsonl")]
+    Validate {
+        /// The file.
+        file: PathBuf,
+    },
+    /// Follow a running server's event stream, printing one JSON event per line and
+    /// resuming from the last one after a disconnect.
+    #[command(
+        after_help = "Example:\n  KEEL_API_KEY=keel_… keel events tail --types 'task.*,llm.provider.*'"
+    )]
+    Tail {
+        /// Event types, comma-separated; `task.*` wildcards.
+        #[arg(long)]
+        types: Option<String>,
+        /// Start after this seq (default: the next event).
+        #[arg(long)]
+        after: Option<i64>,
+        /// The server (default: the configured `server.listen`).
+        #[arg(long)]
+        url: Option<String>,
+        /// An API key of the workspace (viewer or above).
+        #[arg(long, env = "KEEL_API_KEY", hide_env_values = true)]
+        key: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -281,6 +352,31 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Bench(BenchCommand::Events {
+            clients,
+            rate,
+            duration,
+            writers,
+            write_duration,
+            followers,
+            log_events,
+            reconnect_clients,
+            quick,
+        }) => {
+            let d = bench_events::Options::defaults(quick);
+            bench_events::run(bench_events::Options {
+                clients: clients.unwrap_or(d.clients),
+                rate: rate.unwrap_or(d.rate),
+                duration: duration.unwrap_or(d.duration),
+                writers: writers.unwrap_or(d.writers),
+                write_duration: write_duration.unwrap_or(d.write_duration),
+                followers: followers.unwrap_or(d.followers),
+                log_events: log_events.unwrap_or(d.log_events),
+                reconnect_clients: reconnect_clients.unwrap_or(d.reconnect_clients),
+            })
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Migrate => {
             let config = load_config(&cli.global, None)?;
             let store = keel_store::open(&config)
@@ -308,6 +404,31 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Keys(command) => {
             let config = load_config(&cli.global, None)?;
             keys(&config, command).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Events(EventsCommand::Validate { file }) => {
+            events_cli::validate(&file)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Events(EventsCommand::Tail {
+            types,
+            after,
+            url,
+            key,
+        }) => {
+            let url = match url {
+                Some(url) => url,
+                None => {
+                    let listen = load_config(&cli.global, None)?.server.listen;
+                    let host = if listen.ip().is_unspecified() {
+                        std::net::IpAddr::from([127, 0, 0, 1])
+                    } else {
+                        listen.ip()
+                    };
+                    format!("http://{}", std::net::SocketAddr::new(host, listen.port()))
+                }
+            };
+            events_cli::tail(&url, &key, types.as_deref(), after).await?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -419,8 +540,12 @@ async fn serve_with_telemetry(config: Config, started: Instant) -> anyhow::Resul
     tokio::task::spawn_blocking(keel_llm::tokens::warm);
     let config = Arc::new(config);
     let (usage, usage_writer) = keel_server::usage::start(store.clone());
+    let (events, event_tasks) = keel_server::events::start(store.clone(), &config)
+        .await
+        .context("cannot start the event log")?;
     let state = AppState::new(Parts {
         store: store.clone(),
+        events,
         config: config.clone(),
         router: Arc::new(router),
         usage,
@@ -441,6 +566,7 @@ async fn serve_with_telemetry(config: Config, started: Instant) -> anyhow::Resul
     let served = server.run().await.context("server failed");
     // In-flight requests are done; write every usage record still queued.
     usage_writer.finish().await;
+    event_tasks.finish().await;
     served?;
     store.close().await;
     tracing::info!("stopped");

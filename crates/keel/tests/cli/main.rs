@@ -10,7 +10,9 @@
 )]
 
 mod config;
+mod events;
 mod gateway;
+mod nats;
 mod postgres;
 mod sdk;
 mod serve;

@@ -1,0 +1,95 @@
+//! `keel events validate` checks a file of events against the published schemas.
+
+use crate::support::run;
+
+#[test]
+fn validate_reports_each_bad_line_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = r#"{"event_id":"evt_0190a8f6e3b07c3e8d0f1a2b3c4d5e6f","event_type":"system.ping","timestamp":"2026-11-22T10:00:00.123456Z","seq":1,"correlation_id":null,"workspace_id":"ws_0190a8f6e3b07c3e8d0f1a2b3c4d5e6f","agent_id":null,"task_id":null,"run_id":null,"data":{"message":"hi"},"version":"1.0"}"#;
+    let file = dir.path().join("events.jsonl");
+    std::fs::write(&file, format!("{good}\n\n{good}\n")).unwrap();
+    let ok = run(
+        dir.path(),
+        &["events", "validate", file.to_str().unwrap()],
+        &[],
+    );
+    assert!(ok.status.success(), "{ok:?}");
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("2 events, all valid"));
+
+    let missing_attempt = good.replace("system.ping", "task.started");
+    let bad_seq = good.replace(r#""seq":1"#, r#""seq":0"#);
+    std::fs::write(
+        &file,
+        format!("{good}\nnot json\n{missing_attempt}\n{bad_seq}\n"),
+    )
+    .unwrap();
+    let out = run(
+        dir.path(),
+        &["events", "validate", file.to_str().unwrap()],
+        &[],
+    );
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("line 2: not JSON"), "{stdout}");
+    assert!(
+        stdout.contains("line 3:") && stdout.contains("attempt"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("line 4: /seq"), "{stdout}");
+    assert!(!stdout.contains("line 1:"), "{stdout}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("3 of 4 events are invalid"),
+        "{out:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_follows_the_stream_one_json_event_per_line() {
+    use tokio::io::AsyncBufReadExt as _;
+
+    let dir = tempfile::tempdir().unwrap();
+    let key = crate::support::create_key(dir.path(), "tail-team", "admin", &[]);
+    let mut keel = crate::support::Keel::start(dir.path(), &[]).await;
+    let mut cmd: tokio::process::Command = crate::support::keel_command(dir.path()).into();
+    let mut tail = cmd
+        .args([
+            "events",
+            "tail",
+            "--types",
+            "system.*",
+            "--after",
+            "0",
+            "--url",
+            &keel.url(""),
+        ])
+        .env("KEEL_API_KEY", &key)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let http = crate::support::client();
+    for n in 0..3 {
+        let res = http
+            .post(keel.url("/v1/events/ping"))
+            .bearer_auth(&key)
+            .json(&serde_json::json!({ "message": format!("t{n}") }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 201);
+    }
+    let mut lines = tokio::io::BufReader::new(tail.stdout.take().unwrap()).lines();
+    for n in 0..3 {
+        let line = tokio::time::timeout(std::time::Duration::from_secs(10), lines.next_line())
+            .await
+            .expect("tail prints within 10 s")
+            .unwrap()
+            .unwrap();
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(event["seq"], n + 1);
+        assert_eq!(event["data"]["message"], format!("t{n}"));
+    }
+    tail.kill().await.unwrap();
+    keel.signal("-TERM");
+    assert_eq!(keel.wait(std::time::Duration::from_secs(15)).await, Some(0));
+}
