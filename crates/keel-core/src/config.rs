@@ -212,6 +212,9 @@ pub struct Events {
     pub keepalive: Duration,
     /// Most live stream clients (SSE and WebSocket) at once; past it, 503.
     pub max_stream_clients: usize,
+    /// Memory for pages of history shared by followers catching up (rendered once, read
+    /// from the store once); 0 turns the cache off.
+    pub history_cache_bytes: usize,
 }
 
 impl Default for Events {
@@ -222,6 +225,7 @@ impl Default for Events {
             stream_buffer: 4096,
             keepalive: Duration::from_secs(15),
             max_stream_clients: 10_000,
+            history_cache_bytes: 32 * 1024 * 1024,
         }
     }
 }

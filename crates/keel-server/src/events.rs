@@ -12,7 +12,7 @@
 //! - Correctness never rests on the broadcast: a follower numbers what it has seen, skips
 //!   what it has, and reads any gap from the store (see [`follow`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -22,7 +22,7 @@ use keel_core::config::Events as EventsConfig;
 use keel_core::event::{Event, NewEvent, TypeFilter};
 use keel_core::id::{AgentId, TaskId, WorkspaceId};
 use keel_store::{Commit, Store};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{OnceCell, Semaphore, broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -32,6 +32,12 @@ const QUEUE: usize = 16_384;
 const MAX_BATCH: usize = 4_096;
 /// Events read from the store per page when a follower catches up.
 const PAGE: u32 = 500;
+/// Store reads for catching-up followers at once; the rest wait their turn rather than
+/// exhaust the connection pool (a reconnect storm is a thousand of them).
+const CATCH_UP_READERS: usize = 4;
+/// How long a follower keeps retrying a failed store read before it closes its stream
+/// with `store_unavailable`.
+const READ_RETRY_FOR: Duration = Duration::from_secs(10);
 
 /// Why the event log could not start.
 #[derive(Debug, thiserror::Error)]
@@ -72,7 +78,8 @@ struct LogInner {
     webhooks: crate::webhooks::Dispatcher,
     store: Arc<dyn Store>,
     config: EventsConfig,
-    clients: Arc<tokio::sync::Semaphore>,
+    clients: Arc<Semaphore>,
+    history: History,
 }
 
 impl std::fmt::Debug for EventLog {
@@ -107,7 +114,8 @@ pub async fn start(
             webhooks: webhooks.clone(),
             store: store.clone(),
             config: config.clone(),
-            clients: Arc::new(tokio::sync::Semaphore::new(config.max_stream_clients)),
+            clients: Arc::new(Semaphore::new(config.max_stream_clients)),
+            history: History::new(config.history_cache_bytes),
         }),
     };
     let writer = tokio::spawn(write_loop(log.clone(), rx, stop.clone()));
@@ -576,6 +584,10 @@ pub(crate) async fn follow<F, Fut>(
         }
     }
     let keepalive = log.config().keepalive;
+    // One timer for the whole follow, moved on lazily: no timer work per event.
+    let mut last_sent = tokio::time::Instant::now();
+    let idle = tokio::time::sleep(keepalive);
+    tokio::pin!(idle);
     // Catching up on history can take longer than the ring holds, through no fault of the
     // client's: a lag before the first live event is made good from the store (a few
     // times at most); a lag after that means the client cannot keep up.
@@ -589,10 +601,17 @@ pub(crate) async fn follow<F, Fut>(
                 return;
             }
             received = live.recv() => received,
-            () = tokio::time::sleep(keepalive) => {
+            () = &mut idle => {
+                let due = last_sent + keepalive;
+                if due > tokio::time::Instant::now() {
+                    idle.as_mut().reset(due);
+                    continue;
+                }
                 if !send(Item::KeepAlive).await {
                     return;
                 }
+                last_sent = tokio::time::Instant::now();
+                idle.as_mut().reset(last_sent + keepalive);
                 continue;
             }
         };
@@ -601,7 +620,10 @@ pub(crate) async fn follow<F, Fut>(
             Err(broadcast::error::RecvError::Lagged(_)) if !live_started && history_lags < 3 => {
                 history_lags += 1;
                 match catch_up(log, selection, &mut seen, &mut send).await {
-                    Ok(true) => continue,
+                    Ok(true) => {
+                        last_sent = tokio::time::Instant::now();
+                        continue;
+                    }
                     Ok(false) => return,
                     Err(()) => {
                         send(Item::Closed(Closed::Unavailable, seen)).await;
@@ -629,7 +651,10 @@ pub(crate) async fn follow<F, Fut>(
         }
         if seq > seen + 1 {
             match catch_up(log, selection, &mut seen, &mut send).await {
-                Ok(true) => continue,
+                Ok(true) => {
+                    last_sent = tokio::time::Instant::now();
+                    continue;
+                }
                 Ok(false) => return,
                 Err(()) => {
                     send(Item::Closed(Closed::Unavailable, seen)).await;
@@ -638,13 +663,19 @@ pub(crate) async fn follow<F, Fut>(
             }
         }
         seen = seq;
-        if selection.matches(&frame.event) && !send(Item::Event(frame)).await {
-            return;
+        if selection.matches(&frame.event) {
+            if !send(Item::Event(frame)).await {
+                return;
+            }
+            last_sent = tokio::time::Instant::now();
         }
     }
 }
 
 /// Delivers what the store holds after `seen`; Ok(false) when the client went away.
+///
+/// Whole pages come from the shared [`History`]; the newest, still filling page (or one
+/// the pruner has cut into) is read straight from the store.
 async fn catch_up<F, Fut>(
     log: &EventLog,
     selection: &Selection,
@@ -655,14 +686,24 @@ where
     F: FnMut(Item) -> Fut,
     Fut: Future<Output = bool>,
 {
+    let history = &log.inner.history;
+    let workspace = selection.workspace;
     loop {
-        let page = log
-            .store()
-            .events_after(selection.workspace, *seen, PAGE)
-            .await
-            .map_err(|e| tracing::warn!(error = %e, "cannot read the event log for a follower"))?;
-        let full = page.len() == PAGE as usize;
-        for event in page {
+        let index = seen.div_euclid(i64::from(PAGE));
+        let page = retrying(|| history.page(log.store(), workspace, index)).await?;
+        let from = *seen;
+        for frame in page.frames.iter().filter(|f| f.event.seq > from) {
+            *seen = frame.event.seq;
+            if selection.matches(&frame.event) && !send(Item::Event(frame.clone())).await {
+                return Ok(false);
+            }
+        }
+        if page.complete {
+            continue;
+        }
+        let events = retrying(|| history.read(log.store(), workspace, *seen)).await?;
+        let full = events.len() == PAGE as usize;
+        for event in events {
             *seen = event.seq;
             if selection.matches(&event) && !send(Item::Event(Arc::new(Frame::new(event)))).await {
                 return Ok(false);
@@ -671,5 +712,198 @@ where
         if !full {
             return Ok(true);
         }
+    }
+}
+
+/// Runs a store read, retrying failures with backoff for [`READ_RETRY_FOR`]: a pool
+/// that is busy for a moment should slow a follower down, not cut it off.
+async fn retrying<T, F, Fut>(mut read: F) -> Result<T, ()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, keel_store::Error>>,
+{
+    let started = tokio::time::Instant::now();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match read().await {
+            Ok(value) => return Ok(value),
+            Err(e) if started.elapsed() + delay < READ_RETRY_FOR => {
+                tracing::debug!(error = %e, "event log read for a follower failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the event log for a follower");
+                return Err(());
+            }
+        }
+    }
+}
+
+/// A page of history: the events with seq in `(index × PAGE, (index + 1) × PAGE]`.
+#[derive(Debug)]
+pub(crate) struct Page {
+    frames: Vec<Arc<Frame>>,
+    /// Whether it holds every seq of its range (so it can never change).
+    complete: bool,
+}
+
+type PageKey = (WorkspaceId, i64);
+
+/// Whole pages of the log, rendered once and shared by every follower catching up over
+/// the same stretch (a reconnect storm reads each page from the store once, not once per
+/// client); least recently used pages go first when `events.history_cache_bytes` is
+/// reached. Concurrent readers of a page wait for the one read of it. Store reads of
+/// catching-up followers are limited to [`CATCH_UP_READERS`] at once.
+pub(crate) struct History {
+    pages: Mutex<Pages>,
+    budget: usize,
+    reads: Semaphore,
+}
+
+#[derive(Default)]
+struct Pages {
+    map: HashMap<PageKey, PageSlot>,
+    order: BTreeMap<u64, PageKey>,
+    tick: u64,
+    bytes: usize,
+}
+
+struct PageSlot {
+    cell: Arc<OnceCell<Arc<Page>>>,
+    /// Bytes held, once loaded and complete (0 while loading).
+    size: usize,
+    tick: u64,
+}
+
+impl History {
+    fn new(budget: usize) -> Self {
+        Self {
+            pages: Mutex::new(Pages::default()),
+            budget,
+            reads: Semaphore::new(CATCH_UP_READERS),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pages> {
+        // Every update leaves the maps consistent before anything can panic.
+        self.pages.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Page `index` of a workspace's log, from memory or read once from the store.
+    async fn page(
+        &self,
+        store: &dyn Store,
+        workspace: WorkspaceId,
+        index: i64,
+    ) -> Result<Arc<Page>, keel_store::Error> {
+        let key = (workspace, index);
+        let cell = {
+            let mut pages = self.lock();
+            pages.tick += 1;
+            let tick = pages.tick;
+            let (cell, old) = match pages.map.get_mut(&key) {
+                Some(slot) => (
+                    slot.cell.clone(),
+                    Some(std::mem::replace(&mut slot.tick, tick)),
+                ),
+                None => {
+                    let cell = Arc::new(OnceCell::new());
+                    pages.map.insert(
+                        key,
+                        PageSlot {
+                            cell: cell.clone(),
+                            size: 0,
+                            tick,
+                        },
+                    );
+                    (cell, None)
+                }
+            };
+            if let Some(old) = old {
+                pages.order.remove(&old);
+            }
+            pages.order.insert(tick, key);
+            cell
+        };
+        let page = cell
+            .get_or_try_init(|| async {
+                let start = index * i64::from(PAGE);
+                let events = self.read(store, workspace, start).await?;
+                let frames: Vec<Arc<Frame>> = events
+                    .into_iter()
+                    .take_while(|e| e.seq <= start + i64::from(PAGE))
+                    .map(|e| Arc::new(Frame::new(e)))
+                    .collect();
+                let complete = frames.len() == PAGE as usize;
+                Ok::<_, keel_store::Error>(Arc::new(Page { frames, complete }))
+            })
+            .await?
+            .clone();
+        self.settle(key, &cell, &page);
+        Ok(page)
+    }
+
+    /// Keeps a complete page within the budget; forgets an incomplete one.
+    fn settle(&self, key: PageKey, cell: &Arc<OnceCell<Arc<Page>>>, page: &Page) {
+        let mut pages = self.lock();
+        let Some(slot) = pages.map.get_mut(&key) else {
+            return;
+        };
+        if !Arc::ptr_eq(&slot.cell, cell) || slot.size > 0 {
+            return;
+        }
+        if !page.complete || self.budget == 0 {
+            let tick = slot.tick;
+            pages.map.remove(&key);
+            pages.order.remove(&tick);
+            return;
+        }
+        let size = page
+            .frames
+            .iter()
+            .map(|f| f.sse.len() + 2 * f.json.len() + size_of::<Frame>())
+            .sum::<usize>()
+            .max(1);
+        slot.size = size;
+        pages.bytes += size;
+        while pages.bytes > self.budget {
+            let Some((_, oldest)) = pages.order.pop_first() else {
+                break;
+            };
+            if let Some(evicted) = pages.map.remove(&oldest) {
+                pages.bytes -= evicted.size;
+            }
+        }
+        metrics::gauge!("keel_event_history_cache_bytes").set(pages.bytes as f64);
+    }
+
+    /// One page of events after `after`, read from the store in turn with other followers.
+    async fn read(
+        &self,
+        store: &dyn Store,
+        workspace: WorkspaceId,
+        after: i64,
+    ) -> Result<Vec<Event>, keel_store::Error> {
+        // The semaphore is never closed; without a permit the read just goes ahead.
+        let _permit = self.reads.acquire().await.ok();
+        metrics::counter!("keel_event_history_reads_total").increment(1);
+        store.events_after(workspace, after, PAGE).await
+    }
+}
+
+/// Counts a live stream client in `keel_event_stream_clients` for as long as it lives.
+pub(crate) struct ClientGauge(&'static str);
+
+impl ClientGauge {
+    pub(crate) fn new(transport: &'static str) -> Self {
+        metrics::gauge!("keel_event_stream_clients", "transport" => transport).increment(1.0);
+        Self(transport)
+    }
+}
+
+impl Drop for ClientGauge {
+    fn drop(&mut self) {
+        metrics::gauge!("keel_event_stream_clients", "transport" => self.0).decrement(1.0);
     }
 }

@@ -29,6 +29,7 @@ pub mod error;
 pub mod events;
 pub mod extract;
 pub mod gateway;
+mod generator;
 pub mod middleware;
 pub mod mock_llm;
 pub mod nats;

@@ -12,17 +12,15 @@ use futures_util::StreamExt as _;
 use keel_core::auth::Principal;
 use keel_core::event::{ENVELOPE_VERSION, Event, EventType, NewEvent, TypeFilter, Version};
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
 use crate::error::{ApiError, Problem};
 use crate::events::{Item, Selection, follow};
+use crate::generator::{Generator, Yielder};
 
 /// Events per page of history, at most.
 const MAX_LIMIT: u32 = 1000;
-/// Frames queued for one SSE client before its follower waits for it.
-const CLIENT_BUFFER: usize = 16;
 
 /// Query parameters of GET /v1/events.
 #[derive(Debug, Deserialize, IntoParams)]
@@ -195,27 +193,26 @@ pub(crate) async fn events(
             "this instance has as many stream clients as events.max_stream_clients allows; retry shortly or on another instance",
         ));
     };
-    let (tx, rx) = mpsc::channel::<Bytes>(CLIENT_BUFFER);
     let log = log.clone();
     let stop = state.shutdown_token().clone();
     let selection = parsed.selection;
-    tokio::spawn(async move {
+    // The follow runs as the body is polled, in the connection's task: when the client
+    // goes away hyper drops the body and the follow with it; when the socket is full
+    // hyper stops polling, and the follow's bounded ring is what absorbs the lag.
+    let frames = Generator::new(move |out: Yielder<Bytes>| async move {
         let _slot = slot;
-        metrics::gauge!("keel_event_stream_clients", "transport" => "sse").increment(1.0);
-        if tx
-            .send(Bytes::from_static(b"retry: 1000\n\n"))
-            .await
-            .is_ok()
-        {
-            follow(&log, &selection, after, &stop, |item| {
-                let tx = tx.clone();
-                async move { tx.send(render_sse(item)).await.is_ok() }
-            })
-            .await;
-        }
-        metrics::gauge!("keel_event_stream_clients", "transport" => "sse").decrement(1.0);
+        let _client = crate::events::ClientGauge::new("sse");
+        out.send(Bytes::from_static(b"retry: 1000\n\n")).await;
+        follow(&log, &selection, after, &stop, |item| {
+            let out = out.clone();
+            async move {
+                out.send(render_sse(item)).await;
+                true
+            }
+        })
+        .await;
     });
-    let body = Body::from_stream(tokio_stream_from(rx).map(Ok::<_, Infallible>));
+    let body = Body::from_stream(frames.map(Ok::<_, Infallible>));
     Ok((
         [
             (header::CONTENT_TYPE, "text/event-stream"),
@@ -225,10 +222,6 @@ pub(crate) async fn events(
         body,
     )
         .into_response())
-}
-
-fn tokio_stream_from(mut rx: mpsc::Receiver<Bytes>) -> impl futures_util::Stream<Item = Bytes> {
-    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 fn render_sse(item: Item) -> Bytes {

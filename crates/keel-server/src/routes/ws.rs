@@ -76,9 +76,8 @@ pub(crate) async fn ws(
     };
     Ok(upgrade.on_upgrade(move |socket| async move {
         let _slot = slot;
-        metrics::gauge!("keel_event_stream_clients", "transport" => "websocket").increment(1.0);
+        let _client = crate::events::ClientGauge::new("websocket");
         serve(state, principal, socket).await;
-        metrics::gauge!("keel_event_stream_clients", "transport" => "websocket").decrement(1.0);
     }))
 }
 
@@ -86,8 +85,17 @@ async fn serve(state: AppState, principal: Principal, socket: WebSocket) {
     let (mut sink, mut incoming) = socket.split();
     let (tx, mut rx) = mpsc::channel::<Message>(SOCKET_BUFFER);
     let writer = tokio::spawn(async move {
-        while let Some(message) = rx.recv().await {
-            if sink.send(message).await.is_err() {
+        // Messages that are ready together go out in one flush.
+        'write: while let Some(message) = rx.recv().await {
+            if sink.feed(message).await.is_err() {
+                break;
+            }
+            while let Ok(message) = rx.try_recv() {
+                if sink.feed(message).await.is_err() {
+                    break 'write;
+                }
+            }
+            if sink.flush().await.is_err() {
                 break;
             }
         }

@@ -524,6 +524,74 @@ async fn a_consumer_too_slow_is_cut_off_and_loses_nothing_on_resume() {
     node.stop().await;
 }
 
+/// A counter's value in the server's Prometheus text (0 when not yet recorded).
+async fn counter(node: &Node, name: &str) -> f64 {
+    let text = reqwest::get(format!("{}/metrics", node.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn clients_resuming_at_once_each_get_exactly_their_events_and_share_store_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(sqlite_config(&dir)).await;
+    let ws = node.workspace;
+    // Three whole pages of history (the server reads 500 events a page).
+    let total: i64 = 1500;
+    for chunk in 0..15 {
+        append(
+            &node,
+            (0..100)
+                .map(|i| {
+                    NewEvent::new(
+                        EventType::SystemPing,
+                        ws,
+                        json!({ "message": format!("{}", chunk * 100 + i) }),
+                    )
+                })
+                .collect(),
+        )
+        .await;
+    }
+    let reads_before = counter(&node, "keel_event_history_reads_total").await;
+    let clients: i64 = 40;
+    let mut streams = Vec::new();
+    for i in 0..clients {
+        streams.push(node.stream("", Some(i * 10)).await);
+    }
+    let results = futures_util::future::join_all(streams.into_iter().enumerate().map(
+        |(i, mut sse)| async move {
+            let from = i as i64 * 10;
+            let got = seqs(&sse.take(usize::try_from(total - from).unwrap()).await);
+            assert!(
+                sse.next(Duration::from_millis(200)).await.is_none(),
+                "client {i}: nothing past the end"
+            );
+            (from, got)
+        },
+    ))
+    .await;
+    for (from, got) in results {
+        assert_eq!(got, ((from + 1)..=total).collect::<Vec<_>>(), "from {from}");
+    }
+    // Each whole page is read from the store once and shared; each client then reads the
+    // (empty) newest page and the tail itself. Without sharing, every client would read
+    // every page it crosses: 40 × 3 and more.
+    let reads = counter(&node, "keel_event_history_reads_total").await - reads_before;
+    assert!(
+        reads <= (3 + 2 * clients) as f64,
+        "{reads} store reads for {clients} clients over 3 pages"
+    );
+    node.stop().await;
+}
+
 #[tokio::test]
 async fn an_event_committed_on_one_instance_reaches_streams_on_another() {
     let Some(url) = keel_store::testing::fresh_postgres_db().await.unwrap() else {
