@@ -18,11 +18,12 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use futures_util::StreamExt as _;
+use futures_util::future::{BoxFuture, FutureExt as _, Shared};
 use keel_core::config::Events as EventsConfig;
 use keel_core::event::{Event, NewEvent, TypeFilter};
 use keel_core::id::{AgentId, TaskId, WorkspaceId};
 use keel_store::{Commit, Store};
-use tokio::sync::{OnceCell, Semaphore, broadcast, mpsc, oneshot};
+use tokio::sync::{Semaphore, broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -588,6 +589,9 @@ pub(crate) async fn follow<F, Fut>(
     let mut last_sent = tokio::time::Instant::now();
     let idle = tokio::time::sleep(keepalive);
     tokio::pin!(idle);
+    // Likewise one registration with the shutdown token, not one per event.
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
     // Catching up on history can take longer than the ring holds, through no fault of the
     // client's: a lag before the first live event is made good from the store (a few
     // times at most); a lag after that means the client cannot keep up.
@@ -596,7 +600,7 @@ pub(crate) async fn follow<F, Fut>(
     loop {
         let received = tokio::select! {
             biased;
-            () = stop.cancelled() => {
+            () = &mut stopped => {
                 send(Item::Closed(Closed::ShuttingDown, seen)).await;
                 return;
             }
@@ -690,7 +694,7 @@ where
     let workspace = selection.workspace;
     loop {
         let index = seen.div_euclid(i64::from(PAGE));
-        let page = retrying(|| history.page(log.store(), workspace, index)).await?;
+        let page = retrying(|| history.page(&log.inner.store, workspace, index)).await?;
         let from = *seen;
         for frame in page.frames.iter().filter(|f| f.event.seq > from) {
             *seen = frame.event.seq;
@@ -701,7 +705,7 @@ where
         if page.complete {
             continue;
         }
-        let events = retrying(|| history.read(log.store(), workspace, *seen)).await?;
+        let events = retrying(|| history.read(&log.inner.store, workspace, *seen)).await?;
         let full = events.len() == PAGE as usize;
         for event in events {
             *seen = event.seq;
@@ -720,7 +724,7 @@ where
 async fn retrying<T, F, Fut>(mut read: F) -> Result<T, ()>
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, keel_store::Error>>,
+    Fut: Future<Output = Result<T, ReadError>>,
 {
     let started = tokio::time::Instant::now();
     let mut delay = Duration::from_millis(100);
@@ -750,15 +754,35 @@ pub(crate) struct Page {
 
 type PageKey = (WorkspaceId, i64);
 
+/// Why a follower's store read failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ReadFailure {
+    /// The store refused or is down.
+    #[error(transparent)]
+    Store(keel_store::Error),
+    /// The read's task panicked or was cancelled.
+    #[error("the event log read task failed: {0}")]
+    Task(tokio::task::JoinError),
+}
+
+/// A failed read, shared by everyone waiting on it.
+pub(crate) type ReadError = Arc<ReadFailure>;
+
+/// A page being read, or read: a spawned task, so it finishes however slowly the
+/// follower that started it is being polled, and any waiter can take its result.
+type Loading = Shared<BoxFuture<'static, Result<Arc<Page>, ReadError>>>;
+
 /// Whole pages of the log, rendered once and shared by every follower catching up over
 /// the same stretch (a reconnect storm reads each page from the store once, not once per
 /// client); least recently used pages go first when `events.history_cache_bytes` is
 /// reached. Concurrent readers of a page wait for the one read of it. Store reads of
-/// catching-up followers are limited to [`CATCH_UP_READERS`] at once.
+/// catching-up followers are limited to [`CATCH_UP_READERS`] at once, and run in tasks of
+/// their own: a follower whose client is slow never holds a pool connection or a reader's
+/// place while it waits for its socket.
 pub(crate) struct History {
     pages: Mutex<Pages>,
     budget: usize,
-    reads: Semaphore,
+    reads: Arc<Semaphore>,
 }
 
 #[derive(Default)]
@@ -770,7 +794,7 @@ struct Pages {
 }
 
 struct PageSlot {
-    cell: Arc<OnceCell<Arc<Page>>>,
+    load: Loading,
     /// Bytes held, once loaded and complete (0 while loading).
     size: usize,
     tick: u64,
@@ -781,7 +805,7 @@ impl History {
         Self {
             pages: Mutex::new(Pages::default()),
             budget,
-            reads: Semaphore::new(CATCH_UP_READERS),
+            reads: Arc::new(Semaphore::new(CATCH_UP_READERS)),
         }
     }
 
@@ -793,72 +817,77 @@ impl History {
     /// Page `index` of a workspace's log, from memory or read once from the store.
     async fn page(
         &self,
-        store: &dyn Store,
+        store: &Arc<dyn Store>,
         workspace: WorkspaceId,
         index: i64,
-    ) -> Result<Arc<Page>, keel_store::Error> {
+    ) -> Result<Arc<Page>, ReadError> {
         let key = (workspace, index);
-        let cell = {
+        let load = {
             let mut pages = self.lock();
             pages.tick += 1;
             let tick = pages.tick;
-            let (cell, old) = match pages.map.get_mut(&key) {
+            let (load, old) = match pages.map.get_mut(&key) {
                 Some(slot) => (
-                    slot.cell.clone(),
+                    slot.load.clone(),
                     Some(std::mem::replace(&mut slot.tick, tick)),
                 ),
                 None => {
-                    let cell = Arc::new(OnceCell::new());
+                    let load = self.spawn_load(store.clone(), workspace, index);
                     pages.map.insert(
                         key,
                         PageSlot {
-                            cell: cell.clone(),
+                            load: load.clone(),
                             size: 0,
                             tick,
                         },
                     );
-                    (cell, None)
+                    (load, None)
                 }
             };
             if let Some(old) = old {
                 pages.order.remove(&old);
             }
             pages.order.insert(tick, key);
-            cell
+            load
         };
-        let page = cell
-            .get_or_try_init(|| async {
-                let start = index * i64::from(PAGE);
-                let events = self.read(store, workspace, start).await?;
-                let frames: Vec<Arc<Frame>> = events
-                    .into_iter()
-                    .take_while(|e| e.seq <= start + i64::from(PAGE))
-                    .map(|e| Arc::new(Frame::new(e)))
-                    .collect();
-                let complete = frames.len() == PAGE as usize;
-                Ok::<_, keel_store::Error>(Arc::new(Page { frames, complete }))
-            })
-            .await?
-            .clone();
-        self.settle(key, &cell, &page);
-        Ok(page)
+        let page = load.clone().await;
+        self.settle(key, &load, page.as_ref().ok());
+        page
     }
 
-    /// Keeps a complete page within the budget; forgets an incomplete one.
-    fn settle(&self, key: PageKey, cell: &Arc<OnceCell<Arc<Page>>>, page: &Page) {
+    fn spawn_load(&self, store: Arc<dyn Store>, workspace: WorkspaceId, index: i64) -> Loading {
+        let reads = self.reads.clone();
+        let task = tokio::spawn(async move {
+            let start = index * i64::from(PAGE);
+            let events = read_page(&reads, store.as_ref(), workspace, start).await?;
+            let frames: Vec<Arc<Frame>> = events
+                .into_iter()
+                .take_while(|e| e.seq <= start + i64::from(PAGE))
+                .map(|e| Arc::new(Frame::new(e)))
+                .collect();
+            let complete = frames.len() == PAGE as usize;
+            Ok(Arc::new(Page { frames, complete }))
+        });
+        async move { task.await.map_err(|e| Arc::new(ReadFailure::Task(e)))? }
+            .boxed()
+            .shared()
+    }
+
+    /// Keeps a complete page within the budget; forgets a failed or incomplete one.
+    fn settle(&self, key: PageKey, load: &Loading, page: Option<&Arc<Page>>) {
         let mut pages = self.lock();
         let Some(slot) = pages.map.get_mut(&key) else {
             return;
         };
-        if !Arc::ptr_eq(&slot.cell, cell) || slot.size > 0 {
+        if !slot.load.ptr_eq(load) || slot.size > 0 {
             return;
         }
-        if !page.complete || self.budget == 0 {
+        let Some(page) = page.filter(|p| p.complete && self.budget > 0) else {
             let tick = slot.tick;
             pages.map.remove(&key);
             pages.order.remove(&tick);
             return;
-        }
+        };
         let size = page
             .frames
             .iter()
@@ -881,15 +910,30 @@ impl History {
     /// One page of events after `after`, read from the store in turn with other followers.
     async fn read(
         &self,
-        store: &dyn Store,
+        store: &Arc<dyn Store>,
         workspace: WorkspaceId,
         after: i64,
-    ) -> Result<Vec<Event>, keel_store::Error> {
-        // The semaphore is never closed; without a permit the read just goes ahead.
-        let _permit = self.reads.acquire().await.ok();
-        metrics::counter!("keel_event_history_reads_total").increment(1);
-        store.events_after(workspace, after, PAGE).await
+    ) -> Result<Vec<Event>, ReadError> {
+        let (reads, store) = (self.reads.clone(), store.clone());
+        tokio::spawn(async move { read_page(&reads, store.as_ref(), workspace, after).await })
+            .await
+            .map_err(|e| Arc::new(ReadFailure::Task(e)))?
     }
+}
+
+async fn read_page(
+    reads: &Semaphore,
+    store: &dyn Store,
+    workspace: WorkspaceId,
+    after: i64,
+) -> Result<Vec<Event>, ReadError> {
+    // The semaphore is never closed; without a permit the read just goes ahead.
+    let _permit = reads.acquire().await.ok();
+    metrics::counter!("keel_event_history_reads_total").increment(1);
+    store
+        .events_after(workspace, after, PAGE)
+        .await
+        .map_err(|e| Arc::new(ReadFailure::Store(e)))
 }
 
 /// Counts a live stream client in `keel_event_stream_clients` for as long as it lives.

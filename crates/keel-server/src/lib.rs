@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
+use axum::serve::ListenerExt as _;
 use keel_core::auth::Role;
 use keel_core::config::Config;
 use keel_store::Store;
@@ -301,8 +302,15 @@ impl Server {
 
         let shutdown = self.shutdown.clone();
         let app = app(self.state);
+        // No Nagle: an SSE event or a streamed token written alone must leave at once,
+        // not wait for the client's (delayed) ACK of the previous one.
+        let listener = self.listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY on a connection");
+            }
+        });
         let serve = axum::serve(
-            self.listener,
+            listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())

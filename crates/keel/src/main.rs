@@ -162,6 +162,9 @@ enum BenchCommand {
         /// Clients resuming at once in the reconnect storm [default: 1000; 50 with --quick].
         #[arg(long)]
         reconnect_clients: Option<usize>,
+        /// Parts to run, comma-separated: fanout, throughput, storm [default: all].
+        #[arg(long, value_delimiter = ',')]
+        parts: Option<Vec<String>>,
         /// Smaller defaults for a smoke run; flags given still win.
         #[arg(long)]
         quick: bool,
@@ -361,6 +364,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             followers,
             log_events,
             reconnect_clients,
+            parts,
             quick,
         }) => {
             let d = bench_events::Options::defaults(quick);
@@ -373,6 +377,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 followers: followers.unwrap_or(d.followers),
                 log_events: log_events.unwrap_or(d.log_events),
                 reconnect_clients: reconnect_clients.unwrap_or(d.reconnect_clients),
+                parts: parts.unwrap_or(d.parts),
             })
             .await?;
             Ok(ExitCode::SUCCESS)
