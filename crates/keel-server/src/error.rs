@@ -262,6 +262,18 @@ impl From<keel_store::Error> for ApiError {
     }
 }
 
+impl From<crate::events::ReadError> for ApiError {
+    fn from(e: crate::events::ReadError) -> Self {
+        match e.as_ref() {
+            crate::events::ReadFailure::Store(e) if e.is_unavailable() => {
+                tracing::warn!(error = %e, "database unavailable");
+                ApiError::unavailable("the database is unavailable; retry shortly")
+            }
+            e => ApiError::internal(e),
+        }
+    }
+}
+
 impl From<crate::events::AppendError> for ApiError {
     fn from(e: crate::events::AppendError) -> Self {
         use crate::events::AppendError as E;

@@ -81,7 +81,11 @@ struct LogInner {
     config: EventsConfig,
     clients: Arc<Semaphore>,
     history: History,
+    /// Head reads in flight, one per workspace, shared by every stream opening meanwhile.
+    heads: Mutex<HashMap<WorkspaceId, HeadRead>>,
 }
+
+type HeadRead = Shared<BoxFuture<'static, Result<keel_store::EventHead, ReadError>>>;
 
 impl std::fmt::Debug for EventLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -117,6 +121,7 @@ pub async fn start(
             config: config.clone(),
             clients: Arc::new(Semaphore::new(config.max_stream_clients)),
             history: History::new(config.history_cache_bytes),
+            heads: Mutex::new(HashMap::new()),
         }),
     };
     let writer = tokio::spawn(write_loop(log.clone(), rx, stop.clone()));
@@ -217,6 +222,48 @@ impl EventLog {
 
     pub(crate) fn config(&self) -> &EventsConfig {
         &self.inner.config
+    }
+
+    /// The workspace's log head. Streams opening at once (a reconnect storm) share one
+    /// store read instead of queueing a thousand for the pool. The answer may predate the
+    /// call by one read's duration: a live start then begins a few events early, and a
+    /// cursor the pruner passes meanwhile is caught by `follow` (reason `expired`).
+    pub(crate) async fn head(
+        &self,
+        workspace: WorkspaceId,
+    ) -> Result<keel_store::EventHead, ReadError> {
+        let read = {
+            let mut heads = self
+                .inner
+                .heads
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            heads
+                .entry(workspace)
+                .or_insert_with(|| {
+                    let store = self.inner.store.clone();
+                    let task = tokio::spawn(async move {
+                        store
+                            .event_head(workspace)
+                            .await
+                            .map_err(|e| Arc::new(ReadFailure::Store(e)))
+                    });
+                    async move { task.await.map_err(|e| Arc::new(ReadFailure::Task(e)))? }
+                        .boxed()
+                        .shared()
+                })
+                .clone()
+        };
+        let head = read.clone().await;
+        let mut heads = self
+            .inner
+            .heads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if heads.get(&workspace).is_some_and(|r| r.ptr_eq(&read)) {
+            heads.remove(&workspace);
+        }
+        head
     }
 
     /// A slot for one live follower, or `None` when `events.max_stream_clients` are
@@ -532,6 +579,9 @@ pub(crate) enum Closed {
     ShuttingDown,
     /// The store could not be read.
     Unavailable,
+    /// Retention removed events the follower had not yet been sent (it was catching up
+    /// while the pruner ran); resuming answers 410 with the oldest seq held.
+    Expired,
 }
 
 impl Closed {
@@ -540,6 +590,7 @@ impl Closed {
             Closed::TooSlow => "consumer_too_slow",
             Closed::ShuttingDown => "shutting_down",
             Closed::Unavailable => "store_unavailable",
+            Closed::Expired => "expired",
         }
     }
 }
@@ -579,8 +630,8 @@ pub(crate) async fn follow<F, Fut>(
     match catch_up(log, selection, &mut seen, &mut send).await {
         Ok(true) => {}
         Ok(false) => return,
-        Err(()) => {
-            send(Item::Closed(Closed::Unavailable, seen)).await;
+        Err(why) => {
+            send(Item::Closed(why, seen)).await;
             return;
         }
     }
@@ -629,8 +680,8 @@ pub(crate) async fn follow<F, Fut>(
                         continue;
                     }
                     Ok(false) => return,
-                    Err(()) => {
-                        send(Item::Closed(Closed::Unavailable, seen)).await;
+                    Err(why) => {
+                        send(Item::Closed(why, seen)).await;
                         return;
                     }
                 }
@@ -660,8 +711,8 @@ pub(crate) async fn follow<F, Fut>(
                     continue;
                 }
                 Ok(false) => return,
-                Err(()) => {
-                    send(Item::Closed(Closed::Unavailable, seen)).await;
+                Err(why) => {
+                    send(Item::Closed(why, seen)).await;
                     return;
                 }
             }
@@ -685,18 +736,35 @@ async fn catch_up<F, Fut>(
     selection: &Selection,
     seen: &mut i64,
     send: &mut F,
-) -> Result<bool, ()>
+) -> Result<bool, Closed>
 where
     F: FnMut(Item) -> Fut,
     Fut: Future<Output = bool>,
 {
+    // The log is gap-free, so the next event held must be `seen + 1`; anything later
+    // means the pruner got there first.
+    let next = |seen: i64, seq: i64| {
+        if seq == seen + 1 {
+            Ok(())
+        } else {
+            tracing::info!(
+                resume_after = seen,
+                oldest = seq,
+                "events a follower had not been sent were pruned; closing its stream"
+            );
+            Err(Closed::Expired)
+        }
+    };
     let history = &log.inner.history;
     let workspace = selection.workspace;
     loop {
         let index = seen.div_euclid(i64::from(PAGE));
-        let page = retrying(|| history.page(&log.inner.store, workspace, index)).await?;
+        let page = retrying(|| history.page(&log.inner.store, workspace, index))
+            .await
+            .map_err(|()| Closed::Unavailable)?;
         let from = *seen;
         for frame in page.frames.iter().filter(|f| f.event.seq > from) {
+            next(*seen, frame.event.seq)?;
             *seen = frame.event.seq;
             if selection.matches(&frame.event) && !send(Item::Event(frame.clone())).await {
                 return Ok(false);
@@ -705,9 +773,12 @@ where
         if page.complete {
             continue;
         }
-        let events = retrying(|| history.read(&log.inner.store, workspace, *seen)).await?;
+        let events = retrying(|| history.read(&log.inner.store, workspace, *seen))
+            .await
+            .map_err(|()| Closed::Unavailable)?;
         let full = events.len() == PAGE as usize;
         for event in events {
+            next(*seen, event.seq)?;
             *seen = event.seq;
             if selection.matches(&event) && !send(Item::Event(Arc::new(Frame::new(event)))).await {
                 return Ok(false);

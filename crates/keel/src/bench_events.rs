@@ -28,7 +28,7 @@ use crate::bench::{
 };
 
 /// The parts, in the order they run.
-pub const PARTS: [&str; 3] = ["fanout", "throughput", "storm"];
+pub const PARTS: [&str; 4] = ["fanout", "throughput", "append", "storm"];
 /// Fan-out goal: emit → SSE client p99 with 1,000 clients on one instance.
 const FANOUT_P99_GOAL: Duration = Duration::from_millis(10);
 /// Write-throughput goal on SQLite, in events a second.
@@ -159,6 +159,16 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         println_out(&r.line());
         throughput_result = Some(r);
     }
+    let mut append_result = None;
+    if runs("append") {
+        println_out(&format!(
+            "\n[append] {} in-process emitters for {:?}, {} SSE followers",
+            o.writers, o.write_duration, o.followers
+        ));
+        let r = append(&o).await.context("append part")?;
+        println_out(&r.line(&o));
+        append_result = Some(r);
+    }
     if runs("storm") {
         println_out(&format!(
             "\n[storm] {} events in the log, {} clients resuming at once from random seqs",
@@ -209,6 +219,20 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
             t.res.rss
         ));
         exact &= t.delivery.all_exact();
+    }
+    if let Some(a) = &append_result {
+        println_out(&format!(
+            "append path, {} emitters: {:.0} events/s committed — goal ≥ {:.0}/s: {}; followers exact {}/{}, cut {} (no follower falling behind: {})",
+            o.writers,
+            a.rate,
+            THROUGHPUT_GOAL,
+            met(a.rate >= THROUGHPUT_GOAL),
+            a.delivery.exact,
+            a.delivery.clients,
+            a.delivery.cut(),
+            met(a.delivery.all_exact() && a.delivery.cut() == 0),
+        ));
+        exact &= a.delivery.all_exact();
     }
     if let Some(st) = &storm_result {
         println_out(&format!(
@@ -299,8 +323,8 @@ async fn fanout(exe: &Path, o: &Options) -> anyhow::Result<Fanout> {
     let sampler = RssSampler::start(keel.pid);
     let base = Instant::now();
     let base_wall = std::time::SystemTime::now();
-    let followers = Followers::connect(&keel, base, o.clients, true).await?;
-    let ready = followers.sync(&keel).await?;
+    let followers = Followers::connect(&keel.server(), base, o.clients, true).await?;
+    let ready = followers.sync(&keel.server()).await?;
 
     // Open loop: each ping on its own task at its scheduled time, never waiting for answers.
     let writer = writer_client()?;
@@ -410,8 +434,8 @@ async fn throughput(exe: &Path, o: &Options) -> anyhow::Result<Throughput> {
     let keel = Keel::start(exe, "throughput", o.followers).await?;
     let sampler = RssSampler::start(keel.pid);
     let base = Instant::now();
-    let followers = Followers::connect(&keel, base, o.followers, false).await?;
-    let ready = followers.sync(&keel).await?;
+    let followers = Followers::connect(&keel.server(), base, o.followers, false).await?;
+    let ready = followers.sync(&keel.server()).await?;
 
     let writer = writer_client()?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -471,6 +495,147 @@ async fn throughput(exe: &Path, o: &Options) -> anyhow::Result<Throughput> {
         rate: done as f64 / elapsed.as_secs_f64(),
         delivery: Delivery::assess(&follows, |_| (ready, last)),
         res: Resources { rss, cpu, log },
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Part 2b: the append path, in process.
+
+struct Append {
+    committed: u64,
+    elapsed: Duration,
+    rate: f64,
+    delivery: Delivery,
+    cores: f64,
+    rss: u64,
+}
+
+impl Append {
+    fn line(&self, o: &Options) -> String {
+        format!(
+            "append path: {} events committed in {:.2} s = {:.0} events/s by {} in-process emitters \
+             (EventLog::append, one event a call, as the runtime emits; group commit on SQLite with \
+             synchronous = full); followers over HTTP: {};\n  this process (Keel + emitters + followers) \
+             used {:.2} cores, peak RSS {:.1} MB",
+            self.committed,
+            self.elapsed.as_secs_f64(),
+            self.rate,
+            o.writers,
+            self.delivery,
+            self.cores,
+            self.rss as f64 / 1e6
+        )
+    }
+}
+
+/// Keel's server in this process (SQLite in a fresh directory), its event log appended to
+/// directly by `writers` tasks, followed over real HTTP by `followers` SSE clients.
+async fn append(o: &Options) -> anyhow::Result<Append> {
+    use keel_core::auth::Role;
+    use keel_core::event::{EventType, NewEvent};
+    use keel_core::workspace::WorkspaceName;
+
+    let dir = TempDir(
+        std::env::temp_dir().join(format!("keel-bench-events-{}-append", std::process::id())),
+    );
+    std::fs::create_dir_all(&dir.0)
+        .with_context(|| format!("cannot create {}", dir.0.display()))?;
+    let mut config = keel_core::config::Config {
+        data_dir: dir.0.clone(),
+        ..Default::default()
+    };
+    config.server.listen = "127.0.0.1:0".parse()?;
+    config.events.max_stream_clients = o.followers.saturating_add(16).max(10_000);
+    let store = keel_store::open(&config).await?;
+    store.migrate().await?;
+    let workspace = store
+        .ensure_workspace(&WorkspaceName::parse("bench")?)
+        .await?;
+    let (token, _) =
+        keel_server::auth::issue_key(store.as_ref(), workspace.id, Role::Admin, None).await?;
+    let env = |_: &str| None;
+    let (router, _) = keel_server::gateway::router(&config, &env)?;
+    let config = Arc::new(config);
+    let (usage, usage_writer) = keel_server::usage::start(store.clone());
+    let (events, event_tasks) = keel_server::events::start(store.clone(), &config).await?;
+    let shutdown = CancellationToken::new();
+    let state = keel_server::AppState::new(keel_server::Parts {
+        store: store.clone(),
+        events: events.clone(),
+        config,
+        router: Arc::new(router),
+        usage,
+        cache: None,
+        shutdown: shutdown.clone(),
+    });
+    let server = keel_server::Server::bind(state, shutdown.clone()).await?;
+    let target = Server {
+        url: format!("http://{}", server.local_addr()?),
+        key: token.expose().to_owned(),
+    };
+    let serving = tokio::spawn(server.run());
+
+    let base = Instant::now();
+    let followers = Followers::connect(&target, base, o.followers, false).await?;
+    let ready = followers.sync(&target).await?;
+    let me = std::process::id();
+    let sampler = RssSampler::start(me);
+    let ticks = cpu_ticks(&format!("/proc/{me}/stat")).unwrap_or_default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let committed = Arc::new(AtomicU64::new(0));
+    let last = Arc::new(AtomicI64::new(ready));
+    let started = Instant::now();
+    let mut workers = Vec::with_capacity(o.writers);
+    for _ in 0..o.writers {
+        let (events, stop, committed, last) = (
+            events.clone(),
+            stop.clone(),
+            committed.clone(),
+            last.clone(),
+        );
+        let ws = workspace.id;
+        workers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let event = NewEvent::new(
+                    EventType::SystemPing,
+                    ws,
+                    serde_json::json!({ "message": "a" }),
+                );
+                let done = events.append(vec![event]).await?;
+                committed.fetch_add(1, Ordering::Relaxed);
+                if let Some(e) = done.last() {
+                    last.fetch_max(e.seq, Ordering::Relaxed);
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    tokio::time::sleep(o.write_duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = started.elapsed();
+    let done = committed.load(Ordering::Relaxed);
+    for w in workers {
+        w.await?.context("an append failed")?;
+    }
+    let cores = cpu_ticks(&format!("/proc/{me}/stat"))
+        .map(|t| t.saturating_sub(ticks) as f64 / TICKS_PER_SEC / elapsed.as_secs_f64())
+        .unwrap_or_default();
+    let last = last.load(Ordering::Relaxed);
+    followers.settle(last).await;
+    let rss = sampler.stop().await;
+    let follows = followers.finish().await;
+    shutdown.cancel();
+    let _ = serving.await;
+    usage_writer.finish().await;
+    event_tasks.finish().await;
+    store.close().await;
+    Ok(Append {
+        committed: done,
+        elapsed,
+        rate: done as f64 / elapsed.as_secs_f64(),
+        delivery: Delivery::assess(&follows, |_| (ready, last)),
+        cores,
+        rss,
     })
 }
 
@@ -541,7 +706,7 @@ async fn storm(exe: &Path, o: &Options) -> anyhow::Result<Storm> {
     // The storm: every client at once, each resuming from a random seq in [0, head).
     let sampler = RssSampler::start(keel.pid);
     let cpu = CpuMeter::start(keel.pid);
-    let ctx = Arc::new(Ctx::new(&keel, Instant::now())?);
+    let ctx = Arc::new(Ctx::new(&keel.server(), Instant::now())?);
     let mut random = SplitMix(0x5eed_cafe_f00d_0001);
     let mut cursors = Vec::with_capacity(o.reconnect_clients);
     let mut progress = Vec::with_capacity(o.reconnect_clients);
@@ -611,6 +776,12 @@ impl SplitMix {
 // The server under test.
 
 /// A `keel serve` in its own temporary directory, with an admin key.
+/// Where clients connect: a base URL and an admin key.
+struct Server {
+    url: String,
+    key: String,
+}
+
 struct Keel {
     child: Child,
     url: String,
@@ -682,6 +853,13 @@ impl Keel {
 
     fn ping_url(&self) -> String {
         format!("{}/v1/events/ping", self.url)
+    }
+
+    fn server(&self) -> Server {
+        Server {
+            url: self.url.clone(),
+            key: self.key.clone(),
+        }
     }
 
     async fn stop(mut self) {
@@ -889,15 +1067,15 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn new(keel: &Keel, base: Instant) -> anyhow::Result<Self> {
+    fn new(server: &Server, base: Instant) -> anyhow::Result<Self> {
         Ok(Self {
             client: reqwest::Client::builder()
                 .tcp_nodelay(true)
                 .connect_timeout(Duration::from_secs(30))
                 .pool_max_idle_per_host(0)
                 .build()?,
-            url: format!("{}/v1/events", keel.url),
-            key: keel.key.clone(),
+            url: format!("{}/v1/events", server.url),
+            key: server.key.clone(),
             base,
             connected: AtomicUsize::new(0),
             stop: CancellationToken::new(),
@@ -940,14 +1118,14 @@ struct Followers {
 impl Followers {
     /// Opens `n` live streams (no cursor) and waits until the server has answered each.
     async fn connect(
-        keel: &Keel,
+        server: &Server,
         base: Instant,
         n: usize,
         record_arrivals: bool,
     ) -> anyhow::Result<Self> {
         let ctx = Arc::new(Ctx {
             record_arrivals,
-            ..Ctx::new(keel, base)?
+            ..Ctx::new(server, base)?
         });
         let mut progress = Vec::with_capacity(n);
         let mut tasks = Vec::with_capacity(n);
@@ -990,8 +1168,14 @@ impl Followers {
 
     /// Sends one ping and waits until every client has it: from then on every client is
     /// following live. Returns its seq, the first every client must receive.
-    async fn sync(&self, keel: &Keel) -> anyhow::Result<i64> {
-        let seq = ping(&writer_client()?, &keel.ping_url(), &keel.key, "ready").await?;
+    async fn sync(&self, server: &Server) -> anyhow::Result<i64> {
+        let seq = ping(
+            &writer_client()?,
+            &format!("{}/v1/events/ping", server.url),
+            &server.key,
+            "ready",
+        )
+        .await?;
         if !self.wait(seq, SETTLE).await {
             bail!("not every SSE client received the first ping within {SETTLE:?}");
         }

@@ -171,7 +171,7 @@ pub(crate) async fn events(
 ) -> Result<Response, ApiError> {
     let parsed = parse(&principal, &headers, &query)?;
     let log = state.events();
-    let head = state.store().event_head(principal.workspace_id).await?;
+    let head = log.head(principal.workspace_id).await?;
     let after = parsed
         .after
         .unwrap_or(if parsed.json { 0 } else { head.last_seq });

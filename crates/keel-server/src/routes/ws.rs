@@ -230,7 +230,7 @@ async fn start(
     selection: Selection,
     after: Option<i64>,
 ) -> Option<String> {
-    let head = match state.store().event_head(selection.workspace).await {
+    let head = match state.events().head(selection.workspace).await {
         Ok(head) => head,
         Err(e) => {
             tracing::warn!(error = %e, "cannot read the event log head");

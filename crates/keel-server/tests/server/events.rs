@@ -464,6 +464,73 @@ async fn retention_prunes_and_older_cursors_answer_410_with_the_oldest_seq() {
 }
 
 #[tokio::test]
+async fn a_follower_overtaken_by_retention_is_told_and_its_resume_answers_410() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = sqlite_config(&dir);
+    cfg.events.retention = Duration::from_secs(4);
+    cfg.events.prune_interval = Duration::from_millis(100);
+    let node = Node::start(cfg).await;
+    let ws = node.workspace;
+    // More than socket buffers hold, so the follower is stuck mid-history while the
+    // client reads nothing.
+    let big = "x".repeat(16 * 1024);
+    let total = 1500;
+    for chunk in 0..(total / 100) {
+        append(
+            &node,
+            (0..100)
+                .map(|i| {
+                    NewEvent::new(
+                        EventType::SystemPing,
+                        ws,
+                        json!({ "message": format!("{}:{big}", chunk * 100 + i) }),
+                    )
+                })
+                .collect(),
+        )
+        .await;
+    }
+    let mut sse = node.stream("", Some(0)).await;
+    // Let retention remove every one of them, then commit one more.
+    let mut head = node.state.store().event_head(ws).await.unwrap();
+    for _ in 0..100 {
+        if head.pruned_through == total {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        head = node.state.store().event_head(ws).await.unwrap();
+    }
+    assert_eq!(head.pruned_through, total, "retention pruned the history");
+    node.ping("after the prune").await;
+    let mut got: Vec<i64> = Vec::new();
+    let closed = loop {
+        let frame = sse
+            .next(Duration::from_secs(10))
+            .await
+            .expect("the stream ends with stream.closed");
+        if frame.event.as_deref() == Some("stream.closed") {
+            break frame;
+        }
+        got.push(frame.id.unwrap());
+    };
+    assert_eq!(closed.data["reason"], "expired", "{:?}", closed.data);
+    let resume = closed.id.unwrap();
+    assert!(resume < total, "the follower was overtaken: {resume}");
+    assert_eq!(
+        got,
+        (1..=resume).collect::<Vec<_>>(),
+        "no gap before the cut"
+    );
+    let res = node
+        .get("/v1/events", &[("last-event-id", &resume.to_string())])
+        .await;
+    assert_eq!(res.status(), 410);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["oldest_seq"], total + 1, "{body}");
+    node.stop().await;
+}
+
+#[tokio::test]
 async fn a_consumer_too_slow_is_cut_off_and_loses_nothing_on_resume() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = sqlite_config(&dir);
@@ -471,10 +538,13 @@ async fn a_consumer_too_slow_is_cut_off_and_loses_nothing_on_resume() {
     let node = Node::start(cfg).await;
     let ws = node.workspace;
     let mut sse = node.stream("", None).await;
-    // Far more than the socket buffers, the client buffer and the ring hold, while the
-    // client reads nothing.
-    let big = "x".repeat(8 * 1024);
-    let total = 1200;
+    // The stream is live (it has delivered a live event)...
+    node.ping("first").await;
+    assert_eq!(seqs(&sse.take(1).await), vec![1]);
+    // ...then far more than the socket buffers and the ring hold, while the client reads
+    // nothing.
+    let big = "x".repeat(32 * 1024);
+    let total = 1201;
     for chunk in 0..(total / 100) {
         append(
             &node,
@@ -510,7 +580,7 @@ async fn a_consumer_too_slow_is_cut_off_and_loses_nothing_on_resume() {
     );
     assert_eq!(
         got,
-        (1..=resume).collect::<Vec<_>>(),
+        (2..=resume).collect::<Vec<_>>(),
         "in order, no gap, before the cut"
     );
     let mut resumed = node.stream("", Some(resume)).await;
