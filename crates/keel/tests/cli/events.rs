@@ -93,3 +93,67 @@ async fn tail_follows_the_stream_one_json_event_per_line() {
     keel.signal("-TERM");
     assert_eq!(keel.wait(std::time::Duration::from_secs(15)).await, Some(0));
 }
+
+/// Two `keel serve` processes on one Postgres database: an event committed by either
+/// reaches a stream on the other, in seq order, through `LISTEN/NOTIFY`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_on_postgres_stream_each_others_events_in_order() {
+    use tokio::io::AsyncBufReadExt as _;
+
+    let Some(url) = keel_store::testing::fresh_postgres_db().await.unwrap() else {
+        return;
+    };
+    let env = [("KEEL_DATABASE_URL", url.as_str())];
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let key = crate::support::create_key(dir_a.path(), "two-team", "admin", &env);
+    let mut a = crate::support::Keel::start(dir_a.path(), &env).await;
+    let mut b = crate::support::Keel::start(dir_b.path(), &env).await;
+    let mut cmd: tokio::process::Command = crate::support::keel_command(dir_b.path()).into();
+    let mut tail = cmd
+        .args(["events", "tail", "--after", "0", "--url", &b.url("")])
+        .env("KEEL_API_KEY", &key)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let http = crate::support::client();
+    let mut lines = tokio::io::BufReader::new(tail.stdout.take().unwrap()).lines();
+    // p0 on B, read back: the tail is live from then on. Then A, B, A, A: the last two
+    // reach B's stream only through the notification, not by filling a gap when B
+    // commits something itself.
+    for (n, node) in [&b, &a, &b, &a, &a].into_iter().enumerate() {
+        let res = http
+            .post(node.url("/v1/events/ping"))
+            .bearer_auth(&key)
+            .json(&serde_json::json!({ "message": format!("p{n}") }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 201);
+        if n > 0 {
+            continue;
+        }
+        let line = tokio::time::timeout(std::time::Duration::from_secs(10), lines.next_line())
+            .await
+            .expect("the first event arrives within 10 s")
+            .unwrap()
+            .unwrap();
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(event["seq"], 1, "{event}");
+    }
+    for n in 1..5 {
+        let line = tokio::time::timeout(std::time::Duration::from_secs(10), lines.next_line())
+            .await
+            .expect("the other process's events arrive within 10 s")
+            .unwrap()
+            .unwrap();
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(event["seq"], n + 1, "{event}");
+        assert_eq!(event["data"]["message"], format!("p{n}"), "{event}");
+    }
+    tail.kill().await.unwrap();
+    for keel in [&mut a, &mut b] {
+        keel.signal("-TERM");
+        assert_eq!(keel.wait(std::time::Duration::from_secs(15)).await, Some(0));
+    }
+}
