@@ -515,7 +515,7 @@ impl Hub {
         channels.iter().map(|(w, c)| (*w, c.published)).collect()
     }
 
-    fn publish(&self, events: &[Event]) {
+    pub(crate) fn publish(&self, events: &[Event]) {
         // Find the followed workspaces under the lock; render outside it.
         let senders: HashMap<WorkspaceId, (broadcast::Sender<Arc<Frame>>, i64)> = {
             let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);

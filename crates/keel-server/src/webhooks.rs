@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use keel_core::config::Webhooks as WebhooksConfig;
-use keel_core::event::{Event, TypeFilter};
+use keel_core::event::{Event, EventType, NewEvent, TypeFilter};
 use keel_core::id::{DeliveryId, WebhookId};
 use keel_store::{Delivery, Outcome, Store, Webhook};
 use tokio::task::JoinHandle;
@@ -387,8 +387,10 @@ impl Dispatcher {
                 .attempt(hook, event, i64::from(attempt), attempt == max)
                 .await;
             let outcome = delivery.outcome;
-            if let Err(e) = self.inner.store.record_delivery(&delivery).await {
-                tracing::warn!(error = %e, "cannot log a webhook delivery");
+            let events = dead_letter_event(hook, event, &delivery);
+            match self.inner.store.record_delivery(&delivery, &events).await {
+                Ok(committed) => self.inner.hub.publish(&committed),
+                Err(e) => tracing::warn!(error = %e, "cannot log a webhook delivery"),
             }
             match outcome {
                 Outcome::Delivered => return true,
@@ -501,6 +503,37 @@ async fn sleep_or_stop(wait: Duration, stop: &CancellationToken) -> bool {
         () = tokio::time::sleep(wait) => false,
         () = stop.cancelled() => true,
     }
+}
+
+/// The `dead_letter.created` event of a delivery that ran out of attempts, committed with
+/// its log row. None for other outcomes — and none when the dead-lettered event is itself
+/// a `dead_letter.created`, so two failing endpoints subscribed to everything cannot feed
+/// each other an endless chain (that case is logged and counted instead).
+fn dead_letter_event(hook: &Webhook, event: &Event, delivery: &Delivery) -> Vec<NewEvent> {
+    if delivery.outcome != Outcome::DeadLettered {
+        return Vec::new();
+    }
+    if event.event_type == EventType::DeadLetterCreated.as_str() {
+        metrics::counter!("keel_webhook_dead_letters_unannounced_total").increment(1);
+        return Vec::new();
+    }
+    vec![
+        NewEvent::new(
+            EventType::DeadLetterCreated,
+            hook.workspace_id,
+            serde_json::json!({
+                "queue": "webhooks",
+                "reason": delivery.error.clone().unwrap_or_default(),
+                "attempts": delivery.attempt,
+                "job_id": delivery.id.to_string(),
+                "webhook_id": hook.id.to_string(),
+                "event_id": event.event_id.to_string(),
+                "event_seq": event.seq,
+                "event_type": event.event_type,
+            }),
+        )
+        .correlated(event.correlation_id.clone()),
+    ]
 }
 
 #[cfg(test)]

@@ -189,8 +189,11 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Moves the webhook's cursor forward to `seq`, if `owner` still holds its lease.
     async fn advance_webhook(&self, id: WebhookId, owner: uuid::Uuid, seq: i64) -> Result<bool>;
 
-    /// Logs a delivery attempt.
-    async fn record_delivery(&self, delivery: &Delivery) -> Result<()>;
+    /// Logs a delivery attempt and appends `events` (a dead letter's
+    /// `dead_letter.created`) in the same transaction: the log row and its events commit
+    /// together or not at all. Returns the events as committed.
+    async fn record_delivery(&self, delivery: &Delivery, events: &[NewEvent])
+    -> Result<Vec<Event>>;
 
     /// A webhook's delivery attempts with id after `after`, oldest first, optionally
     /// only those with one outcome.

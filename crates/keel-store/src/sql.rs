@@ -562,7 +562,12 @@ macro_rules! sql_store {
                 Ok(done.rows_affected() == 1)
             }
 
-            async fn record_delivery(&self, d: &$crate::Delivery) -> $crate::Result<()> {
+            async fn record_delivery(
+                &self,
+                d: &$crate::Delivery,
+                events: &[keel_core::event::NewEvent],
+            ) -> $crate::Result<Vec<keel_core::event::Event>> {
+                let mut tx = self.pool.begin().await?;
                 sqlx::query(concat!(
                     "INSERT INTO webhook_deliveries (", $crate::webhooks::delivery_columns!(),
                     ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
@@ -579,9 +584,15 @@ macro_rules! sql_store {
                 .bind(d.error.as_deref())
                 .bind(d.duration_ms)
                 .bind(d.created_at)
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await?;
-                Ok(())
+                let committed = if events.is_empty() {
+                    Vec::new()
+                } else {
+                    Self::append_events_tx(&mut tx, events).await?
+                };
+                tx.commit().await?;
+                Ok(committed)
             }
 
             async fn list_deliveries(

@@ -692,9 +692,43 @@ async fn webhooks_are_scoped_leased_and_log_their_deliveries(f: &Fixture) {
                 .replace_nanosecond(0)
                 .unwrap(),
         };
-        f.store.record_delivery(&d).await.unwrap();
+        let events = if outcome == Outcome::DeadLettered {
+            vec![NewEvent::new(
+                EventType::DeadLetterCreated,
+                ws,
+                serde_json::json!({ "queue": "webhooks", "reason": "boom", "attempts": attempt }),
+            )]
+        } else {
+            Vec::new()
+        };
+        let committed = f.store.record_delivery(&d, &events).await.unwrap();
+        assert_eq!(committed.len(), events.len());
         ids.push(d);
     }
+    // The dead letter's event committed with its row; a row that fails takes its event
+    // with it (the outbox: no event without its change).
+    let head = f.store.event_head(ws).await.unwrap();
+    let letters = f.store.events_after(ws, 0, 100).await.unwrap();
+    assert_eq!(
+        letters
+            .iter()
+            .filter(|e| e.event_type == "dead_letter.created")
+            .count(),
+        1
+    );
+    let duplicate = f
+        .store
+        .record_delivery(
+            &ids[0],
+            &[NewEvent::new(
+                EventType::DeadLetterCreated,
+                ws,
+                serde_json::json!({ "queue": "webhooks", "reason": "dup", "attempts": 1 }),
+            )],
+        )
+        .await;
+    assert!(duplicate.is_err(), "a delivery id is logged once");
+    assert_eq!(f.store.event_head(ws).await.unwrap(), head);
     let all = f
         .store
         .list_deliveries(ws, hook.id, None, None, 10)

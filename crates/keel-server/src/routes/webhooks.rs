@@ -319,7 +319,7 @@ pub(crate) async fn redeliver(
         .webhooks()
         .attempt(&hook, &event, previous.attempt + 1, false)
         .await;
-    state.store().record_delivery(&attempt).await?;
+    state.store().record_delivery(&attempt, &[]).await?;
     tracing::info!(webhook_id = %hook.id, event_seq = event.seq, outcome = attempt.outcome.as_str(), "webhook redelivered");
     Ok(Json(attempt.into()))
 }

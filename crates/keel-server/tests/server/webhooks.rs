@@ -235,7 +235,7 @@ async fn failures_are_retried_in_order_then_dead_lettered_and_can_be_redelivered
     node.ping("four").await;
     let got = receiver.wait_for(8).await;
     assert_eq!(
-        got[4..].iter().map(|(_, b)| seq_of(b)).collect::<Vec<_>>(),
+        got[4..8].iter().map(|(_, b)| seq_of(b)).collect::<Vec<_>>(),
         vec![3, 3, 3, 4]
     );
     let dead = get_json(
@@ -255,6 +255,31 @@ async fn failures_are_retried_in_order_then_dead_lettered_and_can_be_redelivered
     .await;
     assert_eq!(failed["data"].as_array().unwrap().len(), 4);
 
+    // The dead letter is an event, committed with its log row, and (the webhook takes
+    // every type) delivered like any other, after event 4.
+    let log = get_json(&node, "/v1/events?format=json&types=dead_letter.created").await;
+    let letters = log["data"].as_array().unwrap().clone();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    crate::events::assert_valid(letter);
+    assert_eq!(letter["seq"], 5);
+    assert_eq!(letter["data"]["queue"], "webhooks");
+    assert_eq!(letter["data"]["attempts"], 3);
+    assert_eq!(letter["data"]["job_id"], dead[0]["id"]);
+    assert_eq!(letter["data"]["webhook_id"], id.as_str());
+    assert_eq!(letter["data"]["event_seq"], 3);
+    assert!(
+        letter["data"]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("HTTP 500"),
+        "{letter}"
+    );
+    let got = receiver.wait_for(9).await;
+    let delivered: Value = serde_json::from_str(&got[8].1).unwrap();
+    assert_eq!(delivered["event_type"], "dead_letter.created");
+    assert_eq!(delivered["seq"], 5);
+
     // The endpoint is fixed: redeliver the dead letter.
     let res = reqwest::Client::new()
         .post(format!(
@@ -271,8 +296,8 @@ async fn failures_are_retried_in_order_then_dead_lettered_and_can_be_redelivered
     assert_eq!(again["outcome"], "delivered");
     assert_eq!(again["event_seq"], 3);
     assert_eq!(again["attempt"], 4);
-    let got = receiver.wait_for(9).await;
-    assert_eq!(seq_of(&got[8].1), 3);
+    let got = receiver.wait_for(10).await;
+    assert_eq!(seq_of(&got[9].1), 3);
     node.stop().await;
 }
 
