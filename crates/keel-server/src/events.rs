@@ -238,9 +238,11 @@ impl EventLog {
                 .heads
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            heads
-                .entry(workspace)
-                .or_insert_with(|| {
+            match heads.get(&workspace) {
+                // Only a read still in flight is joined: a finished one (its waiters all
+                // gone before forgetting it) would be stale.
+                Some(read) if read.peek().is_none() => read.clone(),
+                _ => {
                     let store = self.inner.store.clone();
                     let task = tokio::spawn(async move {
                         store
@@ -248,11 +250,14 @@ impl EventLog {
                             .await
                             .map_err(|e| Arc::new(ReadFailure::Store(e)))
                     });
-                    async move { task.await.map_err(|e| Arc::new(ReadFailure::Task(e)))? }
-                        .boxed()
-                        .shared()
-                })
-                .clone()
+                    let read: HeadRead =
+                        async move { task.await.map_err(|e| Arc::new(ReadFailure::Task(e)))? }
+                            .boxed()
+                            .shared();
+                    heads.insert(workspace, read.clone());
+                    read
+                }
+            }
         };
         let head = read.clone().await;
         let mut heads = self
@@ -897,12 +902,21 @@ impl History {
             let mut pages = self.lock();
             pages.tick += 1;
             let tick = pages.tick;
+            // A read in flight or a whole page is shared; a finished read that failed or
+            // found the page incomplete (its waiters all gone before forgetting it) is
+            // read again.
+            let reusable = pages.map.get(&key).is_some_and(|slot| {
+                slot.load
+                    .peek()
+                    .is_none_or(|done| done.as_ref().is_ok_and(|page| page.complete))
+            });
             let (load, old) = match pages.map.get_mut(&key) {
-                Some(slot) => (
+                Some(slot) if reusable => (
                     slot.load.clone(),
                     Some(std::mem::replace(&mut slot.tick, tick)),
                 ),
-                None => {
+                stale => {
+                    let old = stale.map(|slot| slot.tick);
                     let load = self.spawn_load(store.clone(), workspace, index);
                     pages.map.insert(
                         key,
@@ -912,7 +926,7 @@ impl History {
                             tick,
                         },
                     );
-                    (load, None)
+                    (load, old)
                 }
             };
             if let Some(old) = old {
