@@ -632,13 +632,8 @@ pub(crate) async fn follow<F, Fut>(
     let mut live = log.inner.hub.subscribe(selection.workspace);
     let mut seen = after;
     // History first (subscribed already, so nothing committed meanwhile is missed).
-    match catch_up(log, selection, &mut seen, &mut send).await {
-        Ok(true) => {}
-        Ok(false) => return,
-        Err(why) => {
-            send(Item::Closed(why, seen)).await;
-            return;
-        }
+    if !catch_up(log, selection, &mut seen, &mut send).await {
+        return;
     }
     let keepalive = log.config().keepalive;
     // One timer for the whole follow, moved on lazily: no timer work per event.
@@ -679,17 +674,11 @@ pub(crate) async fn follow<F, Fut>(
             Ok(frame) => frame,
             Err(broadcast::error::RecvError::Lagged(_)) if !live_started && history_lags < 3 => {
                 history_lags += 1;
-                match catch_up(log, selection, &mut seen, &mut send).await {
-                    Ok(true) => {
-                        last_sent = tokio::time::Instant::now();
-                        continue;
-                    }
-                    Ok(false) => return,
-                    Err(why) => {
-                        send(Item::Closed(why, seen)).await;
-                        return;
-                    }
+                if !catch_up(log, selection, &mut seen, &mut send).await {
+                    return;
                 }
+                last_sent = tokio::time::Instant::now();
+                continue;
             }
             Err(broadcast::error::RecvError::Lagged(missed)) => {
                 metrics::counter!("keel_event_streams_cut_total", "reason" => "consumer_too_slow")
@@ -710,17 +699,11 @@ pub(crate) async fn follow<F, Fut>(
             continue;
         }
         if seq > seen + 1 {
-            match catch_up(log, selection, &mut seen, &mut send).await {
-                Ok(true) => {
-                    last_sent = tokio::time::Instant::now();
-                    continue;
-                }
-                Ok(false) => return,
-                Err(why) => {
-                    send(Item::Closed(why, seen)).await;
-                    return;
-                }
+            if !catch_up(log, selection, &mut seen, &mut send).await {
+                return;
             }
+            last_sent = tokio::time::Instant::now();
+            continue;
         }
         seen = seq;
         if selection.matches(&frame.event) {
@@ -732,11 +715,32 @@ pub(crate) async fn follow<F, Fut>(
     }
 }
 
+/// Delivers what the store holds after `seen`; false when the follow is over (the client
+/// went away, or the stream was closed with a reason it has been sent).
+async fn catch_up<F, Fut>(
+    log: &EventLog,
+    selection: &Selection,
+    seen: &mut i64,
+    send: &mut F,
+) -> bool
+where
+    F: FnMut(Item) -> Fut,
+    Fut: Future<Output = bool>,
+{
+    match read_history(log, selection, seen, send).await {
+        Ok(more) => more,
+        Err(why) => {
+            send(Item::Closed(why, *seen)).await;
+            false
+        }
+    }
+}
+
 /// Delivers what the store holds after `seen`; Ok(false) when the client went away.
 ///
 /// Whole pages come from the shared [`History`]; the newest, still filling page (or one
 /// the pruner has cut into) is read straight from the store.
-async fn catch_up<F, Fut>(
+async fn read_history<F, Fut>(
     log: &EventLog,
     selection: &Selection,
     seen: &mut i64,

@@ -262,6 +262,24 @@ async fn append(node: &Node, events: Vec<NewEvent>) {
     node.state.events().append(events).await.unwrap();
 }
 
+/// Appends `n` pings (a multiple of 100), each message padded with `pad` bytes, 100 a
+/// transaction.
+async fn flood(node: &Node, n: usize, pad: usize) {
+    let big = "x".repeat(pad);
+    for chunk in 0..n / 100 {
+        let events = (0..100)
+            .map(|i| {
+                NewEvent::new(
+                    EventType::SystemPing,
+                    node.workspace,
+                    json!({ "message": format!("{}:{big}", chunk * 100 + i) }),
+                )
+            })
+            .collect();
+        append(node, events).await;
+    }
+}
+
 #[tokio::test]
 async fn filters_select_by_type_wildcard_task_and_agent() {
     let dir = tempfile::tempdir().unwrap();
@@ -473,23 +491,8 @@ async fn a_follower_overtaken_by_retention_is_told_and_its_resume_answers_410() 
     let ws = node.workspace;
     // More than socket buffers hold, so the follower is stuck mid-history while the
     // client reads nothing.
-    let big = "x".repeat(16 * 1024);
     let total = 1500;
-    for chunk in 0..(total / 100) {
-        append(
-            &node,
-            (0..100)
-                .map(|i| {
-                    NewEvent::new(
-                        EventType::SystemPing,
-                        ws,
-                        json!({ "message": format!("{}:{big}", chunk * 100 + i) }),
-                    )
-                })
-                .collect(),
-        )
-        .await;
-    }
+    flood(&node, 1500, 16 * 1024).await;
     let mut sse = node.stream("", Some(0)).await;
     // Let retention remove every one of them, then commit one more.
     let mut head = node.state.store().event_head(ws).await.unwrap();
@@ -536,30 +539,14 @@ async fn a_consumer_too_slow_is_cut_off_and_loses_nothing_on_resume() {
     let mut cfg = sqlite_config(&dir);
     cfg.events.stream_buffer = 16;
     let node = Node::start(cfg).await;
-    let ws = node.workspace;
     let mut sse = node.stream("", None).await;
     // The stream is live (it has delivered a live event)...
     node.ping("first").await;
     assert_eq!(seqs(&sse.take(1).await), vec![1]);
     // ...then far more than the socket buffers and the ring hold, while the client reads
     // nothing.
-    let big = "x".repeat(32 * 1024);
     let total = 1201;
-    for chunk in 0..(total / 100) {
-        append(
-            &node,
-            (0..100)
-                .map(|i| {
-                    NewEvent::new(
-                        EventType::SystemPing,
-                        ws,
-                        json!({ "message": format!("{}:{big}", chunk * 100 + i) }),
-                    )
-                })
-                .collect(),
-        )
-        .await;
-    }
+    flood(&node, 1200, 32 * 1024).await;
     let mut got: Vec<i64> = Vec::new();
     let mut closed = None;
     while let Some(frame) = sse.next(Duration::from_secs(5)).await {
@@ -612,24 +599,9 @@ async fn counter(node: &Node, name: &str) -> f64 {
 async fn clients_resuming_at_once_each_get_exactly_their_events_and_share_store_reads() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start(sqlite_config(&dir)).await;
-    let ws = node.workspace;
     // Three whole pages of history (the server reads 500 events a page).
     let total: i64 = 1500;
-    for chunk in 0..15 {
-        append(
-            &node,
-            (0..100)
-                .map(|i| {
-                    NewEvent::new(
-                        EventType::SystemPing,
-                        ws,
-                        json!({ "message": format!("{}", chunk * 100 + i) }),
-                    )
-                })
-                .collect(),
-        )
-        .await;
-    }
+    flood(&node, total as usize, 0).await;
     let reads_before = counter(&node, "keel_event_history_reads_total").await;
     let clients: i64 = 40;
     let mut streams = Vec::new();

@@ -43,30 +43,53 @@ fn validate_reports_each_bad_line_and_fails() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tail_follows_the_stream_one_json_event_per_line() {
+/// `keel events tail ARGS` with `KEEL_API_KEY`, and its stdout as lines.
+fn tail(
+    dir: &std::path::Path,
+    key: &str,
+    args: &[&str],
+) -> (
+    tokio::process::Child,
+    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+) {
     use tokio::io::AsyncBufReadExt as _;
 
-    let dir = tempfile::tempdir().unwrap();
-    let key = crate::support::create_key(dir.path(), "tail-team", "admin", &[]);
-    let mut keel = crate::support::Keel::start(dir.path(), &[]).await;
-    let mut cmd: tokio::process::Command = crate::support::keel_command(dir.path()).into();
-    let mut tail = cmd
-        .args([
-            "events",
-            "tail",
-            "--types",
-            "system.*",
-            "--after",
-            "0",
-            "--url",
-            &keel.url(""),
-        ])
-        .env("KEEL_API_KEY", &key)
+    let mut cmd: tokio::process::Command = crate::support::keel_command(dir).into();
+    let mut child = cmd
+        .args(["events", "tail"])
+        .args(args)
+        .env("KEEL_API_KEY", key)
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    let lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    (child, lines)
+}
+
+/// The next event `keel events tail` prints; fails the test after 10 s.
+async fn next_event(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+) -> serde_json::Value {
+    let line = tokio::time::timeout(std::time::Duration::from_secs(10), lines.next_line())
+        .await
+        .expect("tail prints the next event within 10 s")
+        .unwrap()
+        .unwrap();
+    serde_json::from_str(&line).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_follows_the_stream_one_json_event_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = crate::support::create_key(dir.path(), "tail-team", "admin", &[]);
+    let mut keel = crate::support::Keel::start(dir.path(), &[]).await;
+    let url = keel.url("");
+    let (mut tail, mut lines) = tail(
+        dir.path(),
+        &key,
+        &["--types", "system.*", "--after", "0", "--url", &url],
+    );
     let http = crate::support::client();
     for n in 0..3 {
         let res = http
@@ -78,14 +101,8 @@ async fn tail_follows_the_stream_one_json_event_per_line() {
             .unwrap();
         assert_eq!(res.status(), 201);
     }
-    let mut lines = tokio::io::BufReader::new(tail.stdout.take().unwrap()).lines();
     for n in 0..3 {
-        let line = tokio::time::timeout(std::time::Duration::from_secs(10), lines.next_line())
-            .await
-            .expect("tail prints within 10 s")
-            .unwrap()
-            .unwrap();
-        let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let event = next_event(&mut lines).await;
         assert_eq!(event["seq"], n + 1);
         assert_eq!(event["data"]["message"], format!("t{n}"));
     }
@@ -98,8 +115,6 @@ async fn tail_follows_the_stream_one_json_event_per_line() {
 /// reaches a stream on the other, in seq order, through `LISTEN/NOTIFY`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_on_postgres_stream_each_others_events_in_order() {
-    use tokio::io::AsyncBufReadExt as _;
-
     let Some(url) = keel_store::testing::fresh_postgres_db().await.unwrap() else {
         return;
     };
@@ -108,16 +123,9 @@ async fn two_processes_on_postgres_stream_each_others_events_in_order() {
     let key = crate::support::create_key(dir_a.path(), "two-team", "admin", &env);
     let mut a = crate::support::Keel::start(dir_a.path(), &env).await;
     let mut b = crate::support::Keel::start(dir_b.path(), &env).await;
-    let mut cmd: tokio::process::Command = crate::support::keel_command(dir_b.path()).into();
-    let mut tail = cmd
-        .args(["events", "tail", "--after", "0", "--url", &b.url("")])
-        .env("KEEL_API_KEY", &key)
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let b_url = b.url("");
+    let (mut tail, mut lines) = tail(dir_b.path(), &key, &["--after", "0", "--url", &b_url]);
     let http = crate::support::client();
-    let mut lines = tokio::io::BufReader::new(tail.stdout.take().unwrap()).lines();
     // p0 on B, read back: the tail is live from then on. Then A, B, A, A: the last two
     // reach B's stream only through the notification, not by filling a gap when B
     // commits something itself.
@@ -133,21 +141,11 @@ async fn two_processes_on_postgres_stream_each_others_events_in_order() {
         if n > 0 {
             continue;
         }
-        let line = tokio::time::timeout(std::time::Duration::from_secs(10), lines.next_line())
-            .await
-            .expect("the first event arrives within 10 s")
-            .unwrap()
-            .unwrap();
-        let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let event = next_event(&mut lines).await;
         assert_eq!(event["seq"], 1, "{event}");
     }
     for n in 1..5 {
-        let line = tokio::time::timeout(std::time::Duration::from_secs(10), lines.next_line())
-            .await
-            .expect("the other process's events arrive within 10 s")
-            .unwrap()
-            .unwrap();
-        let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let event = next_event(&mut lines).await;
         assert_eq!(event["seq"], n + 1, "{event}");
         assert_eq!(event["data"]["message"], format!("p{n}"), "{event}");
     }
