@@ -107,8 +107,7 @@ async fn tail_follows_the_stream_one_json_event_per_line() {
         assert_eq!(event["data"]["message"], format!("t{n}"));
     }
     tail.kill().await.unwrap();
-    keel.signal("-TERM");
-    assert_eq!(keel.wait(std::time::Duration::from_secs(15)).await, Some(0));
+    keel.stop_cleanly(std::time::Duration::from_secs(15)).await;
 }
 
 /// Two `keel serve` processes on one Postgres database: an event committed by either
@@ -151,7 +150,6 @@ async fn two_processes_on_postgres_stream_each_others_events_in_order() {
     }
     tail.kill().await.unwrap();
     for keel in [&mut a, &mut b] {
-        keel.signal("-TERM");
-        assert_eq!(keel.wait(std::time::Duration::from_secs(15)).await, Some(0));
+        keel.stop_cleanly(std::time::Duration::from_secs(15)).await;
     }
 }

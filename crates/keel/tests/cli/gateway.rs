@@ -89,13 +89,7 @@ async fn serve_routes_to_mock_llm_and_accounts_every_request_through_a_sigterm()
     for response in futures_util::future::join_all(pending).await {
         assert_eq!(response.unwrap().status(), 200);
     }
-    keel.signal("-TERM");
-    assert_eq!(
-        keel.wait(Duration::from_secs(20)).await,
-        Some(0),
-        "{}",
-        keel.output()
-    );
+    keel.stop_cleanly(Duration::from_secs(20)).await;
 
     let keel = Keel::start(dir.path(), &[]).await;
     eventually(

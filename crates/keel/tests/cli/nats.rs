@@ -116,11 +116,5 @@ async fn events_reach_jetstream_in_order_through_a_nats_outage() {
     }
     assert_eq!(ids.len(), 40);
     js.delete_stream(&stream_name).await.unwrap();
-    keel.signal("-TERM");
-    assert_eq!(
-        keel.wait(Duration::from_secs(15)).await,
-        Some(0),
-        "{}",
-        keel.output()
-    );
+    keel.stop_cleanly(Duration::from_secs(15)).await;
 }

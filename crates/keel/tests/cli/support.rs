@@ -138,6 +138,12 @@ impl Keel {
         }
     }
 
+    /// Sends SIGTERM and asserts a clean exit (code 0) within `limit`.
+    pub async fn stop_cleanly(&mut self, limit: Duration) {
+        self.signal("-TERM");
+        assert_eq!(self.wait(limit).await, Some(0), "{}", self.output());
+    }
+
     /// Everything the process printed so far.
     pub fn output(&self) -> String {
         self.logs.lock().unwrap().join("\n")

@@ -144,11 +144,5 @@ async fn a_dead_collector_never_fails_a_request() {
             .status(),
         200
     );
-    keel.signal("-TERM");
-    assert_eq!(
-        keel.wait(Duration::from_secs(15)).await,
-        Some(0),
-        "{}",
-        keel.output()
-    );
+    keel.stop_cleanly(Duration::from_secs(15)).await;
 }
