@@ -43,6 +43,8 @@ pub struct Config {
     pub webhooks: Webhooks,
     /// NATS JetStream export of the event log.
     pub nats: Nats,
+    /// The agent runtime: workers, leases, the task queue.
+    pub runtime: Runtime,
 }
 
 impl Default for Config {
@@ -58,6 +60,7 @@ impl Default for Config {
             events: Events::default(),
             webhooks: Webhooks::default(),
             nats: Nats::default(),
+            runtime: Runtime::default(),
         }
     }
 }
@@ -286,6 +289,57 @@ impl Default for Nats {
             stream: "KEEL_EVENTS".to_owned(),
             subject_prefix: "keel".to_owned(),
             batch: 256,
+        }
+    }
+}
+
+/// `[runtime]`: the agent runtime — where agent specs are loaded from, how many runs a
+/// process works on at once, and how the durable task queue behaves.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Runtime {
+    /// Whether this process runs agents (workers). Off: it serves the API only.
+    pub enabled: bool,
+    /// Directory of `*.toml` agent specs loaded at start and on SIGHUP / `keel agents
+    /// reload` (relative to the working directory); missing is fine.
+    pub agents_dir: PathBuf,
+    /// The workspace agents from `agents_dir` belong to.
+    pub agents_workspace: String,
+    /// Runs this process works on at once.
+    pub workers: usize,
+    /// How long a worker's hold on a task lasts without a heartbeat; after a crash, the
+    /// task resumes elsewhere once it expires.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// How often an idle worker looks for tasks whose retry time has come (new tasks wake
+    /// it at once).
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Most tasks waiting in the queue; past it, POST /v1/tasks answers 503 and creates
+    /// nothing.
+    pub max_queued: i64,
+    /// How long `mode = "wait"` waits before answering 202 with the task.
+    #[serde(with = "humantime_serde")]
+    pub wait_timeout: Duration,
+    /// Deepest chain of agents delegating to agents.
+    pub max_depth: i64,
+    /// Most checkpoints committed in one transaction.
+    pub max_batch: usize,
+}
+
+impl Default for Runtime {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            agents_dir: PathBuf::from("agents"),
+            agents_workspace: "default".to_owned(),
+            workers: 64,
+            lease: Duration::from_secs(15),
+            poll_interval: Duration::from_millis(500),
+            max_queued: 10_000,
+            wait_timeout: Duration::from_secs(60),
+            max_depth: 3,
+            max_batch: 256,
         }
     }
 }
@@ -575,6 +629,24 @@ impl Config {
                 "webhooks.retry_max_delay",
                 "must be at least webhooks.retry_base_delay".to_owned(),
             );
+        }
+        if !(1..=10_000).contains(&self.runtime.workers) {
+            push("runtime.workers", "must be between 1 and 10000".to_owned());
+        }
+        if self.runtime.lease < Duration::from_secs(1) {
+            push("runtime.lease", "must be at least 1s".to_owned());
+        }
+        if self.runtime.poll_interval.is_zero() {
+            push("runtime.poll_interval", "must be longer than 0s".to_owned());
+        }
+        if self.runtime.max_queued < 1 {
+            push("runtime.max_queued", "must be at least 1".to_owned());
+        }
+        if !(0..=16).contains(&self.runtime.max_depth) {
+            push("runtime.max_depth", "must be between 0 and 16".to_owned());
+        }
+        if !(1..=10_000).contains(&self.runtime.max_batch) {
+            push("runtime.max_batch", "must be between 1 and 10000".to_owned());
         }
         if let Some(url) = &self.nats.url {
             let url = url.expose_secret();

@@ -129,6 +129,13 @@ id_type!(
 );
 
 id_type!(
+    /// A conversation thread (A2A `contextId`): the messages tasks on it share.
+    ThreadId,
+    "thr",
+    "thread id"
+);
+
+id_type!(
     /// A webhook subscription.
     WebhookId,
     "whk",

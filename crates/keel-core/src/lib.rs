@@ -11,6 +11,7 @@ pub mod config;
 pub mod event;
 pub mod id;
 mod model_route;
+pub mod task;
 pub mod workspace;
 
 mod error;

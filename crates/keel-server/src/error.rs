@@ -253,6 +253,7 @@ impl From<keel_store::Error> for ApiError {
         match e {
             E::NotFound { what } => ApiError::not_found(format!("{what} not found")),
             E::Conflict { what } => ApiError::conflict(format!("{what} already exists")),
+            E::State { what, state } => ApiError::conflict(format!("{what} is {state}")),
             E::Unavailable(cause) => {
                 tracing::warn!(error = %cause, "database unavailable");
                 ApiError::unavailable("the database is unavailable; retry shortly")

@@ -16,6 +16,15 @@ pub enum Error {
         /// What already exists.
         what: &'static str,
     },
+    /// The thing is not in a state that allows the operation (e.g. input to a task that is
+    /// not waiting for any).
+    #[error("{what} is {state}")]
+    State {
+        /// What was acted on, e.g. "task".
+        what: &'static str,
+        /// The state it is in, as a phrase ("completed, not waiting for input").
+        state: String,
+    },
     /// The database cannot be reached or has no free connection; worth retrying later.
     #[error("database unavailable: {0}")]
     Unavailable(sqlx::Error),

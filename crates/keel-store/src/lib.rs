@@ -27,6 +27,7 @@ use time::OffsetDateTime;
 mod error;
 pub mod events;
 mod migrate;
+pub mod runtime;
 pub mod postgres;
 mod sql;
 pub mod sqlite;
@@ -38,6 +39,7 @@ pub mod webhooks;
 pub use error::{Error, Result};
 pub use events::{Commit, EventHead};
 pub use migrate::SchemaState;
+pub use runtime::RuntimeStore;
 pub use usage::{GroupBy, UsageRecord, UsageRow};
 pub use webhooks::{Delivery, NewWebhook, Outcome, Webhook};
 
@@ -90,7 +92,7 @@ pub struct NewApiKey {
 /// Everything Keel persists. Implemented by [`sqlite::SqliteStore`] and
 /// [`postgres::PgStore`]; open one with [`open`].
 #[async_trait]
-pub trait Store: Send + Sync + fmt::Debug + 'static {
+pub trait Store: RuntimeStore + Send + Sync + fmt::Debug + 'static {
     /// Which database this is.
     fn backend(&self) -> Backend;
 

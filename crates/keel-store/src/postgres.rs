@@ -42,6 +42,18 @@ impl PgStore {
     /// Follows `NOTIFY keel_events` on a dedicated connection. When the connection drops,
     /// the stream yields [`Commit::Resync`] and reconnects (notifications sent meanwhile
     /// are lost, so followers re-read the log).
+    /// Leases the next runnable tasks (highest priority, then lowest virtual time).
+    const CLAIM_SQL: &'static str = concat!("UPDATE tasks SET lease_owner = $1, lease_until = $2 WHERE id IN (SELECT id FROM tasks \
+         WHERE queued AND run_at <= $3 AND (lease_until IS NULL OR lease_until < $3) \
+         ORDER BY priority DESC, vt, id LIMIT $4 FOR UPDATE SKIP LOCKED) RETURNING ", crate::runtime::task_columns!());
+    /// Gives a new task of workspace `$1` its virtual time: one past the later of its
+    /// lane's last and the queue's clock.
+    const LANE_SQL: &'static str = "INSERT INTO queue_lanes (workspace_id, last_vt) \
+         VALUES ($1, (SELECT vt FROM queue_clock WHERE id = 1) + 1) ON CONFLICT (workspace_id) DO UPDATE \
+         SET last_vt = GREATEST(queue_lanes.last_vt, (SELECT vt FROM queue_clock WHERE id = 1)) + 1 RETURNING last_vt";
+    /// Moves the queue's clock to the virtual time of the tasks just started.
+    const CLOCK_SQL: &'static str = "UPDATE queue_clock SET vt = GREATEST(vt, $1) WHERE id = 1";
+
     async fn commit_stream(&self) -> Result<Option<crate::CommitStream>> {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(crate::events::NOTIFY_CHANNEL).await?;
@@ -68,3 +80,4 @@ impl PgStore {
 }
 
 crate::sql::sql_store!(PgStore, sqlx::Postgres);
+crate::runtime::runtime_store!(PgStore, sqlx::Postgres);

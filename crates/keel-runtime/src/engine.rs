@@ -1,0 +1,1144 @@
+//! The durable run loop and its workers.
+//!
+//! A worker claims tasks from the queue (a lease it renews by heartbeat), and drives each
+//! one step at a time: an LLM call through the gateway's router, or a tool call. Each step
+//! is checkpointed when it completes — its result, the messages it adds and its events in
+//! one transaction, shared with other runs' checkpoints (group commit). What to do next
+//! is a pure function of the committed messages, so a run that resumes after a crash
+//! (here after restart, or elsewhere once the lease expires) carries on after its last
+//! committed step: a completed tool call is never repeated, and an interrupted one is
+//! retried with the same idempotency key.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use keel_core::event::{Event, EventType, NewEvent};
+use keel_core::id::{AgentId, RunId, TaskId, WorkspaceId};
+use keel_llm::types::{ChatRequest, Message, ToolCall};
+use keel_store::runtime::{BeginRun, Checkpoint, Committed, Finish, NewMessage, TaskRecord};
+use keel_store::{Backend, Store, UsageRecord};
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+use uuid::Uuid;
+
+use crate::spec::{AgentSpec, ToolSpec};
+use crate::tools;
+
+/// Where committed events go to reach live followers, and how LLM failures are observed.
+pub trait EventSink: Send + Sync + std::fmt::Debug {
+    /// Hands events committed in a state change's transaction to live followers.
+    fn publish(&self, events: &[Event]);
+    /// An observer that records a workspace's LLM provider errors and fallbacks.
+    fn llm_observer(&self, workspace: WorkspaceId) -> Box<dyn keel_llm::router::Observer>;
+}
+
+/// Most agent specs and tool breakers kept in memory.
+const CACHE_ENTRIES: usize = 4_096;
+/// Most checkpoints waiting for the committer.
+const COMMIT_QUEUE: usize = 4_096;
+
+/// The runtime: cheap to clone.
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("owner", &self.inner.owner)
+            .finish_non_exhaustive()
+    }
+}
+
+type Env = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+struct Inner {
+    store: Arc<dyn Store>,
+    router: Arc<keel_llm::Router>,
+    sink: Arc<dyn EventSink>,
+    config: keel_core::config::Runtime,
+    owner: Uuid,
+    http: reqwest::Client,
+    env: Env,
+    /// Runs in progress here, by task.
+    active: Mutex<HashMap<TaskId, CancellationToken>>,
+    slots: Arc<Semaphore>,
+    wake: Notify,
+    commits: mpsc::Sender<Pending>,
+    specs: Mutex<HashMap<(AgentId, i64), Arc<AgentSpec>>>,
+    breakers: Mutex<HashMap<(AgentId, String), Arc<keel_llm::breaker::Breaker>>>,
+    /// Cancelled at shutdown: runs stop at once (nothing uncommitted is kept) and let go of
+    /// their tasks, which resume from their last checkpoint.
+    stop: CancellationToken,
+}
+
+struct Pending {
+    checkpoint: Checkpoint,
+    reply: oneshot::Sender<Result<Committed, Arc<keel_store::Error>>>,
+}
+
+/// The runtime's background tasks; [`Tasks::finish`] stops them.
+#[derive(Debug)]
+pub struct Tasks {
+    stop: CancellationToken,
+    commit_stop: CancellationToken,
+    workers: Vec<JoinHandle<()>>,
+    committer: JoinHandle<()>,
+}
+
+/// Why the runtime could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The HTTP client for tools could not be built.
+    #[error("cannot build the tool HTTP client: {0}")]
+    Http(reqwest::Error),
+}
+
+/// Starts the runtime: the committer, and (with `runtime.enabled`) the workers, the
+/// heartbeat and the wake-ups from other processes.
+pub async fn start(
+    store: Arc<dyn Store>,
+    router: Arc<keel_llm::Router>,
+    sink: Arc<dyn EventSink>,
+    config: &keel_core::config::Runtime,
+    env: Env,
+) -> Result<(Runtime, Tasks), StartError> {
+    let (tx, rx) = mpsc::channel(COMMIT_QUEUE);
+    let stop = CancellationToken::new();
+    let commit_stop = CancellationToken::new();
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+        .map_err(StartError::Http)?;
+    let runtime = Runtime {
+        inner: Arc::new(Inner {
+            store: store.clone(),
+            router,
+            sink: sink.clone(),
+            config: config.clone(),
+            owner: Uuid::now_v7(),
+            http,
+            env,
+            active: Mutex::new(HashMap::new()),
+            slots: Arc::new(Semaphore::new(config.workers)),
+            wake: Notify::new(),
+            commits: tx,
+            specs: Mutex::new(HashMap::new()),
+            breakers: Mutex::new(HashMap::new()),
+            stop: stop.clone(),
+        }),
+    };
+    let committer = tokio::spawn(commit_loop(
+        store.clone(),
+        sink,
+        rx,
+        config.max_batch,
+        commit_stop.clone(),
+    ));
+    let mut workers = Vec::new();
+    if config.enabled {
+        if store.backend() == Backend::Sqlite {
+            // One process owns an SQLite file: a lease left behind is a crashed
+            // predecessor's, and its runs resume now rather than when the lease expires.
+            match store.expire_all_leases().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(tasks = n, "resuming tasks a previous process left in flight"),
+                Err(e) => tracing::warn!(error = %e, "cannot release stale task leases"),
+            }
+        }
+        workers.push(tokio::spawn(runtime.clone().work_loop()));
+        workers.push(tokio::spawn(runtime.clone().heartbeat_loop()));
+        workers.push(tokio::spawn(runtime.clone().stats_loop()));
+        if let Ok(Some(commits)) = store.listen_commits().await {
+            // Another process committed to some log (a new task, an input): look.
+            let rt = runtime.clone();
+            workers.push(tokio::spawn(async move {
+                use futures_util::StreamExt as _;
+                let mut commits = commits;
+                loop {
+                    tokio::select! {
+                        () = rt.inner.stop.cancelled() => break,
+                        next = commits.next() => match next {
+                            Some(_) => rt.inner.wake.notify_one(),
+                            None => break,
+                        },
+                    }
+                }
+            }));
+        }
+    }
+    Ok((
+        runtime,
+        Tasks {
+            stop,
+            commit_stop,
+            workers,
+            committer,
+        },
+    ))
+}
+
+impl Tasks {
+    /// Stops claiming, stops runs in progress (they resume from their last checkpoint
+    /// elsewhere or after restart), commits what is queued, and returns.
+    pub async fn finish(self) {
+        self.stop.cancel();
+        for w in self.workers {
+            let _ = w.await;
+        }
+        self.commit_stop.cancel();
+        let _ = self.committer.await;
+    }
+}
+
+/// Why a run stopped.
+enum Exit {
+    /// The task reached a terminal state, or waits for input.
+    Settled,
+    /// The lease is gone (taken over, or the task canceled or finished elsewhere).
+    LeaseLost,
+    /// Shutdown, or a store failure: the task should be picked up again.
+    Abandoned,
+}
+
+/// What the run does next, decided from the committed messages alone.
+enum Next {
+    /// Ask the model.
+    Llm,
+    /// Call this tool (the `usize` is the position of the assistant message that asked for
+    /// it among this run's messages, for its idempotency key).
+    Tool(ToolCall, usize),
+    /// The model answered without calling tools: the task is done.
+    Answer(Option<String>),
+}
+
+/// A message of the conversation, as the run keeps it.
+struct Turn {
+    message: Message,
+    tokens: u64,
+    /// Position among this run's messages; `None` for earlier tasks' messages.
+    run_pos: Option<usize>,
+}
+
+impl Runtime {
+    /// This process's worker identity (the lease owner).
+    #[must_use]
+    pub fn owner(&self) -> Uuid {
+        self.inner.owner
+    }
+
+    /// Looks for work now (a task was created or given input here).
+    pub fn wake(&self) {
+        self.inner.wake.notify_one();
+    }
+
+    /// Stops a run in progress here (the task was canceled).
+    pub fn interrupt(&self, task: TaskId) {
+        if let Ok(active) = self.inner.active.lock()
+            && let Some(token) = active.get(&task)
+        {
+            token.cancel();
+        }
+    }
+
+    /// Runs in progress here.
+    #[must_use]
+    pub fn active_runs(&self) -> usize {
+        self.inner.active.lock().map(|a| a.len()).unwrap_or(0)
+    }
+
+    /// The state of an agent's tool breakers here: (tool, state).
+    #[must_use]
+    pub fn breaker_states(&self, agent: AgentId) -> Vec<(String, keel_llm::breaker::State)> {
+        let Ok(breakers) = self.inner.breakers.lock() else {
+            return Vec::new();
+        };
+        let mut out: Vec<_> = breakers
+            .iter()
+            .filter(|((a, _), _)| *a == agent)
+            .map(|((_, tool), b)| (tool.clone(), b.state()))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    async fn work_loop(self) {
+        let inner = &self.inner;
+        loop {
+            let free = inner.slots.available_permits();
+            if free > 0 && !inner.stop.is_cancelled() {
+                let want = free.min(64);
+                let until = deadline(inner.config.lease);
+                match inner
+                    .store
+                    .claim_tasks(inner.owner, until, u32::try_from(want).unwrap_or(64))
+                    .await
+                {
+                    Ok(tasks) => {
+                        let full = tasks.len() == want;
+                        for task in tasks {
+                            match inner.slots.clone().try_acquire_owned() {
+                                Ok(permit) => {
+                                    tokio::spawn(self.clone().run(task, permit));
+                                }
+                                Err(_) => {
+                                    let _ = inner.store.release_leases(inner.owner, &[task.id]).await;
+                                }
+                            }
+                        }
+                        if full {
+                            continue;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot claim tasks; retrying in 1 s");
+                        tokio::select! {
+                            () = inner.stop.cancelled() => break,
+                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                        continue;
+                    }
+                }
+            }
+            tokio::select! {
+                () = inner.stop.cancelled() => break,
+                () = inner.wake.notified() => {}
+                () = tokio::time::sleep(inner.config.poll_interval) => {}
+            }
+        }
+        // Wait for runs in progress to let go.
+        let _ = inner
+            .slots
+            .acquire_many(u32::try_from(inner.config.workers).unwrap_or(u32::MAX))
+            .await;
+    }
+
+    async fn heartbeat_loop(self) {
+        let inner = &self.inner;
+        let every = inner.config.lease / 3;
+        loop {
+            tokio::select! {
+                () = inner.stop.cancelled() => break,
+                () = tokio::time::sleep(every) => {}
+            }
+            let ids: Vec<TaskId> = match inner.active.lock() {
+                Ok(a) => a.keys().copied().collect(),
+                Err(_) => continue,
+            };
+            if ids.is_empty() {
+                continue;
+            }
+            match inner
+                .store
+                .renew_leases(inner.owner, &ids, deadline(inner.config.lease))
+                .await
+            {
+                Ok(held) => {
+                    let held: std::collections::HashSet<TaskId> = held.into_iter().collect();
+                    if let Ok(active) = inner.active.lock() {
+                        for id in ids.iter().filter(|id| !held.contains(id)) {
+                            if let Some(token) = active.get(id) {
+                                tracing::info!(task_id = %id, "lease lost (task canceled or taken over); stopping its run");
+                                token.cancel();
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot renew task leases"),
+            }
+        }
+    }
+
+    async fn stats_loop(self) {
+        let inner = &self.inner;
+        loop {
+            tokio::select! {
+                () = inner.stop.cancelled() => break,
+                () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+            metrics::gauge!("keel_runs_active").set(self.active_runs() as f64);
+            if let Ok(depth) = inner.store.queue_depth().await {
+                let now = OffsetDateTime::now_utc();
+                for d in depth {
+                    let p = d.priority.as_str();
+                    metrics::gauge!("keel_queue_depth", "priority" => p).set(d.waiting as f64);
+                    let age = d.oldest.map_or(0.0, |o| (now - o).as_seconds_f64().max(0.0));
+                    metrics::gauge!("keel_queue_oldest_age_seconds", "priority" => p).set(age);
+                }
+            }
+            if let Ok(counts) = inner.store.task_counts().await {
+                for (status, n) in counts {
+                    metrics::gauge!("keel_tasks", "status" => status.as_str()).set(n as f64);
+                }
+            }
+        }
+    }
+
+    async fn run(self, task: TaskRecord, permit: OwnedSemaphorePermit) {
+        let id = task.id;
+        let token = self.inner.stop.child_token();
+        if let Ok(mut active) = self.inner.active.lock() {
+            active.insert(id, token.clone());
+        }
+        let span = tracing::info_span!("task", task_id = %id, agent = %task.agent_name, run_id = tracing::field::Empty);
+        let exit = self.drive(task, &token).instrument(span).await;
+        if let Ok(mut active) = self.inner.active.lock() {
+            active.remove(&id);
+        }
+        match exit {
+            Ok(Exit::Settled | Exit::LeaseLost) => {}
+            Ok(Exit::Abandoned) => self.let_go(id).await,
+            Err(e) => {
+                tracing::warn!(task_id = %id, error = %e, "run stopped; the task will resume from its last checkpoint");
+                self.let_go(id).await;
+            }
+        }
+        drop(permit);
+        self.inner.wake.notify_one();
+    }
+
+    /// Releases the lease so the task resumes at once (here or elsewhere).
+    async fn let_go(&self, id: TaskId) {
+        if let Err(e) = self.inner.store.release_leases(self.inner.owner, &[id]).await {
+            tracing::warn!(task_id = %id, error = %e, "cannot release a task's lease; it resumes when the lease expires");
+        }
+    }
+
+    async fn spec(&self, task: &TaskRecord) -> Result<Arc<AgentSpec>, RunError> {
+        let key = (task.agent_id, task.agent_version);
+        if let Some(spec) = self.inner.specs.lock().ok().and_then(|s| s.get(&key).cloned()) {
+            return Ok(spec);
+        }
+        let record = self
+            .inner
+            .store
+            .agent_version(task.workspace_id, task.agent_id, task.agent_version)
+            .await?;
+        let spec = Arc::new(AgentSpec::from_json(record.spec).map_err(|e| RunError::Spec(e.to_string()))?);
+        if let Ok(mut specs) = self.inner.specs.lock() {
+            if specs.len() >= CACHE_ENTRIES {
+                specs.clear();
+            }
+            specs.insert(key, spec.clone());
+        }
+        Ok(spec)
+    }
+
+    fn breaker(&self, agent: AgentId, tool: &str) -> Arc<keel_llm::breaker::Breaker> {
+        let Ok(mut breakers) = self.inner.breakers.lock() else {
+            return Arc::new(keel_llm::breaker::Breaker::new(Default::default()));
+        };
+        if breakers.len() >= CACHE_ENTRIES {
+            breakers.clear();
+        }
+        breakers
+            .entry((agent, tool.to_owned()))
+            .or_insert_with(|| Arc::new(keel_llm::breaker::Breaker::new(Default::default())))
+            .clone()
+    }
+
+    async fn commit(&self, checkpoint: Checkpoint) -> Result<Committed, RunError> {
+        let (reply, answer) = oneshot::channel();
+        let started = Instant::now();
+        self.inner
+            .commits
+            .send(Pending { checkpoint, reply })
+            .await
+            .map_err(|_| RunError::Stopped)?;
+        let committed = answer.await.map_err(|_| RunError::Stopped)?.map_err(RunError::Store)?;
+        metrics::histogram!("keel_checkpoint_wait_seconds").record(started.elapsed().as_secs_f64());
+        Ok(committed)
+    }
+
+    #[expect(clippy::too_many_lines, reason = "the run loop reads best as one piece")]
+    async fn drive(&self, task: TaskRecord, token: &CancellationToken) -> Result<Exit, RunError> {
+        let inner = &self.inner;
+        let spec = match self.spec(&task).await {
+            Ok(spec) => spec,
+            Err(RunError::Spec(message)) => {
+                let run = Run::new(self, &task, task.run_id.unwrap_or_default(), Arc::new(placeholder_spec(&task)));
+                return run.fail_for_good("agent_spec", &message, false).await;
+            }
+            Err(e) => return Err(e),
+        };
+        let runs = inner.store.task_runs(task.workspace_id, task.id).await?;
+        let resume = runs
+            .iter()
+            .rev()
+            .find(|r| Some(r.id) == task.run_id)
+            .is_some_and(|r| r.status == "working");
+        let (run_id, begin) = if resume {
+            let run_id = task.run_id.unwrap_or_default();
+            let event = event(&task, run_id, EventType::RunResumed, json!({
+                "attempt": task.attempts,
+                "after_step": task.steps,
+                "previous_owner": Value::Null,
+            }));
+            (run_id, BeginRun { task_id: task.id, owner: inner.owner, new_run: None, events: vec![event] })
+        } else {
+            let run_id = RunId::new();
+            let input = task
+                .input
+                .as_array()
+                .map(|messages| {
+                    messages
+                        .iter()
+                        .map(|m| NewMessage { tokens: message_tokens(m), body: m.clone() })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let event = event(&task, run_id, EventType::TaskStarted, json!({"attempt": task.attempts + 1}));
+            (run_id, BeginRun { task_id: task.id, owner: inner.owner, new_run: Some((run_id, input)), events: vec![event] })
+        };
+        tracing::Span::current().record("run_id", tracing::field::display(run_id));
+        let state = match inner.store.begin_run(begin).await {
+            Ok(state) => state,
+            Err(keel_store::Error::State { .. }) => return Ok(Exit::LeaseLost),
+            Err(e) => return Err(e.into()),
+        };
+        inner.sink.publish(&state.events);
+        let mut run = Run::new(self, &state.task, run_id, spec.clone());
+        let system = match spec.system_prompt(state.task.metadata.get("variables")) {
+            Ok(text) => text,
+            Err(message) => return run.fail_for_good("agent_spec", &message, false).await,
+        };
+        let system_tokens = keel_llm::tokens::count(&system);
+        let mut turns: Vec<Turn> = Vec::with_capacity(state.messages.len() + 8);
+        let mut run_pos = 0;
+        for m in state.messages {
+            let mine = m.run_id == run_id;
+            if !mine && spec.memory == crate::spec::Memory::None {
+                continue;
+            }
+            let Ok(message) = serde_json::from_value::<Message>(m.body) else {
+                continue;
+            };
+            turns.push(Turn {
+                message,
+                tokens: u64::try_from(m.tokens).unwrap_or(0),
+                run_pos: mine.then(|| {
+                    run_pos += 1;
+                    run_pos - 1
+                }),
+            });
+        }
+        let mut approvals: HashMap<String, Value> = state
+            .steps
+            .iter()
+            .filter(|s| s.kind == "approval")
+            .filter_map(|s| Some((s.data.get("call_id")?.as_str()?.to_owned(), s.data.clone())))
+            .collect();
+        let mut run_steps = state
+            .steps
+            .iter()
+            .filter(|s| s.kind == "llm_call" || s.kind == "tool_call")
+            .count();
+        let tool_defs: Vec<Value> = spec.tools.iter().map(ToolSpec::definition).collect();
+        let started = state.task.started_at.unwrap_or_else(OffsetDateTime::now_utc);
+        let deadline_at = started + spec.timeout;
+
+        loop {
+            if token.is_cancelled() {
+                return Ok(if inner.stop.is_cancelled() { Exit::Abandoned } else { Exit::LeaseLost });
+            }
+            let remaining = deadline_at - OffsetDateTime::now_utc();
+            if remaining.is_negative() {
+                return run.fail_for_good("timeout", &format!("the task ran past its timeout of {:?}", spec.timeout), false).await;
+            }
+            let remaining = Duration::try_from(remaining).unwrap_or_default();
+            if let Some(max) = spec.max_cost_usd
+                && run.cost_nanousd as f64 >= max * 1e9
+            {
+                return run
+                    .fail_for_good("max_cost_usd", &format!("the task spent its limit of {max} USD"), false)
+                    .await;
+            }
+            let next = next_step(&turns);
+            if !matches!(next, Next::Answer(_)) && run_steps >= spec.max_steps as usize {
+                return run
+                    .fail_for_good("max_steps", &format!("the run reached its limit of {} steps", spec.max_steps), false)
+                    .await;
+            }
+            match next {
+                Next::Answer(output) => {
+                    let ev = event(&run.task, run_id, EventType::TaskCompleted, json!({
+                        "steps": run.steps,
+                        "output": output,
+                        "usage": {"input_tokens": run.input_tokens, "output_tokens": run.output_tokens, "cost_nanousd": run.cost_nanousd},
+                    }));
+                    let committed = self
+                        .commit(run.checkpoint(None, Vec::new(), Some(Finish::Completed { output }), vec![ev]))
+                        .await?;
+                    metrics::counter!("keel_tasks_finished_total", "status" => "completed").increment(1);
+                    return Ok(settled(committed));
+                }
+                Next::Llm => {
+                    let Some(start) = crate::context::fit(
+                        system_tokens,
+                        &turns.iter().map(|t| t.tokens).collect::<Vec<_>>(),
+                        &turns.iter().map(|t| t.message.role == "tool").collect::<Vec<_>>(),
+                        u64::from(spec.context_tokens),
+                    ) else {
+                        return run
+                            .fail_for_good("context_tokens", &format!("the latest turn alone exceeds the agent's context budget of {} tokens", spec.context_tokens), false)
+                            .await;
+                    };
+                    let mut messages = Vec::with_capacity(turns.len() - start + 1);
+                    if !system.is_empty() {
+                        messages.push(Message {
+                            role: "system".to_owned(),
+                            content: Some(Value::String(system.clone())),
+                            tool_calls: None,
+                            tool_call_id: None,
+                            extra: serde_json::Map::new(),
+                        });
+                    }
+                    messages.extend(turns[start..].iter().map(|t| t.message.clone()));
+                    let request = ChatRequest {
+                        model: spec.model.clone(),
+                        messages,
+                        stream: None,
+                        stream_options: None,
+                        temperature: None,
+                        tools: (!tool_defs.is_empty()).then(|| tool_defs.clone()),
+                        extra: serde_json::Map::new(),
+                    };
+                    let observer = inner.sink.llm_observer(run.task.workspace_id);
+                    let t0 = Instant::now();
+                    let answer = tokio::select! {
+                        () = token.cancelled() => continue,
+                        () = tokio::time::sleep(remaining) => continue,
+                        answer = inner.router.chat(&request, observer.as_ref()) => answer,
+                    };
+                    let latency = t0.elapsed();
+                    metrics::histogram!("keel_step_seconds", "kind" => "llm_call").record(latency.as_secs_f64());
+                    let (response, served) = match answer {
+                        Ok(ok) => ok,
+                        Err(e) => {
+                            let retryable = !matches!(e, keel_llm::Error::Rejected(_) | keel_llm::Error::UnknownModel { .. });
+                            return run.fail_attempt("llm", &e.to_string(), retryable).await;
+                        }
+                    };
+                    let Some(choice) = response.choices.into_iter().next() else {
+                        return run.fail_attempt("llm", "the model answered with no choices", true).await;
+                    };
+                    let mut message = choice.message;
+                    message.role = "assistant".to_owned();
+                    let (input_tokens, output_tokens, estimated) = match response.usage {
+                        Some(u) => (u.prompt_tokens, u.completion_tokens, false),
+                        None => (
+                            system_tokens + turns[start..].iter().map(|t| t.tokens).sum::<u64>(),
+                            keel_llm::tokens::count(&message.text()),
+                            true,
+                        ),
+                    };
+                    let cost = keel_llm::cost_nanousd(input_tokens, output_tokens, served.input_price_per_mtok, served.output_price_per_mtok);
+                    let body = serde_json::to_value(&message).unwrap_or(Value::Null);
+                    let tokens = message_tokens(&body);
+                    let calls = message.tool_calls.as_ref().map_or(0, Vec::len);
+                    let idx = run.steps;
+                    let mut events = Vec::new();
+                    let text = message.text();
+                    if !text.is_empty() {
+                        events.push(event(&run.task, run_id, EventType::AgentMessage, json!({"role": "assistant", "content": text, "step": idx})));
+                    }
+                    let data = json!({
+                        "route": served.route,
+                        "target": served.target,
+                        "upstream_model": served.upstream_model,
+                        "finish_reason": choice.finish_reason,
+                        "input_tokens": input_tokens,
+                        "output_tokens": output_tokens,
+                        "estimated": estimated,
+                        "cost_nanousd": cost,
+                        "latency_ms": u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
+                        "tool_calls": calls,
+                    });
+                    let usage = UsageRecord {
+                        workspace_id: run.task.workspace_id,
+                        api_key_id: None,
+                        route: served.route.clone(),
+                        provider: served.provider.as_str().to_owned(),
+                        upstream_model: served.upstream_model.clone(),
+                        target: served.target.clone(),
+                        input_tokens,
+                        output_tokens,
+                        cached_tokens: 0,
+                        cost_nanousd: cost,
+                        latency_ms: u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
+                        ttft_ms: None,
+                        cache_hit: false,
+                        estimated,
+                        outcome: "ok".to_owned(),
+                        created_at: OffsetDateTime::now_utc(),
+                    };
+                    let mut checkpoint = run.checkpoint(Some(("llm_call", data)), vec![NewMessage { body, tokens }], None, events);
+                    checkpoint.input_tokens = i64::try_from(input_tokens).unwrap_or(i64::MAX);
+                    checkpoint.output_tokens = i64::try_from(output_tokens).unwrap_or(i64::MAX);
+                    checkpoint.cost_nanousd = i64::try_from(cost).unwrap_or(i64::MAX);
+                    checkpoint.usage = Some(usage);
+                    if let Committed::LeaseLost = self.commit(checkpoint).await? {
+                        return Ok(Exit::LeaseLost);
+                    }
+                    run.steps += 1;
+                    run.input_tokens += i64::try_from(input_tokens).unwrap_or(0);
+                    run.output_tokens += i64::try_from(output_tokens).unwrap_or(0);
+                    run.cost_nanousd += i64::try_from(cost).unwrap_or(0);
+                    run_steps += 1;
+                    turns.push(Turn { message, tokens: u64::try_from(tokens).unwrap_or(0), run_pos: Some(run_pos) });
+                    run_pos += 1;
+                }
+                Next::Tool(call, asked_at) => {
+                    if run.tool_calls >= i64::from(spec.max_tool_calls) {
+                        return run
+                            .fail_for_good("max_tool_calls", &format!("the task reached its limit of {} tool calls", spec.max_tool_calls), false)
+                            .await;
+                    }
+                    let key = format!("{run_id}.{asked_at}.{}", call.id);
+                    let tool = spec.tool(&call.function.name);
+                    let mut arguments = call.function.arguments.clone();
+                    if let Some(tool) = tool
+                        && tool.requires_approval()
+                    {
+                        match approvals.get(&call.id) {
+                            None => {
+                                let args: Value = serde_json::from_str(&call.function.arguments).unwrap_or(Value::String(call.function.arguments.clone()));
+                                let ev = event(&run.task, run_id, EventType::TaskInputRequired, json!({
+                                    "reason": "approval", "tool": call.function.name, "call_id": call.id, "arguments": args,
+                                }));
+                                let committed = self
+                                    .commit(run.checkpoint(None, Vec::new(), Some(Finish::InputRequired), vec![ev]))
+                                    .await?;
+                                return Ok(settled(committed));
+                            }
+                            Some(decision) => {
+                                if let Some(edited) = decision.get("arguments").filter(|a| !a.is_null()) {
+                                    arguments = edited.to_string();
+                                }
+                            }
+                        }
+                    }
+                    let t0 = Instant::now();
+                    let outcome = match tool {
+                        None => tools::Outcome::refused(format!(
+                            "there is no tool named {:?}; the tools are: {}",
+                            call.function.name,
+                            spec.tools.iter().map(ToolSpec::name).collect::<Vec<_>>().join(", ")
+                        )),
+                        Some(ToolSpec::Http(http)) => match tools::check_arguments(&http.parameters, &arguments) {
+                            Err(problem) => tools::Outcome::refused(problem),
+                            Ok(args) => {
+                                let breaker = self.breaker(run.task.agent_id, &http.name);
+                                let env = inner.env.clone();
+                                let env_fn = move |k: &str| env(k);
+                                tokio::select! {
+                                    () = token.cancelled() => continue,
+                                    () = tokio::time::sleep(remaining) => continue,
+                                    outcome = tools::call_http(&inner.http, http, &args, &key, &breaker, &env_fn) => outcome,
+                                }
+                            }
+                        },
+                        Some(ToolSpec::Agent(delegate)) => {
+                            match self.delegate(&run.task, delegate, &arguments, &key, token, remaining).await? {
+                                Some(outcome) => outcome,
+                                None => continue,
+                            }
+                        }
+                    };
+                    metrics::histogram!("keel_step_seconds", "kind" => "tool_call").record(t0.elapsed().as_secs_f64());
+                    let idx = run.steps;
+                    let args: Value = serde_json::from_str(&arguments).unwrap_or(Value::String(arguments.clone()));
+                    let duration_ms = u64::try_from(outcome.duration.as_millis()).unwrap_or(u64::MAX);
+                    let events = vec![
+                        event(&run.task, run_id, EventType::ToolCall, json!({
+                            "tool": call.function.name, "call_id": call.id, "arguments": args, "idempotency_key": key, "step": idx,
+                        })),
+                        event(&run.task, run_id, EventType::ToolResult, json!({
+                            "tool": call.function.name, "call_id": call.id, "ok": outcome.ok,
+                            "result": if outcome.ok { Value::String(outcome.content.clone()) } else { Value::Null },
+                            "error": if outcome.ok { Value::Null } else { Value::String(outcome.content.clone()) },
+                            "duration_ms": duration_ms,
+                        })),
+                    ];
+                    let reply = Message {
+                        role: "tool".to_owned(),
+                        content: Some(Value::String(outcome.content.clone())),
+                        tool_calls: None,
+                        tool_call_id: Some(call.id.clone()),
+                        extra: serde_json::Map::new(),
+                    };
+                    let body = serde_json::to_value(&reply).unwrap_or(Value::Null);
+                    let tokens = message_tokens(&body);
+                    let data = json!({
+                        "tool": call.function.name, "call_id": call.id, "ok": outcome.ok, "status": outcome.status,
+                        "attempts": outcome.attempts, "duration_ms": duration_ms, "idempotency_key": key,
+                    });
+                    let mut checkpoint = run.checkpoint(Some(("tool_call", data)), vec![NewMessage { body, tokens }], None, events);
+                    checkpoint.tool_calls = 1;
+                    if let Committed::LeaseLost = self.commit(checkpoint).await? {
+                        return Ok(Exit::LeaseLost);
+                    }
+                    approvals.remove(&call.id);
+                    run.steps += 1;
+                    run.tool_calls += 1;
+                    run_steps += 1;
+                    turns.push(Turn { message: reply, tokens: u64::try_from(tokens).unwrap_or(0), run_pos: Some(run_pos) });
+                    run_pos += 1;
+                }
+            }
+        }
+    }
+
+    /// Runs a child task for an agent tool and waits for it; `None` when the run was
+    /// interrupted meanwhile. The child is created with the call's idempotency key, so a
+    /// resumed parent finds the same child instead of starting another.
+    async fn delegate(
+        &self,
+        parent: &TaskRecord,
+        tool: &crate::spec::AgentTool,
+        arguments: &str,
+        key: &str,
+        token: &CancellationToken,
+        remaining: Duration,
+    ) -> Result<Option<tools::Outcome>, RunError> {
+        let inner = &self.inner;
+        let t0 = Instant::now();
+        let refused = |m: String| Ok(Some(tools::Outcome::refused(m)));
+        if parent.depth + 1 > inner.config.max_depth {
+            return refused(format!(
+                "cannot delegate to {}: the chain of delegations would be deeper than {} (runtime.max_depth)",
+                tool.agent, inner.config.max_depth
+            ));
+        }
+        let input = match serde_json::from_str::<Value>(arguments) {
+            Ok(v) => match v.get("input").and_then(Value::as_str) {
+                Some(s) => s.to_owned(),
+                None => return refused("the arguments need an `input` string: what to ask the agent".to_owned()),
+            },
+            Err(e) => return refused(format!("the arguments are not valid JSON ({e})")),
+        };
+        let agent = match inner.store.agent(parent.workspace_id, &tool.agent).await {
+            Ok(a) => a,
+            Err(keel_store::Error::NotFound { .. }) => return refused(format!("there is no agent named {:?}", tool.agent)),
+            Err(e) => return Err(e.into()),
+        };
+        let child = crate::tasks::NewTaskRequest {
+            agent: &agent,
+            input: json!([{"role": "user", "content": input}]),
+            thread_id: None,
+            parent_task_id: Some(parent.id),
+            depth: parent.depth + 1,
+            priority: parent.priority,
+            metadata: json!({"parent_task_id": parent.id.to_string()}),
+            idempotency_key: Some(format!("delegation:{key}")),
+            max_queued: i64::MAX,
+            correlation_id: None,
+        };
+        let created = crate::tasks::create(inner.store.as_ref(), child).await?;
+        let child = match created {
+            keel_store::runtime::Created::New(task, events) => {
+                inner.sink.publish(&events);
+                self.wake();
+                task
+            }
+            keel_store::runtime::Created::Existing(task) => task,
+            keel_store::runtime::Created::QueueFull { .. } => return refused("the task queue is full".to_owned()),
+        };
+        let until = tokio::time::Instant::now() + remaining;
+        loop {
+            let task = inner.store.task(parent.workspace_id, child.id).await?;
+            let done = |ok: bool, content: String| {
+                Ok(Some(tools::Outcome { ok, content, status: None, attempts: 1, duration: t0.elapsed() }))
+            };
+            match task.status {
+                keel_core::task::TaskStatus::Completed => return done(true, task.output.unwrap_or_default()),
+                s if s.is_terminal() => {
+                    return done(false, format!("agent {} ended its task {} as {s}", tool.agent, task.id));
+                }
+                _ => {}
+            }
+            tokio::select! {
+                () = token.cancelled() => return Ok(None),
+                () = tokio::time::sleep_until(until) => return Ok(None),
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+    }
+}
+
+/// The settled outcome of a checkpoint that ends a run.
+fn settled(committed: Committed) -> Exit {
+    match committed {
+        Committed::Stored { .. } => Exit::Settled,
+        Committed::LeaseLost => Exit::LeaseLost,
+    }
+}
+
+/// What a run keeps track of between steps.
+struct Run<'a> {
+    rt: &'a Runtime,
+    task: TaskRecord,
+    run_id: RunId,
+    spec: Arc<AgentSpec>,
+    steps: i64,
+    tool_calls: i64,
+    input_tokens: i64,
+    output_tokens: i64,
+    cost_nanousd: i64,
+}
+
+impl<'a> Run<'a> {
+    fn new(rt: &'a Runtime, task: &TaskRecord, run_id: RunId, spec: Arc<AgentSpec>) -> Self {
+        Self {
+            rt,
+            steps: task.steps,
+            tool_calls: task.tool_calls,
+            input_tokens: task.input_tokens,
+            output_tokens: task.output_tokens,
+            cost_nanousd: task.cost_nanousd,
+            task: task.clone(),
+            run_id,
+            spec,
+        }
+    }
+
+    fn checkpoint(
+        &self,
+        step: Option<(&str, Value)>,
+        messages: Vec<NewMessage>,
+        finish: Option<Finish>,
+        events: Vec<NewEvent>,
+    ) -> Checkpoint {
+        Checkpoint {
+            task_id: self.task.id,
+            workspace_id: self.task.workspace_id,
+            thread_id: self.task.thread_id,
+            run_id: self.run_id,
+            owner: self.rt.inner.owner,
+            step: step.map(|(k, d)| (k.to_owned(), d)),
+            messages,
+            tool_calls: 0,
+            input_tokens: 0,
+            output_tokens: 0,
+            cost_nanousd: 0,
+            finish,
+            events,
+            usage: None,
+        }
+    }
+
+    /// Ends the task as failed without retry (a limit, a broken spec).
+    async fn fail_for_good(&self, kind: &str, message: &str, dead_letter: bool) -> Result<Exit, RunError> {
+        let error = json!({"kind": kind, "message": message});
+        let mut events = vec![event(&self.task, self.run_id, EventType::TaskError, json!({
+            "attempt": self.task.attempts, "error": error, "will_retry": false,
+        }))];
+        if dead_letter {
+            events.push(dead_letter_event(&self.task, self.run_id, message));
+        }
+        tracing::info!(kind, message, "task failed");
+        let committed = self
+            .rt
+            .commit(self.checkpoint(None, Vec::new(), Some(Finish::Failed { error, dead_letter }), events))
+            .await?;
+        metrics::counter!("keel_tasks_finished_total", "status" => "failed").increment(1);
+        Ok(settled(committed))
+    }
+
+    /// Ends this run as failed: the task is retried by a new run after a backoff, or —
+    /// out of attempts, or not retryable — dead-lettered.
+    async fn fail_attempt(&self, kind: &str, message: &str, retryable: bool) -> Result<Exit, RunError> {
+        let attempts = self.task.attempts.max(1);
+        let will_retry = retryable && attempts < self.task.max_attempts;
+        if !will_retry {
+            return self.fail_for_good(kind, message, true).await;
+        }
+        let error = json!({"kind": kind, "message": message});
+        let backoff = self
+            .spec
+            .retry_delay
+            .saturating_mul(1 << (attempts - 1).clamp(0, 10))
+            .min(Duration::from_secs(300));
+        let retry_at = OffsetDateTime::now_utc() + backoff;
+        let events = vec![event(&self.task, self.run_id, EventType::TaskError, json!({
+            "attempt": attempts, "error": error, "will_retry": true,
+        }))];
+        tracing::info!(kind, message, ?backoff, "run failed; the task will be retried");
+        let committed = self
+            .rt
+            .commit(self.checkpoint(None, Vec::new(), Some(Finish::Retry { error, retry_at }), events))
+            .await?;
+        Ok(settled(committed))
+    }
+}
+
+fn dead_letter_event(task: &TaskRecord, run_id: RunId, reason: &str) -> NewEvent {
+    event(task, run_id, EventType::DeadLetterCreated, json!({
+        "queue": "tasks", "reason": reason, "attempts": task.attempts, "job_id": task.id.to_string(),
+    }))
+}
+
+/// A spec good enough to fail a task whose stored spec no longer parses.
+fn placeholder_spec(task: &TaskRecord) -> AgentSpec {
+    AgentSpec {
+        name: task.agent_name.clone(),
+        description: String::new(),
+        model: String::new(),
+        system_prompt: String::new(),
+        variables: std::collections::BTreeMap::new(),
+        tools: Vec::new(),
+        max_steps: 1,
+        max_tool_calls: 0,
+        timeout: Duration::from_secs(1),
+        context_tokens: 256,
+        max_cost_usd: None,
+        max_attempts: 1,
+        retry_delay: Duration::from_secs(1),
+        memory: crate::spec::Memory::None,
+    }
+}
+
+/// An event about a task's run.
+pub(crate) fn event(task: &TaskRecord, run_id: RunId, kind: EventType, data: Value) -> NewEvent {
+    let mut e = NewEvent::new(kind, task.workspace_id, data).with_task(task.id);
+    e.agent_id = Some(task.agent_id);
+    e.run_id = Some(run_id);
+    e
+}
+
+/// The tokens of a stored chat message (its text, plus its tool calls' names and
+/// arguments, plus a few for the message's framing).
+pub(crate) fn message_tokens(body: &Value) -> i64 {
+    let mut n = 4;
+    if let Some(text) = body.get("content").and_then(Value::as_str) {
+        n += keel_llm::tokens::count(text);
+    }
+    if let Some(calls) = body.get("tool_calls").and_then(Value::as_array) {
+        for c in calls {
+            if let Some(f) = c.get("function") {
+                n += f.get("name").and_then(Value::as_str).map_or(0, keel_llm::tokens::count);
+                n += f.get("arguments").and_then(Value::as_str).map_or(0, keel_llm::tokens::count);
+            }
+        }
+    }
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// The next step, from the conversation alone.
+fn next_step(turns: &[Turn]) -> Next {
+    let Some(last_assistant) = turns.iter().rposition(|t| t.message.role == "assistant") else {
+        return Next::Llm;
+    };
+    let assistant = &turns[last_assistant];
+    let after = &turns[last_assistant + 1..];
+    match &assistant.message.tool_calls {
+        Some(calls) if !calls.is_empty() => {
+            let answered: std::collections::HashSet<&str> = after
+                .iter()
+                .filter(|t| t.message.role == "tool")
+                .filter_map(|t| t.message.tool_call_id.as_deref())
+                .collect();
+            match calls.iter().find(|c| !answered.contains(c.id.as_str())) {
+                Some(call) => Next::Tool(call.clone(), assistant.run_pos.unwrap_or(last_assistant)),
+                None => Next::Llm,
+            }
+        }
+        _ if after.is_empty() => {
+            let text = assistant.message.text();
+            Next::Answer((!text.is_empty()).then_some(text))
+        }
+        _ => Next::Llm,
+    }
+}
+
+fn deadline(lease: Duration) -> OffsetDateTime {
+    OffsetDateTime::now_utc() + lease
+}
+
+/// Why a run stopped before settling.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RunError {
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(Arc<keel_store::Error>),
+    /// The agent's stored spec does not parse.
+    #[error("agent spec: {0}")]
+    Spec(String),
+    /// The runtime is stopping.
+    #[error("the runtime is stopping")]
+    Stopped,
+}
+
+impl From<keel_store::Error> for RunError {
+    fn from(e: keel_store::Error) -> Self {
+        Self::Store(Arc::new(e))
+    }
+}
+
+async fn commit_loop(
+    store: Arc<dyn Store>,
+    sink: Arc<dyn EventSink>,
+    mut rx: mpsc::Receiver<Pending>,
+    max_batch: usize,
+    stop: CancellationToken,
+) {
+    let mut batch: Vec<Pending> = Vec::with_capacity(max_batch);
+    loop {
+        let first = tokio::select! {
+            biased;
+            first = rx.recv() => first,
+            () = stop.cancelled() => {
+                rx.close();
+                rx.recv().await
+            }
+        };
+        let Some(first) = first else { break };
+        batch.push(first);
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let (checkpoints, replies): (Vec<Checkpoint>, Vec<_>) =
+            batch.drain(..).map(|p| (p.checkpoint, p.reply)).unzip();
+        let started = Instant::now();
+        let mut result = store.commit_checkpoints(&checkpoints).await;
+        for attempt in 1..3 {
+            match &result {
+                Err(e) if !e.is_unavailable() => {
+                    // A deadlock or serialisation failure between instances: try again.
+                    tracing::debug!(error = %e, attempt, "checkpoint batch failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
+                    result = store.commit_checkpoints(&checkpoints).await;
+                }
+                _ => break,
+            }
+        }
+        metrics::histogram!("keel_checkpoint_commit_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("keel_checkpoint_batch_size").record(checkpoints.len() as f64);
+        match result {
+            Ok(outcomes) => {
+                for (outcome, reply) in outcomes.into_iter().zip(replies) {
+                    if let Committed::Stored { events, .. } = &outcome {
+                        sink.publish(events);
+                    }
+                    let _ = reply.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, checkpoints = checkpoints.len(), "cannot commit checkpoints; their runs stop and resume from their last checkpoint");
+                let e = Arc::new(e);
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}

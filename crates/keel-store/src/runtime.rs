@@ -1,0 +1,1493 @@
+//! The agent runtime's storage: versioned agent specs, threads and their messages, tasks
+//! (which are also the durable queue's entries), runs and their checkpointed steps.
+//!
+//! Durability rests on three rules kept here:
+//! - A step is checkpointed with its messages, its events (the outbox) and its usage in
+//!   one transaction, and only appends: storing a step costs the step's size.
+//! - Every write a worker makes is fenced by its lease (`lease_owner`): a worker that lost
+//!   its task (lease expired and taken over, or the task canceled) commits nothing more.
+//! - The queue is the `tasks` table: a task wants a worker while `queued`; a worker holds
+//!   it through a lease it renews; an expired lease makes it claimable again — which is
+//!   how a crashed worker's runs resume elsewhere.
+//!
+//! A group commit locks its tasks' rows in task id order (each task's thread right after
+//! it) and the event heads last, in workspace order. Two concurrent commits can only
+//! deadlock over threads shared by several running tasks; Postgres then aborts one, and
+//! its checkpoints are retried.
+
+use async_trait::async_trait;
+use keel_core::event::{Event, NewEvent};
+use keel_core::id::{AgentId, RunId, TaskId, ThreadId, WorkspaceId};
+use keel_core::task::{Priority, TaskStatus};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::{Result, UsageRecord};
+
+/// A stored agent spec (the current version, or a pinned one).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentRecord {
+    /// Stable across versions.
+    pub id: AgentId,
+    /// The workspace.
+    pub workspace_id: WorkspaceId,
+    /// Its name, unique in the workspace.
+    pub name: String,
+    /// 1, 2, 3, … — every change makes a new version.
+    pub version: i64,
+    /// The spec as JSON (validated by the runtime before it is stored).
+    pub spec: serde_json::Value,
+    /// When the agent was first created.
+    pub created_at: OffsetDateTime,
+    /// When this version was stored.
+    pub updated_at: OffsetDateTime,
+}
+
+/// A task as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskRecord {
+    /// Its id.
+    pub id: TaskId,
+    /// The workspace.
+    pub workspace_id: WorkspaceId,
+    /// The agent.
+    pub agent_id: AgentId,
+    /// The agent's name.
+    pub agent_name: String,
+    /// The agent version it runs with.
+    pub agent_version: i64,
+    /// Its thread.
+    pub thread_id: ThreadId,
+    /// The task that delegated it, if any.
+    pub parent_task_id: Option<TaskId>,
+    /// Delegation depth (0 for a task a caller created).
+    pub depth: i64,
+    /// Where it stands.
+    pub status: TaskStatus,
+    /// Queue priority.
+    pub priority: Priority,
+    /// The input messages (a JSON array of chat messages).
+    pub input: serde_json::Value,
+    /// The caller's metadata.
+    pub metadata: serde_json::Value,
+    /// The caller's `Idempotency-Key`.
+    pub idempotency_key: Option<String>,
+    /// The answer, once completed.
+    pub output: Option<String>,
+    /// The last error (`{"kind", "message"}`), if any.
+    pub error: Option<serde_json::Value>,
+    /// Runs started so far.
+    pub attempts: i64,
+    /// Runs allowed before the task is dead-lettered.
+    pub max_attempts: i64,
+    /// The current (or last) run.
+    pub run_id: Option<RunId>,
+    /// Steps checkpointed, across runs.
+    pub steps: i64,
+    /// Tool calls made, across runs.
+    pub tool_calls: i64,
+    /// Prompt tokens used.
+    pub input_tokens: i64,
+    /// Completion tokens used.
+    pub output_tokens: i64,
+    /// Cost so far, nano-USD.
+    pub cost_nanousd: i64,
+    /// Whether it waits for (or holds) a worker.
+    pub queued: bool,
+    /// Not before this time.
+    pub run_at: OffsetDateTime,
+    /// The worker holding it.
+    pub lease_owner: Option<Uuid>,
+    /// Until when.
+    pub lease_until: Option<OffsetDateTime>,
+    /// In the dead-letter queue.
+    pub dead_lettered: bool,
+    /// Accepted at.
+    pub created_at: OffsetDateTime,
+    /// First run started at.
+    pub started_at: Option<OffsetDateTime>,
+    /// Last changed at.
+    pub updated_at: OffsetDateTime,
+    /// Reached a terminal status at.
+    pub finished_at: Option<OffsetDateTime>,
+}
+
+/// A task to create.
+#[derive(Debug, Clone)]
+pub struct NewTask {
+    /// Its id.
+    pub id: TaskId,
+    /// The workspace.
+    pub workspace_id: WorkspaceId,
+    /// The agent version it will run with.
+    pub agent_id: AgentId,
+    /// The agent's name.
+    pub agent_name: String,
+    /// The agent's version.
+    pub agent_version: i64,
+    /// An existing thread of the workspace to continue; `None` starts a new one.
+    pub thread_id: Option<ThreadId>,
+    /// The delegating task.
+    pub parent_task_id: Option<TaskId>,
+    /// Delegation depth.
+    pub depth: i64,
+    /// Queue priority.
+    pub priority: Priority,
+    /// Input messages (JSON array).
+    pub input: serde_json::Value,
+    /// Caller's metadata.
+    pub metadata: serde_json::Value,
+    /// Caller's `Idempotency-Key`.
+    pub idempotency_key: Option<String>,
+    /// Runs allowed.
+    pub max_attempts: i64,
+    /// Refuse (creating nothing) when this many tasks are already queued.
+    pub max_queued: i64,
+    /// Its `task.created` event (ids filled in by the caller).
+    pub events: Vec<NewEvent>,
+}
+
+/// What [`RuntimeStore::create_task`] did.
+#[derive(Debug, Clone)]
+pub enum Created {
+    /// A new task, with its committed events.
+    New(Box<TaskRecord>, Vec<Event>),
+    /// The task created earlier with the same `Idempotency-Key`.
+    Existing(Box<TaskRecord>),
+    /// The queue is at its bound; nothing was created.
+    QueueFull {
+        /// Tasks queued at the time.
+        queued: i64,
+    },
+}
+
+/// Filters for listing tasks.
+#[derive(Debug, Clone, Default)]
+pub struct TaskFilter {
+    /// Only tasks in this status.
+    pub status: Option<TaskStatus>,
+    /// Only tasks of this agent (by name).
+    pub agent: Option<String>,
+    /// Only tasks on this thread.
+    pub thread_id: Option<ThreadId>,
+    /// Only dead-lettered tasks.
+    pub dead_lettered: bool,
+}
+
+/// A run (attempt) as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunRecord {
+    /// Its id.
+    pub id: RunId,
+    /// Its task.
+    pub task_id: TaskId,
+    /// 1 for the first attempt.
+    pub attempt: i64,
+    /// `working`, `completed`, `failed`, `canceled`, `input-required`.
+    pub status: String,
+    /// Why it failed.
+    pub error: Option<serde_json::Value>,
+    /// Started at.
+    pub started_at: OffsetDateTime,
+    /// Ended at.
+    pub finished_at: Option<OffsetDateTime>,
+}
+
+/// A checkpointed step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepRecord {
+    /// Its task.
+    pub task_id: TaskId,
+    /// Its position in the task (0, 1, 2, … across runs).
+    pub idx: i64,
+    /// Its run.
+    pub run_id: RunId,
+    /// `llm_call`, `tool_call`, `approval`.
+    pub kind: String,
+    /// What the step did and produced.
+    pub data: serde_json::Value,
+    /// Committed at.
+    pub created_at: OffsetDateTime,
+}
+
+/// A message of a thread.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessageRecord {
+    /// Position in the thread.
+    pub seq: i64,
+    /// The task that added it.
+    pub task_id: TaskId,
+    /// The run that added it.
+    pub run_id: RunId,
+    /// The chat message (JSON object).
+    pub body: serde_json::Value,
+    /// Its size in tokens.
+    pub tokens: i64,
+    /// Added at.
+    pub created_at: OffsetDateTime,
+}
+
+/// A message to append: the chat message and its token count.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewMessage {
+    /// The chat message.
+    pub body: serde_json::Value,
+    /// Its size in tokens.
+    pub tokens: i64,
+}
+
+/// A thread as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ThreadRecord {
+    /// Its id.
+    pub id: ThreadId,
+    /// The workspace.
+    pub workspace_id: WorkspaceId,
+    /// Caller's metadata.
+    pub metadata: serde_json::Value,
+    /// Messages so far.
+    pub messages: i64,
+    /// Created at.
+    pub created_at: OffsetDateTime,
+}
+
+/// The start of a run, or its resumption after a crash.
+#[derive(Debug, Clone)]
+pub struct BeginRun {
+    /// The task.
+    pub task_id: TaskId,
+    /// The worker holding it.
+    pub owner: Uuid,
+    /// A new run (first attempt or a retry) with the task's input as its first messages;
+    /// `None` resumes the current run.
+    pub new_run: Option<(RunId, Vec<NewMessage>)>,
+    /// `task.started` or `run.resumed`.
+    pub events: Vec<NewEvent>,
+}
+
+/// What a run needs to go on: its task, its run, the steps it has committed and the
+/// conversation so far (earlier completed tasks of the thread, then this run).
+#[derive(Debug, Clone)]
+pub struct RunState {
+    /// The task (after the run began).
+    pub task: TaskRecord,
+    /// The run.
+    pub run: RunRecord,
+    /// This run's committed steps, in order.
+    pub steps: Vec<StepRecord>,
+    /// The context, in thread order.
+    pub messages: Vec<MessageRecord>,
+    /// Events committed by beginning the run.
+    pub events: Vec<Event>,
+}
+
+/// How a checkpoint ends a run, if it does.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Finish {
+    /// The task completed with this answer.
+    Completed {
+        /// The answer.
+        output: Option<String>,
+    },
+    /// The task waits for input; the worker lets go of it.
+    InputRequired,
+    /// The run failed and the task will be retried by a new run at `retry_at`.
+    Retry {
+        /// The error.
+        error: serde_json::Value,
+        /// When the next attempt may start.
+        retry_at: OffsetDateTime,
+    },
+    /// The task failed for good; with `dead_letter`, it goes to the dead-letter queue.
+    Failed {
+        /// The error.
+        error: serde_json::Value,
+        /// Put it in the dead-letter queue.
+        dead_letter: bool,
+    },
+}
+
+/// One step's commit (or a run's ending), fenced by the worker's lease.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    /// The task.
+    pub task_id: TaskId,
+    /// Its workspace.
+    pub workspace_id: WorkspaceId,
+    /// Its thread.
+    pub thread_id: ThreadId,
+    /// The run.
+    pub run_id: RunId,
+    /// The worker holding the lease.
+    pub owner: Uuid,
+    /// The step: kind and data. `None` for a checkpoint that only ends the run.
+    pub step: Option<(String, serde_json::Value)>,
+    /// Messages the step adds to the thread.
+    pub messages: Vec<NewMessage>,
+    /// Tool calls the step made.
+    pub tool_calls: i64,
+    /// Prompt tokens the step used.
+    pub input_tokens: i64,
+    /// Completion tokens the step used.
+    pub output_tokens: i64,
+    /// What the step cost, nano-USD.
+    pub cost_nanousd: i64,
+    /// How it ends the run, if it does.
+    pub finish: Option<Finish>,
+    /// Its events.
+    pub events: Vec<NewEvent>,
+    /// Its LLM call's accounting.
+    pub usage: Option<UsageRecord>,
+}
+
+/// What became of one checkpoint of a group commit.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Committed {
+    /// Stored, at this step index, with these events.
+    Stored {
+        /// The step's index (`None` without a step).
+        idx: Option<i64>,
+        /// The events as committed.
+        events: Vec<Event>,
+    },
+    /// The worker no longer holds the task (lease taken over, or the task canceled or
+    /// finished elsewhere): nothing was stored.
+    LeaseLost,
+}
+
+/// Queue depth for one priority.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueDepth {
+    /// The priority.
+    pub priority: Priority,
+    /// Tasks waiting for a worker (not leased).
+    pub waiting: i64,
+    /// When the oldest of them was accepted.
+    pub oldest: Option<OffsetDateTime>,
+}
+
+/// The runtime's storage. Part of every [`Store`](crate::Store).
+#[async_trait]
+pub trait RuntimeStore: Send + Sync {
+    /// Stores `spec` as the next version of agent `name` (creating it at version 1).
+    /// With `create_only`, an existing (not deleted) agent is a `Conflict`; with
+    /// `update_only`, a missing one is `NotFound`. An unchanged spec stores no new version.
+    async fn put_agent(
+        &self,
+        workspace: WorkspaceId,
+        name: &str,
+        spec: &serde_json::Value,
+        create_only: bool,
+        update_only: bool,
+    ) -> Result<AgentRecord>;
+
+    /// The current version of an agent.
+    async fn agent(&self, workspace: WorkspaceId, name: &str) -> Result<AgentRecord>;
+
+    /// A given version of an agent (tasks are pinned to one).
+    async fn agent_version(
+        &self,
+        workspace: WorkspaceId,
+        id: AgentId,
+        version: i64,
+    ) -> Result<AgentRecord>;
+
+    /// The workspace's agents (current versions), by name.
+    async fn list_agents(&self, workspace: WorkspaceId) -> Result<Vec<AgentRecord>>;
+
+    /// Deletes an agent (its versions stay, for the tasks that ran with them).
+    async fn delete_agent(&self, workspace: WorkspaceId, name: &str) -> Result<()>;
+
+    /// Creates a thread.
+    async fn create_thread(
+        &self,
+        workspace: WorkspaceId,
+        metadata: &serde_json::Value,
+    ) -> Result<ThreadRecord>;
+
+    /// A thread of this workspace.
+    async fn thread(&self, workspace: WorkspaceId, id: ThreadId) -> Result<ThreadRecord>;
+
+    /// A thread's messages with seq after `after`, oldest first.
+    async fn thread_messages(
+        &self,
+        workspace: WorkspaceId,
+        id: ThreadId,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<MessageRecord>>;
+
+    /// Creates a task and queues it, with its events, in one transaction — or returns the
+    /// task an earlier request with the same `Idempotency-Key` created.
+    async fn create_task(&self, task: NewTask) -> Result<Created>;
+
+    /// A task of this workspace.
+    async fn task(&self, workspace: WorkspaceId, id: TaskId) -> Result<TaskRecord>;
+
+    /// A workspace's tasks with id before `before` (newest first).
+    async fn list_tasks(
+        &self,
+        workspace: WorkspaceId,
+        filter: &TaskFilter,
+        before: Option<TaskId>,
+        limit: u32,
+    ) -> Result<Vec<TaskRecord>>;
+
+    /// A task's steps, in order.
+    async fn task_steps(&self, workspace: WorkspaceId, id: TaskId) -> Result<Vec<StepRecord>>;
+
+    /// A task's runs, in order.
+    async fn task_runs(&self, workspace: WorkspaceId, id: TaskId) -> Result<Vec<RunRecord>>;
+
+    /// Leases up to `limit` runnable tasks to `owner` until `until`: highest priority
+    /// first, then fairly across workspaces. Safe with several processes on one database.
+    async fn claim_tasks(
+        &self,
+        owner: Uuid,
+        until: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<TaskRecord>>;
+
+    /// Extends `owner`'s leases on `tasks` to `until`; returns those it still holds.
+    async fn renew_leases(
+        &self,
+        owner: Uuid,
+        tasks: &[TaskId],
+        until: OffsetDateTime,
+    ) -> Result<Vec<TaskId>>;
+
+    /// Lets go of tasks `owner` holds without ending them (shutdown): they are claimable
+    /// again at once.
+    async fn release_leases(&self, owner: Uuid, tasks: &[TaskId]) -> Result<()>;
+
+    /// Makes every lease claimable at once — for a single-process SQLite store at start,
+    /// when any lease left behind belongs to a process that is gone.
+    async fn expire_all_leases(&self) -> Result<u64>;
+
+    /// Begins (or resumes) the task's run, fenced by `owner`'s lease, and loads its state.
+    /// `LeaseLost`-like failures come back as `State`.
+    async fn begin_run(&self, begin: BeginRun) -> Result<RunState>;
+
+    /// Commits checkpoints of many runs in one transaction (group commit).
+    async fn commit_checkpoints(&self, batch: &[Checkpoint]) -> Result<Vec<Committed>>;
+
+    /// Cancels a task that has not finished; `State` if it has.
+    async fn cancel_task(
+        &self,
+        workspace: WorkspaceId,
+        id: TaskId,
+        events: Vec<NewEvent>,
+    ) -> Result<(TaskRecord, Vec<Event>)>;
+
+    /// Records a human's input to a task waiting for it (as a step with its messages) and
+    /// queues the task again, or ends it (`finish`: a rejection); `State` if the task is
+    /// not waiting for input.
+    async fn submit_input(
+        &self,
+        workspace: WorkspaceId,
+        id: TaskId,
+        step: (String, serde_json::Value),
+        messages: Vec<NewMessage>,
+        finish: Option<TaskStatus>,
+        events: Vec<NewEvent>,
+    ) -> Result<(TaskRecord, Vec<Event>)>;
+
+    /// Takes a dead-lettered task out of the queue of dead letters and queues it for a
+    /// new run with `more_attempts` more attempts.
+    async fn replay_dead_letter(
+        &self,
+        workspace: WorkspaceId,
+        id: TaskId,
+        more_attempts: i64,
+        events: Vec<NewEvent>,
+    ) -> Result<(TaskRecord, Vec<Event>)>;
+
+    /// Removes a task from the dead-letter queue (it stays, failed).
+    async fn discard_dead_letter(&self, workspace: WorkspaceId, id: TaskId) -> Result<()>;
+
+    /// Queue depth by priority (tasks waiting for a worker).
+    async fn queue_depth(&self) -> Result<Vec<QueueDepth>>;
+
+    /// Tasks per status, all workspaces (for metrics).
+    async fn task_counts(&self) -> Result<Vec<(TaskStatus, i64)>>;
+}
+
+/// The `tasks` columns, in a fixed order (a macro so queries stay static strings).
+macro_rules! task_columns {
+    () => {
+        "id, workspace_id, agent_id, agent_name, agent_version, thread_id, parent_task_id, depth, \
+         status, priority, input, metadata, idempotency_key, output, error, attempts, max_attempts, \
+         run_id, steps, tool_calls, input_tokens, output_tokens, cost_nanousd, queued, vt, run_at, \
+         lease_owner, lease_until, dead_lettered, created_at, started_at, updated_at, finished_at"
+    };
+}
+pub(crate) use task_columns;
+
+pub(crate) fn json(what: &'static str, text: &str) -> Result<serde_json::Value> {
+    serde_json::from_str(text).map_err(|e| crate::Error::Corrupt {
+        what,
+        detail: e.to_string(),
+    })
+}
+
+pub(crate) fn status(text: &str) -> Result<TaskStatus> {
+    text.parse().map_err(|e: keel_core::Error| crate::Error::Corrupt {
+        what: "task status",
+        detail: e.to_string(),
+    })
+}
+
+/// The task-status phrase for a `State` error.
+pub(crate) fn not_waiting(status: TaskStatus) -> crate::Error {
+    crate::Error::State {
+        what: "task",
+        state: format!("{status}, not waiting for input"),
+    }
+}
+
+/// Stamps [`RuntimeStore`] onto a backend (see `sql_store!`); the backend provides
+/// `LANE_SQL`, `CLAIM_SQL` and `CLOCK_SQL`, the three statements whose dialects differ.
+macro_rules! runtime_store {
+    ($store:ty, $db:ty) => {
+        impl $store {
+            fn task_from_row(row: &<$db as sqlx::Database>::Row) -> $crate::Result<$crate::runtime::TaskRecord> {
+                use sqlx::Row as _;
+                use keel_core::id::*;
+                let input: String = row.try_get("input")?;
+                let metadata: String = row.try_get("metadata")?;
+                let error: Option<String> = row.try_get("error")?;
+                let status: String = row.try_get("status")?;
+                Ok($crate::runtime::TaskRecord {
+                    id: TaskId::from_uuid(row.try_get("id")?),
+                    workspace_id: WorkspaceId::from_uuid(row.try_get("workspace_id")?),
+                    agent_id: AgentId::from_uuid(row.try_get("agent_id")?),
+                    agent_name: row.try_get("agent_name")?,
+                    agent_version: row.try_get("agent_version")?,
+                    thread_id: ThreadId::from_uuid(row.try_get("thread_id")?),
+                    parent_task_id: row.try_get::<Option<uuid::Uuid>, _>("parent_task_id")?.map(TaskId::from_uuid),
+                    depth: row.try_get("depth")?,
+                    status: $crate::runtime::status(&status)?,
+                    priority: keel_core::task::Priority::from_rank(row.try_get("priority")?),
+                    input: $crate::runtime::json("task input", &input)?,
+                    metadata: $crate::runtime::json("task metadata", &metadata)?,
+                    idempotency_key: row.try_get("idempotency_key")?,
+                    output: row.try_get("output")?,
+                    error: error.map(|e| $crate::runtime::json("task error", &e)).transpose()?,
+                    attempts: row.try_get("attempts")?,
+                    max_attempts: row.try_get("max_attempts")?,
+                    run_id: row.try_get::<Option<uuid::Uuid>, _>("run_id")?.map(RunId::from_uuid),
+                    steps: row.try_get("steps")?,
+                    tool_calls: row.try_get("tool_calls")?,
+                    input_tokens: row.try_get("input_tokens")?,
+                    output_tokens: row.try_get("output_tokens")?,
+                    cost_nanousd: row.try_get("cost_nanousd")?,
+                    queued: row.try_get("queued")?,
+                    run_at: row.try_get("run_at")?,
+                    lease_owner: row.try_get("lease_owner")?,
+                    lease_until: row.try_get("lease_until")?,
+                    dead_lettered: row.try_get("dead_lettered")?,
+                    created_at: row.try_get("created_at")?,
+                    started_at: row.try_get("started_at")?,
+                    updated_at: row.try_get("updated_at")?,
+                    finished_at: row.try_get("finished_at")?,
+                })
+            }
+
+            fn agent_from_row(row: &<$db as sqlx::Database>::Row) -> $crate::Result<$crate::runtime::AgentRecord> {
+                use sqlx::Row as _;
+                let spec: String = row.try_get("spec")?;
+                Ok($crate::runtime::AgentRecord {
+                    id: keel_core::id::AgentId::from_uuid(row.try_get("id")?),
+                    workspace_id: keel_core::id::WorkspaceId::from_uuid(row.try_get("workspace_id")?),
+                    name: row.try_get("name")?,
+                    version: row.try_get("version")?,
+                    spec: $crate::runtime::json("agent spec", &spec)?,
+                    created_at: row.try_get("created_at")?,
+                    updated_at: row.try_get("updated_at")?,
+                })
+            }
+
+            fn run_from_row(row: &<$db as sqlx::Database>::Row) -> $crate::Result<$crate::runtime::RunRecord> {
+                use sqlx::Row as _;
+                let error: Option<String> = row.try_get("error")?;
+                Ok($crate::runtime::RunRecord {
+                    id: keel_core::id::RunId::from_uuid(row.try_get("id")?),
+                    task_id: keel_core::id::TaskId::from_uuid(row.try_get("task_id")?),
+                    attempt: row.try_get("attempt")?,
+                    status: row.try_get("status")?,
+                    error: error.map(|e| $crate::runtime::json("run error", &e)).transpose()?,
+                    started_at: row.try_get("started_at")?,
+                    finished_at: row.try_get("finished_at")?,
+                })
+            }
+
+            fn step_from_row(row: &<$db as sqlx::Database>::Row) -> $crate::Result<$crate::runtime::StepRecord> {
+                use sqlx::Row as _;
+                let data: String = row.try_get("data")?;
+                Ok($crate::runtime::StepRecord {
+                    task_id: keel_core::id::TaskId::from_uuid(row.try_get("task_id")?),
+                    idx: row.try_get("idx")?,
+                    run_id: keel_core::id::RunId::from_uuid(row.try_get("run_id")?),
+                    kind: row.try_get("kind")?,
+                    data: $crate::runtime::json("step data", &data)?,
+                    created_at: row.try_get("created_at")?,
+                })
+            }
+
+            fn message_from_row(row: &<$db as sqlx::Database>::Row) -> $crate::Result<$crate::runtime::MessageRecord> {
+                use sqlx::Row as _;
+                let body: String = row.try_get("body")?;
+                Ok($crate::runtime::MessageRecord {
+                    seq: row.try_get("seq")?,
+                    task_id: keel_core::id::TaskId::from_uuid(row.try_get("task_id")?),
+                    run_id: keel_core::id::RunId::from_uuid(row.try_get("run_id")?),
+                    body: $crate::runtime::json("message", &body)?,
+                    tokens: row.try_get("tokens")?,
+                    created_at: row.try_get("created_at")?,
+                })
+            }
+
+            fn thread_from_row(row: &<$db as sqlx::Database>::Row) -> $crate::Result<$crate::runtime::ThreadRecord> {
+                use sqlx::Row as _;
+                let metadata: String = row.try_get("metadata")?;
+                Ok($crate::runtime::ThreadRecord {
+                    id: keel_core::id::ThreadId::from_uuid(row.try_get("id")?),
+                    workspace_id: keel_core::id::WorkspaceId::from_uuid(row.try_get("workspace_id")?),
+                    metadata: $crate::runtime::json("thread metadata", &metadata)?,
+                    messages: row.try_get("next_seq")?,
+                    created_at: row.try_get("created_at")?,
+                })
+            }
+
+            async fn task_in(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                workspace: keel_core::id::WorkspaceId,
+                id: keel_core::id::TaskId,
+            ) -> $crate::Result<$crate::runtime::TaskRecord> {
+                let row = sqlx::query(concat!("SELECT ", $crate::runtime::task_columns!(), " FROM tasks WHERE id = $1 AND workspace_id = $2"))
+                    .bind(id.as_uuid())
+                    .bind(workspace.as_uuid())
+                    .fetch_optional(&mut *conn)
+                    .await?
+                    .ok_or($crate::Error::NotFound { what: "task" })?;
+                Self::task_from_row(&row)
+            }
+
+            /// Appends messages to a thread (allocating their seqs under the thread's row
+            /// lock).
+            async fn append_messages(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                workspace: keel_core::id::WorkspaceId,
+                thread: keel_core::id::ThreadId,
+                task: keel_core::id::TaskId,
+                run: keel_core::id::RunId,
+                messages: &[$crate::runtime::NewMessage],
+                now: time::OffsetDateTime,
+            ) -> $crate::Result<()> {
+                if messages.is_empty() {
+                    return Ok(());
+                }
+                let n = i64::try_from(messages.len()).unwrap_or(i64::MAX);
+                let next: i64 = sqlx::query_scalar("UPDATE threads SET next_seq = next_seq + $2 WHERE id = $1 RETURNING next_seq")
+                    .bind(thread.as_uuid())
+                    .bind(n)
+                    .fetch_one(&mut *conn)
+                    .await?;
+                let first = next - n;
+                let mut qb = sqlx::QueryBuilder::<$db>::new(
+                    "INSERT INTO messages (thread_id, seq, workspace_id, task_id, run_id, body, tokens, created_at) ",
+                );
+                qb.push_values((first..).zip(messages), |mut row, (seq, m)| {
+                    row.push_bind(thread.as_uuid())
+                        .push_bind(seq)
+                        .push_bind(workspace.as_uuid())
+                        .push_bind(task.as_uuid())
+                        .push_bind(run.as_uuid())
+                        .push_bind(m.body.to_string())
+                        .push_bind(m.tokens)
+                        .push_bind(now);
+                });
+                qb.build().execute(&mut *conn).await?;
+                Ok(())
+            }
+
+            async fn insert_usage_in(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                records: &[&$crate::UsageRecord],
+            ) -> $crate::Result<()> {
+                use $crate::usage::to_i64;
+                for batch in records.chunks($crate::sql::USAGE_BATCH) {
+                    let mut qb = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO usage_records (id, workspace_id, api_key_id, route, provider, upstream_model, \
+                         target, input_tokens, output_tokens, cached_tokens, cost_nanousd, latency_ms, ttft_ms, \
+                         cache_hit, estimated, outcome, created_at) ",
+                    );
+                    qb.push_values(batch, |mut row, r| {
+                        row.push_bind(uuid::Uuid::now_v7())
+                            .push_bind(r.workspace_id.as_uuid())
+                            .push_bind(r.api_key_id.map(|k| k.as_uuid()))
+                            .push_bind(r.route.clone())
+                            .push_bind(r.provider.clone())
+                            .push_bind(r.upstream_model.clone())
+                            .push_bind(r.target.clone())
+                            .push_bind(to_i64(r.input_tokens))
+                            .push_bind(to_i64(r.output_tokens))
+                            .push_bind(to_i64(r.cached_tokens))
+                            .push_bind(to_i64(r.cost_nanousd))
+                            .push_bind(to_i64(r.latency_ms))
+                            .push_bind(r.ttft_ms.map(to_i64))
+                            .push_bind(r.cache_hit)
+                            .push_bind(r.estimated)
+                            .push_bind(r.outcome.clone())
+                            .push_bind(r.created_at);
+                    });
+                    qb.build().execute(&mut *conn).await?;
+                }
+                Ok(())
+            }
+
+            /// Stores one checkpoint inside `tx`; `None` when the lease is lost.
+            async fn checkpoint_in(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                c: &$crate::runtime::Checkpoint,
+                now: time::OffsetDateTime,
+            ) -> $crate::Result<Option<Option<i64>>> {
+                use $crate::runtime::Finish;
+                let step_delta: i64 = i64::from(c.step.is_some());
+                let steps: Option<i64> = sqlx::query_scalar(
+                    "UPDATE tasks SET steps = steps + $4, tool_calls = tool_calls + $5, input_tokens = input_tokens + $6, \
+                     output_tokens = output_tokens + $7, cost_nanousd = cost_nanousd + $8, updated_at = $9 \
+                     WHERE id = $1 AND lease_owner = $2 AND run_id = $3 AND status = 'working' RETURNING steps",
+                )
+                .bind(c.task_id.as_uuid())
+                .bind(c.owner)
+                .bind(c.run_id.as_uuid())
+                .bind(step_delta)
+                .bind(c.tool_calls)
+                .bind(c.input_tokens)
+                .bind(c.output_tokens)
+                .bind(c.cost_nanousd)
+                .bind(now)
+                .fetch_optional(&mut **tx)
+                .await?;
+                let Some(steps) = steps else {
+                    return Ok(None);
+                };
+                let idx = c.step.as_ref().map(|_| steps - 1);
+                if let (Some((kind, data)), Some(idx)) = (&c.step, idx) {
+                    sqlx::query(
+                        "INSERT INTO steps (task_id, idx, run_id, workspace_id, kind, data, created_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    )
+                    .bind(c.task_id.as_uuid())
+                    .bind(idx)
+                    .bind(c.run_id.as_uuid())
+                    .bind(c.workspace_id.as_uuid())
+                    .bind(kind.as_str())
+                    .bind(data.to_string())
+                    .bind(now)
+                    .execute(&mut **tx)
+                    .await?;
+                }
+                Self::append_messages(&mut **tx, c.workspace_id, c.thread_id, c.task_id, c.run_id, &c.messages, now).await?;
+                let (task_status, run_status, queued, dead, output, error, run_at, finished): (
+                    &str, &str, bool, bool, Option<&str>, Option<String>, time::OffsetDateTime, Option<time::OffsetDateTime>,
+                ) = match &c.finish {
+                    None => return Ok(Some(idx)),
+                    Some(Finish::Completed { output }) => ("completed", "completed", false, false, output.as_deref(), None, now, Some(now)),
+                    Some(Finish::InputRequired) => ("input-required", "input-required", false, false, None, None, now, None),
+                    Some(Finish::Retry { error, retry_at }) => ("working", "failed", true, false, None, Some(error.to_string()), *retry_at, None),
+                    Some(Finish::Failed { error, dead_letter }) => ("failed", "failed", false, *dead_letter, None, Some(error.to_string()), now, Some(now)),
+                };
+                sqlx::query(
+                    "UPDATE tasks SET status = $2, queued = $3, dead_lettered = $4, output = COALESCE($5, output), \
+                     error = COALESCE($6, error), run_at = $7, finished_at = $8, lease_owner = NULL, lease_until = NULL \
+                     WHERE id = $1",
+                )
+                .bind(c.task_id.as_uuid())
+                .bind(task_status)
+                .bind(queued)
+                .bind(dead)
+                .bind(output)
+                .bind(error.as_deref())
+                .bind(run_at)
+                .bind(finished)
+                .execute(&mut **tx)
+                .await?;
+                sqlx::query("UPDATE runs SET status = $2, error = COALESCE($3, error), finished_at = $4 WHERE id = $1")
+                    .bind(c.run_id.as_uuid())
+                    .bind(run_status)
+                    .bind(error.as_deref())
+                    .bind(if run_status == "input-required" { None } else { Some(now) })
+                    .execute(&mut **tx)
+                    .await?;
+                Ok(Some(idx))
+            }
+        }
+
+        #[async_trait::async_trait]
+        impl $crate::runtime::RuntimeStore for $store {
+            #[tracing::instrument(skip_all, fields(db.system = %Self::BACKEND))]
+            async fn put_agent(
+                &self,
+                workspace: keel_core::id::WorkspaceId,
+                name: &str,
+                spec: &serde_json::Value,
+                create_only: bool,
+                update_only: bool,
+            ) -> $crate::Result<$crate::runtime::AgentRecord> {
+                let now = $crate::now();
+                let mut tx = self.pool.begin().await?;
+                let existing = sqlx::query(
+                    "SELECT id, workspace_id, name, version, spec, created_at, updated_at, deleted_at FROM agents \
+                     WHERE workspace_id = $1 AND name = $2",
+                )
+                .bind(workspace.as_uuid())
+                .bind(name)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let text = spec.to_string();
+                let record = match existing {
+                    None => {
+                        if update_only {
+                            return Err($crate::Error::NotFound { what: "agent" });
+                        }
+                        let id = keel_core::id::AgentId::new();
+                        sqlx::query(
+                            "INSERT INTO agents (id, workspace_id, name, version, spec, created_at, updated_at) \
+                             VALUES ($1, $2, $3, 1, $4, $5, $5)",
+                        )
+                        .bind(id.as_uuid())
+                        .bind(workspace.as_uuid())
+                        .bind(name)
+                        .bind(&text)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err($crate::sql::conflict_as("agent"))?;
+                        $crate::runtime::AgentRecord { id, workspace_id: workspace, name: name.to_owned(), version: 1, spec: spec.clone(), created_at: now, updated_at: now }
+                    }
+                    Some(row) => {
+                        use sqlx::Row as _;
+                        let deleted: Option<time::OffsetDateTime> = row.try_get("deleted_at")?;
+                        let current = Self::agent_from_row(&row)?;
+                        if deleted.is_none() && create_only {
+                            return Err($crate::Error::Conflict { what: "agent" });
+                        }
+                        if deleted.is_some() && update_only {
+                            return Err($crate::Error::NotFound { what: "agent" });
+                        }
+                        if deleted.is_none() && current.spec == *spec {
+                            return Ok(current);
+                        }
+                        let version = current.version + 1;
+                        sqlx::query("UPDATE agents SET version = $2, spec = $3, updated_at = $4, deleted_at = NULL WHERE id = $1")
+                            .bind(current.id.as_uuid())
+                            .bind(version)
+                            .bind(&text)
+                            .bind(now)
+                            .execute(&mut *tx)
+                            .await?;
+                        $crate::runtime::AgentRecord { version, spec: spec.clone(), updated_at: now, ..current }
+                    }
+                };
+                sqlx::query("INSERT INTO agent_versions (agent_id, version, spec, created_at) VALUES ($1, $2, $3, $4)")
+                    .bind(record.id.as_uuid())
+                    .bind(record.version)
+                    .bind(&text)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(record)
+            }
+
+            async fn agent(&self, workspace: keel_core::id::WorkspaceId, name: &str) -> $crate::Result<$crate::runtime::AgentRecord> {
+                let row = sqlx::query(
+                    "SELECT id, workspace_id, name, version, spec, created_at, updated_at FROM agents \
+                     WHERE workspace_id = $1 AND name = $2 AND deleted_at IS NULL",
+                )
+                .bind(workspace.as_uuid())
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?
+                .ok_or($crate::Error::NotFound { what: "agent" })?;
+                Self::agent_from_row(&row)
+            }
+
+            async fn agent_version(
+                &self,
+                workspace: keel_core::id::WorkspaceId,
+                id: keel_core::id::AgentId,
+                version: i64,
+            ) -> $crate::Result<$crate::runtime::AgentRecord> {
+                let row = sqlx::query(
+                    "SELECT a.id, a.workspace_id, a.name, v.version, v.spec, a.created_at, v.created_at AS updated_at \
+                     FROM agents a JOIN agent_versions v ON v.agent_id = a.id \
+                     WHERE a.workspace_id = $1 AND a.id = $2 AND v.version = $3",
+                )
+                .bind(workspace.as_uuid())
+                .bind(id.as_uuid())
+                .bind(version)
+                .fetch_optional(&self.pool)
+                .await?
+                .ok_or($crate::Error::NotFound { what: "agent version" })?;
+                Self::agent_from_row(&row)
+            }
+
+            async fn list_agents(&self, workspace: keel_core::id::WorkspaceId) -> $crate::Result<Vec<$crate::runtime::AgentRecord>> {
+                let rows = sqlx::query(
+                    "SELECT id, workspace_id, name, version, spec, created_at, updated_at FROM agents \
+                     WHERE workspace_id = $1 AND deleted_at IS NULL ORDER BY name",
+                )
+                .bind(workspace.as_uuid())
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter().map(Self::agent_from_row).collect()
+            }
+
+            async fn delete_agent(&self, workspace: keel_core::id::WorkspaceId, name: &str) -> $crate::Result<()> {
+                let done = sqlx::query(
+                    "UPDATE agents SET deleted_at = $3 WHERE workspace_id = $1 AND name = $2 AND deleted_at IS NULL",
+                )
+                .bind(workspace.as_uuid())
+                .bind(name)
+                .bind($crate::now())
+                .execute(&self.pool)
+                .await?;
+                if done.rows_affected() == 0 {
+                    return Err($crate::Error::NotFound { what: "agent" });
+                }
+                Ok(())
+            }
+
+            async fn create_thread(
+                &self,
+                workspace: keel_core::id::WorkspaceId,
+                metadata: &serde_json::Value,
+            ) -> $crate::Result<$crate::runtime::ThreadRecord> {
+                let thread = $crate::runtime::ThreadRecord {
+                    id: keel_core::id::ThreadId::new(),
+                    workspace_id: workspace,
+                    metadata: metadata.clone(),
+                    messages: 0,
+                    created_at: $crate::now(),
+                };
+                sqlx::query("INSERT INTO threads (id, workspace_id, metadata, next_seq, created_at) VALUES ($1, $2, $3, 0, $4)")
+                    .bind(thread.id.as_uuid())
+                    .bind(workspace.as_uuid())
+                    .bind(metadata.to_string())
+                    .bind(thread.created_at)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(thread)
+            }
+
+            async fn thread(&self, workspace: keel_core::id::WorkspaceId, id: keel_core::id::ThreadId) -> $crate::Result<$crate::runtime::ThreadRecord> {
+                let row = sqlx::query("SELECT id, workspace_id, metadata, next_seq, created_at FROM threads WHERE id = $1 AND workspace_id = $2")
+                    .bind(id.as_uuid())
+                    .bind(workspace.as_uuid())
+                    .fetch_optional(&self.pool)
+                    .await?
+                    .ok_or($crate::Error::NotFound { what: "thread" })?;
+                Self::thread_from_row(&row)
+            }
+
+            async fn thread_messages(
+                &self,
+                workspace: keel_core::id::WorkspaceId,
+                id: keel_core::id::ThreadId,
+                after: i64,
+                limit: u32,
+            ) -> $crate::Result<Vec<$crate::runtime::MessageRecord>> {
+                // The thread must be this workspace's: another's is NotFound, not empty.
+                self.thread(workspace, id).await?;
+                let rows = sqlx::query(
+                    "SELECT seq, task_id, run_id, body, tokens, created_at FROM messages \
+                     WHERE thread_id = $1 AND workspace_id = $2 AND seq > $3 ORDER BY seq LIMIT $4",
+                )
+                .bind(id.as_uuid())
+                .bind(workspace.as_uuid())
+                .bind(after)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter().map(Self::message_from_row).collect()
+            }
+
+            #[tracing::instrument(skip_all, fields(db.system = %Self::BACKEND))]
+            async fn create_task(&self, t: $crate::runtime::NewTask) -> $crate::Result<$crate::runtime::Created> {
+                use $crate::runtime::Created;
+                if let Some(key) = &t.idempotency_key
+                    && let Some(row) = sqlx::query(concat!("SELECT ", $crate::runtime::task_columns!(), " FROM tasks WHERE workspace_id = $1 AND idempotency_key = $2"))
+                        .bind(t.workspace_id.as_uuid())
+                        .bind(key)
+                        .fetch_optional(&self.pool)
+                        .await?
+                {
+                    return Ok(Created::Existing(Box::new(Self::task_from_row(&row)?)));
+                }
+                let queued: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM tasks WHERE queued AND lease_owner IS NULL")
+                    .fetch_one(&self.pool)
+                    .await?;
+                if queued >= t.max_queued {
+                    return Ok(Created::QueueFull { queued });
+                }
+                let now = $crate::now();
+                let mut tx = self.pool.begin().await?;
+                let thread_id = match t.thread_id {
+                    Some(id) => {
+                        let found: Option<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM threads WHERE id = $1 AND workspace_id = $2")
+                            .bind(id.as_uuid())
+                            .bind(t.workspace_id.as_uuid())
+                            .fetch_optional(&mut *tx)
+                            .await?;
+                        found.ok_or($crate::Error::NotFound { what: "thread" })?;
+                        id
+                    }
+                    None => {
+                        let id = keel_core::id::ThreadId::new();
+                        sqlx::query("INSERT INTO threads (id, workspace_id, metadata, next_seq, created_at) VALUES ($1, $2, '{}', 0, $3)")
+                            .bind(id.as_uuid())
+                            .bind(t.workspace_id.as_uuid())
+                            .bind(now)
+                            .execute(&mut *tx)
+                            .await?;
+                        id
+                    }
+                };
+                let vt: i64 = sqlx::query_scalar(Self::LANE_SQL)
+                    .bind(t.workspace_id.as_uuid())
+                    .fetch_one(&mut *tx)
+                    .await?;
+                let inserted = sqlx::query(concat!(
+                    "INSERT INTO tasks (", $crate::runtime::task_columns!(), ") VALUES ",
+                    "($1, $2, $3, $4, $5, $6, $7, $8, 'submitted', $9, $10, $11, $12, NULL, NULL, 0, $13, NULL, 0, 0, 0, 0, 0, ",
+                    "TRUE, $14, $15, NULL, NULL, FALSE, $15, NULL, $15, NULL)"
+                ))
+                .bind(t.id.as_uuid())
+                .bind(t.workspace_id.as_uuid())
+                .bind(t.agent_id.as_uuid())
+                .bind(&t.agent_name)
+                .bind(t.agent_version)
+                .bind(thread_id.as_uuid())
+                .bind(t.parent_task_id.map(|p| p.as_uuid()))
+                .bind(t.depth)
+                .bind(t.priority.rank())
+                .bind(t.input.to_string())
+                .bind(t.metadata.to_string())
+                .bind(t.idempotency_key.as_deref())
+                .bind(t.max_attempts)
+                .bind(vt)
+                .bind(now)
+                .execute(&mut *tx)
+                .await;
+                match inserted {
+                    Ok(_) => {}
+                    Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
+                        // A concurrent request with the same key won the race.
+                        drop(tx);
+                        let key = t.idempotency_key.as_deref().unwrap_or_default();
+                        let row = sqlx::query(concat!("SELECT ", $crate::runtime::task_columns!(), " FROM tasks WHERE workspace_id = $1 AND idempotency_key = $2"))
+                            .bind(t.workspace_id.as_uuid())
+                            .bind(key)
+                            .fetch_one(&self.pool)
+                            .await?;
+                        return Ok(Created::Existing(Box::new(Self::task_from_row(&row)?)));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                let events = Self::append_events_tx(&mut tx, &t.events).await?;
+                let task = Self::task_in(&mut *tx, t.workspace_id, t.id).await?;
+                tx.commit().await?;
+                Ok(Created::New(Box::new(task), events))
+            }
+
+            async fn task(&self, workspace: keel_core::id::WorkspaceId, id: keel_core::id::TaskId) -> $crate::Result<$crate::runtime::TaskRecord> {
+                let mut conn = self.pool.acquire().await?;
+                Self::task_in(&mut *conn, workspace, id).await
+            }
+
+            async fn list_tasks(
+                &self,
+                workspace: keel_core::id::WorkspaceId,
+                filter: &$crate::runtime::TaskFilter,
+                before: Option<keel_core::id::TaskId>,
+                limit: u32,
+            ) -> $crate::Result<Vec<$crate::runtime::TaskRecord>> {
+                let mut qb = sqlx::QueryBuilder::<$db>::new(concat!("SELECT ", $crate::runtime::task_columns!(), " FROM tasks WHERE workspace_id = "));
+                qb.push_bind(workspace.as_uuid());
+                if let Some(status) = filter.status {
+                    qb.push(" AND status = ").push_bind(status.as_str());
+                }
+                if let Some(agent) = &filter.agent {
+                    qb.push(" AND agent_name = ").push_bind(agent.clone());
+                }
+                if let Some(thread) = filter.thread_id {
+                    qb.push(" AND thread_id = ").push_bind(thread.as_uuid());
+                }
+                if filter.dead_lettered {
+                    qb.push(" AND dead_lettered");
+                }
+                if let Some(before) = before {
+                    qb.push(" AND id < ").push_bind(before.as_uuid());
+                }
+                qb.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(limit));
+                let rows = qb.build().fetch_all(&self.pool).await?;
+                rows.iter().map(Self::task_from_row).collect()
+            }
+
+            async fn task_steps(&self, workspace: keel_core::id::WorkspaceId, id: keel_core::id::TaskId) -> $crate::Result<Vec<$crate::runtime::StepRecord>> {
+                self.task(workspace, id).await?;
+                let rows = sqlx::query("SELECT task_id, idx, run_id, kind, data, created_at FROM steps WHERE task_id = $1 AND workspace_id = $2 ORDER BY idx")
+                    .bind(id.as_uuid())
+                    .bind(workspace.as_uuid())
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter().map(Self::step_from_row).collect()
+            }
+
+            async fn task_runs(&self, workspace: keel_core::id::WorkspaceId, id: keel_core::id::TaskId) -> $crate::Result<Vec<$crate::runtime::RunRecord>> {
+                self.task(workspace, id).await?;
+                let rows = sqlx::query("SELECT id, task_id, attempt, status, error, started_at, finished_at FROM runs WHERE task_id = $1 AND workspace_id = $2 ORDER BY attempt")
+                    .bind(id.as_uuid())
+                    .bind(workspace.as_uuid())
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter().map(Self::run_from_row).collect()
+            }
+
+            #[tracing::instrument(skip_all, fields(db.system = %Self::BACKEND))]
+            async fn claim_tasks(
+                &self,
+                owner: uuid::Uuid,
+                until: time::OffsetDateTime,
+                limit: u32,
+            ) -> $crate::Result<Vec<$crate::runtime::TaskRecord>> {
+                let now = $crate::now();
+                let mut tx = self.pool.begin().await?;
+                let rows = sqlx::query(Self::CLAIM_SQL)
+                    .bind(owner)
+                    .bind(until)
+                    .bind(now)
+                    .bind(i64::from(limit))
+                    .fetch_all(&mut *tx)
+                    .await?;
+                let mut tasks = rows.iter().map(Self::task_from_row).collect::<$crate::Result<Vec<_>>>()?;
+                tasks.sort_by_key(|t| (std::cmp::Reverse(t.priority), t.id));
+                if let Some(vt) = rows.iter().filter_map(|r| sqlx::Row::try_get::<i64, _>(r, "vt").ok()).max() {
+                    sqlx::query(Self::CLOCK_SQL).bind(vt).execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+                Ok(tasks)
+            }
+
+            async fn renew_leases(
+                &self,
+                owner: uuid::Uuid,
+                tasks: &[keel_core::id::TaskId],
+                until: time::OffsetDateTime,
+            ) -> $crate::Result<Vec<keel_core::id::TaskId>> {
+                if tasks.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let mut held = Vec::with_capacity(tasks.len());
+                for chunk in tasks.chunks(500) {
+                    let mut qb = sqlx::QueryBuilder::<$db>::new("UPDATE tasks SET lease_until = ");
+                    qb.push_bind(until).push(" WHERE lease_owner = ").push_bind(owner).push(" AND id IN (");
+                    let mut ids = qb.separated(", ");
+                    for t in chunk {
+                        ids.push_bind(t.as_uuid());
+                    }
+                    qb.push(") RETURNING id");
+                    let rows: Vec<uuid::Uuid> = qb.build_query_scalar().fetch_all(&self.pool).await?;
+                    held.extend(rows.into_iter().map(keel_core::id::TaskId::from_uuid));
+                }
+                Ok(held)
+            }
+
+            async fn release_leases(&self, owner: uuid::Uuid, tasks: &[keel_core::id::TaskId]) -> $crate::Result<()> {
+                for chunk in tasks.chunks(500) {
+                    let mut qb = sqlx::QueryBuilder::<$db>::new("UPDATE tasks SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ");
+                    qb.push_bind(owner).push(" AND id IN (");
+                    let mut ids = qb.separated(", ");
+                    for t in chunk {
+                        ids.push_bind(t.as_uuid());
+                    }
+                    qb.push(")");
+                    qb.build().execute(&self.pool).await?;
+                }
+                Ok(())
+            }
+
+            async fn expire_all_leases(&self) -> $crate::Result<u64> {
+                let done = sqlx::query("UPDATE tasks SET lease_owner = NULL, lease_until = NULL WHERE lease_owner IS NOT NULL")
+                    .execute(&self.pool)
+                    .await?;
+                Ok(done.rows_affected())
+            }
+
+            #[tracing::instrument(skip_all, fields(db.system = %Self::BACKEND))]
+            async fn begin_run(&self, b: $crate::runtime::BeginRun) -> $crate::Result<$crate::runtime::RunState> {
+                let now = $crate::now();
+                let mut tx = self.pool.begin().await?;
+                let row = sqlx::query(concat!(
+                    "UPDATE tasks SET status = 'working', started_at = COALESCE(started_at, $3), updated_at = $3 ",
+                    "WHERE id = $1 AND lease_owner = $2 AND queued AND status IN ('submitted', 'working') RETURNING ",
+                    $crate::runtime::task_columns!()
+                ))
+                .bind(b.task_id.as_uuid())
+                .bind(b.owner)
+                .bind(now)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or_else(|| $crate::Error::State { what: "task", state: "no longer held by this worker".to_owned() })?;
+                let mut task = Self::task_from_row(&row)?;
+                if let Some((run_id, input)) = &b.new_run {
+                    let attempt = task.attempts + 1;
+                    sqlx::query("INSERT INTO runs (id, task_id, workspace_id, attempt, status, started_at) VALUES ($1, $2, $3, $4, 'working', $5)")
+                        .bind(run_id.as_uuid())
+                        .bind(task.id.as_uuid())
+                        .bind(task.workspace_id.as_uuid())
+                        .bind(attempt)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                    sqlx::query("UPDATE tasks SET attempts = $2, run_id = $3 WHERE id = $1")
+                        .bind(task.id.as_uuid())
+                        .bind(attempt)
+                        .bind(run_id.as_uuid())
+                        .execute(&mut *tx)
+                        .await?;
+                    task.attempts = attempt;
+                    task.run_id = Some(*run_id);
+                    Self::append_messages(&mut *tx, task.workspace_id, task.thread_id, task.id, *run_id, input, now).await?;
+                }
+                let run_id = task.run_id.ok_or_else(|| $crate::Error::State { what: "task", state: "without a run to resume".to_owned() })?;
+                let run = sqlx::query("SELECT id, task_id, attempt, status, error, started_at, finished_at FROM runs WHERE id = $1")
+                    .bind(run_id.as_uuid())
+                    .fetch_one(&mut *tx)
+                    .await?;
+                let run = Self::run_from_row(&run)?;
+                let steps = sqlx::query("SELECT task_id, idx, run_id, kind, data, created_at FROM steps WHERE task_id = $1 AND run_id = $2 ORDER BY idx")
+                    .bind(task.id.as_uuid())
+                    .bind(run_id.as_uuid())
+                    .fetch_all(&mut *tx)
+                    .await?;
+                let steps = steps.iter().map(Self::step_from_row).collect::<$crate::Result<Vec<_>>>()?;
+                // The context: the final runs of the thread's earlier completed tasks, then
+                // this run.
+                let messages = sqlx::query(
+                    "SELECT seq, task_id, run_id, body, tokens, created_at FROM messages m WHERE m.thread_id = $1 AND \
+                     (m.run_id = $2 OR m.run_id IN (SELECT t.run_id FROM tasks t WHERE t.thread_id = $1 AND t.status = 'completed' AND t.id < $3)) \
+                     ORDER BY seq",
+                )
+                .bind(task.thread_id.as_uuid())
+                .bind(run_id.as_uuid())
+                .bind(task.id.as_uuid())
+                .fetch_all(&mut *tx)
+                .await?;
+                let messages = messages.iter().map(Self::message_from_row).collect::<$crate::Result<Vec<_>>>()?;
+                let events = Self::append_events_tx(&mut tx, &b.events).await?;
+                tx.commit().await?;
+                Ok($crate::runtime::RunState { task, run, steps, messages, events })
+            }
+
+            #[tracing::instrument(skip_all, fields(db.system = %Self::BACKEND, checkpoints = batch.len()))]
+            async fn commit_checkpoints(&self, batch: &[$crate::runtime::Checkpoint]) -> $crate::Result<Vec<$crate::runtime::Committed>> {
+                use $crate::runtime::Committed;
+                let now = $crate::now();
+                // Task rows in id order (see the module's lock order).
+                let mut order: Vec<usize> = (0..batch.len()).collect();
+                order.sort_by_key(|&i| (batch[i].task_id, i));
+                let mut tx = self.pool.begin().await?;
+                let mut idx: Vec<Option<Option<i64>>> = vec![None; batch.len()];
+                for &i in &order {
+                    idx[i] = Self::checkpoint_in(&mut tx, &batch[i], now).await?;
+                }
+                let usage: Vec<&$crate::UsageRecord> = batch.iter().zip(&idx)
+                    .filter(|(_, stored)| stored.is_some())
+                    .filter_map(|(c, _)| c.usage.as_ref())
+                    .collect();
+                Self::insert_usage_in(&mut *tx, &usage).await?;
+                let mut counts = Vec::with_capacity(batch.len());
+                let mut all = Vec::new();
+                for (c, stored) in batch.iter().zip(&idx) {
+                    if stored.is_some() {
+                        counts.push(c.events.len());
+                        all.extend(c.events.iter().cloned());
+                    } else {
+                        counts.push(0);
+                    }
+                }
+                let mut events = Self::append_events_tx(&mut tx, &all).await?.into_iter();
+                tx.commit().await?;
+                Ok(idx.into_iter().zip(counts).map(|(stored, n)| match stored {
+                    Some(idx) => Committed::Stored { idx, events: events.by_ref().take(n).collect() },
+                    None => Committed::LeaseLost,
+                }).collect())
+            }
+
+            async fn cancel_task(
+                &self,
+                workspace: keel_core::id::WorkspaceId,
+                id: keel_core::id::TaskId,
+                events: Vec<keel_core::event::NewEvent>,
+            ) -> $crate::Result<($crate::runtime::TaskRecord, Vec<keel_core::event::Event>)> {
+                let now = $crate::now();
+                let mut tx = self.pool.begin().await?;
+                let task = Self::task_in(&mut *tx, workspace, id).await?;
+                if task.status.is_terminal() {
+                    return Err($crate::Error::State { what: "task", state: format!("already {}", task.status) });
+                }
+                let row = sqlx::query(concat!(
+                    "UPDATE tasks SET status = 'canceled', queued = FALSE, lease_owner = NULL, lease_until = NULL, ",
+                    "updated_at = $2, finished_at = $2 WHERE id = $1 AND status NOT IN ('completed', 'canceled', 'failed', 'rejected') RETURNING ",
+                    $crate::runtime::task_columns!()
+                ))
+                .bind(id.as_uuid())
+                .bind(now)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or_else(|| $crate::Error::State { what: "task", state: "already finished".to_owned() })?;
+                if let Some(run) = task.run_id {
+                    sqlx::query("UPDATE runs SET status = 'canceled', finished_at = $2 WHERE id = $1 AND finished_at IS NULL")
+                        .bind(run.as_uuid())
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                let events = Self::append_events_tx(&mut tx, &events).await?;
+                tx.commit().await?;
+                Ok((Self::task_from_row(&row)?, events))
+            }
+
+            async fn submit_input(
+                &self,
+                workspace: keel_core::id::WorkspaceId,
+                id: keel_core::id::TaskId,
+                step: (String, serde_json::Value),
+                messages: Vec<$crate::runtime::NewMessage>,
+                finish: Option<keel_core::task::TaskStatus>,
+                events: Vec<keel_core::event::NewEvent>,
+            ) -> $crate::Result<($crate::runtime::TaskRecord, Vec<keel_core::event::Event>)> {
+                let now = $crate::now();
+                let mut tx = self.pool.begin().await?;
+                let task = Self::task_in(&mut *tx, workspace, id).await?;
+                if task.status != keel_core::task::TaskStatus::InputRequired {
+                    return Err($crate::runtime::not_waiting(task.status));
+                }
+                let run = task.run_id.ok_or_else(|| $crate::runtime::not_waiting(task.status))?;
+                let (status, queued, finished) = match finish {
+                    Some(status) => (status.as_str(), false, Some(now)),
+                    None => ("working", true, None),
+                };
+                let steps: Option<i64> = sqlx::query_scalar(
+                    "UPDATE tasks SET steps = steps + 1, status = $2, queued = $3, run_at = $4, updated_at = $4, finished_at = $5 \
+                     WHERE id = $1 AND status = 'input-required' RETURNING steps",
+                )
+                .bind(id.as_uuid())
+                .bind(status)
+                .bind(queued)
+                .bind(now)
+                .bind(finished)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let steps = steps.ok_or_else(|| $crate::runtime::not_waiting(task.status))?;
+                sqlx::query("INSERT INTO steps (task_id, idx, run_id, workspace_id, kind, data, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)")
+                    .bind(id.as_uuid())
+                    .bind(steps - 1)
+                    .bind(run.as_uuid())
+                    .bind(workspace.as_uuid())
+                    .bind(step.0.as_str())
+                    .bind(step.1.to_string())
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                Self::append_messages(&mut *tx, workspace, task.thread_id, id, run, &messages, now).await?;
+                sqlx::query("UPDATE runs SET status = $2, finished_at = $3 WHERE id = $1")
+                    .bind(run.as_uuid())
+                    .bind(match finish { Some(_) => "failed", None => "working" })
+                    .bind(finished)
+                    .execute(&mut *tx)
+                    .await?;
+                let events = Self::append_events_tx(&mut tx, &events).await?;
+                let task = Self::task_in(&mut *tx, workspace, id).await?;
+                tx.commit().await?;
+                Ok((task, events))
+            }
+
+            async fn replay_dead_letter(
+                &self,
+                workspace: keel_core::id::WorkspaceId,
+                id: keel_core::id::TaskId,
+                more_attempts: i64,
+                events: Vec<keel_core::event::NewEvent>,
+            ) -> $crate::Result<($crate::runtime::TaskRecord, Vec<keel_core::event::Event>)> {
+                let now = $crate::now();
+                let mut tx = self.pool.begin().await?;
+                let done = sqlx::query(
+                    "UPDATE tasks SET status = 'working', queued = TRUE, dead_lettered = FALSE, max_attempts = attempts + $3, \
+                     run_at = $4, updated_at = $4, finished_at = NULL, error = NULL WHERE id = $1 AND workspace_id = $2 AND dead_lettered",
+                )
+                .bind(id.as_uuid())
+                .bind(workspace.as_uuid())
+                .bind(more_attempts)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                if done.rows_affected() == 0 {
+                    return Err($crate::Error::NotFound { what: "dead letter" });
+                }
+                let events = Self::append_events_tx(&mut tx, &events).await?;
+                let task = Self::task_in(&mut *tx, workspace, id).await?;
+                tx.commit().await?;
+                Ok((task, events))
+            }
+
+            async fn discard_dead_letter(&self, workspace: keel_core::id::WorkspaceId, id: keel_core::id::TaskId) -> $crate::Result<()> {
+                let done = sqlx::query("UPDATE tasks SET dead_lettered = FALSE WHERE id = $1 AND workspace_id = $2 AND dead_lettered")
+                    .bind(id.as_uuid())
+                    .bind(workspace.as_uuid())
+                    .execute(&self.pool)
+                    .await?;
+                if done.rows_affected() == 0 {
+                    return Err($crate::Error::NotFound { what: "dead letter" });
+                }
+                Ok(())
+            }
+
+            async fn queue_depth(&self) -> $crate::Result<Vec<$crate::runtime::QueueDepth>> {
+                let mut depth = Vec::with_capacity(4);
+                for priority in [keel_core::task::Priority::Low, keel_core::task::Priority::Medium, keel_core::task::Priority::High, keel_core::task::Priority::Critical] {
+                    let waiting: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM tasks WHERE queued AND lease_owner IS NULL AND priority = $1")
+                        .bind(priority.rank())
+                        .fetch_one(&self.pool)
+                        .await?;
+                    let oldest: Option<time::OffsetDateTime> = if waiting == 0 {
+                        None
+                    } else {
+                        sqlx::query_scalar("SELECT created_at FROM tasks WHERE queued AND lease_owner IS NULL AND priority = $1 ORDER BY created_at LIMIT 1")
+                            .bind(priority.rank())
+                            .fetch_optional(&self.pool)
+                            .await?
+                    };
+                    depth.push($crate::runtime::QueueDepth { priority, waiting, oldest });
+                }
+                Ok(depth)
+            }
+
+            async fn task_counts(&self) -> $crate::Result<Vec<(keel_core::task::TaskStatus, i64)>> {
+                use sqlx::Row as _;
+                let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM tasks GROUP BY status")
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter().map(|r| {
+                    let s: String = r.try_get("status")?;
+                    Ok(($crate::runtime::status(&s)?, r.try_get("n")?))
+                }).collect()
+            }
+        }
+    };
+}
+pub(crate) use runtime_store;
