@@ -646,7 +646,10 @@ impl Config {
             push("runtime.max_depth", "must be between 0 and 16".to_owned());
         }
         if !(1..=10_000).contains(&self.runtime.max_batch) {
-            push("runtime.max_batch", "must be between 1 and 10000".to_owned());
+            push(
+                "runtime.max_batch",
+                "must be between 1 and 10000".to_owned(),
+            );
         }
         if let Some(url) = &self.nats.url {
             let url = url.expose_secret();

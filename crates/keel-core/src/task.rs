@@ -150,7 +150,10 @@ mod tests {
             assert_eq!(s.as_str().parse::<TaskStatus>(), Ok(s));
         }
         let err = "done".parse::<TaskStatus>().unwrap_err().to_string();
-        assert!(err.contains("input-required") && err.contains("\"done\""), "{err}");
+        assert!(
+            err.contains("input-required") && err.contains("\"done\""),
+            "{err}"
+        );
         assert!(TaskStatus::Completed.is_terminal());
         assert!(!TaskStatus::InputRequired.is_terminal());
     }
@@ -158,7 +161,12 @@ mod tests {
     #[test]
     fn priorities_order_and_round_trip_through_their_rank() {
         assert!(Priority::Critical > Priority::High && Priority::Medium > Priority::Low);
-        for p in [Priority::Low, Priority::Medium, Priority::High, Priority::Critical] {
+        for p in [
+            Priority::Low,
+            Priority::Medium,
+            Priority::High,
+            Priority::Critical,
+        ] {
             assert_eq!(Priority::from_rank(p.rank()), p);
         }
     }

@@ -148,7 +148,10 @@ pub async fn start(
             // predecessor's, and its runs resume now rather than when the lease expires.
             match store.expire_all_leases().await {
                 Ok(0) => {}
-                Ok(n) => tracing::info!(tasks = n, "resuming tasks a previous process left in flight"),
+                Ok(n) => tracing::info!(
+                    tasks = n,
+                    "resuming tasks a previous process left in flight"
+                ),
                 Err(e) => tracing::warn!(error = %e, "cannot release stale task leases"),
             }
         }
@@ -288,7 +291,8 @@ impl Runtime {
                                     tokio::spawn(self.clone().run(task, permit));
                                 }
                                 Err(_) => {
-                                    let _ = inner.store.release_leases(inner.owner, &[task.id]).await;
+                                    let _ =
+                                        inner.store.release_leases(inner.owner, &[task.id]).await;
                                 }
                             }
                         }
@@ -368,7 +372,9 @@ impl Runtime {
                 for d in depth {
                     let p = d.priority.as_str();
                     metrics::gauge!("keel_queue_depth", "priority" => p).set(d.waiting as f64);
-                    let age = d.oldest.map_or(0.0, |o| (now - o).as_seconds_f64().max(0.0));
+                    let age = d
+                        .oldest
+                        .map_or(0.0, |o| (now - o).as_seconds_f64().max(0.0));
                     metrics::gauge!("keel_queue_oldest_age_seconds", "priority" => p).set(age);
                 }
             }
@@ -405,14 +411,25 @@ impl Runtime {
 
     /// Releases the lease so the task resumes at once (here or elsewhere).
     async fn let_go(&self, id: TaskId) {
-        if let Err(e) = self.inner.store.release_leases(self.inner.owner, &[id]).await {
+        if let Err(e) = self
+            .inner
+            .store
+            .release_leases(self.inner.owner, &[id])
+            .await
+        {
             tracing::warn!(task_id = %id, error = %e, "cannot release a task's lease; it resumes when the lease expires");
         }
     }
 
     async fn spec(&self, task: &TaskRecord) -> Result<Arc<AgentSpec>, RunError> {
         let key = (task.agent_id, task.agent_version);
-        if let Some(spec) = self.inner.specs.lock().ok().and_then(|s| s.get(&key).cloned()) {
+        if let Some(spec) = self
+            .inner
+            .specs
+            .lock()
+            .ok()
+            .and_then(|s| s.get(&key).cloned())
+        {
             return Ok(spec);
         }
         let record = self
@@ -420,7 +437,8 @@ impl Runtime {
             .store
             .agent_version(task.workspace_id, task.agent_id, task.agent_version)
             .await?;
-        let spec = Arc::new(AgentSpec::from_json(record.spec).map_err(|e| RunError::Spec(e.to_string()))?);
+        let spec =
+            Arc::new(AgentSpec::from_json(record.spec).map_err(|e| RunError::Spec(e.to_string()))?);
         if let Ok(mut specs) = self.inner.specs.lock() {
             if specs.len() >= CACHE_ENTRIES {
                 specs.clear();
@@ -451,18 +469,29 @@ impl Runtime {
             .send(Pending { checkpoint, reply })
             .await
             .map_err(|_| RunError::Stopped)?;
-        let committed = answer.await.map_err(|_| RunError::Stopped)?.map_err(RunError::Store)?;
+        let committed = answer
+            .await
+            .map_err(|_| RunError::Stopped)?
+            .map_err(RunError::Store)?;
         metrics::histogram!("keel_checkpoint_wait_seconds").record(started.elapsed().as_secs_f64());
         Ok(committed)
     }
 
-    #[expect(clippy::too_many_lines, reason = "the run loop reads best as one piece")]
+    #[expect(
+        clippy::too_many_lines,
+        reason = "the run loop reads best as one piece"
+    )]
     async fn drive(&self, task: TaskRecord, token: &CancellationToken) -> Result<Exit, RunError> {
         let inner = &self.inner;
         let spec = match self.spec(&task).await {
             Ok(spec) => spec,
             Err(RunError::Spec(message)) => {
-                let run = Run::new(self, &task, task.run_id.unwrap_or_default(), Arc::new(placeholder_spec(&task)));
+                let run = Run::new(
+                    self,
+                    &task,
+                    task.run_id.unwrap_or_default(),
+                    Arc::new(placeholder_spec(&task)),
+                );
                 return run.fail_for_good("agent_spec", &message, false).await;
             }
             Err(e) => return Err(e),
@@ -475,12 +504,25 @@ impl Runtime {
             .is_some_and(|r| r.status == "working");
         let (run_id, begin) = if resume {
             let run_id = task.run_id.unwrap_or_default();
-            let event = event(&task, run_id, EventType::RunResumed, json!({
-                "attempt": task.attempts,
-                "after_step": task.steps,
-                "previous_owner": Value::Null,
-            }));
-            (run_id, BeginRun { task_id: task.id, owner: inner.owner, new_run: None, events: vec![event] })
+            let event = event(
+                &task,
+                run_id,
+                EventType::RunResumed,
+                json!({
+                    "attempt": task.attempts,
+                    "after_step": task.steps,
+                    "previous_owner": Value::Null,
+                }),
+            );
+            (
+                run_id,
+                BeginRun {
+                    task_id: task.id,
+                    owner: inner.owner,
+                    new_run: None,
+                    events: vec![event],
+                },
+            )
         } else {
             let run_id = RunId::new();
             let input = task
@@ -489,12 +531,28 @@ impl Runtime {
                 .map(|messages| {
                     messages
                         .iter()
-                        .map(|m| NewMessage { tokens: message_tokens(m), body: m.clone() })
+                        .map(|m| NewMessage {
+                            tokens: message_tokens(m),
+                            body: m.clone(),
+                        })
                         .collect()
                 })
                 .unwrap_or_default();
-            let event = event(&task, run_id, EventType::TaskStarted, json!({"attempt": task.attempts + 1}));
-            (run_id, BeginRun { task_id: task.id, owner: inner.owner, new_run: Some((run_id, input)), events: vec![event] })
+            let event = event(
+                &task,
+                run_id,
+                EventType::TaskStarted,
+                json!({"attempt": task.attempts + 1}),
+            );
+            (
+                run_id,
+                BeginRun {
+                    task_id: task.id,
+                    owner: inner.owner,
+                    new_run: Some((run_id, input)),
+                    events: vec![event],
+                },
+            )
         };
         tracing::Span::current().record("run_id", tracing::field::display(run_id));
         let state = match inner.store.begin_run(begin).await {
@@ -540,49 +598,84 @@ impl Runtime {
             .filter(|s| s.kind == "llm_call" || s.kind == "tool_call")
             .count();
         let tool_defs: Vec<Value> = spec.tools.iter().map(ToolSpec::definition).collect();
-        let started = state.task.started_at.unwrap_or_else(OffsetDateTime::now_utc);
+        let started = state
+            .task
+            .started_at
+            .unwrap_or_else(OffsetDateTime::now_utc);
         let deadline_at = started + spec.timeout;
 
         loop {
             if token.is_cancelled() {
-                return Ok(if inner.stop.is_cancelled() { Exit::Abandoned } else { Exit::LeaseLost });
+                return Ok(if inner.stop.is_cancelled() {
+                    Exit::Abandoned
+                } else {
+                    Exit::LeaseLost
+                });
             }
             let remaining = deadline_at - OffsetDateTime::now_utc();
             if remaining.is_negative() {
-                return run.fail_for_good("timeout", &format!("the task ran past its timeout of {:?}", spec.timeout), false).await;
+                return run
+                    .fail_for_good(
+                        "timeout",
+                        &format!("the task ran past its timeout of {:?}", spec.timeout),
+                        false,
+                    )
+                    .await;
             }
             let remaining = Duration::try_from(remaining).unwrap_or_default();
             if let Some(max) = spec.max_cost_usd
                 && run.cost_nanousd as f64 >= max * 1e9
             {
                 return run
-                    .fail_for_good("max_cost_usd", &format!("the task spent its limit of {max} USD"), false)
+                    .fail_for_good(
+                        "max_cost_usd",
+                        &format!("the task spent its limit of {max} USD"),
+                        false,
+                    )
                     .await;
             }
             let next = next_step(&turns);
             if !matches!(next, Next::Answer(_)) && run_steps >= spec.max_steps as usize {
                 return run
-                    .fail_for_good("max_steps", &format!("the run reached its limit of {} steps", spec.max_steps), false)
+                    .fail_for_good(
+                        "max_steps",
+                        &format!("the run reached its limit of {} steps", spec.max_steps),
+                        false,
+                    )
                     .await;
             }
             match next {
                 Next::Answer(output) => {
-                    let ev = event(&run.task, run_id, EventType::TaskCompleted, json!({
-                        "steps": run.steps,
-                        "output": output,
-                        "usage": {"input_tokens": run.input_tokens, "output_tokens": run.output_tokens, "cost_nanousd": run.cost_nanousd},
-                    }));
+                    let ev = event(
+                        &run.task,
+                        run_id,
+                        EventType::TaskCompleted,
+                        json!({
+                            "steps": run.steps,
+                            "output": output,
+                            "usage": {"input_tokens": run.input_tokens, "output_tokens": run.output_tokens, "cost_nanousd": run.cost_nanousd},
+                        }),
+                    );
                     let committed = self
-                        .commit(run.checkpoint(None, Vec::new(), Some(Finish::Completed { output }), vec![ev]))
+                        .commit(run.checkpoint(
+                            None,
+                            Vec::new(),
+                            Some(Finish::Completed { output }),
+                            vec![ev],
+                        ))
                         .await?;
-                    metrics::counter!("keel_tasks_finished_total", "status" => "completed").increment(1);
+                    metrics::counter!("keel_tasks_finished_total", "status" => "completed")
+                        .increment(1);
                     return Ok(settled(committed));
                 }
                 Next::Llm => {
                     let Some(start) = crate::context::fit(
                         system_tokens,
                         &turns.iter().map(|t| t.tokens).collect::<Vec<_>>(),
-                        &turns.iter().map(|t| t.message.role == "tool").collect::<Vec<_>>(),
+                        &turns
+                            .iter()
+                            .map(|t| t.message.role == "tool")
+                            .collect::<Vec<_>>(),
                         u64::from(spec.context_tokens),
                     ) else {
                         return run
@@ -617,16 +710,22 @@ impl Runtime {
                         answer = inner.router.chat(&request, observer.as_ref()) => answer,
                     };
                     let latency = t0.elapsed();
-                    metrics::histogram!("keel_step_seconds", "kind" => "llm_call").record(latency.as_secs_f64());
+                    metrics::histogram!("keel_step_seconds", "kind" => "llm_call")
+                        .record(latency.as_secs_f64());
                     let (response, served) = match answer {
                         Ok(ok) => ok,
                         Err(e) => {
-                            let retryable = !matches!(e, keel_llm::Error::Rejected(_) | keel_llm::Error::UnknownModel { .. });
+                            let retryable = !matches!(
+                                e,
+                                keel_llm::Error::Rejected(_) | keel_llm::Error::UnknownModel { .. }
+                            );
                             return run.fail_attempt("llm", &e.to_string(), retryable).await;
                         }
                     };
                     let Some(choice) = response.choices.into_iter().next() else {
-                        return run.fail_attempt("llm", "the model answered with no choices", true).await;
+                        return run
+                            .fail_attempt("llm", "the model answered with no choices", true)
+                            .await;
                     };
                     let mut message = choice.message;
                     message.role = "assistant".to_owned();
@@ -638,7 +737,12 @@ impl Runtime {
                             true,
                         ),
                     };
-                    let cost = keel_llm::cost_nanousd(input_tokens, output_tokens, served.input_price_per_mtok, served.output_price_per_mtok);
+                    let cost = keel_llm::cost_nanousd(
+                        input_tokens,
+                        output_tokens,
+                        served.input_price_per_mtok,
+                        served.output_price_per_mtok,
+                    );
                     let body = serde_json::to_value(&message).unwrap_or(Value::Null);
                     let tokens = message_tokens(&body);
                     let calls = message.tool_calls.as_ref().map_or(0, Vec::len);
@@ -646,7 +750,12 @@ impl Runtime {
                     let mut events = Vec::new();
                     let text = message.text();
                     if !text.is_empty() {
-                        events.push(event(&run.task, run_id, EventType::AgentMessage, json!({"role": "assistant", "content": text, "step": idx})));
+                        events.push(event(
+                            &run.task,
+                            run_id,
+                            EventType::AgentMessage,
+                            json!({"role": "assistant", "content": text, "step": idx}),
+                        ));
                     }
                     let data = json!({
                         "route": served.route,
@@ -678,7 +787,12 @@ impl Runtime {
                         outcome: "ok".to_owned(),
                         created_at: OffsetDateTime::now_utc(),
                     };
-                    let mut checkpoint = run.checkpoint(Some(("llm_call", data)), vec![NewMessage { body, tokens }], None, events);
+                    let mut checkpoint = run.checkpoint(
+                        Some(("llm_call", data)),
+                        vec![NewMessage { body, tokens }],
+                        None,
+                        events,
+                    );
                     checkpoint.input_tokens = i64::try_from(input_tokens).unwrap_or(i64::MAX);
                     checkpoint.output_tokens = i64::try_from(output_tokens).unwrap_or(i64::MAX);
                     checkpoint.cost_nanousd = i64::try_from(cost).unwrap_or(i64::MAX);
@@ -691,13 +805,24 @@ impl Runtime {
                     run.output_tokens += i64::try_from(output_tokens).unwrap_or(0);
                     run.cost_nanousd += i64::try_from(cost).unwrap_or(0);
                     run_steps += 1;
-                    turns.push(Turn { message, tokens: u64::try_from(tokens).unwrap_or(0), run_pos: Some(run_pos) });
+                    turns.push(Turn {
+                        message,
+                        tokens: u64::try_from(tokens).unwrap_or(0),
+                        run_pos: Some(run_pos),
+                    });
                     run_pos += 1;
                 }
                 Next::Tool(call, asked_at) => {
                     if run.tool_calls >= i64::from(spec.max_tool_calls) {
                         return run
-                            .fail_for_good("max_tool_calls", &format!("the task reached its limit of {} tool calls", spec.max_tool_calls), false)
+                            .fail_for_good(
+                                "max_tool_calls",
+                                &format!(
+                                    "the task reached its limit of {} tool calls",
+                                    spec.max_tool_calls
+                                ),
+                                false,
+                            )
                             .await;
                     }
                     let key = format!("{run_id}.{asked_at}.{}", call.id);
@@ -708,17 +833,30 @@ impl Runtime {
                     {
                         match approvals.get(&call.id) {
                             None => {
-                                let args: Value = serde_json::from_str(&call.function.arguments).unwrap_or(Value::String(call.function.arguments.clone()));
-                                let ev = event(&run.task, run_id, EventType::TaskInputRequired, json!({
-                                    "reason": "approval", "tool": call.function.name, "call_id": call.id, "arguments": args,
-                                }));
+                                let args: Value = serde_json::from_str(&call.function.arguments)
+                                    .unwrap_or(Value::String(call.function.arguments.clone()));
+                                let ev = event(
+                                    &run.task,
+                                    run_id,
+                                    EventType::TaskInputRequired,
+                                    json!({
+                                        "reason": "approval", "tool": call.function.name, "call_id": call.id, "arguments": args,
+                                    }),
+                                );
                                 let committed = self
-                                    .commit(run.checkpoint(None, Vec::new(), Some(Finish::InputRequired), vec![ev]))
+                                    .commit(run.checkpoint(
+                                        None,
+                                        Vec::new(),
+                                        Some(Finish::InputRequired),
+                                        vec![ev],
+                                    ))
                                     .await?;
                                 return Ok(settled(committed));
                             }
                             Some(decision) => {
-                                if let Some(edited) = decision.get("arguments").filter(|a| !a.is_null()) {
+                                if let Some(edited) =
+                                    decision.get("arguments").filter(|a| !a.is_null())
+                                {
                                     arguments = edited.to_string();
                                 }
                             }
@@ -729,42 +867,64 @@ impl Runtime {
                         None => tools::Outcome::refused(format!(
                             "there is no tool named {:?}; the tools are: {}",
                             call.function.name,
-                            spec.tools.iter().map(ToolSpec::name).collect::<Vec<_>>().join(", ")
+                            spec.tools
+                                .iter()
+                                .map(ToolSpec::name)
+                                .collect::<Vec<_>>()
+                                .join(", ")
                         )),
-                        Some(ToolSpec::Http(http)) => match tools::check_arguments(&http.parameters, &arguments) {
-                            Err(problem) => tools::Outcome::refused(problem),
-                            Ok(args) => {
-                                let breaker = self.breaker(run.task.agent_id, &http.name);
-                                let env = inner.env.clone();
-                                let env_fn = move |k: &str| env(k);
-                                tokio::select! {
-                                    () = token.cancelled() => continue,
-                                    () = tokio::time::sleep(remaining) => continue,
-                                    outcome = tools::call_http(&inner.http, http, &args, &key, &breaker, &env_fn) => outcome,
+                        Some(ToolSpec::Http(http)) => {
+                            match tools::check_arguments(&http.parameters, &arguments) {
+                                Err(problem) => tools::Outcome::refused(problem),
+                                Ok(args) => {
+                                    let breaker = self.breaker(run.task.agent_id, &http.name);
+                                    let env = inner.env.clone();
+                                    let env_fn = move |k: &str| env(k);
+                                    tokio::select! {
+                                        () = token.cancelled() => continue,
+                                        () = tokio::time::sleep(remaining) => continue,
+                                        outcome = tools::call_http(&inner.http, http, &args, &key, &breaker, &env_fn) => outcome,
+                                    }
                                 }
                             }
-                        },
+                        }
                         Some(ToolSpec::Agent(delegate)) => {
-                            match self.delegate(&run.task, delegate, &arguments, &key, token, remaining).await? {
+                            match self
+                                .delegate(&run.task, delegate, &arguments, &key, token, remaining)
+                                .await?
+                            {
                                 Some(outcome) => outcome,
                                 None => continue,
                             }
                         }
                     };
-                    metrics::histogram!("keel_step_seconds", "kind" => "tool_call").record(t0.elapsed().as_secs_f64());
+                    metrics::histogram!("keel_step_seconds", "kind" => "tool_call")
+                        .record(t0.elapsed().as_secs_f64());
                     let idx = run.steps;
-                    let args: Value = serde_json::from_str(&arguments).unwrap_or(Value::String(arguments.clone()));
-                    let duration_ms = u64::try_from(outcome.duration.as_millis()).unwrap_or(u64::MAX);
+                    let args: Value = serde_json::from_str(&arguments)
+                        .unwrap_or(Value::String(arguments.clone()));
+                    let duration_ms =
+                        u64::try_from(outcome.duration.as_millis()).unwrap_or(u64::MAX);
                     let events = vec![
-                        event(&run.task, run_id, EventType::ToolCall, json!({
-                            "tool": call.function.name, "call_id": call.id, "arguments": args, "idempotency_key": key, "step": idx,
-                        })),
-                        event(&run.task, run_id, EventType::ToolResult, json!({
-                            "tool": call.function.name, "call_id": call.id, "ok": outcome.ok,
-                            "result": if outcome.ok { Value::String(outcome.content.clone()) } else { Value::Null },
-                            "error": if outcome.ok { Value::Null } else { Value::String(outcome.content.clone()) },
-                            "duration_ms": duration_ms,
-                        })),
+                        event(
+                            &run.task,
+                            run_id,
+                            EventType::ToolCall,
+                            json!({
+                                "tool": call.function.name, "call_id": call.id, "arguments": args, "idempotency_key": key, "step": idx,
+                            }),
+                        ),
+                        event(
+                            &run.task,
+                            run_id,
+                            EventType::ToolResult,
+                            json!({
+                                "tool": call.function.name, "call_id": call.id, "ok": outcome.ok,
+                                "result": if outcome.ok { Value::String(outcome.content.clone()) } else { Value::Null },
+                                "error": if outcome.ok { Value::Null } else { Value::String(outcome.content.clone()) },
+                                "duration_ms": duration_ms,
+                            }),
+                        ),
                     ];
                     let reply = Message {
                         role: "tool".to_owned(),
@@ -779,7 +939,12 @@ impl Runtime {
                         "tool": call.function.name, "call_id": call.id, "ok": outcome.ok, "status": outcome.status,
                         "attempts": outcome.attempts, "duration_ms": duration_ms, "idempotency_key": key,
                     });
-                    let mut checkpoint = run.checkpoint(Some(("tool_call", data)), vec![NewMessage { body, tokens }], None, events);
+                    let mut checkpoint = run.checkpoint(
+                        Some(("tool_call", data)),
+                        vec![NewMessage { body, tokens }],
+                        None,
+                        events,
+                    );
                     checkpoint.tool_calls = 1;
                     if let Committed::LeaseLost = self.commit(checkpoint).await? {
                         return Ok(Exit::LeaseLost);
@@ -788,7 +953,11 @@ impl Runtime {
                     run.steps += 1;
                     run.tool_calls += 1;
                     run_steps += 1;
-                    turns.push(Turn { message: reply, tokens: u64::try_from(tokens).unwrap_or(0), run_pos: Some(run_pos) });
+                    turns.push(Turn {
+                        message: reply,
+                        tokens: u64::try_from(tokens).unwrap_or(0),
+                        run_pos: Some(run_pos),
+                    });
                     run_pos += 1;
                 }
             }
@@ -819,13 +988,19 @@ impl Runtime {
         let input = match serde_json::from_str::<Value>(arguments) {
             Ok(v) => match v.get("input").and_then(Value::as_str) {
                 Some(s) => s.to_owned(),
-                None => return refused("the arguments need an `input` string: what to ask the agent".to_owned()),
+                None => {
+                    return refused(
+                        "the arguments need an `input` string: what to ask the agent".to_owned(),
+                    );
+                }
             },
             Err(e) => return refused(format!("the arguments are not valid JSON ({e})")),
         };
         let agent = match inner.store.agent(parent.workspace_id, &tool.agent).await {
             Ok(a) => a,
-            Err(keel_store::Error::NotFound { .. }) => return refused(format!("there is no agent named {:?}", tool.agent)),
+            Err(keel_store::Error::NotFound { .. }) => {
+                return refused(format!("there is no agent named {:?}", tool.agent));
+            }
             Err(e) => return Err(e.into()),
         };
         let child = crate::tasks::NewTaskRequest {
@@ -848,18 +1023,31 @@ impl Runtime {
                 task
             }
             keel_store::runtime::Created::Existing(task) => task,
-            keel_store::runtime::Created::QueueFull { .. } => return refused("the task queue is full".to_owned()),
+            keel_store::runtime::Created::QueueFull { .. } => {
+                return refused("the task queue is full".to_owned());
+            }
         };
         let until = tokio::time::Instant::now() + remaining;
         loop {
             let task = inner.store.task(parent.workspace_id, child.id).await?;
             let done = |ok: bool, content: String| {
-                Ok(Some(tools::Outcome { ok, content, status: None, attempts: 1, duration: t0.elapsed() }))
+                Ok(Some(tools::Outcome {
+                    ok,
+                    content,
+                    status: None,
+                    attempts: 1,
+                    duration: t0.elapsed(),
+                }))
             };
             match task.status {
-                keel_core::task::TaskStatus::Completed => return done(true, task.output.unwrap_or_default()),
+                keel_core::task::TaskStatus::Completed => {
+                    return done(true, task.output.unwrap_or_default());
+                }
                 s if s.is_terminal() => {
-                    return done(false, format!("agent {} ended its task {} as {s}", tool.agent, task.id));
+                    return done(
+                        false,
+                        format!("agent {} ended its task {} as {s}", tool.agent, task.id),
+                    );
                 }
                 _ => {}
             }
@@ -934,18 +1122,33 @@ impl<'a> Run<'a> {
     }
 
     /// Ends the task as failed without retry (a limit, a broken spec).
-    async fn fail_for_good(&self, kind: &str, message: &str, dead_letter: bool) -> Result<Exit, RunError> {
+    async fn fail_for_good(
+        &self,
+        kind: &str,
+        message: &str,
+        dead_letter: bool,
+    ) -> Result<Exit, RunError> {
         let error = json!({"kind": kind, "message": message});
-        let mut events = vec![event(&self.task, self.run_id, EventType::TaskError, json!({
-            "attempt": self.task.attempts, "error": error, "will_retry": false,
-        }))];
+        let mut events = vec![event(
+            &self.task,
+            self.run_id,
+            EventType::TaskError,
+            json!({
+                "attempt": self.task.attempts, "error": error, "will_retry": false,
+            }),
+        )];
         if dead_letter {
             events.push(dead_letter_event(&self.task, self.run_id, message));
         }
         tracing::info!(kind, message, "task failed");
         let committed = self
             .rt
-            .commit(self.checkpoint(None, Vec::new(), Some(Finish::Failed { error, dead_letter }), events))
+            .commit(self.checkpoint(
+                None,
+                Vec::new(),
+                Some(Finish::Failed { error, dead_letter }),
+                events,
+            ))
             .await?;
         metrics::counter!("keel_tasks_finished_total", "status" => "failed").increment(1);
         Ok(settled(committed))
@@ -953,7 +1156,12 @@ impl<'a> Run<'a> {
 
     /// Ends this run as failed: the task is retried by a new run after a backoff, or —
     /// out of attempts, or not retryable — dead-lettered.
-    async fn fail_attempt(&self, kind: &str, message: &str, retryable: bool) -> Result<Exit, RunError> {
+    async fn fail_attempt(
+        &self,
+        kind: &str,
+        message: &str,
+        retryable: bool,
+    ) -> Result<Exit, RunError> {
         let attempts = self.task.attempts.max(1);
         let will_retry = retryable && attempts < self.task.max_attempts;
         if !will_retry {
@@ -966,22 +1174,42 @@ impl<'a> Run<'a> {
             .saturating_mul(1 << (attempts - 1).clamp(0, 10))
             .min(Duration::from_secs(300));
         let retry_at = OffsetDateTime::now_utc() + backoff;
-        let events = vec![event(&self.task, self.run_id, EventType::TaskError, json!({
-            "attempt": attempts, "error": error, "will_retry": true,
-        }))];
-        tracing::info!(kind, message, ?backoff, "run failed; the task will be retried");
+        let events = vec![event(
+            &self.task,
+            self.run_id,
+            EventType::TaskError,
+            json!({
+                "attempt": attempts, "error": error, "will_retry": true,
+            }),
+        )];
+        tracing::info!(
+            kind,
+            message,
+            ?backoff,
+            "run failed; the task will be retried"
+        );
         let committed = self
             .rt
-            .commit(self.checkpoint(None, Vec::new(), Some(Finish::Retry { error, retry_at }), events))
+            .commit(self.checkpoint(
+                None,
+                Vec::new(),
+                Some(Finish::Retry { error, retry_at }),
+                events,
+            ))
             .await?;
         Ok(settled(committed))
     }
 }
 
 fn dead_letter_event(task: &TaskRecord, run_id: RunId, reason: &str) -> NewEvent {
-    event(task, run_id, EventType::DeadLetterCreated, json!({
-        "queue": "tasks", "reason": reason, "attempts": task.attempts, "job_id": task.id.to_string(),
-    }))
+    event(
+        task,
+        run_id,
+        EventType::DeadLetterCreated,
+        json!({
+            "queue": "tasks", "reason": reason, "attempts": task.attempts, "job_id": task.id.to_string(),
+        }),
+    )
 }
 
 /// A spec good enough to fail a task whose stored spec no longer parses.
@@ -1022,8 +1250,14 @@ pub(crate) fn message_tokens(body: &Value) -> i64 {
     if let Some(calls) = body.get("tool_calls").and_then(Value::as_array) {
         for c in calls {
             if let Some(f) = c.get("function") {
-                n += f.get("name").and_then(Value::as_str).map_or(0, keel_llm::tokens::count);
-                n += f.get("arguments").and_then(Value::as_str).map_or(0, keel_llm::tokens::count);
+                n += f
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .map_or(0, keel_llm::tokens::count);
+                n += f
+                    .get("arguments")
+                    .and_then(Value::as_str)
+                    .map_or(0, keel_llm::tokens::count);
             }
         }
     }
@@ -1121,7 +1355,8 @@ async fn commit_loop(
                 _ => break,
             }
         }
-        metrics::histogram!("keel_checkpoint_commit_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("keel_checkpoint_commit_seconds")
+            .record(started.elapsed().as_secs_f64());
         metrics::histogram!("keel_checkpoint_batch_size").record(checkpoints.len() as f64);
         match result {
             Ok(outcomes) => {

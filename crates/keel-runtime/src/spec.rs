@@ -238,7 +238,12 @@ impl AgentSpec {
         toml::from_str(text).map_err(|e| {
             let field = e
                 .span()
-                .map(|s| format!("line {}", text[..s.start.min(text.len())].lines().count().max(1)))
+                .map(|s| {
+                    format!(
+                        "line {}",
+                        text[..s.start.min(text.len())].lines().count().max(1)
+                    )
+                })
                 .unwrap_or_else(|| "spec".to_owned());
             Invalid(vec![issue(field, e.message().to_owned())])
         })
@@ -304,18 +309,26 @@ impl AgentSpec {
             {
                 out.push(issue(
                     at("name"),
-                    format!("{name:?} is not a valid tool name: use 1 to 64 letters, digits, '_' or '-'"),
+                    format!(
+                        "{name:?} is not a valid tool name: use 1 to 64 letters, digits, '_' or '-'"
+                    ),
                 ));
             }
             if !seen.insert(name) {
-                out.push(issue(at("name"), format!("another tool is already named {name:?}")));
+                out.push(issue(
+                    at("name"),
+                    format!("another tool is already named {name:?}"),
+                ));
             }
             match tool {
                 ToolSpec::Http(t) => {
                     if !(t.url.starts_with("http://") || t.url.starts_with("https://"))
                         || reqwest::Url::parse(&t.url).is_err()
                     {
-                        out.push(issue(at("url"), format!("{:?} is not an http(s) URL", t.url)));
+                        out.push(issue(
+                            at("url"),
+                            format!("{:?} is not an http(s) URL", t.url),
+                        ));
                     }
                     if !["GET", "POST", "PUT", "PATCH", "DELETE"].contains(&t.method.as_str()) {
                         out.push(issue(
@@ -326,7 +339,10 @@ impl AgentSpec {
                     if !t.parameters.is_object() {
                         out.push(issue(at("parameters"), "must be a JSON Schema object"));
                     } else if let Err(e) = jsonschema::validator_for(&t.parameters) {
-                        out.push(issue(at("parameters"), format!("not a valid JSON Schema: {e}")));
+                        out.push(issue(
+                            at("parameters"),
+                            format!("not a valid JSON Schema: {e}"),
+                        ));
                     }
                     if t.timeout.is_zero() {
                         out.push(issue(at("timeout"), "must be longer than 0s"));
@@ -336,7 +352,10 @@ impl AgentSpec {
                     }
                     for (header, value) in &t.headers {
                         if reqwest::header::HeaderName::from_bytes(header.as_bytes()).is_err() {
-                            out.push(issue(at("headers"), format!("{header:?} is not a header name")));
+                            out.push(issue(
+                                at("headers"),
+                                format!("{header:?} is not a header name"),
+                            ));
                         }
                         if let Err(e) = env_refs(value) {
                             out.push(issue(at("headers"), format!("{header}: {e}")));
@@ -345,12 +364,19 @@ impl AgentSpec {
                 }
                 ToolSpec::Agent(t) => {
                     if !valid_agent_name(&t.agent) {
-                        out.push(issue(at("agent"), format!("{:?} is not a valid agent name", t.agent)));
+                        out.push(issue(
+                            at("agent"),
+                            format!("{:?} is not a valid agent name", t.agent),
+                        ));
                     }
                 }
             }
         }
-        if out.is_empty() { Ok(()) } else { Err(Invalid(out)) }
+        if out.is_empty() {
+            Ok(())
+        } else {
+            Err(Invalid(out))
+        }
     }
 
     /// The spec as stored (JSON).
@@ -391,7 +417,9 @@ pub fn env_refs(value: &str) -> Result<Vec<&str>, String> {
             .ok_or_else(|| "an unclosed `${` (write `${NAME}`)".to_owned())?;
         let name = &after[..end];
         if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-            return Err(format!("`${{{name}}}` is not an environment variable reference"));
+            return Err(format!(
+                "`${{{name}}}` is not an environment variable reference"
+            ));
         }
         refs.push(name);
         rest = &after[end + 1..];
@@ -407,7 +435,9 @@ pub fn expand_env(value: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<S
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
-        let end = after.find('}').ok_or_else(|| "an unclosed `${`".to_owned())?;
+        let end = after
+            .find('}')
+            .ok_or_else(|| "an unclosed `${`".to_owned())?;
         let name = &after[..end];
         out.push_str(&env(name).ok_or_else(|| format!("environment variable {name} is not set"))?);
         rest = &after[end + 1..];
@@ -458,15 +488,20 @@ headers = { "X-Token" = "${OPEN" }
         ] {
             assert!(fields.contains(&f), "{f} missing from {err}");
         }
-        assert!(err.to_string().contains("configured routes: default"), "{err}");
+        assert!(
+            err.to_string().contains("configured routes: default"),
+            "{err}"
+        );
     }
 
     #[test]
     fn unknown_fields_and_kinds_are_rejected_with_their_place() {
         let err = AgentSpec::from_toml("name = \"a\"\nmax_stepz = 3\n").unwrap_err();
         assert!(err.to_string().contains("max_stepz"), "{err}");
-        let err = AgentSpec::from_json(serde_json::json!({"name": "a", "tools": [{"kind": "ftp", "name": "x"}]}))
-            .unwrap_err();
+        let err = AgentSpec::from_json(
+            serde_json::json!({"name": "a", "tools": [{"kind": "ftp", "name": "x"}]}),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("ftp"), "{err}");
     }
 
@@ -477,17 +512,29 @@ headers = { "X-Token" = "${OPEN" }
             "variables": {"company": "Acme", "lang": "English"}
         }))
         .unwrap();
-        assert_eq!(spec.system_prompt(None).unwrap(), "You help Acme in English.");
+        assert_eq!(
+            spec.system_prompt(None).unwrap(),
+            "You help Acme in English."
+        );
         let overlay = serde_json::json!({"lang": "French"});
-        assert_eq!(spec.system_prompt(Some(&overlay)).unwrap(), "You help Acme in French.");
-        let bare = AgentSpec { variables: BTreeMap::new(), ..spec };
+        assert_eq!(
+            spec.system_prompt(Some(&overlay)).unwrap(),
+            "You help Acme in French."
+        );
+        let bare = AgentSpec {
+            variables: BTreeMap::new(),
+            ..spec
+        };
         assert!(bare.system_prompt(None).unwrap_err().contains("undefined"));
     }
 
     #[test]
     fn env_references_expand_and_a_missing_one_is_named() {
         let env = |k: &str| (k == "TOKEN").then(|| "s3cret".to_owned());
-        assert_eq!(expand_env("Bearer ${TOKEN}", &env).unwrap(), "Bearer s3cret");
+        assert_eq!(
+            expand_env("Bearer ${TOKEN}", &env).unwrap(),
+            "Bearer s3cret"
+        );
         assert!(expand_env("${NOPE}", &env).unwrap_err().contains("NOPE"));
         assert_eq!(env_refs("a ${X} b ${Y_2}").unwrap(), vec!["X", "Y_2"]);
     }

@@ -41,10 +41,11 @@ pub async fn create(
     store: &dyn keel_store::Store,
     r: NewTaskRequest<'_>,
 ) -> Result<Created, keel_store::Error> {
-    let spec = AgentSpec::from_json(r.agent.spec.clone()).map_err(|e| keel_store::Error::Corrupt {
-        what: "agent spec",
-        detail: e.to_string(),
-    })?;
+    let spec =
+        AgentSpec::from_json(r.agent.spec.clone()).map_err(|e| keel_store::Error::Corrupt {
+            what: "agent spec",
+            detail: e.to_string(),
+        })?;
     let id = TaskId::new();
     let mut created = NewEvent::new(
         EventType::TaskCreated,
@@ -98,7 +99,11 @@ pub fn input_messages(input: &Value) -> Result<Value, String> {
                 }
                 match m.get("content") {
                     Some(Value::String(_) | Value::Array(_)) => {}
-                    _ => return Err(format!("input[{i}].content: must be a string or an array of content parts")),
+                    _ => {
+                        return Err(format!(
+                            "input[{i}].content: must be a string or an array of content parts"
+                        ));
+                    }
                 }
             }
             Ok(input.clone())
@@ -148,8 +153,10 @@ mod tests {
     fn input_is_text_or_messages_and_a_bad_element_is_named() {
         assert_eq!(input_messages(&json!("hi")).unwrap()[0]["role"], "user");
         assert!(input_messages(&json!("")).is_err());
-        let err = input_messages(&json!([{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]))
-            .unwrap_err();
+        let err = input_messages(
+            &json!([{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]),
+        )
+        .unwrap_err();
         assert!(err.starts_with("input[1].role"), "{err}");
         let err = input_messages(&json!([{"role": "user"}])).unwrap_err();
         assert!(err.starts_with("input[0].content"), "{err}");

@@ -102,7 +102,8 @@ pub async fn call_http(
         };
         headers.insert(name, value);
     }
-    let method = reqwest::Method::from_bytes(tool.method.as_bytes()).unwrap_or(reqwest::Method::POST);
+    let method =
+        reqwest::Method::from_bytes(tool.method.as_bytes()).unwrap_or(reqwest::Method::POST);
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -120,7 +121,9 @@ pub async fn call_http(
         }
         let mut url = match reqwest::Url::parse(&tool.url) {
             Ok(url) => url,
-            Err(e) => return Outcome::refused(format!("tool {} has an invalid URL: {e}", tool.name)),
+            Err(e) => {
+                return Outcome::refused(format!("tool {} has an invalid URL: {e}", tool.name));
+            }
         };
         let with_query = method == reqwest::Method::GET || method == reqwest::Method::DELETE;
         if with_query && let Some(map) = arguments.as_object() {
@@ -152,7 +155,10 @@ pub async fn call_http(
                 let content = match (&body, ok) {
                     (Ok(text), true) => truncate(text),
                     (Ok(text), false) => format!("HTTP {}: {}", status.as_u16(), truncate(text)),
-                    (Err(e), _) => format!("HTTP {}: the answer could not be read: {e}", status.as_u16()),
+                    (Err(e), _) => format!(
+                        "HTTP {}: the answer could not be read: {e}",
+                        status.as_u16()
+                    ),
                 };
                 let ok = ok && body.is_ok();
                 (

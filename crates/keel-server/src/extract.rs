@@ -59,3 +59,26 @@ fn source_text(rejection: &JsonRejection) -> String {
     }
     err.to_string()
 }
+
+/// A JSON body that may be left out: no body at all (no `Content-Type`, no length or a
+/// zero one) is `T::default()`; anything else is read as [`AppJson`] is.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OptionalJson<T>(pub T);
+
+impl<T: DeserializeOwned + Default> FromRequest<AppState> for OptionalJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let headers = req.headers();
+        let empty = headers.get(axum::http::header::CONTENT_TYPE).is_none()
+            && headers
+                .get(axum::http::header::CONTENT_LENGTH)
+                .is_none_or(|v| v.as_bytes() == b"0");
+        if empty {
+            return Ok(Self(T::default()));
+        }
+        AppJson::<T>::from_request(req, state)
+            .await
+            .map(|AppJson(v)| Self(v))
+    }
+}

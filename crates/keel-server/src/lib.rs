@@ -34,6 +34,7 @@ mod generator;
 pub mod middleware;
 pub mod mock_llm;
 pub mod nats;
+pub mod runtime;
 pub mod schemas;
 pub mod telemetry;
 pub mod usage;
@@ -56,6 +57,8 @@ pub struct Parts {
     pub cache: Option<Arc<keel_llm::cache::ResponseCache>>,
     /// The event log.
     pub events: events::EventLog,
+    /// The agent runtime.
+    pub runtime: keel_runtime::Runtime,
     /// Cancelled to stop the server; readiness reports 503 from then on.
     pub shutdown: CancellationToken,
 }
@@ -76,6 +79,7 @@ struct Inner {
     metrics: PrometheusHandle,
     openapi_json: std::sync::OnceLock<axum::body::Bytes>,
     events: events::EventLog,
+    runtime: keel_runtime::Runtime,
     shutdown: CancellationToken,
 }
 
@@ -101,6 +105,7 @@ impl AppState {
                 metrics: telemetry::metrics(),
                 openapi_json: std::sync::OnceLock::new(),
                 events: parts.events,
+                runtime: parts.runtime,
                 shutdown: parts.shutdown,
             }),
         }
@@ -147,6 +152,11 @@ impl AppState {
         &self.inner.events
     }
 
+    /// The agent runtime.
+    pub fn runtime(&self) -> &keel_runtime::Runtime {
+        &self.inner.runtime
+    }
+
     pub(crate) fn shutdown_token(&self) -> &CancellationToken {
         &self.inner.shutdown
     }
@@ -173,6 +183,8 @@ impl AppState {
         (name = "keys", description = "API keys"),
         (name = "gateway", description = "OpenAI-compatible LLM gateway"),
         (name = "events", description = "The event log: live streams, history, schemas"),
+        (name = "agents", description = "Agents: versioned specs and their status"),
+        (name = "tasks", description = "Tasks, threads and the dead-letter queue"),
     ),
     modifiers(&BearerAuth),
 )]
@@ -219,17 +231,35 @@ pub fn app(state: AppState) -> Router {
         .routes(routes!(routes::ws::ws))
         .routes(routes!(routes::webhooks::list))
         .routes(routes!(routes::webhooks::get))
-        .routes(routes!(routes::webhooks::deliveries));
+        .routes(routes!(routes::webhooks::deliveries))
+        .routes(routes!(routes::agents::list))
+        .routes(routes!(routes::agents::get))
+        .routes(routes!(routes::agents::status))
+        .routes(routes!(routes::tasks::list))
+        .routes(routes!(routes::tasks::get))
+        .routes(routes!(routes::tasks::steps))
+        .routes(routes!(routes::tasks::messages))
+        .routes(routes!(routes::tasks::dead_letters));
     let member = OpenApiRouter::new()
         .routes(routes!(routes::gateway::chat_completions))
-        .routes(routes!(routes::gateway::embeddings));
+        .routes(routes!(routes::gateway::embeddings))
+        .routes(routes!(routes::tasks::create))
+        .routes(routes!(routes::tasks::cancel))
+        .routes(routes!(routes::tasks::input))
+        .routes(routes!(routes::tasks::create_thread))
+        .routes(routes!(routes::tasks::replay))
+        .routes(routes!(routes::tasks::discard));
     let admin = OpenApiRouter::new()
         .routes(routes!(routes::keys::create, routes::keys::list))
         .routes(routes!(routes::keys::revoke))
         .routes(routes!(routes::events::ping))
         .routes(routes!(routes::webhooks::create))
         .routes(routes!(routes::webhooks::delete))
-        .routes(routes!(routes::webhooks::redeliver));
+        .routes(routes!(routes::webhooks::redeliver))
+        .routes(routes!(routes::agents::create))
+        .routes(routes!(routes::agents::update))
+        .routes(routes!(routes::agents::delete))
+        .routes(routes!(routes::agents::reload));
 
     let (router, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(routes::system::healthz))

@@ -78,12 +78,19 @@ pub struct ScriptedToolCall {
     pub arguments: Value,
 }
 
-/// A script file: `{"replies": [...]}`, served in order, cycling.
+/// A script file: `{"replies": [...]}`, served in order, cycling — or, with
+/// `"by_turn": true`, chosen by the conversation itself: a request with N assistant
+/// messages gets reply N (the last reply once N runs past it). Scripting by turn makes an
+/// agent's conversation deterministic however many run at once, and after a crash resume.
+/// In a reply's `content`, `{{last}}` stands for the text of the request's last message.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Script {
     /// The replies.
     pub replies: Vec<ScriptedReply>,
+    /// Choose the reply by the number of assistant messages in the request.
+    #[serde(default)]
+    pub by_turn: bool,
 }
 
 impl Script {
@@ -355,8 +362,28 @@ fn next_reply(mock: &Mock, request: &ChatRequest) -> ScriptedReply {
             usage: Some(usage),
         };
     }
-    let i = mock.next_reply.fetch_add(1, Ordering::Relaxed) % replies.len();
-    replies[i].clone()
+    let mut reply = if mock.options.script.by_turn {
+        let turn = request
+            .messages
+            .iter()
+            .filter(|m| m.role == "assistant")
+            .count();
+        replies[turn.min(replies.len() - 1)].clone()
+    } else {
+        let i = mock.next_reply.fetch_add(1, Ordering::Relaxed) % replies.len();
+        replies[i].clone()
+    };
+    if let Some(content) = &mut reply.content
+        && content.contains("{{last}}")
+    {
+        let last = request
+            .messages
+            .last()
+            .map(Message::text)
+            .unwrap_or_default();
+        *content = content.replace("{{last}}", &last);
+    }
+    reply
 }
 
 fn usage_of(request: &ChatRequest, reply: &ScriptedReply) -> Usage {

@@ -27,8 +27,8 @@ use time::OffsetDateTime;
 mod error;
 pub mod events;
 mod migrate;
-pub mod runtime;
 pub mod postgres;
+pub mod runtime;
 mod sql;
 pub mod sqlite;
 #[cfg(feature = "testing")]

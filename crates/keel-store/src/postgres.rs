@@ -43,9 +43,12 @@ impl PgStore {
     /// the stream yields [`Commit::Resync`] and reconnects (notifications sent meanwhile
     /// are lost, so followers re-read the log).
     /// Leases the next runnable tasks (highest priority, then lowest virtual time).
-    const CLAIM_SQL: &'static str = concat!("UPDATE tasks SET lease_owner = $1, lease_until = $2 WHERE id IN (SELECT id FROM tasks \
+    const CLAIM_SQL: &'static str = concat!(
+        "UPDATE tasks SET lease_owner = $1, lease_until = $2 WHERE id IN (SELECT id FROM tasks \
          WHERE queued AND run_at <= $3 AND (lease_until IS NULL OR lease_until < $3) \
-         ORDER BY priority DESC, vt, id LIMIT $4 FOR UPDATE SKIP LOCKED) RETURNING ", crate::runtime::task_columns!());
+         ORDER BY priority DESC, vt, id LIMIT $4 FOR UPDATE SKIP LOCKED) RETURNING ",
+        crate::runtime::task_columns!()
+    );
     /// Gives a new task of workspace `$1` its virtual time: one past the later of its
     /// lane's last and the queue's clock.
     const LANE_SQL: &'static str = "INSERT INTO queue_lanes (workspace_id, last_vt) \

@@ -531,10 +531,11 @@ pub(crate) fn json(what: &'static str, text: &str) -> Result<serde_json::Value> 
 }
 
 pub(crate) fn status(text: &str) -> Result<TaskStatus> {
-    text.parse().map_err(|e: keel_core::Error| crate::Error::Corrupt {
-        what: "task status",
-        detail: e.to_string(),
-    })
+    text.parse()
+        .map_err(|e: keel_core::Error| crate::Error::Corrupt {
+            what: "task status",
+            detail: e.to_string(),
+        })
 }
 
 /// The task-status phrase for a `State` error.
@@ -693,7 +694,8 @@ macro_rules! runtime_store {
                     .bind(n)
                     .fetch_one(&mut *conn)
                     .await?;
-                let first = next - n;
+                // Seqs start at 1, so `after = 0` reads a thread from its start.
+                let first = next - n + 1;
                 let mut qb = sqlx::QueryBuilder::<$db>::new(
                     "INSERT INTO messages (thread_id, seq, workspace_id, task_id, run_id, body, tokens, created_at) ",
                 );

@@ -559,11 +559,15 @@ async fn append(o: &Options) -> anyhow::Result<Append> {
     let (usage, usage_writer) = keel_server::usage::start(store.clone());
     let (events, event_tasks) = keel_server::events::start(store.clone(), &config).await?;
     let shutdown = CancellationToken::new();
+    let router = Arc::new(router);
+    let (runtime, runtime_tasks) =
+        keel_server::runtime::start(store.clone(), router.clone(), &events, &config).await?;
     let state = keel_server::AppState::new(keel_server::Parts {
         store: store.clone(),
         events: events.clone(),
+        runtime,
         config,
-        router: Arc::new(router),
+        router,
         usage,
         cache: None,
         shutdown: shutdown.clone(),
@@ -626,6 +630,7 @@ async fn append(o: &Options) -> anyhow::Result<Append> {
     let follows = followers.finish().await;
     shutdown.cancel();
     let _ = serving.await;
+    runtime_tasks.finish().await;
     usage_writer.finish().await;
     event_tasks.finish().await;
     store.close().await;

@@ -548,11 +548,24 @@ async fn serve_with_telemetry(config: Config, started: Instant) -> anyhow::Resul
     let (events, event_tasks) = keel_server::events::start(store.clone(), &config)
         .await
         .context("cannot start the event log")?;
+    let router = Arc::new(router);
+    let (runtime, runtime_tasks) =
+        keel_server::runtime::start(store.clone(), router.clone(), &events, &config)
+            .await
+            .context("cannot start the agent runtime")?;
+    load_agents(store.as_ref(), &router, &config).await?;
+    tokio::spawn(reload_on_sighup(
+        store.clone(),
+        router.clone(),
+        config.clone(),
+        shutdown.clone(),
+    ));
     let state = AppState::new(Parts {
         store: store.clone(),
         events,
+        runtime,
         config: config.clone(),
-        router: Arc::new(router),
+        router,
         usage,
         cache: keel_server::gateway::cache(&config).await,
         shutdown: shutdown.clone(),
@@ -569,6 +582,8 @@ async fn serve_with_telemetry(config: Config, started: Instant) -> anyhow::Resul
         "listening"
     );
     let served = server.run().await.context("server failed");
+    // Runs in progress stop here and resume from their last checkpoint after restart.
+    runtime_tasks.finish().await;
     // In-flight requests are done; write every usage record still queued.
     usage_writer.finish().await;
     event_tasks.finish().await;
@@ -576,6 +591,58 @@ async fn serve_with_telemetry(config: Config, started: Instant) -> anyhow::Resul
     store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Loads `runtime.agents_dir` into `runtime.agents_workspace` (created if needed).
+async fn load_agents(
+    store: &dyn keel_store::Store,
+    router: &keel_llm::Router,
+    config: &Config,
+) -> anyhow::Result<()> {
+    let name = WorkspaceName::parse(&config.runtime.agents_workspace)
+        .context("runtime.agents_workspace")?;
+    let dir = &config.runtime.agents_dir;
+    if !dir.is_dir() {
+        return Ok(());
+    }
+    let workspace = store
+        .ensure_workspace(&name)
+        .await
+        .context("cannot create the agents workspace")?;
+    let loaded = keel_server::runtime::load_agents(store, router, workspace.id, dir)
+        .await
+        .context("cannot store agent specs")?;
+    tracing::info!(
+        dir = %dir.display(),
+        workspace = %name,
+        stored = ?loaded.stored,
+        rejected = loaded.rejected.len(),
+        "agent specs loaded"
+    );
+    Ok(())
+}
+
+/// Reloads the agent specs on every SIGHUP.
+async fn reload_on_sighup(
+    store: Arc<dyn keel_store::Store>,
+    router: Arc<keel_llm::Router>,
+    config: Arc<Config>,
+    shutdown: CancellationToken,
+) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; reload agents with `keel agents reload`");
+        return;
+    };
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = hup.recv() => {}
+        }
+        tracing::info!(signal = "SIGHUP", "reloading agent specs");
+        if let Err(e) = load_agents(store.as_ref(), &router, &config).await {
+            tracing::warn!(error = format!("{e:#}"), "agent reload failed");
+        }
+    }
 }
 
 /// Cancels `shutdown` on the first SIGTERM or SIGINT.

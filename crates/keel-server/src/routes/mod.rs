@@ -2,10 +2,12 @@
 //! domain types, call the store, shape the response. Authorisation is not here: it is
 //! applied per route group in [`crate::app`].
 
+pub(crate) mod agents;
 pub(crate) mod events;
 pub(crate) mod gateway;
 pub(crate) mod keys;
 pub(crate) mod system;
+pub(crate) mod tasks;
 pub(crate) mod usage;
 pub(crate) mod webhooks;
 pub(crate) mod workspaces;
@@ -22,6 +24,10 @@ pub(crate) const WORKSPACES: &str = "workspaces";
 pub(crate) const GATEWAY: &str = "gateway";
 /// The OpenAPI tag for the event log.
 pub(crate) const EVENTS: &str = "events";
+/// The OpenAPI tag for agents.
+pub(crate) const AGENTS: &str = "agents";
+/// The OpenAPI tag for tasks, threads and dead letters.
+pub(crate) const TASKS: &str = "tasks";
 /// The OpenAPI tag for key endpoints.
 pub(crate) const KEYS: &str = "keys";
 

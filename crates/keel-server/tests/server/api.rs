@@ -46,11 +46,17 @@ pub async fn state_for(
     let (events, _tasks) = keel_server::events::start(store.clone(), &cfg)
         .await
         .unwrap();
+    let router = Arc::new(router);
+    let (runtime, _runtime_tasks) =
+        keel_server::runtime::start(store.clone(), router.clone(), &events, &cfg)
+            .await
+            .unwrap();
     AppState::new(keel_server::Parts {
         store,
         events,
+        runtime,
         config: Arc::new(cfg),
-        router: Arc::new(router),
+        router,
         usage,
         cache,
         shutdown,

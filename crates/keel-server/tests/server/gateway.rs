@@ -585,11 +585,17 @@ async fn a_redis_cache_is_shared_by_instances() {
     let (events, _tasks) = keel_server::events::start(g.store.clone(), &cfg)
         .await
         .unwrap();
+    let router = Arc::new(router);
+    let (runtime, _runtime_tasks) =
+        keel_server::runtime::start(g.store.clone(), router.clone(), &events, &cfg)
+            .await
+            .unwrap();
     let second = app(AppState::new(keel_server::Parts {
         store: g.store.clone(),
         events,
+        runtime,
         config: Arc::new(cfg),
-        router: Arc::new(router),
+        router,
         usage,
         cache: Some(cache),
         shutdown: CancellationToken::new(),

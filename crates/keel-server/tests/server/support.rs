@@ -78,12 +78,18 @@ pub async fn gateway_with(models_toml: &str, replies: Vec<ScriptedReply>) -> Gat
     let (events, _tasks) = keel_server::events::start(store.clone(), &cfg)
         .await
         .unwrap();
+    let router = Arc::new(router);
+    let (runtime, _runtime_tasks) =
+        keel_server::runtime::start(store.clone(), router.clone(), &events, &cfg)
+            .await
+            .unwrap();
     let state = AppState::new(keel_server::Parts {
         store: store.clone(),
         events,
+        runtime,
         cache: keel_server::gateway::cache(&cfg).await,
         config: Arc::new(cfg),
-        router: Arc::new(router),
+        router,
         usage,
         shutdown: CancellationToken::new(),
     });

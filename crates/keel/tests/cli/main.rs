@@ -9,6 +9,7 @@
     reason = "test code: a failed unwrap is a failed test"
 )]
 
+mod agents;
 mod config;
 mod events;
 mod gateway;
