@@ -284,6 +284,9 @@ impl Runtime {
                     .await
                 {
                     Ok(tasks) => {
+                        if !tasks.is_empty() {
+                            tracing::debug!(claimed = tasks.len(), free, "claimed tasks");
+                        }
                         let full = tasks.len() == want;
                         for task in tasks {
                             match inner.slots.clone().try_acquire_owned() {
@@ -525,19 +528,17 @@ impl Runtime {
             )
         } else {
             let run_id = RunId::new();
-            let input = task
-                .input
-                .as_array()
-                .map(|messages| {
-                    messages
-                        .iter()
-                        .map(|m| NewMessage {
-                            tokens: message_tokens(m),
-                            body: m.clone(),
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
+            let bodies = task.input.as_array().cloned().unwrap_or_default();
+            let input = off_thread(move || {
+                bodies
+                    .into_iter()
+                    .map(|m| NewMessage {
+                        tokens: message_tokens(&m),
+                        body: m,
+                    })
+                    .collect()
+            })
+            .await;
             let event = event(
                 &task,
                 run_id,
@@ -561,12 +562,21 @@ impl Runtime {
             Err(e) => return Err(e.into()),
         };
         inner.sink.publish(&state.events);
+        tracing::debug!(
+            resume,
+            steps = state.steps.len(),
+            messages = state.messages.len(),
+            "run began"
+        );
         let mut run = Run::new(self, &state.task, run_id, spec.clone());
         let system = match spec.system_prompt(state.task.metadata.get("variables")) {
             Ok(text) => text,
             Err(message) => return run.fail_for_good("agent_spec", &message, false).await,
         };
-        let system_tokens = keel_llm::tokens::count(&system);
+        let system_tokens = {
+            let system = system.clone();
+            off_thread(move || keel_llm::tokens::count(&system)).await
+        };
         let mut turns: Vec<Turn> = Vec::with_capacity(state.messages.len() + 8);
         let mut run_pos = 0;
         for m in state.messages {
@@ -733,7 +743,10 @@ impl Runtime {
                         Some(u) => (u.prompt_tokens, u.completion_tokens, false),
                         None => (
                             system_tokens + turns[start..].iter().map(|t| t.tokens).sum::<u64>(),
-                            keel_llm::tokens::count(&message.text()),
+                            {
+                                let text = message.text();
+                                off_thread(move || keel_llm::tokens::count(&text)).await
+                            },
                             true,
                         ),
                     };
@@ -744,7 +757,10 @@ impl Runtime {
                         served.output_price_per_mtok,
                     );
                     let body = serde_json::to_value(&message).unwrap_or(Value::Null);
-                    let tokens = message_tokens(&body);
+                    let tokens = {
+                        let body = body.clone();
+                        off_thread(move || message_tokens(&body)).await
+                    };
                     let calls = message.tool_calls.as_ref().map_or(0, Vec::len);
                     let idx = run.steps;
                     let mut events = Vec::new();
@@ -934,7 +950,10 @@ impl Runtime {
                         extra: serde_json::Map::new(),
                     };
                     let body = serde_json::to_value(&reply).unwrap_or(Value::Null);
-                    let tokens = message_tokens(&body);
+                    let tokens = {
+                        let body = body.clone();
+                        off_thread(move || message_tokens(&body)).await
+                    };
                     let data = json!({
                         "tool": call.function.name, "call_id": call.id, "ok": outcome.ok, "status": outcome.status,
                         "attempts": outcome.attempts, "duration_ms": duration_ms, "idempotency_key": key,
@@ -1238,6 +1257,12 @@ pub(crate) fn event(task: &TaskRecord, run_id: RunId, kind: EventType, data: Val
     e.agent_id = Some(task.agent_id);
     e.run_id = Some(run_id);
     e
+}
+
+/// Runs CPU-bound work (tokenizing: its first use loads the tokenizer's tables) on the
+/// blocking pool, never on the async workers.
+async fn off_thread<T: Send + Default + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(work).await.unwrap_or_default()
 }
 
 /// The tokens of a stored chat message (its text, plus its tool calls' names and

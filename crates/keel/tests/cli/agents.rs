@@ -14,10 +14,19 @@ use axum::http::HeaderMap;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 
-use crate::support::{Keel, assert_problem, client, create_key, keel_command};
+use crate::support::{Keel, assert_problem, client, create_key, eventually, keel_command};
 
 /// Starts `keel mock-llm` with a by-turn script; returns the process and its base URL.
 pub async fn mock_llm(dir: &Path, replies: Value) -> (tokio::process::Child, String) {
+    mock_llm_slow(dir, replies, 0).await
+}
+
+/// [`mock_llm`] with `latency_ms` added before every answer.
+pub async fn mock_llm_slow(
+    dir: &Path,
+    replies: Value,
+    latency_ms: u64,
+) -> (tokio::process::Child, String) {
     let script = dir.join("script.json");
     std::fs::write(
         &script,
@@ -25,11 +34,18 @@ pub async fn mock_llm(dir: &Path, replies: Value) -> (tokio::process::Child, Str
     )
     .unwrap();
     let mut cmd: tokio::process::Command = keel_command(dir).into();
-    cmd.args(["mock-llm", "--port", "0", "--script"])
-        .arg(&script)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .kill_on_drop(true);
+    cmd.args([
+        "mock-llm",
+        "--port",
+        "0",
+        "--latency-ms",
+        &latency_ms.to_string(),
+        "--script",
+    ])
+    .arg(&script)
+    .stderr(Stdio::piped())
+    .stdout(Stdio::null())
+    .kill_on_drop(true);
     let mut child = cmd.spawn().unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
@@ -367,4 +383,86 @@ async fn bad_requests_are_named_and_create_nothing() {
         .unwrap();
     let p = assert_problem(res, 409).await;
     assert!(p["detail"].as_str().unwrap().contains("completed"), "{p}");
+}
+
+/// Counts a workspace's tasks in `status`.
+async fn count(keel: &Keel, key: &str, status: &str) -> usize {
+    let page = get(keel, key, &format!("/v1/tasks?status={status}&limit=500")).await;
+    page["data"].as_array().unwrap().len()
+}
+
+#[tokio::test]
+async fn kill_9_mid_run_twice_and_every_task_completes_with_each_side_effect_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tools, tools_url) = Tools::start().await;
+    tools.delay(300);
+    let (_mock, mock_url) = mock_llm_slow(dir.path(), lookup_script(), 40).await;
+    configure(
+        dir.path(),
+        &mock_url,
+        "lease = \"2s\"",
+        &[("helper", lookup_agent("helper", &tools_url, ""))],
+    );
+    let key = create_key(dir.path(), "acme", "member", &[]);
+    let mut keel = Keel::start(dir.path(), &[]).await;
+    const TASKS: usize = 30;
+    for i in 0..TASKS {
+        let res = post_task(
+            &keel,
+            &key,
+            json!({"agent": "helper", "input": format!("question {i}"), "mode": "background"}),
+        )
+        .await;
+        assert_eq!(res.status(), 202);
+    }
+    // First kill: some tool calls done, others in flight, LLM calls in between.
+    eventually(Duration::from_secs(20), "tool calls under way", || async {
+        tools.requests() >= 6
+    })
+    .await;
+    keel.signal("-KILL");
+    keel.wait(Duration::from_secs(10)).await;
+    let before = tools.requests();
+    keel = Keel::start(dir.path(), &[]).await;
+    // Second kill, later in the work.
+    eventually(Duration::from_secs(20), "more tool calls", || async {
+        tools.requests() >= before + 8
+    })
+    .await;
+    keel.signal("-KILL");
+    keel.wait(Duration::from_secs(10)).await;
+    let keel = Keel::start(dir.path(), &[]).await;
+    eventually(Duration::from_secs(60), "every task completed", || {
+        let (keel, key) = (&keel, &key);
+        async move { count(keel, key, "completed").await == TASKS }
+    })
+    .await;
+
+    let effects = tools.effects();
+    assert_eq!(effects.len(), TASKS, "one tool side effect per task");
+    assert!(
+        effects.values().all(|&n| n == 1),
+        "a side effect ran twice: {effects:?}"
+    );
+    let page = get(&keel, &key, "/v1/tasks?limit=500").await;
+    let mut resumed = 0;
+    for task in page["data"].as_array().unwrap() {
+        assert_eq!(task["steps"], 3, "{task}");
+        assert_eq!(task["tool_calls"], 1, "{task}");
+        assert_eq!(
+            task["attempts"], 1,
+            "a crash resumes the run, it does not start another: {task}"
+        );
+        let id = task["id"].as_str().unwrap();
+        let events = get(
+            &keel,
+            &key,
+            &format!("/v1/events?format=json&task_id={id}&types=run.resumed"),
+        )
+        .await;
+        resumed += events["data"].as_array().unwrap().len();
+        let out = task["output"].as_str().unwrap();
+        assert!(out.contains("Oslo"), "{out}");
+    }
+    assert!(resumed > 0, "some runs were interrupted and resumed");
 }
