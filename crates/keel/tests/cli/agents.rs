@@ -466,3 +466,546 @@ async fn kill_9_mid_run_twice_and_every_task_completes_with_each_side_effect_onc
     }
     assert!(resumed > 0, "some runs were interrupted and resumed");
 }
+
+async fn post_json(keel: &Keel, key: &str, path: &str, body: Value) -> reqwest::Response {
+    client()
+        .post(keel.url(path))
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Waits until the task reaches `status` and returns it.
+async fn settle(keel: &Keel, key: &str, id: &str, status: &str) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..300 {
+        last = get(keel, key, &format!("/v1/tasks/{id}")).await;
+        if last["status"] == status {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("task {id} did not reach {status}: {last}");
+}
+
+#[tokio::test]
+async fn a_tool_that_needs_approval_waits_for_approve_edit_or_reject() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tools, tools_url) = Tools::start().await;
+    let (_mock, mock_url) = mock_llm(dir.path(), lookup_script()).await;
+    let spec = lookup_agent("careful", &tools_url, "").replace(
+        "[[tools]]\nkind = \"http\"",
+        "[[tools]]\nkind = \"http\"\nrequires_approval = true",
+    );
+    configure(dir.path(), &mock_url, "", &[("careful", spec)]);
+    let key = create_key(dir.path(), "acme", "member", &[]);
+    let keel = Keel::start(dir.path(), &[]).await;
+    let ask = || post_task(&keel, &key, json!({"agent": "careful", "input": "Oslo?"}));
+
+    // Approve: the call runs as the model asked.
+    let task: Value = ask().await.json().await.unwrap();
+    assert_eq!(task["status"], "input-required", "{task}");
+    let id = task["id"].as_str().unwrap();
+    let events = get(
+        &keel,
+        &key,
+        &format!("/v1/events?format=json&task_id={id}&types=task.input_required"),
+    )
+    .await;
+    let waiting = &events["data"][0]["data"];
+    assert_eq!(waiting["reason"], "approval");
+    assert_eq!(waiting["tool"], "lookup");
+    assert_eq!(waiting["arguments"], json!({"city": "Oslo"}));
+    assert_eq!(tools.requests(), 0, "nothing runs before the approval");
+    let res = post_json(
+        &keel,
+        &key,
+        &format!("/v1/tasks/{id}/input"),
+        json!({"action": "approve"}),
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+    let done = settle(&keel, &key, id, "completed").await;
+    assert!(done["output"].as_str().unwrap().contains("Oslo"), "{done}");
+    let steps = get(&keel, &key, &format!("/v1/tasks/{id}/steps")).await;
+    let kinds: Vec<&str> = steps["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["llm_call", "approval", "tool_call", "llm_call"]);
+
+    // Edit: the call runs with the human's arguments.
+    let task: Value = ask().await.json().await.unwrap();
+    let id = task["id"].as_str().unwrap();
+    let res = post_json(
+        &keel,
+        &key,
+        &format!("/v1/tasks/{id}/input"),
+        json!({"action": "edit", "arguments": {"city": "Bergen"}}),
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+    let done = settle(&keel, &key, id, "completed").await;
+    assert!(
+        done["output"].as_str().unwrap().contains("Bergen"),
+        "{done}"
+    );
+    assert_eq!(tools.args().last(), Some(&json!({"city": "Bergen"})));
+
+    // Reject: the call does not run; the model is told and goes on.
+    let before = tools.requests();
+    let task: Value = ask().await.json().await.unwrap();
+    let id = task["id"].as_str().unwrap();
+    let p = assert_problem(
+        post_json(
+            &keel,
+            &key,
+            &format!("/v1/tasks/{id}/input"),
+            json!({"action": "maybe"}),
+        )
+        .await,
+        400,
+    )
+    .await;
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap()
+            .contains("approve, edit or reject"),
+        "{p}"
+    );
+    let res = post_json(
+        &keel,
+        &key,
+        &format!("/v1/tasks/{id}/input"),
+        json!({"action": "reject", "message": "not Oslo"}),
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+    let done = settle(&keel, &key, id, "completed").await;
+    assert!(
+        done["output"]
+            .as_str()
+            .unwrap()
+            .contains("Rejected by a human: not Oslo"),
+        "{done}"
+    );
+    assert_eq!(tools.requests(), before, "a rejected call never runs");
+
+    // Reject and end: the task is `rejected`.
+    let task: Value = ask().await.json().await.unwrap();
+    let id = task["id"].as_str().unwrap();
+    let res = post_json(
+        &keel,
+        &key,
+        &format!("/v1/tasks/{id}/input"),
+        json!({"action": "reject", "end_task": true}),
+    )
+    .await;
+    let task: Value = res.json().await.unwrap();
+    assert_eq!(task["status"], "rejected", "{task}");
+    assert_eq!(tools.requests(), before);
+}
+
+#[tokio::test]
+async fn cancel_during_a_tool_call_abandons_it_and_the_task_stays_canceled() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tools, tools_url) = Tools::start().await;
+    tools.delay(3_000);
+    let (_mock, mock_url) = mock_llm(dir.path(), lookup_script()).await;
+    configure(
+        dir.path(),
+        &mock_url,
+        "",
+        &[("helper", lookup_agent("helper", &tools_url, ""))],
+    );
+    let key = create_key(dir.path(), "acme", "member", &[]);
+    let keel = Keel::start(dir.path(), &[]).await;
+    let task: Value = post_task(
+        &keel,
+        &key,
+        json!({"agent": "helper", "input": "x", "mode": "background"}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let id = task["id"].as_str().unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the tool call is in flight",
+        || async { tools.requests() == 1 },
+    )
+    .await;
+    let res = post_json(
+        &keel,
+        &key,
+        &format!("/v1/tasks/{id}/cancel"),
+        json!({"reason": "changed my mind"}),
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+    let task: Value = res.json().await.unwrap();
+    assert_eq!(task["status"], "canceled");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let task = get(&keel, &key, &format!("/v1/tasks/{id}")).await;
+    assert_eq!(task["status"], "canceled", "{task}");
+    assert_eq!(
+        task["steps"], 1,
+        "the abandoned tool call was not checkpointed: {task}"
+    );
+    let events = get(&keel, &key, &format!("/v1/events?format=json&task_id={id}")).await;
+    let types: Vec<&str> = events["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["task.created", "task.started", "task.canceled"]);
+    assert_eq!(events["data"][2]["data"]["reason"], "changed my mind");
+    let p = assert_problem(
+        post_json(&keel, &key, &format!("/v1/tasks/{id}/cancel"), json!({})).await,
+        409,
+    )
+    .await;
+    assert!(p["detail"].as_str().unwrap().contains("canceled"), "{p}");
+    // Cancel without a body works too.
+    let task: Value = post_task(
+        &keel,
+        &key,
+        json!({"agent": "helper", "input": "y", "mode": "background"}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let res = client()
+        .post(keel.url(&format!(
+            "/v1/tasks/{}/cancel",
+            task["id"].as_str().unwrap()
+        )))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+}
+
+#[tokio::test]
+async fn each_limit_fails_the_task_with_a_reason_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tools, tools_url) = Tools::start().await;
+    tools.delay(2_500);
+    let (_mock, mock_url) = mock_llm(dir.path(), lookup_script()).await;
+    configure(
+        dir.path(),
+        &mock_url,
+        "",
+        &[
+            ("steps", lookup_agent("steps", &tools_url, "max_steps = 1")),
+            (
+                "calls",
+                lookup_agent("calls", &tools_url, "max_tool_calls = 0"),
+            ),
+            ("slow", lookup_agent("slow", &tools_url, "timeout = \"1s\"")),
+            (
+                "costly",
+                lookup_agent("costly", &tools_url, "max_cost_usd = 0.0000001"),
+            ),
+            (
+                "tight",
+                lookup_agent("tight", &tools_url, "context_tokens = 256"),
+            ),
+        ],
+    );
+    let key = create_key(dir.path(), "acme", "member", &[]);
+    let keel = Keel::start(dir.path(), &[]).await;
+    let long = "word ".repeat(400);
+    for (agent, kind, input) in [
+        ("steps", "max_steps", "x"),
+        ("calls", "max_tool_calls", "x"),
+        ("slow", "timeout", "x"),
+        ("costly", "max_cost_usd", "x"),
+        ("tight", "context_tokens", long.as_str()),
+    ] {
+        let task: Value = post_task(&keel, &key, json!({"agent": agent, "input": input}))
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(task["status"], "failed", "{agent}: {task}");
+        assert_eq!(task["error"]["kind"], kind, "{agent}: {task}");
+        assert_eq!(
+            task["dead_lettered"], false,
+            "a limit is not a retryable failure: {task}"
+        );
+        let id = task["id"].as_str().unwrap();
+        let events = get(
+            &keel,
+            &key,
+            &format!("/v1/events?format=json&task_id={id}&types=task.error"),
+        )
+        .await;
+        assert_eq!(events["data"][0]["data"]["will_retry"], false, "{agent}");
+    }
+}
+
+#[tokio::test]
+async fn a_task_out_of_attempts_is_dead_lettered_and_a_replay_runs_it_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_mock, mock_url) = mock_llm(dir.path(), json!([{"content": "fine now"}])).await;
+    let flaky = format!(
+        "[models.flaky]\n[models.flaky.retry]\nmax_attempts = 1\n[[models.flaky.targets]]\n\
+         provider = \"openai\"\nmodel = \"flaky/500?fail=2\"\nbase_url = \"{mock_url}\"\n"
+    );
+    configure(
+        dir.path(),
+        &mock_url,
+        &flaky,
+        &[(
+            "shaky",
+            format!(
+                "name = \"shaky\"\nmodel = \"flaky\"\nmax_attempts = 2\nretry_delay = \"100ms\"\n"
+            ),
+        )],
+    );
+    let key = create_key(dir.path(), "acme", "member", &[]);
+    let keel = Keel::start(dir.path(), &[]).await;
+    let task: Value = post_task(&keel, &key, json!({"agent": "shaky", "input": "x"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(task["status"], "failed", "{task}");
+    assert_eq!(task["attempts"], 2);
+    assert_eq!(task["dead_lettered"], true);
+    assert_eq!(task["error"]["kind"], "llm");
+    let id = task["id"].as_str().unwrap();
+    let dlq = get(&keel, &key, "/v1/dead-letters").await;
+    assert_eq!(dlq["data"][0]["id"], id);
+    let events = get(&keel, &key, &format!("/v1/events?format=json&task_id={id}")).await;
+    let types: Vec<&str> = events["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap())
+        .collect();
+    assert!(types.contains(&"dead_letter.created"), "{types:?}");
+    let retries: Vec<bool> = events["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event_type"] == "task.error")
+        .map(|e| e["data"]["will_retry"].as_bool().unwrap())
+        .collect();
+    assert_eq!(retries, [true, false]);
+
+    // Replay: a new run; the flaky model answers now.
+    let res = post_json(
+        &keel,
+        &key,
+        &format!("/v1/dead-letters/{id}/replay"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+    let done = settle(&keel, &key, id, "completed").await;
+    assert_eq!(done["output"], "fine now");
+    assert_eq!(done["attempts"], 3);
+    let steps = get(&keel, &key, &format!("/v1/tasks/{id}/steps")).await;
+    assert_eq!(
+        steps["runs"].as_array().unwrap().len(),
+        3,
+        "each attempt is a run"
+    );
+    assert_eq!(
+        get(&keel, &key, "/v1/dead-letters").await["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    let res = client()
+        .delete(keel.url(&format!("/v1/dead-letters/{id}")))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 404).await;
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_503_with_retry_after_and_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_tools, tools_url) = Tools::start().await;
+    let (_mock, mock_url) = mock_llm(dir.path(), lookup_script()).await;
+    configure(
+        dir.path(),
+        &mock_url,
+        "enabled = false\nmax_queued = 2",
+        &[("helper", lookup_agent("helper", &tools_url, ""))],
+    );
+    let key = create_key(dir.path(), "acme", "member", &[]);
+    let keel = Keel::start(dir.path(), &[]).await;
+    for _ in 0..2 {
+        assert_eq!(
+            post_task(
+                &keel,
+                &key,
+                json!({"agent": "helper", "input": "x", "mode": "background"})
+            )
+            .await
+            .status(),
+            202
+        );
+    }
+    let res = post_task(
+        &keel,
+        &key,
+        json!({"agent": "helper", "input": "x", "mode": "background"}),
+    )
+    .await;
+    assert!(res.headers().get("retry-after").is_some());
+    let p = assert_problem(res, 503).await;
+    assert!(
+        p["detail"].as_str().unwrap().contains("runtime.max_queued"),
+        "{p}"
+    );
+    assert_eq!(
+        get(&keel, &key, "/v1/tasks").await["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn an_idempotency_key_returns_the_same_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tools, tools_url) = Tools::start().await;
+    let (_mock, mock_url) = mock_llm(dir.path(), lookup_script()).await;
+    configure(
+        dir.path(),
+        &mock_url,
+        "",
+        &[("helper", lookup_agent("helper", &tools_url, ""))],
+    );
+    let key = create_key(dir.path(), "acme", "member", &[]);
+    let keel = Keel::start(dir.path(), &[]).await;
+    let send = || {
+        client()
+            .post(keel.url("/v1/tasks"))
+            .bearer_auth(&key)
+            .header("idempotency-key", "order-42")
+            .json(&json!({"agent": "helper", "input": "x"}))
+            .send()
+    };
+    let a: Value = send().await.unwrap().json().await.unwrap();
+    let b: Value = send().await.unwrap().json().await.unwrap();
+    assert_eq!(a["id"], b["id"]);
+    assert_eq!(b["status"], "completed");
+    assert_eq!(
+        get(&keel, &key, "/v1/tasks").await["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(tools.effects().len(), 1);
+}
+
+#[tokio::test]
+async fn higher_priorities_start_first_and_a_busy_workspace_does_not_starve_a_quiet_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tools, tools_url) = Tools::start().await;
+    tools.delay(400);
+    let (_mock, mock_url) = mock_llm(dir.path(), lookup_script()).await;
+    configure(
+        dir.path(),
+        &mock_url,
+        "workers = 1",
+        &[("helper", lookup_agent("helper", &tools_url, ""))],
+    );
+    let key = create_key(dir.path(), "acme", "member", &[]);
+    let other_admin = create_key(dir.path(), "other", "admin", &[]);
+    let keel = Keel::start(dir.path(), &[]).await;
+    let spec = json!({"name": "helper", "tools": [{"kind": "http", "name": "lookup", "url": format!("{tools_url}/lookup")}]});
+    assert_eq!(
+        post_json(&keel, &other_admin, "/v1/agents", spec)
+            .await
+            .status(),
+        201
+    );
+    let bg = |k: &str, p: &str, i: &str| {
+        let body = json!({"agent": "helper", "input": i, "priority": p, "mode": "background"});
+        let k = k.to_owned();
+        let keel = &keel;
+        async move {
+            post_task(keel, &k, body)
+                .await
+                .json::<Value>()
+                .await
+                .unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    // The one worker is busy with this.
+    let first = bg(&key, "medium", "first").await;
+    eventually(
+        Duration::from_secs(10),
+        "the first task's tool call",
+        || async { tools.requests() >= 1 },
+    )
+    .await;
+    let low = bg(&key, "low", "low").await;
+    let mut busy = Vec::new();
+    for i in 0..4 {
+        busy.push(bg(&key, "medium", &format!("busy {i}")).await);
+    }
+    let quiet = bg(&other_admin, "medium", "quiet").await;
+    let critical = bg(&key, "critical", "critical").await;
+    eventually(Duration::from_secs(60), "all done", || {
+        let keel = &keel;
+        let key = &key;
+        async move { count(keel, key, "completed").await == 7 }
+    })
+    .await;
+    let started = |id: String, k: String| {
+        let keel = &keel;
+        async move {
+            get(keel, &k, &format!("/v1/tasks/{id}")).await["started_at"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    let mut order = vec![
+        ("first", started(first, key.clone()).await),
+        ("low", started(low, key.clone()).await),
+        ("quiet", started(quiet, other_admin.clone()).await),
+        ("critical", started(critical, key.clone()).await),
+    ];
+    for (i, id) in busy.into_iter().enumerate() {
+        order.push((
+            ["busy0", "busy1", "busy2", "busy3"][i],
+            started(id, key.clone()).await,
+        ));
+    }
+    order.sort_by(|a, b| a.1.cmp(&b.1));
+    let names: Vec<&str> = order.iter().map(|(n, _)| *n).collect();
+    assert_eq!(names[0], "first", "{names:?}");
+    assert_eq!(names[1], "critical", "critical goes first: {names:?}");
+    assert_eq!(names[7], "low", "low goes last: {names:?}");
+    let quiet_at = names.iter().position(|n| *n == "quiet").unwrap();
+    assert!(
+        quiet_at <= 3,
+        "the quiet workspace's task waits behind at most one busy task: {names:?}"
+    );
+}
