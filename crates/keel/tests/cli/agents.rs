@@ -1009,3 +1009,184 @@ async fn higher_priorities_start_first_and_a_busy_workspace_does_not_starve_a_qu
         "the quiet workspace's task waits behind at most one busy task: {names:?}"
     );
 }
+
+#[tokio::test]
+async fn an_agent_delegates_to_another_and_a_depth_limit_cuts_loops() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tools, tools_url) = Tools::start().await;
+    let (_mock, mock_url) = mock_llm(dir.path(), lookup_script()).await;
+    let boss_dir = tempfile::tempdir().unwrap();
+    let (_boss_mock, boss_url) = mock_llm(
+        boss_dir.path(),
+        json!([
+            {"tool_calls": [{"name": "ask", "arguments": {"input": "What about Oslo?"}}]},
+            {"content": "Boss says: {{last}}"}
+        ]),
+    )
+    .await;
+    let boss_route = format!(
+        "max_depth = 1\n[models.boss]\n[[models.boss.targets]]\nprovider = \"openai\"\nmodel = \"boss\"\nbase_url = \"{boss_url}\"\n"
+    );
+    let delegate = |name: &str, to: &str| {
+        format!(
+            "name = \"{name}\"\nmodel = \"boss\"\n[[tools]]\nkind = \"agent\"\nname = \"ask\"\nagent = \"{to}\"\n"
+        )
+    };
+    configure(
+        dir.path(),
+        &mock_url,
+        &boss_route,
+        &[
+            ("helper", lookup_agent("helper", &tools_url, "")),
+            ("boss", delegate("boss", "helper")),
+            ("looper", delegate("looper", "looper")),
+        ],
+    );
+    let key = create_key(dir.path(), "acme", "member", &[]);
+    let keel = Keel::start(dir.path(), &[]).await;
+
+    let task: Value = post_task(
+        &keel,
+        &key,
+        json!({"agent": "boss", "input": "Ask the helper"}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(task["status"], "completed", "{task}");
+    let out = task["output"].as_str().unwrap();
+    assert!(
+        out.starts_with("Boss says: Answer: ") && out.contains("Oslo"),
+        "{out}"
+    );
+    assert_eq!(tools.effects().len(), 1);
+    let children = get(&keel, &key, "/v1/tasks?agent=helper").await;
+    let child = &children["data"][0];
+    assert_eq!(
+        child["parent_task_id"], task["id"],
+        "the child is linked to its parent"
+    );
+    assert_eq!(child["status"], "completed");
+
+    // looper → looper (depth 1) → looper (depth 2 > max_depth 1): refused, and the
+    // refusal is the innermost agent's tool result.
+    let task: Value = post_task(&keel, &key, json!({"agent": "looper", "input": "loop"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(task["status"], "completed", "{task}");
+    let out = task["output"].as_str().unwrap();
+    assert!(out.contains("deeper than 1"), "{out}");
+    let loops = get(&keel, &key, "/v1/tasks?agent=looper").await;
+    assert_eq!(
+        loops["data"].as_array().unwrap().len(),
+        2,
+        "only one level of delegation ran"
+    );
+}
+
+#[tokio::test]
+async fn stream_mode_sends_the_runs_events_as_they_happen_and_ends_when_it_settles() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_tools, tools_url) = Tools::start().await;
+    let (_mock, mock_url) = mock_llm(dir.path(), lookup_script()).await;
+    configure(
+        dir.path(),
+        &mock_url,
+        "",
+        &[("helper", lookup_agent("helper", &tools_url, ""))],
+    );
+    let key = create_key(dir.path(), "acme", "member", &[]);
+    let keel = Keel::start(dir.path(), &[]).await;
+    let res = post_task(
+        &keel,
+        &key,
+        json!({"agent": "helper", "input": "x", "mode": "stream"}),
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    let text = tokio::time::timeout(Duration::from_secs(20), res.text())
+        .await
+        .expect("the stream ends")
+        .unwrap();
+    let kinds: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "task",
+            "task.created",
+            "task.started",
+            "tool.call",
+            "tool.result",
+            "agent.message",
+            "task.completed"
+        ],
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_postgres_processes_share_200_tasks_and_survive_one_being_killed() {
+    let Some(url) = keel_store::testing::fresh_postgres_db().await.unwrap() else {
+        return;
+    };
+    let env = [("KEEL_DATABASE_URL", url.as_str())];
+    let (tools, tools_url) = Tools::start().await;
+    tools.delay(100);
+    let dir_a = tempfile::tempdir().unwrap();
+    let dir_b = tempfile::tempdir().unwrap();
+    let (_mock, mock_url) = mock_llm_slow(dir_a.path(), lookup_script(), 20).await;
+    for dir in [dir_a.path(), dir_b.path()] {
+        configure(
+            dir,
+            &mock_url,
+            "lease = \"2s\"",
+            &[("helper", lookup_agent("helper", &tools_url, ""))],
+        );
+    }
+    let key = create_key(dir_a.path(), "acme", "member", &env);
+    let mut a = Keel::start(dir_a.path(), &env).await;
+    let b = Keel::start(dir_b.path(), &env).await;
+    const TASKS: usize = 200;
+    for i in 0..TASKS {
+        let keel = if i % 2 == 0 { &a } else { &b };
+        let res = post_task(
+            keel,
+            &key,
+            json!({"agent": "helper", "input": format!("q{i}"), "mode": "background"}),
+        )
+        .await;
+        assert_eq!(res.status(), 202);
+    }
+    eventually(
+        Duration::from_secs(30),
+        "a third of the work done",
+        || async { tools.effects().len() >= TASKS / 3 },
+    )
+    .await;
+    a.signal("-KILL");
+    a.wait(Duration::from_secs(10)).await;
+    eventually(
+        Duration::from_secs(90),
+        "every task completed on the survivor",
+        || {
+            let (b, key) = (&b, &key);
+            async move { count(b, key, "completed").await == TASKS }
+        },
+    )
+    .await;
+    let effects = tools.effects();
+    assert_eq!(effects.len(), TASKS, "one side effect per task");
+    assert!(effects.values().all(|&n| n == 1), "a side effect ran twice");
+    let page = get(&b, &key, "/v1/tasks?limit=500").await;
+    for task in page["data"].as_array().unwrap() {
+        assert_eq!(task["steps"], 3, "{task}");
+        assert_eq!(task["attempts"], 1, "{task}");
+    }
+}
