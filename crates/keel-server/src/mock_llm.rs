@@ -80,7 +80,8 @@ pub struct ScriptedToolCall {
 
 /// A script file: `{"replies": [...]}`, served in order, cycling — or, with
 /// `"by_turn": true`, chosen by the conversation itself: a request with N assistant
-/// messages gets reply N (the last reply once N runs past it). Scripting by turn makes an
+/// messages after its last user message gets reply N (the last reply once N runs past
+/// it), so every user turn of a thread plays the script from its start. Scripting by turn makes an
 /// agent's conversation deterministic however many run at once, and after a crash resume.
 /// In a reply's `content`, `{{last}}` stands for the text of the request's last message.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -88,7 +89,7 @@ pub struct ScriptedToolCall {
 pub struct Script {
     /// The replies.
     pub replies: Vec<ScriptedReply>,
-    /// Choose the reply by the number of assistant messages in the request.
+    /// Choose the reply by the number of assistant messages since the last user message.
     #[serde(default)]
     pub by_turn: bool,
 }
@@ -363,8 +364,12 @@ fn next_reply(mock: &Mock, request: &ChatRequest) -> ScriptedReply {
         };
     }
     let mut reply = if mock.options.script.by_turn {
-        let turn = request
+        let since_user = request
             .messages
+            .iter()
+            .rposition(|m| m.role == "user")
+            .map_or(0, |i| i + 1);
+        let turn = request.messages[since_user..]
             .iter()
             .filter(|m| m.role == "assistant")
             .count();

@@ -5,6 +5,7 @@
 
 mod bench;
 mod bench_events;
+mod bench_runtime;
 mod events_cli;
 
 use std::io::Write as _;
@@ -168,6 +169,25 @@ enum BenchCommand {
         /// Smaller defaults for a smoke run; flags given still win.
         #[arg(long)]
         quick: bool,
+    },
+    /// The agent runtime: checkpointed steps a second on SQLite (1, 8, 64 concurrent runs)
+    /// and Postgres, a step's commit next to one fsync, enqueue → start latency, bytes per
+    /// step at turn 1 and 500 of a thread, and resumption after kill -9 with 100 runs in
+    /// flight. Agents run in a real `keel serve`; the mock LLM answers at zero latency.
+    #[command(
+        after_help = "Examples:\n  keel bench runtime\n  keel bench runtime --parts sqlite,crash\n  keel bench runtime --postgres postgres://postgres@127.0.0.1:5432/test"
+    )]
+    Runtime {
+        /// Tasks per concurrent run in the throughput parts.
+        #[arg(long, default_value_t = 20)]
+        tasks_per_worker: usize,
+        /// A Postgres server for the postgres part (a fresh database is made and dropped on
+        /// it) [default: KEEL_BENCH_POSTGRES_URL; the part is skipped without one].
+        #[arg(long, env = "KEEL_BENCH_POSTGRES_URL")]
+        postgres: Option<String>,
+        /// Parts to run, comma-separated: sqlite, postgres, growth, crash [default: all].
+        #[arg(long, value_delimiter = ',')]
+        parts: Option<Vec<String>>,
     },
 }
 
@@ -351,6 +371,24 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 duration,
                 warmup,
                 concurrency,
+            })
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Runtime {
+            tasks_per_worker,
+            postgres,
+            parts,
+        }) => {
+            bench_runtime::run(bench_runtime::Options {
+                tasks_per_worker,
+                postgres,
+                parts: parts.unwrap_or_else(|| {
+                    bench_runtime::PARTS
+                        .iter()
+                        .map(|p| (*p).to_owned())
+                        .collect()
+                }),
             })
             .await?;
             Ok(ExitCode::SUCCESS)

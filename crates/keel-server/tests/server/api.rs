@@ -491,6 +491,24 @@ async fn openapi_lists_every_route_and_every_listed_route_exists() {
         "DELETE /v1/webhooks/{id}",
         "GET /v1/webhooks/{id}/deliveries",
         "POST /v1/webhooks/{id}/deliveries/{delivery_id}/redeliver",
+        "GET /v1/agents",
+        "POST /v1/agents",
+        "POST /v1/agents/reload",
+        "GET /v1/agents/{name}",
+        "PUT /v1/agents/{name}",
+        "DELETE /v1/agents/{name}",
+        "GET /v1/agents/{name}/status",
+        "GET /v1/tasks",
+        "POST /v1/tasks",
+        "GET /v1/tasks/{id}",
+        "GET /v1/tasks/{id}/steps",
+        "POST /v1/tasks/{id}/cancel",
+        "POST /v1/tasks/{id}/input",
+        "POST /v1/threads",
+        "GET /v1/threads/{id}/messages",
+        "GET /v1/dead-letters",
+        "POST /v1/dead-letters/{id}/replay",
+        "DELETE /v1/dead-letters/{id}",
     ]
     .map(str::to_owned)
     .into();
@@ -501,7 +519,8 @@ async fn openapi_lists_every_route_and_every_listed_route_exists() {
         let (method, path) = op.split_once(' ').unwrap();
         let path = path
             .replace("{id}", "key_00000000000000000000000000000000")
-            .replace("{delivery_id}", "dlv_00000000000000000000000000000000");
+            .replace("{delivery_id}", "dlv_00000000000000000000000000000000")
+            .replace("{name}", "nobody");
         let req = Request::builder()
             .method(method)
             .uri(&path)

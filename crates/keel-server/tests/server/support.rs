@@ -49,7 +49,10 @@ pub async fn start_mock(options: Options) -> String {
 pub async fn gateway_with(models_toml: &str, replies: Vec<ScriptedReply>) -> Gateway {
     let echo = start_mock(Options::default()).await;
     let scripted = start_mock(Options {
-        script: Script { replies },
+        script: Script {
+            replies,
+            by_turn: false,
+        },
         ..Options::default()
     })
     .await;

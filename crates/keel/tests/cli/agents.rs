@@ -768,9 +768,8 @@ async fn a_task_out_of_attempts_is_dead_lettered_and_a_replay_runs_it_again() {
         &flaky,
         &[(
             "shaky",
-            format!(
-                "name = \"shaky\"\nmodel = \"flaky\"\nmax_attempts = 2\nretry_delay = \"100ms\"\n"
-            ),
+            "name = \"shaky\"\nmodel = \"flaky\"\nmax_attempts = 2\nretry_delay = \"100ms\"\n"
+                .to_owned(),
         )],
     );
     let key = create_key(dir.path(), "acme", "member", &[]);
