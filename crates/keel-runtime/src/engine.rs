@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use keel_core::event::{Event, EventType, NewEvent};
 use keel_core::id::{AgentId, RunId, TaskId, WorkspaceId};
 use keel_llm::types::{ChatRequest, Message, ToolCall};
-use keel_store::runtime::{BeginRun, Checkpoint, Committed, Finish, NewMessage, TaskRecord};
+use keel_store::runtime::{
+    BeginRun, Checkpoint, Committed, Finish, NewMessage, StepRecord, TaskRecord,
+};
 use keel_store::{Backend, Store, UsageRecord};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
@@ -39,6 +41,9 @@ pub trait EventSink: Send + Sync + std::fmt::Debug {
 
 /// Most agent specs and tool breakers kept in memory.
 const CACHE_ENTRIES: usize = 4_096;
+/// How long a woken worker loop waits for more slots to free before claiming, when few
+/// are free: claims for runs that end together share one transaction.
+const CLAIM_COALESCE: Duration = Duration::from_millis(2);
 /// Most checkpoints waiting for the committer.
 const COMMIT_QUEUE: usize = 4_096;
 
@@ -315,7 +320,13 @@ impl Runtime {
             }
             tokio::select! {
                 () = inner.stop.cancelled() => break,
-                () = inner.wake.notified() => {}
+                () = inner.wake.notified() => {
+                    // Runs ending together free their slots within a moment: claim for
+                    // all of them in one transaction rather than one each.
+                    if inner.slots.available_permits() < inner.config.workers.div_ceil(4) {
+                        tokio::time::sleep(CLAIM_COALESCE).await;
+                    }
+                }
                 () = tokio::time::sleep(inner.config.poll_interval) => {}
             }
         }
@@ -380,6 +391,9 @@ impl Runtime {
                         .map_or(0.0, |o| (now - o).as_seconds_f64().max(0.0));
                     metrics::gauge!("keel_queue_oldest_age_seconds", "priority" => p).set(age);
                 }
+            }
+            if let Ok(n) = inner.store.dead_letter_count().await {
+                metrics::gauge!("keel_dead_letters").set(n as f64);
             }
             if let Ok(counts) = inner.store.task_counts().await {
                 for (status, n) in counts {
@@ -505,71 +519,102 @@ impl Runtime {
             .rev()
             .find(|r| Some(r.id) == task.run_id)
             .is_some_and(|r| r.status == "working");
-        let (run_id, begin) = if resume {
-            let run_id = task.run_id.unwrap_or_default();
-            let event = event(
-                &task,
-                run_id,
-                EventType::RunResumed,
-                json!({
-                    "attempt": task.attempts,
-                    "after_step": task.steps,
-                    "previous_owner": Value::Null,
-                }),
-            );
-            (
-                run_id,
-                BeginRun {
+        let run_id;
+        let (task, steps, messages): (TaskRecord, Vec<StepRecord>, Vec<(Value, i64, bool)>) =
+            if resume {
+                run_id = task.run_id.unwrap_or_default();
+                tracing::Span::current().record("run_id", tracing::field::display(run_id));
+                let event = event(
+                    &task,
+                    run_id,
+                    EventType::RunResumed,
+                    json!({
+                        "attempt": task.attempts,
+                        "after_step": task.steps,
+                        "previous_owner": Value::Null,
+                    }),
+                );
+                let begin = BeginRun {
                     task_id: task.id,
                     owner: inner.owner,
                     new_run: None,
                     events: vec![event],
-                },
-            )
-        } else {
-            let run_id = RunId::new();
-            let bodies = task.input.as_array().cloned().unwrap_or_default();
-            let input = off_thread(move || {
-                bodies
+                };
+                let state = match inner.store.begin_run(begin).await {
+                    Ok(state) => state,
+                    Err(keel_store::Error::State { .. }) => return Ok(Exit::LeaseLost),
+                    Err(e) => return Err(e.into()),
+                };
+                inner.sink.publish(&state.events);
+                let messages = state
+                    .messages
                     .into_iter()
-                    .map(|m| NewMessage {
-                        tokens: message_tokens(&m),
-                        body: m,
+                    .map(|m| {
+                        let mine = m.run_id == run_id;
+                        (m.body, m.tokens, mine)
                     })
-                    .collect()
-            })
-            .await;
-            let event = event(
-                &task,
-                run_id,
-                EventType::TaskStarted,
-                json!({"attempt": task.attempts + 1}),
-            );
-            (
-                run_id,
-                BeginRun {
-                    task_id: task.id,
-                    owner: inner.owner,
-                    new_run: Some((run_id, input)),
-                    events: vec![event],
-                },
-            )
-        };
-        tracing::Span::current().record("run_id", tracing::field::display(run_id));
-        let state = match inner.store.begin_run(begin).await {
-            Ok(state) => state,
-            Err(keel_store::Error::State { .. }) => return Ok(Exit::LeaseLost),
-            Err(e) => return Err(e.into()),
-        };
-        inner.sink.publish(&state.events);
+                    .collect();
+                (state.task, state.steps, messages)
+            } else {
+                // A new run starts with a checkpoint of its own, committed with other
+                // runs' checkpoints: the task's input becomes the run's first messages.
+                run_id = RunId::new();
+                tracing::Span::current().record("run_id", tracing::field::display(run_id));
+                let bodies = task.input.as_array().cloned().unwrap_or_default();
+                let input: Vec<NewMessage> = off_thread(move || {
+                    bodies
+                        .into_iter()
+                        .map(|m| NewMessage {
+                            tokens: message_tokens(&m),
+                            body: m,
+                        })
+                        .collect()
+                })
+                .await;
+                let context = if spec.memory == crate::spec::Memory::Thread {
+                    inner
+                        .store
+                        .thread_context(task.workspace_id, task.thread_id, task.id)
+                        .await?
+                } else {
+                    Vec::new()
+                };
+                let started = event(
+                    &task,
+                    run_id,
+                    EventType::TaskStarted,
+                    json!({"attempt": task.attempts + 1}),
+                );
+                let mut start = Run::new(self, &task, run_id, spec.clone()).checkpoint(
+                    None,
+                    input.clone(),
+                    None,
+                    vec![started],
+                );
+                start.start = Some(run_id);
+                if let Committed::LeaseLost = self.commit(start).await? {
+                    return Ok(Exit::LeaseLost);
+                }
+                let mut task = task;
+                task.attempts += 1;
+                task.run_id = Some(run_id);
+                task.status = keel_core::task::TaskStatus::Working;
+                task.started_at = task.started_at.or_else(|| Some(OffsetDateTime::now_utc()));
+                let messages = context
+                    .into_iter()
+                    .map(|m| (m.body, m.tokens, false))
+                    .chain(input.into_iter().map(|m| (m.body, m.tokens, true)))
+                    .collect();
+                (task, Vec::new(), messages)
+            };
         tracing::debug!(
             resume,
-            steps = state.steps.len(),
-            messages = state.messages.len(),
+            steps = steps.len(),
+            messages = messages.len(),
             "run began"
         );
-        let mut run = Run::new(self, &state.task, run_id, spec.clone());
-        let system = match spec.system_prompt(state.task.metadata.get("variables")) {
+        let mut run = Run::new(self, &task, run_id, spec.clone());
+        let system = match spec.system_prompt(task.metadata.get("variables")) {
             Ok(text) => text,
             Err(message) => return run.fail_for_good("agent_spec", &message, false).await,
         };
@@ -577,41 +622,35 @@ impl Runtime {
             let system = system.clone();
             off_thread(move || keel_llm::tokens::count(&system)).await
         };
-        let mut turns: Vec<Turn> = Vec::with_capacity(state.messages.len() + 8);
+        let mut turns: Vec<Turn> = Vec::with_capacity(messages.len() + 8);
         let mut run_pos = 0;
-        for m in state.messages {
-            let mine = m.run_id == run_id;
+        for (body, tokens, mine) in messages {
             if !mine && spec.memory == crate::spec::Memory::None {
                 continue;
             }
-            let Ok(message) = serde_json::from_value::<Message>(m.body) else {
+            let Ok(message) = serde_json::from_value::<Message>(body) else {
                 continue;
             };
             turns.push(Turn {
                 message,
-                tokens: u64::try_from(m.tokens).unwrap_or(0),
+                tokens: u64::try_from(tokens).unwrap_or(0),
                 run_pos: mine.then(|| {
                     run_pos += 1;
                     run_pos - 1
                 }),
             });
         }
-        let mut approvals: HashMap<String, Value> = state
-            .steps
+        let mut approvals: HashMap<String, Value> = steps
             .iter()
             .filter(|s| s.kind == "approval")
             .filter_map(|s| Some((s.data.get("call_id")?.as_str()?.to_owned(), s.data.clone())))
             .collect();
-        let mut run_steps = state
-            .steps
+        let mut run_steps = steps
             .iter()
             .filter(|s| s.kind == "llm_call" || s.kind == "tool_call")
             .count();
         let tool_defs: Vec<Value> = spec.tools.iter().map(ToolSpec::definition).collect();
-        let started = state
-            .task
-            .started_at
-            .unwrap_or_else(OffsetDateTime::now_utc);
+        let started = task.started_at.unwrap_or_else(OffsetDateTime::now_utc);
         let deadline_at = started + spec.timeout;
 
         loop {
@@ -717,7 +756,10 @@ impl Runtime {
                     let answer = tokio::select! {
                         () = token.cancelled() => continue,
                         () = tokio::time::sleep(remaining) => continue,
-                        answer = inner.router.chat(&request, observer.as_ref()) => answer,
+                        answer = inner
+                            .router
+                            .chat(&request, observer.as_ref())
+                            .instrument(tracing::info_span!("step.llm", step = run.steps, model = %spec.model)) => answer,
                     };
                     let latency = t0.elapsed();
                     metrics::histogram!("keel_step_seconds", "kind" => "llm_call")
@@ -770,7 +812,7 @@ impl Runtime {
                             &run.task,
                             run_id,
                             EventType::AgentMessage,
-                            json!({"role": "assistant", "content": text, "step": idx}),
+                            json!({"role": "assistant", "content": &text, "step": idx}),
                         ));
                     }
                     let data = json!({
@@ -803,17 +845,44 @@ impl Runtime {
                         outcome: "ok".to_owned(),
                         created_at: OffsetDateTime::now_utc(),
                     };
+                    // An answer without tool calls ends the task: the step and the
+                    // completion commit together (one transaction, not two).
+                    let finish = (calls == 0).then(|| {
+                        let output = (!text.is_empty()).then(|| text.clone());
+                        events.push(event(
+                            &run.task,
+                            run_id,
+                            EventType::TaskCompleted,
+                            json!({
+                                "steps": run.steps + 1,
+                                "output": output,
+                                "usage": {
+                                    "input_tokens": run.input_tokens + i64::try_from(input_tokens).unwrap_or(0),
+                                    "output_tokens": run.output_tokens + i64::try_from(output_tokens).unwrap_or(0),
+                                    "cost_nanousd": run.cost_nanousd + i64::try_from(cost).unwrap_or(0),
+                                },
+                            }),
+                        ));
+                        Finish::Completed { output }
+                    });
+                    let completes = finish.is_some();
                     let mut checkpoint = run.checkpoint(
                         Some(("llm_call", data)),
                         vec![NewMessage { body, tokens }],
-                        None,
+                        finish,
                         events,
                     );
                     checkpoint.input_tokens = i64::try_from(input_tokens).unwrap_or(i64::MAX);
                     checkpoint.output_tokens = i64::try_from(output_tokens).unwrap_or(i64::MAX);
                     checkpoint.cost_nanousd = i64::try_from(cost).unwrap_or(i64::MAX);
                     checkpoint.usage = Some(usage);
-                    if let Committed::LeaseLost = self.commit(checkpoint).await? {
+                    let committed = self.commit(checkpoint).await?;
+                    if completes {
+                        metrics::counter!("keel_tasks_finished_total", "status" => "completed")
+                            .increment(1);
+                        return Ok(settled(committed));
+                    }
+                    if let Committed::LeaseLost = committed {
                         return Ok(Exit::LeaseLost);
                     }
                     run.steps += 1;
@@ -899,7 +968,8 @@ impl Runtime {
                                     tokio::select! {
                                         () = token.cancelled() => continue,
                                         () = tokio::time::sleep(remaining) => continue,
-                                        outcome = tools::call_http(&inner.http, http, &args, &key, &breaker, &env_fn) => outcome,
+                                        outcome = tools::call_http(&inner.http, http, &args, &key, &breaker, &env_fn)
+                                        .instrument(tracing::info_span!("step.tool", step = run.steps, tool = %http.name)) => outcome,
                                     }
                                 }
                             }
@@ -1128,6 +1198,7 @@ impl<'a> Run<'a> {
             thread_id: self.task.thread_id,
             run_id: self.run_id,
             owner: self.rt.inner.owner,
+            start: None,
             step: step.map(|(k, d)| (k.to_owned(), d)),
             messages,
             tool_calls: 0,

@@ -15,6 +15,8 @@ use crate::{Backend, Commit, Error, Result};
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// The same pool: Postgres takes concurrent writers.
+    writer: PgPool,
 }
 
 impl PgStore {
@@ -28,7 +30,10 @@ impl PgStore {
             .test_before_acquire(true)
             .connect_with(options)
             .await?;
-        Ok(Self { pool })
+        Ok(Self {
+            writer: pool.clone(),
+            pool,
+        })
     }
 
     const BACKEND: Backend = Backend::Postgres;

@@ -307,9 +307,13 @@ pub enum Finish {
     },
 }
 
-/// One step's commit (or a run's ending), fenced by the worker's lease.
+/// One step's commit (or a run's start or ending), fenced by the worker's lease.
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
+    /// Starts a new run (attempt) with this id first: the task becomes `working`, its
+    /// attempts count up, and `messages` are the run's input. Committed with other runs'
+    /// checkpoints, so starting a run costs no transaction of its own.
+    pub start: Option<RunId>,
     /// The task.
     pub task_id: TaskId,
     /// Its workspace.
@@ -465,8 +469,18 @@ pub trait RuntimeStore: Send + Sync {
     async fn expire_all_leases(&self) -> Result<u64>;
 
     /// Begins (or resumes) the task's run, fenced by `owner`'s lease, and loads its state.
-    /// `LeaseLost`-like failures come back as `State`.
+    /// `LeaseLost`-like failures come back as `State`. (A worker starts a new run more
+    /// cheaply with a [`Checkpoint`] whose `start` is set, after [`Self::thread_context`].)
     async fn begin_run(&self, begin: BeginRun) -> Result<RunState>;
+
+    /// The messages a new task of `thread` sees from before it: the final runs of the
+    /// thread's tasks that completed and were created before `task`, in thread order.
+    async fn thread_context(
+        &self,
+        workspace: WorkspaceId,
+        thread: ThreadId,
+        task: TaskId,
+    ) -> Result<Vec<MessageRecord>>;
 
     /// Commits checkpoints of many runs in one transaction (group commit).
     async fn commit_checkpoints(&self, batch: &[Checkpoint]) -> Result<Vec<Committed>>;
@@ -510,6 +524,9 @@ pub trait RuntimeStore: Send + Sync {
 
     /// Tasks per status, all workspaces (for metrics).
     async fn task_counts(&self) -> Result<Vec<(TaskStatus, i64)>>;
+
+    /// Tasks in the dead-letter queue, all workspaces (for metrics).
+    async fn dead_letter_count(&self) -> Result<i64>;
 }
 
 /// The `tasks` columns, in a fixed order (a macro so queries stay static strings).
@@ -754,7 +771,31 @@ macro_rules! runtime_store {
                 c: &$crate::runtime::Checkpoint,
                 now: time::OffsetDateTime,
             ) -> $crate::Result<Option<Option<i64>>> {
-                use $crate::runtime::Finish;
+                                use $crate::runtime::Finish;
+                if let Some(run) = c.start {
+                    let attempt: Option<i64> = sqlx::query_scalar(
+                        "UPDATE tasks SET status = 'working', started_at = COALESCE(started_at, $3), updated_at = $3, \
+                         attempts = attempts + 1, run_id = $4 \
+                         WHERE id = $1 AND lease_owner = $2 AND queued AND status IN ('submitted', 'working') RETURNING attempts",
+                    )
+                    .bind(c.task_id.as_uuid())
+                    .bind(c.owner)
+                    .bind(now)
+                    .bind(run.as_uuid())
+                    .fetch_optional(&mut **tx)
+                    .await?;
+                    let Some(attempt) = attempt else {
+                        return Ok(None);
+                    };
+                    sqlx::query("INSERT INTO runs (id, task_id, workspace_id, attempt, status, started_at) VALUES ($1, $2, $3, $4, 'working', $5)")
+                        .bind(run.as_uuid())
+                        .bind(c.task_id.as_uuid())
+                        .bind(c.workspace_id.as_uuid())
+                        .bind(attempt)
+                        .bind(now)
+                        .execute(&mut **tx)
+                        .await?;
+                }
                 let step_delta: i64 = i64::from(c.step.is_some());
                 let steps: Option<i64> = sqlx::query_scalar(
                     "UPDATE tasks SET steps = steps + $4, tool_calls = tool_calls + $5, input_tokens = input_tokens + $6, \
@@ -839,7 +880,7 @@ macro_rules! runtime_store {
                 update_only: bool,
             ) -> $crate::Result<$crate::runtime::AgentRecord> {
                 let now = $crate::now();
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.writer.begin().await?;
                 let existing = sqlx::query(
                     "SELECT id, workspace_id, name, version, spec, created_at, updated_at, deleted_at FROM agents \
                      WHERE workspace_id = $1 AND name = $2",
@@ -955,7 +996,7 @@ macro_rules! runtime_store {
                 .bind(workspace.as_uuid())
                 .bind(name)
                 .bind($crate::now())
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await?;
                 if done.rows_affected() == 0 {
                     return Err($crate::Error::NotFound { what: "agent" });
@@ -980,7 +1021,7 @@ macro_rules! runtime_store {
                     .bind(workspace.as_uuid())
                     .bind(metadata.to_string())
                     .bind(thread.created_at)
-                    .execute(&self.pool)
+                    .execute(&self.writer)
                     .await?;
                 Ok(thread)
             }
@@ -1036,7 +1077,7 @@ macro_rules! runtime_store {
                     return Ok(Created::QueueFull { queued });
                 }
                 let now = $crate::now();
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.writer.begin().await?;
                 let thread_id = match t.thread_id {
                     Some(id) => {
                         let found: Option<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM threads WHERE id = $1 AND workspace_id = $2")
@@ -1167,7 +1208,7 @@ macro_rules! runtime_store {
                 limit: u32,
             ) -> $crate::Result<Vec<$crate::runtime::TaskRecord>> {
                 let now = $crate::now();
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.writer.begin().await?;
                 let rows = sqlx::query(Self::CLAIM_SQL)
                     .bind(owner)
                     .bind(until)
@@ -1202,7 +1243,7 @@ macro_rules! runtime_store {
                         ids.push_bind(t.as_uuid());
                     }
                     qb.push(") RETURNING id");
-                    let rows: Vec<uuid::Uuid> = qb.build_query_scalar().fetch_all(&self.pool).await?;
+                    let rows: Vec<uuid::Uuid> = qb.build_query_scalar().fetch_all(&self.writer).await?;
                     held.extend(rows.into_iter().map(keel_core::id::TaskId::from_uuid));
                 }
                 Ok(held)
@@ -1217,14 +1258,14 @@ macro_rules! runtime_store {
                         ids.push_bind(t.as_uuid());
                     }
                     qb.push(")");
-                    qb.build().execute(&self.pool).await?;
+                    qb.build().execute(&self.writer).await?;
                 }
                 Ok(())
             }
 
             async fn expire_all_leases(&self) -> $crate::Result<u64> {
                 let done = sqlx::query("UPDATE tasks SET lease_owner = NULL, lease_until = NULL WHERE lease_owner IS NOT NULL")
-                    .execute(&self.pool)
+                    .execute(&self.writer)
                     .await?;
                 Ok(done.rows_affected())
             }
@@ -1232,7 +1273,7 @@ macro_rules! runtime_store {
             #[tracing::instrument(skip_all, fields(db.system = %Self::BACKEND))]
             async fn begin_run(&self, b: $crate::runtime::BeginRun) -> $crate::Result<$crate::runtime::RunState> {
                 let now = $crate::now();
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.writer.begin().await?;
                 let row = sqlx::query(concat!(
                     "UPDATE tasks SET status = 'working', started_at = COALESCE(started_at, $3), updated_at = $3 ",
                     "WHERE id = $1 AND lease_owner = $2 AND queued AND status IN ('submitted', 'working') RETURNING ",
@@ -1295,6 +1336,25 @@ macro_rules! runtime_store {
                 Ok($crate::runtime::RunState { task, run, steps, messages, events })
             }
 
+                        async fn thread_context(
+                &self,
+                workspace: keel_core::id::WorkspaceId,
+                thread: keel_core::id::ThreadId,
+                task: keel_core::id::TaskId,
+            ) -> $crate::Result<Vec<$crate::runtime::MessageRecord>> {
+                let rows = sqlx::query(
+                    "SELECT seq, task_id, run_id, body, tokens, created_at FROM messages m WHERE m.thread_id = $1 AND m.workspace_id = $2 AND \
+                     m.run_id IN (SELECT t.run_id FROM tasks t WHERE t.thread_id = $1 AND t.status = 'completed' AND t.id < $3) \
+                     ORDER BY seq",
+                )
+                .bind(thread.as_uuid())
+                .bind(workspace.as_uuid())
+                .bind(task.as_uuid())
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter().map(Self::message_from_row).collect()
+            }
+
             #[tracing::instrument(skip_all, fields(db.system = %Self::BACKEND, checkpoints = batch.len()))]
             async fn commit_checkpoints(&self, batch: &[$crate::runtime::Checkpoint]) -> $crate::Result<Vec<$crate::runtime::Committed>> {
                 use $crate::runtime::Committed;
@@ -1302,7 +1362,7 @@ macro_rules! runtime_store {
                 // Task rows in id order (see the module's lock order).
                 let mut order: Vec<usize> = (0..batch.len()).collect();
                 order.sort_by_key(|&i| (batch[i].task_id, i));
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.writer.begin().await?;
                 let mut idx: Vec<Option<Option<i64>>> = vec![None; batch.len()];
                 for &i in &order {
                     idx[i] = Self::checkpoint_in(&mut tx, &batch[i], now).await?;
@@ -1337,7 +1397,7 @@ macro_rules! runtime_store {
                 events: Vec<keel_core::event::NewEvent>,
             ) -> $crate::Result<($crate::runtime::TaskRecord, Vec<keel_core::event::Event>)> {
                 let now = $crate::now();
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.writer.begin().await?;
                 let task = Self::task_in(&mut *tx, workspace, id).await?;
                 if task.status.is_terminal() {
                     return Err($crate::Error::State { what: "task", state: format!("already {}", task.status) });
@@ -1374,7 +1434,7 @@ macro_rules! runtime_store {
                 events: Vec<keel_core::event::NewEvent>,
             ) -> $crate::Result<($crate::runtime::TaskRecord, Vec<keel_core::event::Event>)> {
                 let now = $crate::now();
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.writer.begin().await?;
                 let task = Self::task_in(&mut *tx, workspace, id).await?;
                 if task.status != keel_core::task::TaskStatus::InputRequired {
                     return Err($crate::runtime::not_waiting(task.status));
@@ -1427,7 +1487,7 @@ macro_rules! runtime_store {
                 events: Vec<keel_core::event::NewEvent>,
             ) -> $crate::Result<($crate::runtime::TaskRecord, Vec<keel_core::event::Event>)> {
                 let now = $crate::now();
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.writer.begin().await?;
                 let done = sqlx::query(
                     "UPDATE tasks SET status = 'working', queued = TRUE, dead_lettered = FALSE, max_attempts = attempts + $3, \
                      run_at = $4, updated_at = $4, finished_at = NULL, error = NULL WHERE id = $1 AND workspace_id = $2 AND dead_lettered",
@@ -1451,7 +1511,7 @@ macro_rules! runtime_store {
                 let done = sqlx::query("UPDATE tasks SET dead_lettered = FALSE WHERE id = $1 AND workspace_id = $2 AND dead_lettered")
                     .bind(id.as_uuid())
                     .bind(workspace.as_uuid())
-                    .execute(&self.pool)
+                    .execute(&self.writer)
                     .await?;
                 if done.rows_affected() == 0 {
                     return Err($crate::Error::NotFound { what: "dead letter" });
@@ -1477,6 +1537,12 @@ macro_rules! runtime_store {
                     depth.push($crate::runtime::QueueDepth { priority, waiting, oldest });
                 }
                 Ok(depth)
+            }
+
+                        async fn dead_letter_count(&self) -> $crate::Result<i64> {
+                Ok(sqlx::query_scalar("SELECT COUNT(*) FROM tasks WHERE dead_lettered")
+                    .fetch_one(&self.pool)
+                    .await?)
             }
 
             async fn task_counts(&self) -> $crate::Result<Vec<(keel_core::task::TaskStatus, i64)>> {

@@ -73,7 +73,7 @@ pub(crate) fn conflict_as(what: &'static str) -> impl FnOnce(sqlx::Error) -> Err
 }
 
 /// Stamps the shared [`Store`](crate::Store) implementation onto a backend type that has
-/// a `pool` field and `BACKEND`, `MIGRATOR`, `HAS_MIGRATIONS_TABLE` and `DAY_EXPR`
+/// a `pool` field (reads), a `writer` field (every write goes through it) and `BACKEND`, `MIGRATOR`, `HAS_MIGRATIONS_TABLE` and `DAY_EXPR`
 /// constants; `$db` is its sqlx database type.
 macro_rules! sql_store {
     ($store:ty, $db:ty) => {
@@ -133,7 +133,7 @@ macro_rules! sql_store {
                     .bind(workspace.id.as_uuid())
                     .bind(workspace.name.as_str())
                     .bind(workspace.created_at)
-                    .execute(&self.pool)
+                    .execute(&self.writer)
                     .await
                     .map_err($crate::sql::conflict_as("workspace"))?;
                 Ok(workspace)
@@ -148,7 +148,7 @@ macro_rules! sql_store {
                     .bind(keel_core::id::WorkspaceId::new().as_uuid())
                     .bind(name.as_str())
                     .bind($crate::now())
-                    .execute(&self.pool)
+                    .execute(&self.writer)
                     .await?;
                 self.workspace_by_name(name).await
             }
@@ -201,7 +201,7 @@ macro_rules! sql_store {
                 .bind(&stored.prefix)
                 .bind(key.hash.as_str())
                 .bind(stored.created_at)
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await
                 .map_err($crate::sql::conflict_as("API key"))?;
                 Ok(stored)
@@ -260,7 +260,7 @@ macro_rules! sql_store {
                 .bind(workspace.as_uuid())
                 .bind(id.as_uuid())
                 .bind($crate::now())
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.writer)
                 .await?
                 .ok_or($crate::Error::NotFound { what: "API key" })?;
                 $crate::sql::api_key_from_row(&row)
@@ -272,7 +272,7 @@ macro_rules! sql_store {
                 if records.is_empty() {
                     return Ok(());
                 }
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.writer.begin().await?;
                 for batch in records.chunks($crate::sql::USAGE_BATCH) {
                     let mut qb = sqlx::QueryBuilder::<$db>::new(
                         "INSERT INTO usage_records (id, workspace_id, api_key_id, route, provider, upstream_model, \
@@ -366,7 +366,7 @@ macro_rules! sql_store {
                 if events.is_empty() {
                     return Ok(Vec::new());
                 }
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.writer.begin().await?;
                 let committed = Self::append_events_tx(&mut tx, events).await?;
                 tx.commit().await?;
                 Ok(committed)
@@ -428,7 +428,7 @@ macro_rules! sql_store {
                 for head in heads {
                     let workspace: uuid::Uuid = head.try_get("workspace_id")?;
                     let through: i64 = head.try_get("through")?;
-                    let mut tx = self.pool.begin().await?;
+                    let mut tx = self.writer.begin().await?;
                     let done = sqlx::query("DELETE FROM events WHERE workspace_id = $1 AND seq <= $2")
                         .bind(workspace)
                         .bind(through)
@@ -453,7 +453,7 @@ macro_rules! sql_store {
 
             #[tracing::instrument(skip_all, fields(db.system = %Self::BACKEND))]
             async fn create_webhook(&self, w: $crate::NewWebhook) -> $crate::Result<$crate::Webhook> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.writer.begin().await?;
                 let head: Option<i64> = sqlx::query_scalar("SELECT last_seq FROM event_heads WHERE workspace_id = $1")
                     .bind(w.workspace_id.as_uuid())
                     .fetch_optional(&mut *tx)
@@ -504,7 +504,7 @@ macro_rules! sql_store {
             }
 
             async fn delete_webhook(&self, workspace: keel_core::id::WorkspaceId, id: keel_core::id::WebhookId) -> $crate::Result<()> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.writer.begin().await?;
                 sqlx::query("DELETE FROM webhook_deliveries WHERE workspace_id = $1 AND webhook_id = $2")
                     .bind(workspace.as_uuid())
                     .bind(id.as_uuid())
@@ -545,7 +545,7 @@ macro_rules! sql_store {
                 .bind(owner)
                 .bind(until)
                 .bind($crate::now())
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await?;
                 Ok(done.rows_affected() == 1)
             }
@@ -557,7 +557,7 @@ macro_rules! sql_store {
                 .bind(id.as_uuid())
                 .bind(owner)
                 .bind(seq)
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await?;
                 Ok(done.rows_affected() == 1)
             }
@@ -567,7 +567,7 @@ macro_rules! sql_store {
                 d: &$crate::Delivery,
                 events: &[keel_core::event::NewEvent],
             ) -> $crate::Result<Vec<keel_core::event::Event>> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.writer.begin().await?;
                 sqlx::query(concat!(
                     "INSERT INTO webhook_deliveries (", $crate::webhooks::delivery_columns!(),
                     ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
@@ -646,7 +646,7 @@ macro_rules! sql_store {
                 .bind(owner)
                 .bind(until)
                 .bind($crate::now())
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await?;
                 Ok(done.rows_affected() == 1)
             }
@@ -681,12 +681,13 @@ macro_rules! sql_store {
                 .bind(name)
                 .bind(workspace.as_uuid())
                 .bind(seq)
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await?;
                 Ok(())
             }
 
-            async fn close(&self) {
+                        async fn close(&self) {
+                self.writer.close().await;
                 self.pool.close().await;
             }
         }

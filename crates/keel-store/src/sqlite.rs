@@ -13,9 +13,15 @@ use sqlx::sqlite::{
 use crate::{Backend, Error, Result};
 
 /// A store on an SQLite file.
+///
+/// SQLite allows one writer at a time, and a writer that finds the file locked sleeps in
+/// SQLite's busy handler (milliseconds at a time). So every write goes through `writer`, a
+/// pool of exactly one connection: writers queue for it in this process, in order, and
+/// never sleep on the lock. Reads use `pool` and run beside the writer (WAL).
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    writer: SqlitePool,
 }
 
 impl SqliteStore {
@@ -43,9 +49,14 @@ impl SqliteStore {
         let pool = SqlitePoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(config.acquire_timeout)
+            .connect_with(options.clone())
+            .await?;
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(config.acquire_timeout)
             .connect_with(options)
             .await?;
-        Ok(Self { pool })
+        Ok(Self { pool, writer })
     }
 
     const BACKEND: Backend = Backend::Sqlite;

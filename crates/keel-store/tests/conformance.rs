@@ -90,6 +90,12 @@ conformance!(
     postgres_announces_commits_to_listeners,
     webhooks_are_scoped_leased_and_log_their_deliveries,
     exporters_lease_and_track_a_cursor_per_workspace,
+    agents_are_versioned_and_scoped,
+    claims_are_exclusive_and_checkpoints_are_fenced_by_the_lease,
+    a_failed_checkpoint_batch_stores_nothing_of_any_run,
+    the_queue_orders_by_priority_then_fairly_across_workspaces,
+    idempotency_keys_and_the_queue_bound_hold,
+    cancel_and_input_follow_the_task_state,
 );
 
 fn name(s: &str) -> WorkspaceName {
@@ -815,5 +821,544 @@ async fn exporters_lease_and_track_a_cursor_per_workspace(f: &Fixture) {
         f.store.export_backlog("other").await.unwrap().len(),
         2,
         "cursors are per exporter"
+    );
+}
+
+mod runtime_fixtures {
+    use super::*;
+    use keel_store::runtime::{AgentRecord, Created, NewTask};
+
+    pub async fn agent(f: &Fixture, ws: WorkspaceId) -> AgentRecord {
+        f.store
+            .put_agent(
+                ws,
+                "helper",
+                &serde_json::json!({"name": "helper"}),
+                false,
+                false,
+            )
+            .await
+            .unwrap()
+    }
+
+    pub fn new_task(
+        agent: &AgentRecord,
+        priority: keel_core::task::Priority,
+        key: Option<&str>,
+    ) -> NewTask {
+        let id = TaskId::new();
+        NewTask {
+            id,
+            workspace_id: agent.workspace_id,
+            agent_id: agent.id,
+            agent_name: agent.name.clone(),
+            agent_version: agent.version,
+            thread_id: None,
+            parent_task_id: None,
+            depth: 0,
+            priority,
+            input: serde_json::json!([{"role": "user", "content": "hi"}]),
+            metadata: serde_json::json!({}),
+            idempotency_key: key.map(str::to_owned),
+            max_attempts: 3,
+            max_queued: 1_000,
+            events: vec![
+                NewEvent::new(
+                    EventType::TaskCreated,
+                    agent.workspace_id,
+                    serde_json::json!({"agent": "helper", "priority": "medium"}),
+                )
+                .with_task(id),
+            ],
+        }
+    }
+
+    pub async fn create(f: &Fixture, t: NewTask) -> keel_store::runtime::TaskRecord {
+        match f.store.create_task(t).await.unwrap() {
+            Created::New(task, events) => {
+                assert_eq!(events.len(), 1, "the task and its event commit together");
+                *task
+            }
+            other => panic!("expected a new task, got {other:?}"),
+        }
+    }
+
+    pub fn later(secs: i64) -> time::OffsetDateTime {
+        time::OffsetDateTime::now_utc() + time::Duration::seconds(secs)
+    }
+}
+
+async fn agents_are_versioned_and_scoped(f: &Fixture) {
+    let a = f.store.ensure_workspace(&name("agents-a")).await.unwrap();
+    let b = f.store.ensure_workspace(&name("agents-b")).await.unwrap();
+    let v1 = f
+        .store
+        .put_agent(
+            a.id,
+            "helper",
+            &serde_json::json!({"name": "helper", "max_steps": 1}),
+            true,
+            false,
+        )
+        .await
+        .unwrap();
+    assert_eq!(v1.version, 1);
+    assert!(matches!(
+        f.store
+            .put_agent(
+                a.id,
+                "helper",
+                &serde_json::json!({"name": "helper"}),
+                true,
+                false
+            )
+            .await,
+        Err(Error::Conflict { .. })
+    ));
+    let same = f
+        .store
+        .put_agent(a.id, "helper", &v1.spec, false, true)
+        .await
+        .unwrap();
+    assert_eq!(same.version, 1, "an unchanged spec stores no new version");
+    let v2 = f
+        .store
+        .put_agent(
+            a.id,
+            "helper",
+            &serde_json::json!({"name": "helper", "max_steps": 2}),
+            false,
+            true,
+        )
+        .await
+        .unwrap();
+    assert_eq!((v2.version, v2.id), (2, v1.id));
+    assert_eq!(
+        f.store.agent_version(a.id, v1.id, 1).await.unwrap().spec["max_steps"],
+        1
+    );
+    assert!(matches!(
+        f.store.agent(b.id, "helper").await,
+        Err(Error::NotFound { .. })
+    ));
+    assert!(matches!(
+        f.store.agent_version(b.id, v1.id, 1).await,
+        Err(Error::NotFound { .. })
+    ));
+    assert!(matches!(
+        f.store
+            .put_agent(b.id, "helper", &serde_json::json!({}), false, true)
+            .await,
+        Err(Error::NotFound { .. })
+    ));
+    f.store.delete_agent(a.id, "helper").await.unwrap();
+    assert!(matches!(
+        f.store.agent(a.id, "helper").await,
+        Err(Error::NotFound { .. })
+    ));
+    assert_eq!(
+        f.store.agent_version(a.id, v1.id, 2).await.unwrap().version,
+        2,
+        "versions outlive deletion"
+    );
+    let v3 = f
+        .store
+        .put_agent(
+            a.id,
+            "helper",
+            &serde_json::json!({"name": "helper"}),
+            true,
+            false,
+        )
+        .await
+        .unwrap();
+    assert_eq!(v3.version, 3, "re-creating continues the version line");
+}
+
+async fn claims_are_exclusive_and_checkpoints_are_fenced_by_the_lease(f: &Fixture) {
+    use keel_store::runtime::{BeginRun, Checkpoint, Committed, Finish, NewMessage};
+    let ws = f.store.ensure_workspace(&name("claims")).await.unwrap();
+    let agent = runtime_fixtures::agent(f, ws.id).await;
+    let task = runtime_fixtures::create(
+        f,
+        runtime_fixtures::new_task(&agent, keel_core::task::Priority::Medium, None),
+    )
+    .await;
+    let (one, two) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    let claimed = f
+        .store
+        .claim_tasks(one, runtime_fixtures::later(60), 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert!(
+        f.store
+            .claim_tasks(two, runtime_fixtures::later(60), 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a held task is not claimed twice"
+    );
+    let run = RunId::new();
+    let state = f
+        .store
+        .begin_run(BeginRun {
+            task_id: task.id,
+            owner: one,
+            new_run: Some((
+                run,
+                vec![NewMessage {
+                    body: serde_json::json!({"role": "user", "content": "hi"}),
+                    tokens: 3,
+                }],
+            )),
+            events: vec![],
+        })
+        .await
+        .unwrap();
+    assert_eq!(state.messages.len(), 1);
+    assert_eq!(state.task.attempts, 1);
+    let step = |owner: uuid::Uuid, finish: Option<Finish>| Checkpoint {
+        task_id: task.id,
+        workspace_id: ws.id,
+        thread_id: task.thread_id,
+        run_id: run,
+        owner,
+        start: None,
+        step: Some(("llm_call".to_owned(), serde_json::json!({"n": 1}))),
+        messages: vec![NewMessage {
+            body: serde_json::json!({"role": "assistant", "content": "ok"}),
+            tokens: 2,
+        }],
+        tool_calls: 0,
+        input_tokens: 10,
+        output_tokens: 2,
+        cost_nanousd: 5,
+        finish,
+        events: vec![
+            NewEvent::new(
+                EventType::AgentMessage,
+                ws.id,
+                serde_json::json!({"role": "assistant", "content": "ok"}),
+            )
+            .with_task(task.id),
+        ],
+        usage: None,
+    };
+    // The holder commits; a stranger is refused and stores nothing.
+    let out = f
+        .store
+        .commit_checkpoints(&[step(one, None), step(two, None)])
+        .await
+        .unwrap();
+    assert!(
+        matches!(&out[0], Committed::Stored { idx: Some(0), events } if events.len() == 1),
+        "{out:?}"
+    );
+    assert_eq!(out[1], Committed::LeaseLost);
+    assert_eq!(f.store.task_steps(ws.id, task.id).await.unwrap().len(), 1);
+    // The lease expires and someone else takes over: the old holder is fenced out.
+    f.store.release_leases(one, &[task.id]).await.unwrap();
+    assert_eq!(
+        f.store
+            .renew_leases(one, &[task.id], runtime_fixtures::later(60))
+            .await
+            .unwrap(),
+        vec![]
+    );
+    let retaken = f
+        .store
+        .claim_tasks(two, runtime_fixtures::later(60), 10)
+        .await
+        .unwrap();
+    assert_eq!(retaken.len(), 1);
+    let resumed = f
+        .store
+        .begin_run(BeginRun {
+            task_id: task.id,
+            owner: two,
+            new_run: None,
+            events: vec![],
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (resumed.steps.len(), resumed.messages.len()),
+        (1, 2),
+        "a resume sees exactly what was committed"
+    );
+    assert_eq!(
+        f.store
+            .commit_checkpoints(&[step(one, None)])
+            .await
+            .unwrap(),
+        vec![Committed::LeaseLost]
+    );
+    let done = f
+        .store
+        .commit_checkpoints(&[step(
+            two,
+            Some(Finish::Completed {
+                output: Some("ok".into()),
+            }),
+        )])
+        .await
+        .unwrap();
+    assert!(matches!(&done[0], Committed::Stored { idx: Some(1), .. }));
+    let task = f.store.task(ws.id, task.id).await.unwrap();
+    assert_eq!(task.status, keel_core::task::TaskStatus::Completed);
+    assert_eq!(
+        (task.steps, task.input_tokens, task.cost_nanousd),
+        (2, 20, 10)
+    );
+    assert!(!task.queued && task.lease_owner.is_none());
+    assert!(
+        f.store
+            .claim_tasks(one, runtime_fixtures::later(60), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let messages = f
+        .store
+        .thread_messages(ws.id, task.thread_id, 0, 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+}
+
+async fn a_failed_checkpoint_batch_stores_nothing_of_any_run(f: &Fixture) {
+    use keel_store::runtime::{BeginRun, Checkpoint, NewMessage};
+    let ws = f.store.ensure_workspace(&name("atomic")).await.unwrap();
+    let agent = runtime_fixtures::agent(f, ws.id).await;
+    let task = runtime_fixtures::create(
+        f,
+        runtime_fixtures::new_task(&agent, keel_core::task::Priority::Medium, None),
+    )
+    .await;
+    let owner = uuid::Uuid::now_v7();
+    f.store
+        .claim_tasks(owner, runtime_fixtures::later(60), 1)
+        .await
+        .unwrap();
+    let run = RunId::new();
+    f.store
+        .begin_run(BeginRun {
+            task_id: task.id,
+            owner,
+            new_run: Some((run, vec![])),
+            events: vec![],
+        })
+        .await
+        .unwrap();
+    let head = f.store.event_head(ws.id).await.unwrap();
+    let good = Checkpoint {
+        task_id: task.id,
+        workspace_id: ws.id,
+        thread_id: task.thread_id,
+        run_id: run,
+        owner,
+        start: None,
+        step: Some(("llm_call".to_owned(), serde_json::json!({}))),
+        messages: vec![NewMessage {
+            body: serde_json::json!({"role": "assistant", "content": "x"}),
+            tokens: 1,
+        }],
+        tool_calls: 0,
+        input_tokens: 0,
+        output_tokens: 0,
+        cost_nanousd: 0,
+        finish: None,
+        events: vec![
+            NewEvent::new(EventType::AgentMessage, ws.id, serde_json::json!({})).with_task(task.id),
+        ],
+        usage: None,
+    };
+    // The second checkpoint's thread does not exist: the batch fails as a whole.
+    let mut bad = good.clone();
+    bad.thread_id = keel_core::id::ThreadId::new();
+    assert!(
+        f.store
+            .commit_checkpoints(&[good.clone(), bad])
+            .await
+            .is_err()
+    );
+    assert_eq!(f.store.task_steps(ws.id, task.id).await.unwrap().len(), 0);
+    assert_eq!(
+        f.store.event_head(ws.id).await.unwrap(),
+        head,
+        "no event without its step"
+    );
+    assert_eq!(f.store.task(ws.id, task.id).await.unwrap().steps, 0);
+    assert!(f.store.commit_checkpoints(&[good]).await.is_ok());
+}
+
+async fn the_queue_orders_by_priority_then_fairly_across_workspaces(f: &Fixture) {
+    use keel_core::task::Priority;
+    let busy = f.store.ensure_workspace(&name("busy")).await.unwrap();
+    let quiet = f.store.ensure_workspace(&name("quiet")).await.unwrap();
+    let busy_agent = runtime_fixtures::agent(f, busy.id).await;
+    let quiet_agent = runtime_fixtures::agent(f, quiet.id).await;
+    let mut busy_ids = Vec::new();
+    for _ in 0..5 {
+        busy_ids.push(
+            runtime_fixtures::create(
+                f,
+                runtime_fixtures::new_task(&busy_agent, Priority::Medium, None),
+            )
+            .await
+            .id,
+        );
+    }
+    let low = runtime_fixtures::create(
+        f,
+        runtime_fixtures::new_task(&busy_agent, Priority::Low, None),
+    )
+    .await
+    .id;
+    let quiet_id = runtime_fixtures::create(
+        f,
+        runtime_fixtures::new_task(&quiet_agent, Priority::Medium, None),
+    )
+    .await
+    .id;
+    let critical = runtime_fixtures::create(
+        f,
+        runtime_fixtures::new_task(&busy_agent, Priority::Critical, None),
+    )
+    .await
+    .id;
+    let owner = uuid::Uuid::now_v7();
+    let mut order = Vec::new();
+    loop {
+        let got = f
+            .store
+            .claim_tasks(owner, runtime_fixtures::later(60), 1)
+            .await
+            .unwrap();
+        let Some(t) = got.into_iter().next() else {
+            break;
+        };
+        order.push(t.id);
+    }
+    assert_eq!(order.len(), 8);
+    assert_eq!(order[0], critical);
+    assert_eq!(*order.last().unwrap(), low);
+    let quiet_at = order.iter().position(|id| *id == quiet_id).unwrap();
+    assert!(
+        quiet_at <= 2,
+        "the quiet workspace's first task goes ahead of most of the busy one's backlog: {quiet_at}"
+    );
+    assert_eq!(order.iter().filter(|id| busy_ids.contains(id)).count(), 5);
+}
+
+async fn idempotency_keys_and_the_queue_bound_hold(f: &Fixture) {
+    use keel_core::task::Priority;
+    use keel_store::runtime::Created;
+    let ws = f.store.ensure_workspace(&name("idem")).await.unwrap();
+    let other = f.store.ensure_workspace(&name("idem-other")).await.unwrap();
+    let agent = runtime_fixtures::agent(f, ws.id).await;
+    let other_agent = runtime_fixtures::agent(f, other.id).await;
+    let first = runtime_fixtures::create(
+        f,
+        runtime_fixtures::new_task(&agent, Priority::Medium, Some("k1")),
+    )
+    .await;
+    match f
+        .store
+        .create_task(runtime_fixtures::new_task(
+            &agent,
+            Priority::Medium,
+            Some("k1"),
+        ))
+        .await
+        .unwrap()
+    {
+        Created::Existing(t) => assert_eq!(t.id, first.id),
+        other => panic!("{other:?}"),
+    }
+    // Keys are per workspace.
+    runtime_fixtures::create(
+        f,
+        runtime_fixtures::new_task(&other_agent, Priority::Medium, Some("k1")),
+    )
+    .await;
+    let mut full = runtime_fixtures::new_task(&agent, Priority::Medium, None);
+    full.max_queued = 1;
+    let head = f.store.event_head(ws.id).await.unwrap();
+    assert!(matches!(
+        f.store.create_task(full).await.unwrap(),
+        Created::QueueFull { .. }
+    ));
+    assert_eq!(
+        f.store.event_head(ws.id).await.unwrap(),
+        head,
+        "a refused task leaves no event"
+    );
+    let listed = f
+        .store
+        .list_tasks(ws.id, &keel_store::runtime::TaskFilter::default(), None, 10)
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(
+        matches!(
+            f.store.task(other.id, first.id).await,
+            Err(Error::NotFound { .. })
+        ),
+        "another workspace's task is not found"
+    );
+}
+
+async fn cancel_and_input_follow_the_task_state(f: &Fixture) {
+    use keel_core::task::{Priority, TaskStatus};
+    let ws = f.store.ensure_workspace(&name("states")).await.unwrap();
+    let agent = runtime_fixtures::agent(f, ws.id).await;
+    let task = runtime_fixtures::create(
+        f,
+        runtime_fixtures::new_task(&agent, Priority::Medium, None),
+    )
+    .await;
+    assert!(matches!(
+        f.store
+            .submit_input(
+                ws.id,
+                task.id,
+                ("approval".into(), serde_json::json!({})),
+                vec![],
+                None,
+                vec![]
+            )
+            .await,
+        Err(Error::State { .. })
+    ));
+    let other = f
+        .store
+        .ensure_workspace(&name("states-other"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        f.store.cancel_task(other.id, task.id, vec![]).await,
+        Err(Error::NotFound { .. })
+    ));
+    let ev =
+        NewEvent::new(EventType::TaskCanceled, ws.id, serde_json::json!({})).with_task(task.id);
+    let (canceled, events) = f.store.cancel_task(ws.id, task.id, vec![ev]).await.unwrap();
+    assert_eq!(canceled.status, TaskStatus::Canceled);
+    assert_eq!(events.len(), 1);
+    assert!(matches!(
+        f.store.cancel_task(ws.id, task.id, vec![]).await,
+        Err(Error::State { .. })
+    ));
+    assert!(
+        f.store
+            .claim_tasks(uuid::Uuid::now_v7(), runtime_fixtures::later(60), 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a canceled task is not claimed"
     );
 }

@@ -52,12 +52,14 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         match part.as_str() {
             "sqlite" => {
                 let fsync = fsync_p50(&std::env::temp_dir())?;
-                let commit = commit_p50().await?;
+                let commit = commit_p50(keel_core::config::SqliteSynchronous::Full).await?;
+                let statements = commit_p50(keel_core::config::SqliteSynchronous::Off).await?;
                 println_report(&format!(
-                    "sqlite step commit (synchronous=FULL, one run): p50 {:.3} ms; one fsync on this disk: p50 {:.3} ms → {} (goal: ≤ one fsync)",
+                    "sqlite step commit (synchronous=FULL, one run): p50 {:.3} ms ({:.3} ms of it without the fsync); one fsync on this disk: p50 {:.3} ms → {} (goal: ≤ one fsync)",
                     ms(commit),
+                    ms(statements),
                     ms(fsync),
-                    met(commit <= fsync.mul_f64(1.05))
+                    met(commit <= fsync)
                 ));
                 for workers in [1usize, 8, 64] {
                     let t = throughput(&exe, &peers, None, workers, o.tasks_per_worker).await?;
@@ -269,8 +271,7 @@ impl Keel {
             &config,
             format!(
                 "data_dir = {data:?}\n[server]\nlisten = \"127.0.0.1:0\"\n[database]\n{database}\n\
-                 [telemetry]\nlog_level = \"warn\"\n\
-                 [runtime]\nworkers = {workers}\nagents_workspace = \"bench\"\nagents_dir = {agents:?}\nlease = \"5s\"\nmax_queued = 100000\n\
+                 [runtime]\nenabled = true\nworkers = {workers}\nagents_workspace = \"bench\"\nagents_dir = {agents:?}\nlease = \"5s\"\nmax_queued = 100000\n\
                  [models.default]\n[[models.default.targets]]\nprovider = \"openai\"\nmodel = \"agent\"\nbase_url = {mock:?}\nmax_concurrency = 1024\n",
                 data = dir.display().to_string(),
                 agents = dir.join("agents").display().to_string(),
@@ -307,6 +308,18 @@ impl Keel {
         self.child = child;
         self.url = url;
         Ok(())
+    }
+
+    /// Restarts with the runtime's workers on or off.
+    async fn run_agents(&mut self, enabled: bool) -> anyhow::Result<()> {
+        let text = std::fs::read_to_string(&self.config)?;
+        let text = text
+            .replace("enabled = true", &format!("enabled = {enabled}"))
+            .replace("enabled = false", &format!("enabled = {enabled}"));
+        std::fs::write(&self.config, text)?;
+        self.child.start_kill()?;
+        let _ = self.child.wait().await;
+        self.restart().await
     }
 
     async fn stop(mut self) {
@@ -385,7 +398,10 @@ async fn throughput(
     per_worker: usize,
 ) -> anyhow::Result<Throughput> {
     peers.reset(0);
-    let keel = Keel::start(exe, peers, database, workers, &format!("tp{workers}")).await?;
+    // The queue is filled first, with no worker running, so the figure is the run path's
+    // alone (not task creation's); then the workers start.
+    let mut keel = Keel::start(exe, peers, database, workers, &format!("tp{workers}")).await?;
+    keel.run_agents(false).await?;
     let client = http()?;
     let n = (workers * per_worker).max(50);
     let mut posts = futures_util::stream::iter(0..n)
@@ -406,21 +422,36 @@ async fn throughput(
         r?;
     }
     drop(posts);
+    keel.run_agents(true).await?;
+    // Wait cheaply (one small query a second, so the polling does not load Keel), then
+    // read every task once.
     let deadline = Instant::now() + Duration::from_secs(600);
-    let tasks = loop {
-        let tasks = all_tasks(&client, &keel).await?;
-        let done = tasks.iter().filter(|t| t["status"] == "completed").count();
-        if let Some(bad) = tasks.iter().find(|t| t["status"] == "failed") {
-            bail!("a task failed: {bad}");
+    loop {
+        let mut busy = false;
+        for status in ["submitted", "working"] {
+            let page: Value = client
+                .get(format!("{}/v1/tasks?status={status}&limit=1", keel.url))
+                .bearer_auth(&keel.key)
+                .send()
+                .await?
+                .json()
+                .await?;
+            busy |= page["data"].as_array().is_some_and(|d| !d.is_empty());
         }
-        if done == n {
-            break tasks;
+        if !busy {
+            break;
         }
         if Instant::now() > deadline {
-            bail!("only {done} of {n} tasks completed in 10 minutes");
+            bail!("the tasks did not finish in 10 minutes");
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let tasks = all_tasks(&client, &keel).await?;
+    let done = tasks.iter().filter(|t| t["status"] == "completed").count();
+    if done != n {
+        let bad = tasks.iter().find(|t| t["status"] != "completed");
+        bail!("{done} of {n} tasks completed; e.g. {bad:?}");
+    }
     let first = tasks
         .iter()
         .filter_map(|t| timestamp(&t["started_at"]))
@@ -463,12 +494,13 @@ fn fsync_p50(dir: &Path) -> anyhow::Result<Duration> {
 
 /// Median latency of committing one step (a step row, a message, two events and a usage
 /// row) on SQLite with `synchronous = FULL`, one run at a time.
-async fn commit_p50() -> anyhow::Result<Duration> {
+async fn commit_p50(synchronous: keel_core::config::SqliteSynchronous) -> anyhow::Result<Duration> {
     let dir = std::env::temp_dir().join(format!("keel-bench-commit-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let mut config = keel_core::config::Config::default();
     config.data_dir.clone_from(&dir);
+    config.database.sqlite_synchronous = synchronous;
     let store = keel_store::open(&config).await?;
     store.migrate().await?;
     let ws = store
@@ -540,6 +572,7 @@ async fn commit_p50() -> anyhow::Result<Duration> {
             thread_id: thread,
             run_id,
             owner,
+            start: None,
             step: Some((
                 "tool_call".to_owned(),
                 json!({"tool": "lookup", "call_id": format!("call_{i}"), "ok": true, "duration_ms": 1}),

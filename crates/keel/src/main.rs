@@ -3,6 +3,7 @@
 //! It parses flags, builds the config from its layers, and hands off to the library
 //! crates; no domain logic lives here.
 
+mod agents_cli;
 mod bench;
 mod bench_events;
 mod bench_runtime;
@@ -80,6 +81,32 @@ enum Command {
     /// Check files of events, or follow a running server's event stream.
     #[command(subcommand)]
     Events(EventsCommand),
+    /// Run a task of an agent and show it live: tool calls as they happen, the answer.
+    #[command(
+        after_help = "Example:\n  KEEL_API_KEY=keel_… keel run assistant \"What is on my calendar?\""
+    )]
+    Run {
+        /// The agent's name.
+        agent: String,
+        /// What to ask.
+        input: String,
+        /// Continue this thread (`thr_…`).
+        #[arg(long)]
+        thread: Option<String>,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Chat with an agent: each line is a task on one thread.
+    #[command(after_help = "Example:\n  KEEL_API_KEY=keel_… keel chat assistant")]
+    Chat {
+        /// The agent's name.
+        agent: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Manage a running server's agents.
+    #[command(subcommand)]
+    Agents(AgentsCommand),
     /// Run a mock LLM server (OpenAI wire format) with scripted replies and injected faults.
     #[command(
         name = "mock-llm",
@@ -228,6 +255,27 @@ enum EventsCommand {
         /// An API key of the workspace (viewer or above).
         #[arg(long, env = "KEEL_API_KEY", hide_env_values = true)]
         key: String,
+    },
+}
+
+/// Where the server is and how to authenticate.
+#[derive(Debug, clap::Args)]
+struct ServerArgs {
+    /// The server (default: the configured `server.listen`).
+    #[arg(long)]
+    url: Option<String>,
+    /// An API key of the workspace.
+    #[arg(long, env = "KEEL_API_KEY", hide_env_values = true)]
+    key: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentsCommand {
+    /// Reload `runtime.agents_dir` into the agents workspace (as SIGHUP does); admin key.
+    #[command(after_help = "Example:\n  KEEL_API_KEY=keel_… keel agents reload")]
+    Reload {
+        #[command(flatten)]
+        server: ServerArgs,
     },
 }
 
@@ -459,20 +507,39 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             url,
             key,
         }) => {
-            let url = match url {
-                Some(url) => url,
-                None => {
-                    let listen = load_config(&cli.global, None)?.server.listen;
-                    let host = if listen.ip().is_unspecified() {
-                        std::net::IpAddr::from([127, 0, 0, 1])
-                    } else {
-                        listen.ip()
-                    };
-                    format!("http://{}", std::net::SocketAddr::new(host, listen.port()))
-                }
-            };
+            let url = server_url(&cli.global, url)?;
             events_cli::tail(&url, &key, types.as_deref(), after).await?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Run {
+            agent,
+            input,
+            thread,
+            server,
+        } => {
+            let url = server_url(&cli.global, server.url)?;
+            let status =
+                agents_cli::run(&url, &server.key, &agent, &input, thread.as_deref()).await?;
+            Ok(
+                if matches!(status.as_str(), "completed" | "input-required") {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                },
+            )
+        }
+        Command::Chat { agent, server } => {
+            let url = server_url(&cli.global, server.url)?;
+            agents_cli::chat(&url, &server.key, &agent).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Agents(AgentsCommand::Reload { server }) => {
+            let url = server_url(&cli.global, server.url)?;
+            Ok(if agents_cli::reload(&url, &server.key).await? {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
     }
 }
@@ -629,6 +696,23 @@ async fn serve_with_telemetry(config: Config, started: Instant) -> anyhow::Resul
     store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// `url`, or the configured `server.listen` as a URL (loopback for an unspecified address).
+fn server_url(global: &Global, url: Option<String>) -> anyhow::Result<String> {
+    if let Some(url) = url {
+        return Ok(url);
+    }
+    let listen = load_config(global, None)?.server.listen;
+    let host = if listen.ip().is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        listen.ip()
+    };
+    Ok(format!(
+        "http://{}",
+        std::net::SocketAddr::new(host, listen.port())
+    ))
 }
 
 /// Loads `runtime.agents_dir` into `runtime.agents_workspace` (created if needed).

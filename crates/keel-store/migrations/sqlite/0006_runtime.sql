@@ -86,8 +86,9 @@ CREATE TABLE tasks (
 CREATE UNIQUE INDEX tasks_idempotency ON tasks (workspace_id, idempotency_key);
 CREATE INDEX tasks_workspace ON tasks (workspace_id, id);
 CREATE INDEX tasks_thread ON tasks (thread_id, id);
-CREATE INDEX tasks_queue ON tasks (priority DESC, vt, id) WHERE queued = 1;
-CREATE INDEX tasks_dead ON tasks (workspace_id, id) WHERE dead_lettered = 1;
+CREATE INDEX tasks_status ON tasks (workspace_id, status, id);
+CREATE INDEX tasks_queue ON tasks (priority DESC, vt, id) WHERE queued;
+CREATE INDEX tasks_dead ON tasks (workspace_id, id) WHERE dead_lettered;
 
 CREATE TABLE runs (
     id            BLOB PRIMARY KEY NOT NULL,

@@ -14,7 +14,7 @@ use axum::http::HeaderMap;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 
-use crate::support::{Keel, assert_problem, client, create_key, eventually, keel_command};
+use crate::support::{Keel, assert_problem, client, create_key, eventually, keel_command, run};
 
 /// Starts `keel mock-llm` with a by-turn script; returns the process and its base URL.
 pub async fn mock_llm(dir: &Path, replies: Value) -> (tokio::process::Child, String) {
@@ -175,6 +175,23 @@ pub fn lookup_script() -> Value {
     ])
 }
 
+/// Checks every event of the key's workspace against the published schemas with
+/// `keel events validate`, and returns how many there were.
+pub async fn assert_events_valid(dir: &Path, keel: &Keel, key: &str) -> usize {
+    let page = get(keel, key, "/v1/events?format=json&after=0&limit=1000").await;
+    let events = page["data"].as_array().unwrap();
+    let lines: Vec<String> = events.iter().map(Value::to_string).collect();
+    let file = dir.join("events.jsonl");
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let out = run(dir, &["events", "validate", file.to_str().unwrap()], &[]);
+    assert!(
+        out.status.success(),
+        "events do not match their schemas:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    events.len()
+}
+
 pub async fn post_task(keel: &Keel, key: &str, body: Value) -> reqwest::Response {
     client()
         .post(keel.url("/v1/tasks"))
@@ -283,6 +300,7 @@ async fn an_agent_calls_its_tool_and_answers_with_every_step_checkpointed() {
     // Usage is accounted like the gateway's.
     let usage = get(&keel, &key, "/v1/usage?group_by=route").await;
     assert_eq!(usage["data"][0]["requests"], 2, "{usage}");
+    assert_eq!(assert_events_valid(dir.path(), &keel, &key).await, 6);
 }
 
 #[tokio::test]
@@ -465,6 +483,7 @@ async fn kill_9_mid_run_twice_and_every_task_completes_with_each_side_effect_onc
         assert!(out.contains("Oslo"), "{out}");
     }
     assert!(resumed > 0, "some runs were interrupted and resumed");
+    assert!(assert_events_valid(dir.path(), &keel, &key).await >= TASKS * 6);
 }
 
 async fn post_json(keel: &Keel, key: &str, path: &str, body: Value) -> reqwest::Response {
@@ -609,6 +628,7 @@ async fn a_tool_that_needs_approval_waits_for_approve_edit_or_reject() {
     let task: Value = res.json().await.unwrap();
     assert_eq!(task["status"], "rejected", "{task}");
     assert_eq!(tools.requests(), before);
+    assert!(assert_events_valid(dir.path(), &keel, &key).await > 20);
 }
 
 #[tokio::test]
@@ -835,6 +855,7 @@ async fn a_task_out_of_attempts_is_dead_lettered_and_a_replay_runs_it_again() {
         .await
         .unwrap();
     assert_problem(res, 404).await;
+    assert_events_valid(dir.path(), &keel, &key).await;
 }
 
 #[tokio::test]
@@ -1084,6 +1105,7 @@ async fn an_agent_delegates_to_another_and_a_depth_limit_cuts_loops() {
         2,
         "only one level of delegation ran"
     );
+    assert_events_valid(dir.path(), &keel, &key).await;
 }
 
 #[tokio::test]
