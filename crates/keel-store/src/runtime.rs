@@ -529,6 +529,30 @@ pub trait RuntimeStore: Send + Sync {
     async fn dead_letter_count(&self) -> Result<i64>;
 }
 
+/// A step row waiting to be inserted with the rest of its batch.
+pub(crate) struct StepRow {
+    pub(crate) task: Uuid,
+    pub(crate) idx: i64,
+    pub(crate) run: Uuid,
+    pub(crate) workspace: Uuid,
+    pub(crate) kind: String,
+    pub(crate) data: String,
+}
+
+/// A message row waiting to be inserted with the rest of its batch.
+pub(crate) struct MessageRow {
+    pub(crate) thread: Uuid,
+    pub(crate) seq: i64,
+    pub(crate) workspace: Uuid,
+    pub(crate) task: Uuid,
+    pub(crate) run: Uuid,
+    pub(crate) body: String,
+    pub(crate) tokens: i64,
+}
+
+/// Rows per multi-row INSERT (8 parameters each: far under both databases' limits).
+pub(crate) const ROW_BATCH: usize = 500;
+
 /// The `tasks` columns, in a fixed order (a macro so queries stay static strings).
 macro_rules! task_columns {
     () => {
@@ -712,21 +736,81 @@ macro_rules! runtime_store {
                     .fetch_one(&mut *conn)
                     .await?;
                 // Seqs start at 1, so `after = 0` reads a thread from its start.
-                let first = next - n + 1;
-                let mut qb = sqlx::QueryBuilder::<$db>::new(
-                    "INSERT INTO messages (thread_id, seq, workspace_id, task_id, run_id, body, tokens, created_at) ",
-                );
-                qb.push_values((first..).zip(messages), |mut row, (seq, m)| {
-                    row.push_bind(thread.as_uuid())
-                        .push_bind(seq)
-                        .push_bind(workspace.as_uuid())
-                        .push_bind(task.as_uuid())
-                        .push_bind(run.as_uuid())
-                        .push_bind(m.body.to_string())
-                        .push_bind(m.tokens)
-                        .push_bind(now);
-                });
-                qb.build().execute(&mut *conn).await?;
+                                let first = next - n + 1;
+                let rows: Vec<$crate::runtime::MessageRow> = (first..)
+                    .zip(messages)
+                    .map(|(seq, m)| $crate::runtime::MessageRow {
+                        thread: thread.as_uuid(),
+                        seq,
+                        workspace: workspace.as_uuid(),
+                        task: task.as_uuid(),
+                        run: run.as_uuid(),
+                        body: m.body.to_string(),
+                        tokens: m.tokens,
+                    })
+                    .collect();
+                Self::insert_messages(&mut *conn, &rows, now).await
+            }
+
+            /// Allocates `n` seqs of a thread (under its row lock); the first one.
+            async fn allocate_seqs(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                thread: keel_core::id::ThreadId,
+                n: usize,
+            ) -> $crate::Result<i64> {
+                let n = i64::try_from(n).unwrap_or(i64::MAX);
+                let next: i64 = sqlx::query_scalar("UPDATE threads SET next_seq = next_seq + $2 WHERE id = $1 RETURNING next_seq")
+                    .bind(thread.as_uuid())
+                    .bind(n)
+                    .fetch_one(&mut *conn)
+                    .await?;
+                Ok(next - n + 1)
+            }
+
+            async fn insert_messages(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                rows: &[$crate::runtime::MessageRow],
+                now: time::OffsetDateTime,
+            ) -> $crate::Result<()> {
+                for chunk in rows.chunks($crate::runtime::ROW_BATCH) {
+                    let mut qb = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO messages (thread_id, seq, workspace_id, task_id, run_id, body, tokens, created_at) ",
+                    );
+                    qb.push_values(chunk, |mut row, m| {
+                        row.push_bind(m.thread)
+                            .push_bind(m.seq)
+                            .push_bind(m.workspace)
+                            .push_bind(m.task)
+                            .push_bind(m.run)
+                            .push_bind(m.body.clone())
+                            .push_bind(m.tokens)
+                            .push_bind(now);
+                    });
+                    qb.build().execute(&mut *conn).await?;
+                }
+                Ok(())
+            }
+
+            async fn insert_steps(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                rows: &[$crate::runtime::StepRow],
+                now: time::OffsetDateTime,
+            ) -> $crate::Result<()> {
+                for chunk in rows.chunks($crate::runtime::ROW_BATCH) {
+                    let mut qb = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO steps (task_id, idx, run_id, workspace_id, kind, data, created_at) ",
+                    );
+                    qb.push_values(chunk, |mut row, s| {
+                        row.push_bind(s.task)
+                            .push_bind(s.idx)
+                            .push_bind(s.run)
+                            .push_bind(s.workspace)
+                            .push_bind(s.kind.clone())
+                            .push_bind(s.data.clone())
+                            .push_bind(now);
+                    });
+                    qb.build().execute(&mut *conn).await?;
+                }
                 Ok(())
             }
 
@@ -766,10 +850,12 @@ macro_rules! runtime_store {
             }
 
             /// Stores one checkpoint inside `tx`; `None` when the lease is lost.
-            async fn checkpoint_in(
+                        async fn checkpoint_in(
                 tx: &mut sqlx::Transaction<'_, $db>,
                 c: &$crate::runtime::Checkpoint,
                 now: time::OffsetDateTime,
+                step_rows: &mut Vec<$crate::runtime::StepRow>,
+                message_rows: &mut Vec<$crate::runtime::MessageRow>,
             ) -> $crate::Result<Option<Option<i64>>> {
                                 use $crate::runtime::Finish;
                 if let Some(run) = c.start {
@@ -817,22 +903,28 @@ macro_rules! runtime_store {
                     return Ok(None);
                 };
                 let idx = c.step.as_ref().map(|_| steps - 1);
-                if let (Some((kind, data)), Some(idx)) = (&c.step, idx) {
-                    sqlx::query(
-                        "INSERT INTO steps (task_id, idx, run_id, workspace_id, kind, data, created_at) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                    )
-                    .bind(c.task_id.as_uuid())
-                    .bind(idx)
-                    .bind(c.run_id.as_uuid())
-                    .bind(c.workspace_id.as_uuid())
-                    .bind(kind.as_str())
-                    .bind(data.to_string())
-                    .bind(now)
-                    .execute(&mut **tx)
-                    .await?;
+                                if let (Some((kind, data)), Some(idx)) = (&c.step, idx) {
+                    step_rows.push($crate::runtime::StepRow {
+                        task: c.task_id.as_uuid(),
+                        idx,
+                        run: c.run_id.as_uuid(),
+                        workspace: c.workspace_id.as_uuid(),
+                        kind: kind.clone(),
+                        data: data.to_string(),
+                    });
                 }
-                Self::append_messages(&mut **tx, c.workspace_id, c.thread_id, c.task_id, c.run_id, &c.messages, now).await?;
+                if !c.messages.is_empty() {
+                    let first = Self::allocate_seqs(&mut **tx, c.thread_id, c.messages.len()).await?;
+                    message_rows.extend((first..).zip(&c.messages).map(|(seq, m)| $crate::runtime::MessageRow {
+                        thread: c.thread_id.as_uuid(),
+                        seq,
+                        workspace: c.workspace_id.as_uuid(),
+                        task: c.task_id.as_uuid(),
+                        run: c.run_id.as_uuid(),
+                        body: m.body.to_string(),
+                        tokens: m.tokens,
+                    }));
+                }
                 let (task_status, run_status, queued, dead, output, error, run_at, finished): (
                     &str, &str, bool, bool, Option<&str>, Option<String>, time::OffsetDateTime, Option<time::OffsetDateTime>,
                 ) = match &c.finish {
@@ -1363,10 +1455,15 @@ macro_rules! runtime_store {
                 let mut order: Vec<usize> = (0..batch.len()).collect();
                 order.sort_by_key(|&i| (batch[i].task_id, i));
                 let mut tx = self.writer.begin().await?;
-                let mut idx: Vec<Option<Option<i64>>> = vec![None; batch.len()];
+                                let mut idx: Vec<Option<Option<i64>>> = vec![None; batch.len()];
+                let mut step_rows = Vec::with_capacity(batch.len());
+                let mut message_rows = Vec::with_capacity(batch.len());
                 for &i in &order {
-                    idx[i] = Self::checkpoint_in(&mut tx, &batch[i], now).await?;
+                    idx[i] = Self::checkpoint_in(&mut tx, &batch[i], now, &mut step_rows, &mut message_rows).await?;
                 }
+                // Every run's step and message rows in one statement each.
+                Self::insert_steps(&mut *tx, &step_rows, now).await?;
+                Self::insert_messages(&mut *tx, &message_rows, now).await?;
                 let usage: Vec<&$crate::UsageRecord> = batch.iter().zip(&idx)
                     .filter(|(_, stored)| stored.is_some())
                     .filter_map(|(c, _)| c.usage.as_ref())

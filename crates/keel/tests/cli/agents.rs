@@ -943,7 +943,8 @@ async fn an_idempotency_key_returns_the_same_task() {
 async fn higher_priorities_start_first_and_a_busy_workspace_does_not_starve_a_quiet_one() {
     let dir = tempfile::tempdir().unwrap();
     let (tools, tools_url) = Tools::start().await;
-    tools.delay(400);
+    // The first task's tool call holds the one worker while the others queue up.
+    tools.delay(2_000);
     let (_mock, mock_url) = mock_llm(dir.path(), lookup_script()).await;
     configure(
         dir.path(),
@@ -991,6 +992,7 @@ async fn higher_priorities_start_first_and_a_busy_workspace_does_not_starve_a_qu
     }
     let quiet = bg(&other_admin, "medium", "quiet").await;
     let critical = bg(&key, "critical", "critical").await;
+    tools.delay(100);
     eventually(Duration::from_secs(60), "all done", || {
         let keel = &keel;
         let key = &key;
@@ -1210,4 +1212,96 @@ async fn two_postgres_processes_share_200_tasks_and_survive_one_being_killed() {
         assert_eq!(task["steps"], 3, "{task}");
         assert_eq!(task["attempts"], 1, "{task}");
     }
+}
+
+#[tokio::test]
+async fn keel_run_and_chat_show_tool_calls_and_answers_at_the_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_tools, tools_url) = Tools::start().await;
+    let (_mock, mock_url) = mock_llm(dir.path(), lookup_script()).await;
+    configure(
+        dir.path(),
+        &mock_url,
+        "",
+        &[("helper", lookup_agent("helper", &tools_url, ""))],
+    );
+    let key = create_key(dir.path(), "acme", "member", &[]);
+    let admin = create_key(dir.path(), "acme", "admin", &[]);
+    let keel = Keel::start(dir.path(), &[]).await;
+    let url = keel.url("");
+    let (dir_path, url_run, key_run) = (dir.path().to_owned(), url.clone(), key.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        run(
+            &dir_path,
+            &["run", "helper", "Weather in Oslo?", "--url", &url_run],
+            &[("KEEL_API_KEY", &key_run)],
+        )
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("→ lookup {\"city\":\"Oslo\"}"), "{stdout}");
+    assert!(stdout.contains("← lookup"), "{stdout}");
+    assert!(stdout.contains("helper: Answer: "), "{stdout}");
+    assert!(stdout.contains("✓ completed in 3 steps"), "{stdout}");
+
+    // chat: each line is a task on one thread.
+    let (dir_path, url_chat, key_chat) = (dir.path().to_owned(), url.clone(), key.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        use std::io::Write as _;
+        let mut child = crate::support::keel_command(&dir_path)
+            .args(["chat", "helper", "--url", &url_chat])
+            .env("KEEL_API_KEY", &key_chat)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"first question\nsecond question\n")
+            .unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert_eq!(stdout.matches("✓ completed").count(), 2, "{stdout}");
+    let threads: Vec<&str> = stdout
+        .match_indices("thr_")
+        .map(|(i, _)| &stdout[i..i + 36])
+        .collect();
+    assert_eq!(threads.len(), 3, "{stdout}");
+    assert!(
+        threads.windows(2).all(|w| w[0] == w[1]),
+        "one thread for the whole chat: {stdout}"
+    );
+
+    // agents reload: the spec files are read again.
+    std::fs::write(
+        dir.path().join("agents").join("second.toml"),
+        "name = \"second\"\n",
+    )
+    .unwrap();
+    let (dir_path, url_reload) = (dir.path().to_owned(), url.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        run(
+            &dir_path,
+            &["agents", "reload", "--url", &url_reload],
+            &[("KEEL_API_KEY", &admin)],
+        )
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("stored second v1"), "{stdout}");
+    assert_eq!(get(&keel, &key, "/v1/agents/second").await["version"], 1);
 }
