@@ -588,7 +588,8 @@ pub(crate) fn not_waiting(status: TaskStatus) -> crate::Error {
 }
 
 /// Stamps [`RuntimeStore`] onto a backend (see `sql_store!`); the backend provides
-/// `LANE_SQL`, `CLAIM_SQL` and `CLOCK_SQL`, the three statements whose dialects differ.
+/// `LANE_SQL`, `CLAIM_SQL` and `CLOCK_SQL`, the three statements whose dialects differ, and
+/// `LOCK_ROWS` (` FOR UPDATE`, or nothing where one writer at a time is the rule).
 macro_rules! runtime_store {
     ($store:ty, $db:ty) => {
         impl $store {
@@ -1328,13 +1329,18 @@ macro_rules! runtime_store {
                 }
                 let mut held = Vec::with_capacity(tasks.len());
                 for chunk in tasks.chunks(500) {
+                                        // Rows are locked in id order, as a group commit locks them, so a
+                    // heartbeat and a commit of the same tasks cannot deadlock.
                     let mut qb = sqlx::QueryBuilder::<$db>::new("UPDATE tasks SET lease_until = ");
-                    qb.push_bind(until).push(" WHERE lease_owner = ").push_bind(owner).push(" AND id IN (");
+                    qb.push_bind(until)
+                        .push(" WHERE id IN (SELECT id FROM tasks WHERE lease_owner = ")
+                        .push_bind(owner)
+                        .push(" AND id IN (");
                     let mut ids = qb.separated(", ");
                     for t in chunk {
                         ids.push_bind(t.as_uuid());
                     }
-                    qb.push(") RETURNING id");
+                    qb.push(") ORDER BY id").push(Self::LOCK_ROWS).push(") RETURNING id");
                     let rows: Vec<uuid::Uuid> = qb.build_query_scalar().fetch_all(&self.writer).await?;
                     held.extend(rows.into_iter().map(keel_core::id::TaskId::from_uuid));
                 }

@@ -81,6 +81,8 @@ impl SqliteStore {
     const LANE_SQL: &'static str = "INSERT INTO queue_lanes (workspace_id, last_vt) \
          VALUES ($1, (SELECT vt FROM queue_clock WHERE id = 1) + 1) ON CONFLICT (workspace_id) DO UPDATE \
          SET last_vt = max(queue_lanes.last_vt, (SELECT vt FROM queue_clock WHERE id = 1)) + 1 RETURNING last_vt";
+    /// Locks the rows a subquery selects (in its order) for an update to follow.
+    const LOCK_ROWS: &'static str = "";
     /// Moves the queue's clock to the virtual time of the tasks just started.
     const CLOCK_SQL: &'static str = "UPDATE queue_clock SET vt = max(vt, $1) WHERE id = 1";
 
