@@ -1261,11 +1261,11 @@ async fn keel_run_and_chat_show_tool_calls_and_answers_at_the_terminal() {
     let (dir_path, url_chat, key_chat) = (dir.path().to_owned(), url.clone(), key.clone());
     let out = tokio::task::spawn_blocking(move || {
         use std::io::Write as _;
-        let mut child = crate::support::keel_command(&dir_path)
+        let mut child = keel_command(&dir_path)
             .args(["chat", "helper", "--url", &url_chat])
             .env("KEEL_API_KEY", &key_chat)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
             .spawn()
             .unwrap();
         child
