@@ -304,6 +304,8 @@ pub(crate) async fn create(
             };
             let log = state.events().clone();
             let stop = state.shutdown_token().clone();
+            // A repeat (same Idempotency-Key) of a task that has settled: the task alone.
+            let settled = task.status.is_terminal() || task.status == TaskStatus::InputRequired;
             let first = Bytes::from(format!(
                 "event: task\ndata: {}\n\n",
                 serde_json::to_string(&TaskView::from(task)).unwrap_or_default()
@@ -311,6 +313,9 @@ pub(crate) async fn create(
             let frames = Generator::new(move |out: Yielder<Bytes>| async move {
                 let _slot = slot;
                 out.send(first).await;
+                if settled {
+                    return;
+                }
                 follow(&log, &selection, after, &stop, |item| {
                     let out = out.clone();
                     async move {
