@@ -268,38 +268,12 @@ macro_rules! sql_store {
 
             #[tracing::instrument(skip_all, fields(db.system = %Self::BACKEND, records = records.len()))]
             async fn insert_usage(&self, records: &[$crate::UsageRecord]) -> $crate::Result<()> {
-                use $crate::usage::to_i64;
                 if records.is_empty() {
                     return Ok(());
                 }
                 let mut tx = self.writer.begin().await?;
-                for batch in records.chunks($crate::sql::USAGE_BATCH) {
-                    let mut qb = sqlx::QueryBuilder::<$db>::new(
-                        "INSERT INTO usage_records (id, workspace_id, api_key_id, route, provider, upstream_model, \
-                         target, input_tokens, output_tokens, cached_tokens, cost_nanousd, latency_ms, ttft_ms, \
-                         cache_hit, estimated, outcome, created_at) ",
-                    );
-                    qb.push_values(batch, |mut row, r| {
-                        row.push_bind(uuid::Uuid::now_v7())
-                            .push_bind(r.workspace_id.as_uuid())
-                            .push_bind(r.api_key_id.map(|k| k.as_uuid()))
-                            .push_bind(r.route.clone())
-                            .push_bind(r.provider.clone())
-                            .push_bind(r.upstream_model.clone())
-                            .push_bind(r.target.clone())
-                            .push_bind(to_i64(r.input_tokens))
-                            .push_bind(to_i64(r.output_tokens))
-                            .push_bind(to_i64(r.cached_tokens))
-                            .push_bind(to_i64(r.cost_nanousd))
-                            .push_bind(to_i64(r.latency_ms))
-                            .push_bind(r.ttft_ms.map(to_i64))
-                            .push_bind(r.cache_hit)
-                            .push_bind(r.estimated)
-                            .push_bind(r.outcome.clone())
-                            .push_bind(r.created_at);
-                    });
-                    qb.build().execute(&mut *tx).await?;
-                }
+                let records: Vec<&$crate::UsageRecord> = records.iter().collect();
+                Self::insert_usage_in(&mut *tx, &records).await?;
                 tx.commit().await?;
                 Ok(())
             }

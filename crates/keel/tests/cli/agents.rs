@@ -12,7 +12,6 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt as _, BufReader};
 
 use crate::support::{Keel, assert_problem, client, create_key, eventually, keel_command, run};
 
@@ -33,27 +32,9 @@ pub async fn mock_llm_slow(
         json!({"by_turn": true, "replies": replies}).to_string(),
     )
     .unwrap();
-    let mut cmd: tokio::process::Command = keel_command(dir).into();
-    cmd.args([
-        "mock-llm",
-        "--port",
-        "0",
-        "--latency-ms",
-        &latency_ms.to_string(),
-        "--script",
-    ])
-    .arg(&script)
-    .stderr(Stdio::piped())
-    .stdout(Stdio::null())
-    .kill_on_drop(true);
-    let mut child = cmd.spawn().unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    (child, line.rsplit(' ').next().unwrap().to_owned())
+    let latency = latency_ms.to_string();
+    let script = script.to_str().unwrap().to_owned();
+    crate::support::mock_llm(dir, &["--latency-ms", &latency, "--script", &script]).await
 }
 
 /// A tool server: POST /{name} answers `{"tool": name, "args": …, "n": …}`. It performs

@@ -1,34 +1,15 @@
 //! The gateway across real processes: `keel serve` routing to `keel mock-llm`, OpenAI
 //! wire format in and out, and accounting that survives a SIGTERM right after a burst.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt as _, BufReader};
 
-use crate::support::{Keel, client, create_key, eventually, keel_command};
+use crate::support::{Keel, client, create_key, eventually};
 
 /// Starts `keel mock-llm --port 0` and returns the process and its base URL.
 async fn mock_llm(dir: &std::path::Path) -> (tokio::process::Child, String) {
-    let mut cmd: tokio::process::Command = keel_command(dir).into();
-    cmd.args(["mock-llm", "--port", "0"])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .kill_on_drop(true);
-    let mut child = cmd.spawn().unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let url = line.rsplit(' ').next().unwrap().to_owned();
-    assert!(
-        url.starts_with("http://127.0.0.1:") && url.ends_with("/v1"),
-        "{line}"
-    );
-    (child, url)
+    crate::support::mock_llm(dir, &[]).await
 }
 
 #[tokio::test]

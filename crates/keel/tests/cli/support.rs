@@ -58,6 +58,29 @@ pub fn create_key(dir: &Path, workspace: &str, role: &str, env: &[(&str, &str)])
     key
 }
 
+/// Starts `keel mock-llm --port 0` with `args` and returns the process and its base URL.
+pub async fn mock_llm(dir: &Path, args: &[&str]) -> (Child, String) {
+    let mut cmd: Command = keel_command(dir).into();
+    cmd.args(["mock-llm", "--port", "0"])
+        .args(args)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let url = line.rsplit(' ').next().unwrap().to_owned();
+    assert!(
+        url.starts_with("http://127.0.0.1:") && url.ends_with("/v1"),
+        "{line}"
+    );
+    (child, url)
+}
+
 /// A running `keel serve`.
 pub struct Keel {
     child: Child,
