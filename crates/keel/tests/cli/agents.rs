@@ -196,17 +196,13 @@ pub async fn get(keel: &Keel, key: &str, path: &str) -> Value {
 
 #[tokio::test]
 async fn an_agent_calls_its_tool_and_answers_with_every_step_checkpointed() {
-    let dir = tempfile::tempdir().unwrap();
-    let (tools, tools_url) = Tools::start().await;
-    let (_mock, mock_url) = mock_llm(dir.path(), lookup_script()).await;
-    configure(
-        dir.path(),
-        &mock_url,
-        "",
-        &[("helper", lookup_agent("helper", &tools_url, ""))],
-    );
-    let key = create_key(dir.path(), "acme", "member", &[]);
-    let keel = Keel::start(dir.path(), &[]).await;
+    let World {
+        dir,
+        tools,
+        _mock,
+        key,
+        keel,
+    } = world("").await;
 
     let res = post_task(
         &keel,
@@ -286,18 +282,14 @@ async fn an_agent_calls_its_tool_and_answers_with_every_step_checkpointed() {
 
 #[tokio::test]
 async fn bad_requests_are_named_and_create_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let (_tools, tools_url) = Tools::start().await;
-    let (_mock, mock_url) = mock_llm(dir.path(), lookup_script()).await;
-    configure(
-        dir.path(),
-        &mock_url,
-        "",
-        &[("helper", lookup_agent("helper", &tools_url, ""))],
-    );
-    let key = create_key(dir.path(), "acme", "member", &[]);
+    let World {
+        dir,
+        tools: _,
+        _mock,
+        key,
+        keel,
+    } = world("").await;
     let admin = create_key(dir.path(), "acme", "admin", &[]);
-    let keel = Keel::start(dir.path(), &[]).await;
 
     let p = assert_problem(
         post_task(&keel, &key, json!({"agent": "nobody", "input": "x"})).await,
@@ -382,6 +374,38 @@ async fn bad_requests_are_named_and_create_nothing() {
         .unwrap();
     let p = assert_problem(res, 409).await;
     assert!(p["detail"].as_str().unwrap().contains("completed"), "{p}");
+}
+
+/// A `keel serve` whose workspace `acme` has agent `helper` (tool `lookup` on [`Tools`],
+/// the mock LLM scripted by [`lookup_script`]), and a member key; `extra` goes under
+/// `[runtime]` in keel.toml.
+struct World {
+    dir: tempfile::TempDir,
+    tools: Tools,
+    _mock: tokio::process::Child,
+    key: String,
+    keel: Keel,
+}
+
+async fn world(extra: &str) -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let (tools, tools_url) = Tools::start().await;
+    let (mock, mock_url) = mock_llm(dir.path(), lookup_script()).await;
+    configure(
+        dir.path(),
+        &mock_url,
+        extra,
+        &[("helper", lookup_agent("helper", &tools_url, ""))],
+    );
+    let key = create_key(dir.path(), "acme", "member", &[]);
+    let keel = Keel::start(dir.path(), &[]).await;
+    World {
+        dir,
+        tools,
+        _mock: mock,
+        key,
+        keel,
+    }
 }
 
 /// Counts a workspace's tasks in `status`.
@@ -630,18 +654,14 @@ async fn a_tool_that_needs_approval_waits_for_approve_edit_or_reject() {
 
 #[tokio::test]
 async fn cancel_during_a_tool_call_abandons_it_and_the_task_stays_canceled() {
-    let dir = tempfile::tempdir().unwrap();
-    let (tools, tools_url) = Tools::start().await;
+    let World {
+        dir: _dir,
+        tools,
+        _mock,
+        key,
+        keel,
+    } = world("").await;
     tools.delay(3_000);
-    let (_mock, mock_url) = mock_llm(dir.path(), lookup_script()).await;
-    configure(
-        dir.path(),
-        &mock_url,
-        "",
-        &[("helper", lookup_agent("helper", &tools_url, ""))],
-    );
-    let key = create_key(dir.path(), "acme", "member", &[]);
-    let keel = Keel::start(dir.path(), &[]).await;
     let task: Value = post_task(
         &keel,
         &key,
@@ -857,17 +877,13 @@ async fn a_task_out_of_attempts_is_dead_lettered_and_a_replay_runs_it_again() {
 
 #[tokio::test]
 async fn a_full_queue_answers_503_with_retry_after_and_creates_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let (_tools, tools_url) = Tools::start().await;
-    let (_mock, mock_url) = mock_llm(dir.path(), lookup_script()).await;
-    configure(
-        dir.path(),
-        &mock_url,
-        "enabled = false\nmax_queued = 2",
-        &[("helper", lookup_agent("helper", &tools_url, ""))],
-    );
-    let key = create_key(dir.path(), "acme", "member", &[]);
-    let keel = Keel::start(dir.path(), &[]).await;
+    let World {
+        dir: _dir,
+        tools: _,
+        _mock,
+        key,
+        keel,
+    } = world("enabled = false\nmax_queued = 2").await;
     for _ in 0..2 {
         assert_eq!(
             post_task(
@@ -903,17 +919,13 @@ async fn a_full_queue_answers_503_with_retry_after_and_creates_nothing() {
 
 #[tokio::test]
 async fn an_idempotency_key_returns_the_same_task() {
-    let dir = tempfile::tempdir().unwrap();
-    let (tools, tools_url) = Tools::start().await;
-    let (_mock, mock_url) = mock_llm(dir.path(), lookup_script()).await;
-    configure(
-        dir.path(),
-        &mock_url,
-        "",
-        &[("helper", lookup_agent("helper", &tools_url, ""))],
-    );
-    let key = create_key(dir.path(), "acme", "member", &[]);
-    let keel = Keel::start(dir.path(), &[]).await;
+    let World {
+        dir: _dir,
+        tools,
+        _mock,
+        key,
+        keel,
+    } = world("").await;
     let send = || {
         client()
             .post(keel.url("/v1/tasks"))
@@ -1127,17 +1139,13 @@ async fn an_agent_delegates_to_another_and_a_depth_limit_cuts_loops() {
 
 #[tokio::test]
 async fn stream_mode_sends_the_runs_events_as_they_happen_and_ends_when_it_settles() {
-    let dir = tempfile::tempdir().unwrap();
-    let (_tools, tools_url) = Tools::start().await;
-    let (_mock, mock_url) = mock_llm(dir.path(), lookup_script()).await;
-    configure(
-        dir.path(),
-        &mock_url,
-        "",
-        &[("helper", lookup_agent("helper", &tools_url, ""))],
-    );
-    let key = create_key(dir.path(), "acme", "member", &[]);
-    let keel = Keel::start(dir.path(), &[]).await;
+    let World {
+        dir: _dir,
+        tools: _,
+        _mock,
+        key,
+        keel,
+    } = world("").await;
     let res = post_task(
         &keel,
         &key,
@@ -1231,18 +1239,14 @@ async fn two_postgres_processes_share_200_tasks_and_survive_one_being_killed() {
 
 #[tokio::test]
 async fn keel_run_and_chat_show_tool_calls_and_answers_at_the_terminal() {
-    let dir = tempfile::tempdir().unwrap();
-    let (_tools, tools_url) = Tools::start().await;
-    let (_mock, mock_url) = mock_llm(dir.path(), lookup_script()).await;
-    configure(
-        dir.path(),
-        &mock_url,
-        "",
-        &[("helper", lookup_agent("helper", &tools_url, ""))],
-    );
-    let key = create_key(dir.path(), "acme", "member", &[]);
+    let World {
+        dir,
+        tools: _,
+        _mock,
+        key,
+        keel,
+    } = world("").await;
     let admin = create_key(dir.path(), "acme", "admin", &[]);
-    let keel = Keel::start(dir.path(), &[]).await;
     let url = keel.url("");
     let (dir_path, url_run, key_run) = (dir.path().to_owned(), url.clone(), key.clone());
     let out = tokio::task::spawn_blocking(move || {
