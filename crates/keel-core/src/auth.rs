@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
 use crate::Error;
-use crate::id::{ApiKeyId, WorkspaceId};
+use crate::id::{ApiKeyId, UserId, WorkspaceId};
 
 /// What a principal may do in its workspace. Ordered: `Viewer < Member < Admin`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -224,6 +224,188 @@ pub struct ApiKey {
     /// When it was revoked, if it was.
     #[serde(with = "time::serde::rfc3339::option")]
     pub revoked_at: Option<OffsetDateTime>,
+    /// When it stops working, if it expires.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<OffsetDateTime>,
+    /// The routes it may reach (within its role).
+    #[serde(skip)]
+    pub scopes: Scopes,
+    /// The models it may call; `None` for any.
+    pub models: Option<Vec<String>>,
+    /// When it last authenticated a request (updated at most once a minute).
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_used_at: Option<OffsetDateTime>,
+}
+
+/// One thing a credential may be limited to. A key with no scopes may do everything its
+/// role allows; a key with scopes may only reach routes whose scope it holds (and its
+/// role still applies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Scope {
+    /// Every read (`GET`) route.
+    #[serde(rename = "read")]
+    Read,
+    /// The OpenAI-compatible gateway: chat completions, embeddings.
+    #[serde(rename = "gateway")]
+    Gateway,
+    /// Creating, answering and canceling tasks; threads.
+    #[serde(rename = "tasks:write")]
+    TasksWrite,
+    /// Creating, changing and deleting agents.
+    #[serde(rename = "agents:write")]
+    AgentsWrite,
+    /// Managing the workspace: keys, members, webhooks, limits, budgets, audit.
+    #[serde(rename = "admin")]
+    Admin,
+}
+
+impl Scope {
+    /// Every scope.
+    pub const ALL: [Scope; 5] = [
+        Scope::Read,
+        Scope::Gateway,
+        Scope::TasksWrite,
+        Scope::AgentsWrite,
+        Scope::Admin,
+    ];
+
+    /// The scope's wire name.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::Gateway => "gateway",
+            Scope::TasksWrite => "tasks:write",
+            Scope::AgentsWrite => "agents:write",
+            Scope::Admin => "admin",
+        }
+    }
+
+    const fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Scope {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        Scope::ALL
+            .into_iter()
+            .find(|x| x.as_str() == s)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "scope",
+                    format!(
+                        "expected one of read, gateway, tasks:write, agents:write, admin; got {s:?}"
+                    ),
+                )
+            })
+    }
+}
+
+/// A set of scopes; [`Scopes::ALL`] is what an unscoped credential holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Scopes(u8);
+
+impl Scopes {
+    /// Every scope (a credential not limited by scopes).
+    pub const ALL: Scopes = Scopes(0b1_1111);
+
+    /// Whether `scope` is in the set.
+    #[must_use]
+    pub const fn contains(self, scope: Scope) -> bool {
+        self.0 & scope.bit() != 0
+    }
+
+    /// Whether this is every scope.
+    #[must_use]
+    pub const fn is_all(self) -> bool {
+        self.0 == Self::ALL.0
+    }
+
+    /// The scopes in the set, in [`Scope::ALL`] order.
+    pub fn iter(self) -> impl Iterator<Item = Scope> {
+        Scope::ALL.into_iter().filter(move |s| self.contains(*s))
+    }
+
+    /// The set of these scopes; `Invalid` for an empty list (a key that can reach
+    /// nothing is a mistake).
+    pub fn from_list(scopes: &[Scope]) -> Result<Self, Error> {
+        if scopes.is_empty() {
+            return Err(Error::invalid(
+                "scopes",
+                "must name at least one scope, or be left out for all",
+            ));
+        }
+        Ok(Scopes(scopes.iter().fold(0, |acc, s| acc | s.bit())))
+    }
+
+    /// Parses a comma- or space-separated list (`read,gateway`).
+    pub fn parse(list: &str) -> Result<Self, Error> {
+        let scopes = list
+            .split([',', ' '])
+            .filter(|s| !s.is_empty())
+            .map(str::parse)
+            .collect::<Result<Vec<Scope>, Error>>()?;
+        Self::from_list(&scopes)
+    }
+
+    /// The stored form: `None` for every scope, else a comma-separated list.
+    #[must_use]
+    pub fn to_stored(self) -> Option<String> {
+        (!self.is_all()).then(|| self.iter().map(Scope::as_str).collect::<Vec<_>>().join(","))
+    }
+}
+
+impl fmt::Display for Scopes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut first = true;
+        for s in self.iter() {
+            if !first {
+                f.write_str(",")?;
+            }
+            first = false;
+            f.write_str(s.as_str())?;
+        }
+        Ok(())
+    }
+}
+
+/// What a route needs: a role, and a scope a scoped credential must hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Access {
+    /// The lowest role allowed.
+    pub role: Role,
+    /// The scope a scoped credential needs.
+    pub scope: Scope,
+}
+
+/// Why a principal may not use a route.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    /// Its role is too low.
+    #[error("this route requires role {required} or higher; this credential has role {actual}")]
+    Role {
+        /// The route's role.
+        required: Role,
+        /// The principal's.
+        actual: Role,
+    },
+    /// It lacks the route's scope.
+    #[error("this route requires scope `{required}`; this key has scopes {actual}")]
+    Scope {
+        /// The route's scope.
+        required: Scope,
+        /// The principal's.
+        actual: Scopes,
+    },
 }
 
 /// Who a request acts as, once authenticated.
@@ -231,10 +413,127 @@ pub struct ApiKey {
 pub struct Principal {
     /// The workspace every read and write of the request is scoped to.
     pub workspace_id: WorkspaceId,
-    /// The key that authenticated it.
-    pub key_id: ApiKeyId,
+    /// The key that authenticated it, when a key did.
+    pub key_id: Option<ApiKeyId>,
+    /// The user it acts for, when a login session did.
+    pub user_id: Option<UserId>,
     /// What it may do.
     pub role: Role,
+    /// Which routes it may reach (within its role).
+    pub scopes: Scopes,
+    /// The models it may call through the gateway; `None` for any.
+    pub models: Option<std::sync::Arc<[String]>>,
+}
+
+impl Principal {
+    /// A principal for an API key with every scope and any model.
+    #[must_use]
+    pub fn for_key(workspace_id: WorkspaceId, key_id: ApiKeyId, role: Role) -> Self {
+        Self {
+            workspace_id,
+            key_id: Some(key_id),
+            user_id: None,
+            role,
+            scopes: Scopes::ALL,
+            models: None,
+        }
+    }
+
+    /// Whether the principal may use a route that needs `access`.
+    pub fn check(&self, access: Access) -> Result<(), Denied> {
+        if !self.role.satisfies(access.role) {
+            return Err(Denied::Role {
+                required: access.role,
+                actual: self.role,
+            });
+        }
+        if !self.scopes.contains(access.scope) {
+            return Err(Denied::Scope {
+                required: access.scope,
+                actual: self.scopes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether the principal may call this public model name.
+    #[must_use]
+    pub fn may_use_model(&self, model: &str) -> bool {
+        self.models
+            .as_ref()
+            .is_none_or(|allowed| allowed.iter().any(|m| m == model))
+    }
+
+    /// Who acted, for records: the user (`usr_…`) or else the key (`key_…`).
+    #[must_use]
+    pub fn actor(&self) -> String {
+        match (self.user_id, self.key_id) {
+            (Some(user), _) => user.to_string(),
+            (None, Some(key)) => key.to_string(),
+            (None, None) => "system".to_owned(),
+        }
+    }
+}
+
+/// A user's login name: an email address, stored lower-cased.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct Email(String);
+
+impl Email {
+    /// Parses an address: `local@domain`, 3–254 characters, no spaces or control
+    /// characters. Lower-cased, so logins are case-insensitive.
+    pub fn parse(s: &str) -> Result<Self, Error> {
+        let s = s.trim();
+        let ok = (3..=254).contains(&s.len())
+            && !s.chars().any(|c| c.is_whitespace() || c.is_control())
+            && s.split_once('@').is_some_and(|(local, domain)| {
+                !local.is_empty() && !domain.is_empty() && !domain.contains('@')
+            });
+        if ok {
+            Ok(Self(s.to_lowercase()))
+        } else {
+            Err(Error::invalid(
+                "email",
+                "must be an address like name@example.com (3 to 254 characters, no spaces)",
+            ))
+        }
+    }
+
+    /// The address.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The minimum password policy: 12 to 1,024 characters, not all the same character, and
+/// not the email address. (Length beats composition rules: NIST SP 800-63B.)
+pub fn check_password(password: &str, email: &Email) -> Result<(), Error> {
+    let chars = password.chars().count();
+    if chars < 12 {
+        return Err(Error::invalid("password", "must be at least 12 characters"));
+    }
+    if chars > 1024 {
+        return Err(Error::invalid(
+            "password",
+            "must be at most 1024 characters",
+        ));
+    }
+    let mut it = password.chars();
+    let first = it.next();
+    if it.all(|c| Some(c) == first) {
+        return Err(Error::invalid(
+            "password",
+            "must not be one character repeated",
+        ));
+    }
+    if password.eq_ignore_ascii_case(email.as_str())
+        || password.eq_ignore_ascii_case(email.as_str().split('@').next().unwrap_or_default())
+    {
+        return Err(Error::invalid("password", "must not be the email address"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -278,6 +577,67 @@ mod tests {
     fn debug_never_shows_the_secret() {
         let token = ApiKeyToken::generate().unwrap();
         assert!(!format!("{token:?}").contains(&token.expose()[5..]));
+    }
+
+    #[test]
+    fn scopes_parse_store_and_gate_routes() {
+        let scopes = Scopes::parse("read, gateway").unwrap();
+        assert!(scopes.contains(Scope::Read) && scopes.contains(Scope::Gateway));
+        assert!(!scopes.contains(Scope::Admin));
+        assert_eq!(scopes.to_stored().as_deref(), Some("read,gateway"));
+        assert_eq!(Scopes::parse(&scopes.to_stored().unwrap()).unwrap(), scopes);
+        assert_eq!(Scopes::ALL.to_stored(), None);
+        assert!(Scopes::parse("").is_err());
+        assert!(
+            Scopes::parse("read,root")
+                .unwrap_err()
+                .to_string()
+                .contains("tasks:write")
+        );
+
+        let mut p = Principal::for_key(WorkspaceId::new(), ApiKeyId::new(), Role::Member);
+        let gateway = Access {
+            role: Role::Member,
+            scope: Scope::Gateway,
+        };
+        let admin = Access {
+            role: Role::Admin,
+            scope: Scope::Admin,
+        };
+        assert_eq!(p.check(gateway), Ok(()));
+        assert!(matches!(p.check(admin), Err(Denied::Role { .. })));
+        p.scopes = Scopes::parse("read").unwrap();
+        let denied = p.check(gateway).unwrap_err();
+        assert!(denied.to_string().contains("scope `gateway`"), "{denied}");
+    }
+
+    #[test]
+    fn model_allowlists_and_actors() {
+        let mut p = Principal::for_key(WorkspaceId::new(), ApiKeyId::new(), Role::Member);
+        assert!(p.may_use_model("anything"));
+        p.models = Some(vec!["small".to_owned()].into());
+        assert!(p.may_use_model("small") && !p.may_use_model("large"));
+        assert!(p.actor().starts_with("key_"));
+        p.user_id = Some(UserId::new());
+        assert!(p.actor().starts_with("usr_"));
+    }
+
+    #[test]
+    fn emails_and_passwords_follow_the_policy() {
+        let email = Email::parse(" Ada@Example.COM ").unwrap();
+        assert_eq!(email.as_str(), "ada@example.com");
+        for bad in ["", "ada", "@x", "a@", "a b@c.d", "a@b@c"] {
+            assert!(Email::parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_password("correct horse battery", &email).is_ok());
+        assert!(
+            check_password("short", &email)
+                .unwrap_err()
+                .to_string()
+                .contains("12")
+        );
+        assert!(check_password("aaaaaaaaaaaaaaaa", &email).is_err());
+        assert!(check_password("ADA@example.com", &email).is_err());
     }
 
     #[test]

@@ -148,6 +148,25 @@ id_type!(
     "delivery id"
 );
 
+id_type!(
+    /// A user: a person who logs in with a password.
+    UserId,
+    "usr",
+    "user id"
+);
+id_type!(
+    /// A login session: one family of rotating refresh tokens.
+    SessionId,
+    "ses",
+    "session id"
+);
+id_type!(
+    /// An entry of a workspace's audit log.
+    AuditId,
+    "aud",
+    "audit entry id"
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;

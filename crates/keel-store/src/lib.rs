@@ -29,6 +29,7 @@ pub mod events;
 mod migrate;
 pub mod postgres;
 pub mod runtime;
+pub mod security;
 mod sql;
 pub mod sqlite;
 #[cfg(feature = "testing")]
@@ -40,6 +41,7 @@ pub use error::{Error, Result};
 pub use events::{Commit, EventHead};
 pub use migrate::SchemaState;
 pub use runtime::RuntimeStore;
+pub use security::SecurityStore;
 pub use usage::{GroupBy, UsageRecord, UsageRow};
 pub use webhooks::{Delivery, NewWebhook, Outcome, Webhook};
 
@@ -87,12 +89,18 @@ pub struct NewApiKey {
     pub prefix: String,
     /// The token's fingerprint.
     pub hash: KeyHash,
+    /// When it stops working, if it expires.
+    pub expires_at: Option<OffsetDateTime>,
+    /// The routes it may reach (within its role).
+    pub scopes: keel_core::auth::Scopes,
+    /// The models it may call; `None` for any.
+    pub models: Option<Vec<String>>,
 }
 
 /// Everything Keel persists. Implemented by [`sqlite::SqliteStore`] and
 /// [`postgres::PgStore`]; open one with [`open`].
 #[async_trait]
-pub trait Store: RuntimeStore + Send + Sync + fmt::Debug + 'static {
+pub trait Store: RuntimeStore + SecurityStore + Send + Sync + fmt::Debug + 'static {
     /// Which database this is.
     fn backend(&self) -> Backend;
 
@@ -117,8 +125,8 @@ pub trait Store: RuntimeStore + Send + Sync + fmt::Debug + 'static {
     /// Stores a new key.
     async fn create_api_key(&self, key: NewApiKey) -> Result<ApiKey>;
 
-    /// The principal a presented key's hash belongs to, if the key exists and is not
-    /// revoked.
+    /// The principal a presented key's hash belongs to, if the key exists and is neither
+    /// revoked nor expired. Records the key's last use (to the minute).
     async fn authenticate(&self, hash: &KeyHash) -> Result<Option<Principal>>;
 
     /// A workspace's keys, oldest first.

@@ -60,6 +60,8 @@ impl PgStore {
          VALUES ($1, (SELECT vt FROM queue_clock WHERE id = 1) + 1) ON CONFLICT (workspace_id) DO UPDATE \
          SET last_vt = GREATEST(queue_lanes.last_vt, (SELECT vt FROM queue_clock WHERE id = 1)) + 1 RETURNING last_vt";
     /// Locks the rows a subquery selects (in its order) for an update to follow.
+    /// Locks a refresh token and its session (aliases `r`, `s`) for a rotation.
+    const LOCK_ROWS_OF_R: &'static str = " FOR UPDATE OF r, s";
     const LOCK_ROWS: &'static str = " FOR UPDATE";
     /// Moves the queue's clock to the virtual time of the tasks just started.
     const CLOCK_SQL: &'static str = "UPDATE queue_clock SET vt = GREATEST(vt, $1) WHERE id = 1";
@@ -91,3 +93,4 @@ impl PgStore {
 
 crate::sql::sql_store!(PgStore, sqlx::Postgres);
 crate::runtime::runtime_store!(PgStore, sqlx::Postgres);
+crate::security::security_store!(PgStore, sqlx::Postgres);

@@ -54,7 +54,25 @@ where
         prefix: row.try_get("prefix")?,
         created_at: row.try_get("created_at")?,
         revoked_at: row.try_get("revoked_at")?,
+        expires_at: row.try_get("expires_at")?,
+        scopes: stored_scopes(row.try_get("scopes")?)?,
+        models: stored_models(row.try_get("models")?)?,
+        last_used_at: row.try_get("last_used_at")?,
     })
+}
+
+/// Scopes as stored: NULL for every scope.
+pub(crate) fn stored_scopes(scopes: Option<String>) -> Result<keel_core::auth::Scopes> {
+    scopes.map_or(Ok(keel_core::auth::Scopes::ALL), |s| {
+        keel_core::auth::Scopes::parse(&s).map_err(|e| corrupt("key scopes", e))
+    })
+}
+
+/// A model allowlist as stored: NULL for any model, else a JSON array.
+pub(crate) fn stored_models(models: Option<String>) -> Result<Option<Vec<String>>> {
+    models
+        .map(|m| serde_json::from_str(&m).map_err(|e| corrupt("key models", e)))
+        .transpose()
 }
 
 fn corrupt(what: &'static str, e: impl std::fmt::Display) -> Error {
@@ -189,10 +207,15 @@ macro_rules! sql_store {
                     prefix: key.prefix,
                     created_at: $crate::now(),
                     revoked_at: None,
+                    expires_at: key.expires_at,
+                    scopes: key.scopes,
+                    models: key.models,
+                    last_used_at: None,
                 };
+                let models = stored.models.as_ref().map(|m| serde_json::Value::from(m.clone()).to_string());
                 sqlx::query(
-                    "INSERT INTO api_keys (id, workspace_id, name, role, prefix, key_hash, created_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    "INSERT INTO api_keys (id, workspace_id, name, role, prefix, key_hash, created_at, expires_at, scopes, models) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
                 )
                 .bind(stored.id.as_uuid())
                 .bind(stored.workspace_id.as_uuid())
@@ -201,6 +224,9 @@ macro_rules! sql_store {
                 .bind(&stored.prefix)
                 .bind(key.hash.as_str())
                 .bind(stored.created_at)
+                .bind(stored.expires_at)
+                .bind(stored.scopes.to_stored())
+                .bind(models)
                 .execute(&self.writer)
                 .await
                 .map_err($crate::sql::conflict_as("API key"))?;
@@ -212,20 +238,39 @@ macro_rules! sql_store {
                 &self,
                 hash: &keel_core::auth::KeyHash,
             ) -> $crate::Result<Option<keel_core::auth::Principal>> {
-                let row = sqlx::query("SELECT id, workspace_id, role FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL")
-                    .bind(hash.as_str())
-                    .fetch_optional(&self.pool)
-                    .await?;
+                let row = sqlx::query(
+                    "SELECT id, workspace_id, role, scopes, models, last_used_at FROM api_keys \
+                     WHERE key_hash = $1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $2)",
+                )
+                .bind(hash.as_str())
+                .bind($crate::now())
+                .fetch_optional(&self.pool)
+                .await?;
                 let Some(row) = row else { return Ok(None) };
                 use sqlx::Row as _;
                 let role: String = row.try_get("role")?;
+                let key_id = keel_core::id::ApiKeyId::from_uuid(row.try_get("id")?);
+                // Last use is kept to the minute: one write per key per minute at most,
+                // not one per request.
+                let last_used: Option<time::OffsetDateTime> = row.try_get("last_used_at")?;
+                let now = $crate::now();
+                if last_used.is_none_or(|at| now - at > time::Duration::MINUTE) {
+                    sqlx::query("UPDATE api_keys SET last_used_at = $2 WHERE id = $1")
+                        .bind(key_id.as_uuid())
+                        .bind(now)
+                        .execute(&self.writer)
+                        .await?;
+                }
                 Ok(Some(keel_core::auth::Principal {
-                    key_id: keel_core::id::ApiKeyId::from_uuid(row.try_get("id")?),
                     workspace_id: keel_core::id::WorkspaceId::from_uuid(row.try_get("workspace_id")?),
+                    key_id: Some(key_id),
+                    user_id: None,
                     role: role.parse().map_err(|e: keel_core::Error| $crate::Error::Corrupt {
                         what: "key role",
                         detail: e.to_string(),
                     })?,
+                    scopes: $crate::sql::stored_scopes(row.try_get("scopes")?)?,
+                    models: $crate::sql::stored_models(row.try_get("models")?)?.map(Into::into),
                 }))
             }
 
@@ -235,7 +280,7 @@ macro_rules! sql_store {
                 workspace: keel_core::id::WorkspaceId,
             ) -> $crate::Result<Vec<keel_core::auth::ApiKey>> {
                 sqlx::query(
-                    "SELECT id, workspace_id, name, role, prefix, created_at, revoked_at \
+                    "SELECT id, workspace_id, name, role, prefix, created_at, revoked_at, expires_at, scopes, models, last_used_at \
                      FROM api_keys WHERE workspace_id = $1 ORDER BY id",
                 )
                 .bind(workspace.as_uuid())
@@ -255,7 +300,7 @@ macro_rules! sql_store {
                 let row = sqlx::query(
                     "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $3) \
                      WHERE workspace_id = $1 AND id = $2 \
-                     RETURNING id, workspace_id, name, role, prefix, created_at, revoked_at",
+                     RETURNING id, workspace_id, name, role, prefix, created_at, revoked_at, expires_at, scopes, models, last_used_at",
                 )
                 .bind(workspace.as_uuid())
                 .bind(id.as_uuid())

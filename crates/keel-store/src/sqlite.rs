@@ -82,6 +82,8 @@ impl SqliteStore {
          VALUES ($1, (SELECT vt FROM queue_clock WHERE id = 1) + 1) ON CONFLICT (workspace_id) DO UPDATE \
          SET last_vt = max(queue_lanes.last_vt, (SELECT vt FROM queue_clock WHERE id = 1)) + 1 RETURNING last_vt";
     /// Locks the rows a subquery selects (in its order) for an update to follow.
+    /// Locks a refresh token and its session (aliases `r`, `s`) for a rotation.
+    const LOCK_ROWS_OF_R: &'static str = "";
     const LOCK_ROWS: &'static str = "";
     /// Moves the queue's clock to the virtual time of the tasks just started.
     const CLOCK_SQL: &'static str = "UPDATE queue_clock SET vt = max(vt, $1) WHERE id = 1";
@@ -93,3 +95,4 @@ impl SqliteStore {
 
 crate::sql::sql_store!(SqliteStore, sqlx::Sqlite);
 crate::runtime::runtime_store!(SqliteStore, sqlx::Sqlite);
+crate::security::security_store!(SqliteStore, sqlx::Sqlite);

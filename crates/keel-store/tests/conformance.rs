@@ -96,6 +96,12 @@ conformance!(
     the_queue_orders_by_priority_then_fairly_across_workspaces,
     idempotency_keys_and_the_queue_bound_hold,
     cancel_and_input_follow_the_task_state,
+    keys_expire_and_carry_scopes_and_models,
+    users_belong_to_workspaces_with_a_role,
+    refresh_tokens_rotate_and_a_replay_revokes_the_session,
+    the_audit_log_chains_and_verify_finds_edits_and_deletions,
+    audit_retention_moves_the_anchor_and_the_chain_still_verifies,
+    workspace_limits_are_stored_per_workspace,
 );
 
 fn name(s: &str) -> WorkspaceName {
@@ -110,6 +116,9 @@ fn new_key(workspace_id: WorkspaceId, role: Role) -> (ApiKeyToken, NewApiKey) {
         role,
         prefix: token.prefix(),
         hash: token.hash(),
+        expires_at: None,
+        scopes: keel_core::auth::Scopes::ALL,
+        models: None,
     };
     (token, key)
 }
@@ -231,7 +240,7 @@ async fn keys_authenticate_until_revoked(f: &Fixture) {
     let principal = f.store.authenticate(&token.hash()).await.unwrap().unwrap();
     assert_eq!(
         (principal.workspace_id, principal.key_id, principal.role),
-        (ws.id, key.id, Role::Member)
+        (ws.id, Some(key.id), Role::Member)
     );
 
     let other = ApiKeyToken::generate().unwrap();
@@ -1361,4 +1370,415 @@ async fn cancel_and_input_follow_the_task_state(f: &Fixture) {
             .is_empty(),
         "a canceled task is not claimed"
     );
+}
+
+/// Runs one statement on the fixture's database behind the store's back (a tamperer's
+/// view).
+async fn raw_exec(f: &Fixture, sql: &str) -> u64 {
+    use secrecy::ExposeSecret as _;
+    let sql = sqlx::AssertSqlSafe(sql.to_owned());
+    match &f.config.database.url {
+        Some(url) => {
+            let pool = sqlx::PgPool::connect(url.expose_secret()).await.unwrap();
+            let n = sqlx::query(sql)
+                .execute(&pool)
+                .await
+                .unwrap()
+                .rows_affected();
+            pool.close().await;
+            n
+        }
+        None => {
+            let opts = sqlx::sqlite::SqliteConnectOptions::new().filename(f.config.sqlite_path());
+            let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
+            let n = sqlx::query(sql)
+                .execute(&pool)
+                .await
+                .unwrap()
+                .rows_affected();
+            pool.close().await;
+            n
+        }
+    }
+}
+
+async fn keys_expire_and_carry_scopes_and_models(f: &Fixture) {
+    use keel_core::auth::{Scope, Scopes};
+    let ws = f.store.create_workspace(&name("scoped")).await.unwrap();
+    let (token, mut new) = new_key(ws.id, Role::Member);
+    new.scopes = Scopes::from_list(&[Scope::Read, Scope::Gateway]).unwrap();
+    new.models = Some(vec!["small".into()]);
+    let key = f.store.create_api_key(new).await.unwrap();
+    let p = f.store.authenticate(&token.hash()).await.unwrap().unwrap();
+    assert!(p.scopes.contains(Scope::Gateway) && !p.scopes.contains(Scope::TasksWrite));
+    assert!(p.may_use_model("small") && !p.may_use_model("large"));
+    let listed = f.store.list_api_keys(ws.id).await.unwrap();
+    assert_eq!(listed[0].scopes, p.scopes);
+    assert_eq!(listed[0].models.as_deref(), Some(&["small".to_owned()][..]));
+    assert!(
+        listed[0].last_used_at.is_some(),
+        "authentication records last use"
+    );
+    assert_eq!(listed[0].id, key.id);
+
+    let (expired, mut new) = new_key(ws.id, Role::Admin);
+    new.expires_at = Some(time::OffsetDateTime::now_utc() - time::Duration::SECOND);
+    f.store.create_api_key(new).await.unwrap();
+    assert!(
+        f.store
+            .authenticate(&expired.hash())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let (later, mut new) = new_key(ws.id, Role::Admin);
+    new.expires_at = Some(time::OffsetDateTime::now_utc() + time::Duration::HOUR);
+    f.store.create_api_key(new).await.unwrap();
+    assert!(f.store.authenticate(&later.hash()).await.unwrap().is_some());
+}
+
+async fn users_belong_to_workspaces_with_a_role(f: &Fixture) {
+    use keel_core::auth::Email;
+    let a = f.store.create_workspace(&name("team-a")).await.unwrap();
+    let b = f.store.create_workspace(&name("team-b")).await.unwrap();
+    let email = Email::parse("Ada@Example.com").unwrap();
+    let user = f.store.create_user(&email, "$argon2id$fake").await.unwrap();
+    let err = f.store.create_user(&email, "x").await.unwrap_err();
+    assert!(matches!(err, Error::Conflict { .. }), "{err}");
+    let (found, hash) = f.store.user_credentials(&email).await.unwrap().unwrap();
+    assert_eq!((found.id, hash.as_str()), (user.id, "$argon2id$fake"));
+    assert!(
+        f.store
+            .user_credentials(&Email::parse("x@y.z").unwrap())
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    f.store
+        .set_membership(a.id, user.id, Role::Viewer)
+        .await
+        .unwrap();
+    let m = f
+        .store
+        .set_membership(a.id, user.id, Role::Admin)
+        .await
+        .unwrap();
+    assert_eq!((m.role, m.email.as_str()), (Role::Admin, "ada@example.com"));
+    f.store
+        .set_membership(b.id, user.id, Role::Member)
+        .await
+        .unwrap();
+    let ms = f.store.memberships(user.id).await.unwrap();
+    assert_eq!(
+        ms.iter()
+            .map(|m| (m.workspace_id, m.role))
+            .collect::<Vec<_>>(),
+        vec![(a.id, Role::Admin), (b.id, Role::Member)]
+    );
+    assert_eq!(f.store.members(b.id).await.unwrap().len(), 1);
+    let ghost = f
+        .store
+        .set_membership(a.id, keel_core::id::UserId::new(), Role::Admin)
+        .await
+        .unwrap_err();
+    assert!(matches!(ghost, Error::NotFound { what: "user" }), "{ghost}");
+
+    f.store.remove_membership(b.id, user.id).await.unwrap();
+    assert!(f.store.members(b.id).await.unwrap().is_empty());
+    let err = f.store.remove_membership(b.id, user.id).await.unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err}");
+}
+
+async fn refresh_tokens_rotate_and_a_replay_revokes_the_session(f: &Fixture) {
+    use keel_core::auth::Email;
+    use keel_store::security::{Refreshed, SessionRecord};
+    let ws = f.store.create_workspace(&name("sessions")).await.unwrap();
+    let user = f
+        .store
+        .create_user(&Email::parse("s@x.io").unwrap(), "h")
+        .await
+        .unwrap();
+    f.store
+        .set_membership(ws.id, user.id, Role::Member)
+        .await
+        .unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let session = SessionRecord {
+        id: keel_core::id::SessionId::new(),
+        user_id: user.id,
+        workspace_id: ws.id,
+        created_at: now,
+        expires_at: now + time::Duration::DAY,
+        revoked_at: None,
+    };
+    f.store.create_session(&session, "t1").await.unwrap();
+    let r = f.store.rotate_refresh("t1", "t2").await.unwrap();
+    assert!(
+        matches!(&r, Refreshed::Rotated(s, Role::Member) if s.id == session.id),
+        "{r:?}"
+    );
+    let r = f.store.rotate_refresh("t2", "t3").await.unwrap();
+    assert!(matches!(r, Refreshed::Rotated(..)), "{r:?}");
+    assert_eq!(
+        f.store.rotate_refresh("nope", "t9").await.unwrap(),
+        Refreshed::Invalid
+    );
+
+    // t1 was spent: presenting it again is theft; the whole family dies, t3 included.
+    let r = f.store.rotate_refresh("t1", "t4").await.unwrap();
+    assert!(
+        matches!(&r, Refreshed::Reused(s) if s.id == session.id),
+        "{r:?}"
+    );
+    assert_eq!(
+        f.store.rotate_refresh("t3", "t5").await.unwrap(),
+        Refreshed::Invalid
+    );
+
+    // Logout revokes; an expired session cannot refresh; a removed member cannot either.
+    let s2 = SessionRecord {
+        id: keel_core::id::SessionId::new(),
+        ..session.clone()
+    };
+    f.store.create_session(&s2, "u1").await.unwrap();
+    let revoked = f
+        .store
+        .revoke_session("u1", "logout")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(revoked.revoked_at.is_some());
+    assert_eq!(
+        f.store.rotate_refresh("u1", "u2").await.unwrap(),
+        Refreshed::Invalid
+    );
+    assert!(
+        f.store
+            .revoke_session("unknown", "logout")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let s3 = SessionRecord {
+        id: keel_core::id::SessionId::new(),
+        expires_at: now - time::Duration::SECOND,
+        ..session.clone()
+    };
+    f.store.create_session(&s3, "v1").await.unwrap();
+    assert_eq!(
+        f.store.rotate_refresh("v1", "v2").await.unwrap(),
+        Refreshed::Invalid
+    );
+    let s4 = SessionRecord {
+        id: keel_core::id::SessionId::new(),
+        ..session
+    };
+    f.store.create_session(&s4, "w1").await.unwrap();
+    f.store.remove_membership(ws.id, user.id).await.unwrap();
+    assert_eq!(
+        f.store.rotate_refresh("w1", "w2").await.unwrap(),
+        Refreshed::Invalid
+    );
+}
+
+fn audit(ws: WorkspaceId, action: &str) -> keel_store::security::NewAuditEntry {
+    keel_store::security::NewAuditEntry {
+        workspace_id: ws,
+        actor: "key_test".into(),
+        action: action.into(),
+        target: Some("task_1".into()),
+        ip: Some("10.0.0.1".into()),
+        user_agent: Some("curl/8".into()),
+        request_id: Some("req-1".into()),
+        data: serde_json::json!({"n": action.len()}),
+    }
+}
+
+async fn verify(f: &Fixture, ws: WorkspaceId) -> Vec<keel_store::security::ChainBreak> {
+    let head = f.store.audit_head(ws).await.unwrap();
+    let entries = f
+        .store
+        .list_audit(ws, &Default::default(), 0, 10_000)
+        .await
+        .unwrap();
+    keel_store::security::verify_chain(&head, &entries)
+}
+
+async fn the_audit_log_chains_and_verify_finds_edits_and_deletions(f: &Fixture) {
+    let a = f.store.create_workspace(&name("audit-a")).await.unwrap();
+    let b = f.store.create_workspace(&name("audit-b")).await.unwrap();
+    let stored = f
+        .store
+        .append_audit(&[
+            audit(a.id, "key.created"),
+            audit(b.id, "auth.login"),
+            audit(a.id, "key.revoked"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        stored.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![1, 1, 2]
+    );
+    assert_eq!(stored[2].prev_hash, stored[0].hash);
+    // Concurrent appends each extend the chain.
+    let mut handles = Vec::new();
+    for _ in 0..8 {
+        let store = f.store.clone();
+        let ws = a.id;
+        handles.push(tokio::spawn(async move {
+            store
+                .append_audit(&[audit(ws, "task.canceled")])
+                .await
+                .unwrap()
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    let all = f
+        .store
+        .list_audit(a.id, &Default::default(), 0, 100)
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 10);
+    assert_eq!(all, {
+        let mut sorted = all.clone();
+        sorted.sort_by_key(|e| e.seq);
+        sorted
+    });
+    assert_eq!(all[0], stored[0], "an entry reads back exactly as stored");
+    assert_eq!(verify(f, a.id).await, vec![]);
+    assert_eq!(verify(f, b.id).await, vec![]);
+    let mut ws = f.store.audit_workspaces().await.unwrap();
+    ws.sort();
+    let mut want = vec![a.id, b.id];
+    want.sort();
+    assert_eq!(ws, want);
+
+    // Filters.
+    let filter = keel_store::security::AuditFilter {
+        action: Some("key.*".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        f.store
+            .list_audit(a.id, &filter, 0, 100)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    let filter = keel_store::security::AuditFilter {
+        action: Some("task.canceled".into()),
+        ..Default::default()
+    };
+    let page = f.store.list_audit(a.id, &filter, 5, 2).await.unwrap();
+    assert_eq!(page.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![6, 7]);
+
+    // Edit a row directly: verify names it. Then delete one: verify names the gap.
+    let table_ws = match f.store.backend() {
+        keel_store::Backend::Postgres => format!("'{}'::uuid", a.id.as_uuid()),
+        keel_store::Backend::Sqlite => format!("X'{}'", a.id.as_uuid().simple()),
+    };
+    assert_eq!(
+        raw_exec(
+            f,
+            &format!(
+                "UPDATE audit_log SET actor = 'nobody' WHERE workspace_id = {table_ws} AND seq = 4"
+            )
+        )
+        .await,
+        1
+    );
+    let breaks = verify(f, a.id).await;
+    assert_eq!(
+        breaks.iter().map(|b| b.seq).collect::<Vec<_>>(),
+        vec![4],
+        "{breaks:?}"
+    );
+    assert_eq!(
+        raw_exec(
+            f,
+            &format!("DELETE FROM audit_log WHERE workspace_id = {table_ws} AND seq = 7")
+        )
+        .await,
+        1
+    );
+    let breaks = verify(f, a.id).await;
+    assert!(
+        breaks
+            .iter()
+            .any(|b| b.seq == 7 && b.problem.contains("missing")),
+        "{breaks:?}"
+    );
+    assert_eq!(
+        raw_exec(
+            f,
+            &format!("DELETE FROM audit_log WHERE workspace_id = {table_ws} AND seq = 10")
+        )
+        .await,
+        1
+    );
+    let breaks = verify(f, a.id).await;
+    assert!(
+        breaks.iter().any(|b| b.problem.contains("head records 10")),
+        "{breaks:?}"
+    );
+    assert_eq!(
+        verify(f, b.id).await,
+        vec![],
+        "another workspace's chain is untouched"
+    );
+}
+
+async fn audit_retention_moves_the_anchor_and_the_chain_still_verifies(f: &Fixture) {
+    let ws = f
+        .store
+        .create_workspace(&name("audit-prune"))
+        .await
+        .unwrap();
+    f.store
+        .append_audit(&[audit(ws.id, "a"), audit(ws.id, "b"), audit(ws.id, "c")])
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let cutoff = time::OffsetDateTime::now_utc();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    f.store.append_audit(&[audit(ws.id, "d")]).await.unwrap();
+    assert_eq!(f.store.prune_audit(cutoff).await.unwrap(), 3);
+    let head = f.store.audit_head(ws.id).await.unwrap();
+    assert_eq!((head.seq, head.pruned_seq), (4, 3));
+    assert_eq!(verify(f, ws.id).await, vec![]);
+    f.store.append_audit(&[audit(ws.id, "e")]).await.unwrap();
+    assert_eq!(verify(f, ws.id).await, vec![]);
+    assert_eq!(f.store.prune_audit(cutoff).await.unwrap(), 0);
+}
+
+async fn workspace_limits_are_stored_per_workspace(f: &Fixture) {
+    use keel_store::security::WorkspaceLimits;
+    let a = f.store.create_workspace(&name("lim-a")).await.unwrap();
+    let b = f.store.create_workspace(&name("lim-b")).await.unwrap();
+    assert_eq!(
+        f.store.workspace_limits(a.id).await.unwrap(),
+        WorkspaceLimits::default()
+    );
+    let set = WorkspaceLimits {
+        tier: Some("pro".into()),
+        rpm: Some(600),
+        tpm: None,
+    };
+    f.store.set_workspace_limits(a.id, &set).await.unwrap();
+    assert_eq!(f.store.workspace_limits(a.id).await.unwrap(), set);
+    assert_eq!(
+        f.store.workspace_limits(b.id).await.unwrap(),
+        WorkspaceLimits::default()
+    );
+    let changed = WorkspaceLimits {
+        rpm: Some(60),
+        ..set
+    };
+    f.store.set_workspace_limits(a.id, &changed).await.unwrap();
+    assert_eq!(f.store.workspace_limits(a.id).await.unwrap().rpm, Some(60));
 }
