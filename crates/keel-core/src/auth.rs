@@ -385,6 +385,21 @@ pub struct Access {
     pub role: Role,
     /// The scope a scoped credential needs.
     pub scope: Scope,
+    /// Only the operator workspace's credentials (`auth.operator_workspace`): actions on
+    /// other workspaces, such as changing their limits.
+    pub operator: bool,
+}
+
+impl Access {
+    /// A route for `role` and `scope` in the caller's own workspace.
+    #[must_use]
+    pub const fn new(role: Role, scope: Scope) -> Self {
+        Self {
+            role,
+            scope,
+            operator: false,
+        }
+    }
 }
 
 /// Why a principal may not use a route.
@@ -406,6 +421,9 @@ pub enum Denied {
         /// The principal's.
         actual: Scopes,
     },
+    /// The route is for the operator workspace only.
+    #[error("this route is for the operator workspace's admins only")]
+    Operator,
 }
 
 /// Who a request acts as, once authenticated.
@@ -439,8 +457,12 @@ impl Principal {
         }
     }
 
-    /// Whether the principal may use a route that needs `access`.
-    pub fn check(&self, access: Access) -> Result<(), Denied> {
+    /// Whether the principal may use a route that needs `access`; `operator` says whether
+    /// its workspace is the operator workspace.
+    pub fn check(&self, access: Access, operator: bool) -> Result<(), Denied> {
+        if access.operator && !operator {
+            return Err(Denied::Operator);
+        }
         if !self.role.satisfies(access.role) {
             return Err(Denied::Role {
                 required: access.role,
@@ -596,18 +618,18 @@ mod tests {
         );
 
         let mut p = Principal::for_key(WorkspaceId::new(), ApiKeyId::new(), Role::Member);
-        let gateway = Access {
-            role: Role::Member,
-            scope: Scope::Gateway,
+        let gateway = Access::new(Role::Member, Scope::Gateway);
+        let admin = Access::new(Role::Admin, Scope::Admin);
+        assert_eq!(p.check(gateway, false), Ok(()));
+        assert!(matches!(p.check(admin, false), Err(Denied::Role { .. })));
+        let operator = Access {
+            operator: true,
+            ..gateway
         };
-        let admin = Access {
-            role: Role::Admin,
-            scope: Scope::Admin,
-        };
-        assert_eq!(p.check(gateway), Ok(()));
-        assert!(matches!(p.check(admin), Err(Denied::Role { .. })));
+        assert_eq!(p.check(operator, false), Err(Denied::Operator));
+        assert_eq!(p.check(operator, true), Ok(()));
         p.scopes = Scopes::parse("read").unwrap();
-        let denied = p.check(gateway).unwrap_err();
+        let denied = p.check(gateway, false).unwrap_err();
         assert!(denied.to_string().contains("scope `gateway`"), "{denied}");
     }
 

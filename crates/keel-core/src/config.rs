@@ -45,6 +45,10 @@ pub struct Config {
     pub nats: Nats,
     /// The agent runtime: workers, leases, the task queue.
     pub runtime: Runtime,
+    /// Logins, sessions, CORS and the audit log.
+    pub auth: Auth,
+    /// Rate limits: tiers of requests and tokens per minute.
+    pub limits: Limits,
 }
 
 impl Default for Config {
@@ -61,6 +65,8 @@ impl Default for Config {
             webhooks: Webhooks::default(),
             nats: Nats::default(),
             runtime: Runtime::default(),
+            auth: Auth::default(),
+            limits: Limits::default(),
         }
     }
 }
@@ -344,6 +350,137 @@ impl Default for Runtime {
     }
 }
 
+/// `[auth]`: login sessions, browser access and the audit log.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Auth {
+    /// The secret access tokens (JWT, HS256) are signed with: at least 32 characters.
+    /// Unset: a random one per process, so sessions end at restart and do not cross
+    /// instances. Env: `KEEL_JWT_SECRET`.
+    #[serde(serialize_with = "redact_secret")]
+    pub jwt_secret: Option<SecretString>,
+    /// Secrets that signed earlier tokens, still accepted (not used to sign) while those
+    /// tokens live out: rotation without logging everyone out.
+    #[serde(serialize_with = "redact_secrets")]
+    pub jwt_previous_secrets: Vec<SecretString>,
+    /// The `iss` and `aud` of access tokens; a token for another audience is refused.
+    pub jwt_audience: String,
+    /// How long an access token lives.
+    #[serde(with = "humantime_serde")]
+    pub access_ttl: Duration,
+    /// How long a session lives, however often it is refreshed.
+    #[serde(with = "humantime_serde")]
+    pub session_ttl: Duration,
+    /// Failed logins allowed per account per `login_window` before further attempts get
+    /// 429 until the window allows one more.
+    pub login_failures: u32,
+    /// Login attempts allowed per client address per `login_window`.
+    pub login_attempts_per_ip: u32,
+    /// The window login throttling counts over.
+    #[serde(with = "humantime_serde")]
+    pub login_window: Duration,
+    /// Origins browsers may call the API from (e.g. `https://app.example.com`); empty:
+    /// no cross-origin access.
+    pub cors_origins: Vec<String>,
+    /// How long a request may take to produce its response head; 408 past it.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// How long audit entries are kept.
+    #[serde(with = "humantime_serde")]
+    pub audit_retention: Duration,
+    /// The workspace whose admins operate this Keel: they may change other workspaces'
+    /// limits (`/v1/admin/…`).
+    pub operator_workspace: String,
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Self {
+            jwt_secret: None,
+            jwt_previous_secrets: Vec::new(),
+            jwt_audience: "keel".to_owned(),
+            access_ttl: Duration::from_secs(15 * 60),
+            session_ttl: Duration::from_secs(30 * 24 * 3600),
+            login_failures: 5,
+            login_attempts_per_ip: 30,
+            login_window: Duration::from_secs(15 * 60),
+            cors_origins: Vec::new(),
+            request_timeout: Duration::from_secs(120),
+            audit_retention: Duration::from_secs(365 * 24 * 3600),
+            operator_workspace: "operator".to_owned(),
+        }
+    }
+}
+
+fn redact_secret<S: Serializer>(v: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        None => s.serialize_none(),
+        Some(_) => s.serialize_str("[redacted]"),
+    }
+}
+
+fn redact_secrets<S: Serializer>(v: &[SecretString], s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeSeq as _;
+    let mut seq = s.serialize_seq(Some(v.len()))?;
+    for _ in v {
+        seq.serialize_element("[redacted]")?;
+    }
+    seq.end()
+}
+
+/// `[limits]`: rate limits. A workspace is on `default_tier` unless an admin assigns
+/// another (PUT /v1/workspaces/current/limits); each tier limits the workspace as a whole
+/// and each credential (API key or user) in it.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Limits {
+    /// The tier of workspaces not assigned one.
+    pub default_tier: String,
+    /// Tiers by name. Built in: `unlimited`, `free`, `pro`, `enterprise`.
+    pub tiers: BTreeMap<String, Tier>,
+    /// Requests per minute per client address on routes without credentials (login,
+    /// refresh).
+    pub ip_rpm: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let tier = |rpm, tpm, key_rpm, key_tpm| Tier {
+            rpm: Some(rpm),
+            tpm: Some(tpm),
+            key_rpm: Some(key_rpm),
+            key_tpm: Some(key_tpm),
+        };
+        Self {
+            default_tier: "unlimited".to_owned(),
+            tiers: BTreeMap::from([
+                ("unlimited".to_owned(), Tier::default()),
+                ("free".to_owned(), tier(60, 40_000, 60, 40_000)),
+                ("pro".to_owned(), tier(1_000, 1_000_000, 500, 500_000)),
+                (
+                    "enterprise".to_owned(),
+                    tier(10_000, 10_000_000, 5_000, 5_000_000),
+                ),
+            ]),
+            ip_rpm: 120,
+        }
+    }
+}
+
+/// One rate-limit tier; an unset limit is no limit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Tier {
+    /// Requests per minute for the whole workspace.
+    pub rpm: Option<u32>,
+    /// LLM tokens per minute for the whole workspace.
+    pub tpm: Option<u32>,
+    /// Requests per minute per API key or user.
+    pub key_rpm: Option<u32>,
+    /// LLM tokens per minute per API key or user.
+    pub key_tpm: Option<u32>,
+}
+
 /// `[redis]`.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default)]
@@ -458,6 +595,7 @@ const ENV_ALIASES: &[(&str, &str)] = &[
     ("KEEL_DATABASE_URL", "database.url"),
     ("KEEL_REDIS_URL", "redis.url"),
     ("KEEL_NATS_URL", "nats.url"),
+    ("KEEL_JWT_SECRET", "auth.jwt_secret"),
 ];
 
 /// The most type errors collected before giving up (each pass removes one bad value).
@@ -715,6 +853,87 @@ impl Config {
                 );
             }
         }
+        if let Some(secret) = &self.auth.jwt_secret
+            && secret.expose_secret().len() < 32
+        {
+            push(
+                "auth.jwt_secret",
+                "must be at least 32 characters (e.g. `openssl rand -base64 48`)".to_owned(),
+            );
+        }
+        if self
+            .auth
+            .jwt_previous_secrets
+            .iter()
+            .any(|s| s.expose_secret().len() < 32)
+        {
+            push(
+                "auth.jwt_previous_secrets",
+                "each must be at least 32 characters".to_owned(),
+            );
+        }
+        if self.auth.access_ttl < Duration::from_secs(1) {
+            push("auth.access_ttl", "must be at least 1s".to_owned());
+        }
+        if self.auth.session_ttl < self.auth.access_ttl {
+            push(
+                "auth.session_ttl",
+                "must be at least auth.access_ttl".to_owned(),
+            );
+        }
+        if self.auth.login_failures == 0 || self.auth.login_attempts_per_ip == 0 {
+            push(
+                "auth.login_failures",
+                "login_failures and login_attempts_per_ip must be at least 1".to_owned(),
+            );
+        }
+        if self.auth.login_window.is_zero() {
+            push("auth.login_window", "must be longer than 0s".to_owned());
+        }
+        for origin in &self.auth.cors_origins {
+            let ok = (origin.starts_with("http://") || origin.starts_with("https://"))
+                && !origin.trim_end_matches('/').contains(['*', ' '])
+                && origin.matches('/').count() == 2;
+            if !ok {
+                out.push((
+                    "auth.cors_origins".to_owned(),
+                    format!(
+                        "{origin:?} is not an origin: give scheme://host[:port], no path or wildcard"
+                    ),
+                ));
+            }
+        }
+        let mut push = |key: &'static str, message: String| out.push((key.to_owned(), message));
+        if self.auth.request_timeout < Duration::from_secs(1) {
+            push("auth.request_timeout", "must be at least 1s".to_owned());
+        }
+        if !self.limits.tiers.contains_key(&self.limits.default_tier) {
+            push(
+                "limits.default_tier",
+                format!(
+                    "no tier {:?}; known: {}",
+                    self.limits.default_tier,
+                    self.limits
+                        .tiers
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+        }
+        if self.limits.ip_rpm == 0 {
+            push("limits.ip_rpm", "must be at least 1".to_owned());
+        }
+        for (name, tier) in &self.limits.tiers {
+            if [tier.rpm, tier.tpm, tier.key_rpm, tier.key_tpm].contains(&Some(0)) {
+                out.push((
+                    format!("limits.tiers.{name}"),
+                    "a limit must be at least 1; leave it out for no limit".to_owned(),
+                ));
+            }
+        }
+        let mut push = |key: &'static str, message: String| out.push((key.to_owned(), message));
         if self.cache.max_entry_bytes > self.cache.max_bytes {
             push(
                 "cache.max_entry_bytes",
@@ -851,7 +1070,16 @@ fn known_keys() -> Vec<String> {
     let mut out = Vec::new();
     collect_keys(&value, String::new(), &mut out);
     // Optional keys are absent from the default; list them by hand.
-    out.extend(["database.url", "telemetry.otlp_endpoint", "redis.url"].map(str::to_owned));
+    out.extend(
+        [
+            "database.url",
+            "telemetry.otlp_endpoint",
+            "redis.url",
+            "auth.jwt_secret",
+            "auth.jwt_previous_secrets",
+        ]
+        .map(str::to_owned),
+    );
     out
 }
 

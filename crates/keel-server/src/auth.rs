@@ -1,27 +1,35 @@
-//! Authentication and authorisation: one middleware, applied per group of routes with the
-//! role that group requires. A handler behind it reads the caller's [`Principal`] from
-//! the request extensions; it never checks credentials itself.
+//! Authentication, authorisation and request rate limits: one middleware, applied per
+//! group of routes with the [`Access`] (role, scope, operator-only) that group requires.
+//! A handler behind it reads the caller's [`Principal`] from the request extensions; it
+//! never checks credentials, roles or limits itself.
 //!
-//! Today the only credential is an API key (`Authorization: Bearer keel_…`); users and
-//! JWT sessions, scopes and rate limits extend this module, not the handlers.
+//! Two credentials: an API key (`Authorization: Bearer keel_…`) or a session's access
+//! token (`Authorization: Bearer <JWT>` from POST /v1/auth/login). Secrets are compared
+//! by hash lookup (API keys) or by HMAC verification (JWT), both constant-time in the
+//! secret.
 
-use axum::extract::{Request, State};
-use axum::http::{HeaderMap, header};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, header};
 use axum::middleware::Next;
-use axum::response::Response;
-use keel_core::auth::{ApiKey, ApiKeyToken, KeyName, Principal, Role};
+use axum::response::{IntoResponse as _, Response};
+use keel_core::auth::{Access, ApiKey, ApiKeyToken, KeyName, Principal, Role, Scopes};
 use keel_core::id::WorkspaceId;
 use keel_store::{NewApiKey, Store};
 
 use crate::AppState;
 use crate::error::ApiError;
+use crate::ratelimit::{Decision, Kind, LimitKey, Mode, Rate};
 
 /// Remembers authenticated keys for a few seconds, so the hot path does not hit the
 /// database on every request. Bounded; only valid keys are remembered (an attacker's
 /// guesses cannot fill it); a revoke through this instance forgets the key at once.
 #[derive(Debug)]
 pub struct KeyCache {
-    ttl: std::time::Duration,
+    ttl: Duration,
     entries: std::sync::Mutex<std::collections::HashMap<String, (Principal, std::time::Instant)>>,
 }
 
@@ -31,7 +39,7 @@ impl KeyCache {
 
     /// A cache with this time-to-live (zero disables it).
     #[must_use]
-    pub fn new(ttl: std::time::Duration) -> Self {
+    pub fn new(ttl: Duration) -> Self {
         Self {
             ttl,
             entries: std::sync::Mutex::default(),
@@ -76,38 +84,262 @@ impl KeyCache {
 
     /// Forgets a key (after it is revoked).
     pub fn forget(&self, key_id: keel_core::id::ApiKeyId) {
-        self.lock().retain(|_, (p, _)| p.key_id != key_id);
+        self.lock().retain(|_, (p, _)| p.key_id != Some(key_id));
     }
 }
 
-/// Authenticates the request and checks the caller has at least the route's role.
+/// Authenticates the request, checks the caller may use the route, and takes one request
+/// from the caller's and its workspace's rate limits.
 pub(crate) async fn require(
-    State((state, required)): State<(AppState, Role)>,
+    State((state, access)): State<(AppState, Access)>,
     mut req: Request,
     next: Next,
-) -> Result<Response, ApiError> {
-    let principal = authenticate(state.store(), state.key_cache(), req.headers()).await?;
+) -> Response {
+    let principal = match authenticate(&state, req.headers()).await {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
     tracing::Span::current().record(
         "workspace_id",
         tracing::field::display(principal.workspace_id),
     );
-    if !principal.role.satisfies(required) {
-        return Err(ApiError::forbidden(format!(
-            "this route requires role {required} or higher; this key has role {}",
-            principal.role
-        )));
+    let operator = access.operator && state.is_operator(principal.workspace_id).await;
+    if let Err(denied) = principal.check(access, operator) {
+        return ApiError::forbidden(denied.to_string()).into_response();
+    }
+    let limits = state.limits_for(principal.workspace_id).await;
+    let decision = state
+        .limiter()
+        .check(&limits.request_buckets(&principal), 1, Mode::Take)
+        .await;
+    if !decision.allowed {
+        metrics::counter!("keel_ratelimit_rejections_total", "limit" => "requests").increment(1);
+        let mut response = too_many(&decision, &limits).into_response();
+        rate_headers(response.headers_mut(), &decision);
+        return response;
     }
     req.extensions_mut().insert(principal);
-    Ok(next.run(req).await)
+    let mut response = next.run(req).await;
+    rate_headers(response.headers_mut(), &decision);
+    response
 }
 
-async fn authenticate(
-    store: &dyn Store,
-    cache: &KeyCache,
-    headers: &HeaderMap,
-) -> Result<Principal, ApiError> {
+/// The 429 for a refused check, naming the limit.
+pub(crate) fn too_many(decision: &Decision, limits: &ResolvedLimits) -> ApiError {
+    let what = decision.denied_by.map_or("a rate limit", Kind::describe);
+    ApiError::too_many_requests(
+        format!(
+            "rate limit exceeded: {what} is limited to {} (tier {}); retry in {} s",
+            decision.limit,
+            limits.tier,
+            decision.retry_after.as_secs().max(1)
+        ),
+        retry_secs(decision.retry_after),
+    )
+}
+
+fn retry_secs(d: Duration) -> u32 {
+    u32::try_from(d.as_secs() + u64::from(d.subsec_nanos() > 0))
+        .unwrap_or(u32::MAX)
+        .max(1)
+}
+
+/// `RateLimit-Limit`, `-Remaining` and `-Reset` (seconds until the bucket is full), per
+/// the IETF RateLimit header fields draft; nothing when no limit applies.
+pub(crate) fn rate_headers(headers: &mut HeaderMap, decision: &Decision) {
+    if decision.limit == 0 {
+        return;
+    }
+    headers.insert("ratelimit-limit", HeaderValue::from(decision.limit));
+    headers.insert("ratelimit-remaining", HeaderValue::from(decision.remaining));
+    headers.insert(
+        "ratelimit-reset",
+        HeaderValue::from(retry_secs(decision.reset)),
+    );
+}
+
+/// A workspace's effective limits: its tier, with an admin's overrides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ResolvedLimits {
+    /// The tier's name.
+    pub tier: String,
+    /// Workspace requests per minute.
+    pub rpm: Option<u32>,
+    /// Workspace tokens per minute.
+    pub tpm: Option<u32>,
+    /// Per-credential requests per minute.
+    pub key_rpm: Option<u32>,
+    /// Per-credential tokens per minute.
+    pub key_tpm: Option<u32>,
+}
+
+impl ResolvedLimits {
+    /// Resolves stored overrides against the config's tiers (an unknown stored tier
+    /// falls back to the default tier: the config may have dropped it).
+    pub(crate) fn resolve(
+        config: &keel_core::config::Limits,
+        stored: &keel_store::security::WorkspaceLimits,
+    ) -> Self {
+        let name = stored
+            .tier
+            .as_deref()
+            .filter(|t| config.tiers.contains_key(*t))
+            .unwrap_or(&config.default_tier);
+        let tier = config.tiers.get(name).cloned().unwrap_or_default();
+        let clamp = |v: i64| u32::try_from(v.max(1)).unwrap_or(u32::MAX);
+        Self {
+            tier: name.to_owned(),
+            rpm: stored.rpm.map(clamp).or(tier.rpm),
+            tpm: stored.tpm.map(clamp).or(tier.tpm),
+            key_rpm: tier.key_rpm,
+            key_tpm: tier.key_tpm,
+        }
+    }
+
+    fn principal_id(principal: &Principal) -> uuid::Uuid {
+        principal
+            .user_id
+            .map(|u| u.as_uuid())
+            .or(principal.key_id.map(|k| k.as_uuid()))
+            .unwrap_or_default()
+    }
+
+    /// The request buckets for one request of `principal`.
+    pub(crate) fn request_buckets(&self, principal: &Principal) -> Vec<(LimitKey, Rate)> {
+        let mut out = Vec::with_capacity(2);
+        if let Some(rpm) = self.rpm {
+            out.push((
+                LimitKey::id(Kind::WorkspaceRequests, principal.workspace_id.as_uuid()),
+                Rate::per_minute(rpm),
+            ));
+        }
+        if let Some(rpm) = self.key_rpm {
+            out.push((
+                LimitKey::id(Kind::PrincipalRequests, Self::principal_id(principal)),
+                Rate::per_minute(rpm),
+            ));
+        }
+        out
+    }
+
+    /// The token buckets for `principal`.
+    pub(crate) fn token_buckets(&self, principal: &Principal) -> Vec<(LimitKey, Rate)> {
+        let mut out = Vec::with_capacity(2);
+        if let Some(tpm) = self.tpm {
+            out.push((
+                LimitKey::id(Kind::WorkspaceTokens, principal.workspace_id.as_uuid()),
+                Rate::per_minute(tpm),
+            ));
+        }
+        if let Some(tpm) = self.key_tpm {
+            out.push((
+                LimitKey::id(Kind::PrincipalTokens, Self::principal_id(principal)),
+                Rate::per_minute(tpm),
+            ));
+        }
+        out
+    }
+}
+
+/// Remembers each workspace's resolved limits for a few seconds (as keys are), so the
+/// hot path does not read them from the database per request. Bounded.
+#[derive(Debug)]
+pub(crate) struct LimitsCache {
+    ttl: Duration,
+    entries: std::sync::Mutex<
+        std::collections::HashMap<WorkspaceId, (ResolvedLimits, std::time::Instant)>,
+    >,
+}
+
+impl LimitsCache {
+    const MAX: usize = 10_000;
+
+    pub(crate) fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            entries: std::sync::Mutex::default(),
+        }
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        std::collections::HashMap<WorkspaceId, (ResolvedLimits, std::time::Instant)>,
+    > {
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn get(&self, ws: WorkspaceId) -> Option<ResolvedLimits> {
+        self.lock()
+            .get(&ws)
+            .filter(|(_, at)| at.elapsed() < self.ttl)
+            .map(|(l, _)| l.clone())
+    }
+
+    pub(crate) fn insert(&self, ws: WorkspaceId, limits: ResolvedLimits) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let mut entries = self.lock();
+        if entries.len() >= Self::MAX {
+            let ttl = self.ttl;
+            entries.retain(|_, (_, at)| at.elapsed() < ttl);
+            if entries.len() >= Self::MAX {
+                entries.clear();
+            }
+        }
+        entries.insert(ws, (limits, std::time::Instant::now()));
+    }
+
+    pub(crate) fn forget(&self, ws: WorkspaceId) {
+        self.lock().remove(&ws);
+    }
+}
+
+/// Who is calling, from where: for the audit log and per-address limits.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Caller {
+    /// The peer's address (not `X-Forwarded-For`, which any client can write).
+    pub ip: Option<String>,
+    /// The `User-Agent`, cut to 256 characters.
+    pub user_agent: Option<String>,
+    /// The request's id.
+    pub request_id: Option<String>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self::of(&parts.headers, &parts.extensions))
+    }
+}
+
+impl Caller {
+    pub(crate) fn of(headers: &HeaderMap, extensions: &axum::http::Extensions) -> Self {
+        Self {
+            ip: extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0.ip().to_string()),
+            user_agent: headers
+                .get(header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .map(|ua| ua.chars().take(256).collect()),
+            request_id: extensions
+                .get::<crate::middleware::RequestId>()
+                .map(|r| r.0.clone()),
+        }
+    }
+}
+
+async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
     let value = headers.get(header::AUTHORIZATION).ok_or_else(|| {
-        ApiError::unauthorized("missing credentials: send `Authorization: Bearer <API key>`")
+        ApiError::unauthorized(
+            "missing credentials: send `Authorization: Bearer <API key or access token>`",
+        )
     })?;
     let value = value
         .to_str()
@@ -116,19 +348,26 @@ async fn authenticate(
         Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
         _ => {
             return Err(ApiError::unauthorized(
-                "the Authorization header must be `Bearer <API key>`",
+                "the Authorization header must be `Bearer <API key or access token>`",
             ));
         }
     };
+    if !token.starts_with(ApiKeyToken::SCHEME) && token.bytes().filter(|b| *b == b'.').count() == 2
+    {
+        return state
+            .tokens()
+            .verify(token)
+            .map_err(|e| ApiError::unauthorized(e.to_string()));
+    }
     let token = ApiKeyToken::parse(token).map_err(|e| ApiError::unauthorized(e.to_string()))?;
     let hash = token.hash();
+    let cache = state.key_cache();
     if let Some(principal) = cache.get(hash.as_str()) {
         return Ok(principal);
     }
-    let principal = store
-        .authenticate(&hash)
-        .await?
-        .ok_or_else(|| ApiError::unauthorized("the API key is not valid or has been revoked"))?;
+    let principal = state.store().authenticate(&hash).await?.ok_or_else(|| {
+        ApiError::unauthorized("the API key is not valid, has expired or has been revoked")
+    })?;
     cache.insert(hash.as_str().to_owned(), principal.clone());
     Ok(principal)
 }
@@ -140,6 +379,7 @@ pub async fn issue_key(
     workspace_id: WorkspaceId,
     role: Role,
     name: Option<KeyName>,
+    limits: KeyLimits,
 ) -> Result<(ApiKeyToken, ApiKey), IssueError> {
     let token = ApiKeyToken::generate()?;
     let key = store
@@ -149,9 +389,33 @@ pub async fn issue_key(
             role,
             prefix: token.prefix(),
             hash: token.hash(),
+            expires_at: limits.expires_at,
+            scopes: limits.scopes,
+            models: limits.models,
         })
         .await?;
     Ok((token, key))
+}
+
+/// What a new key is limited to, beyond its role.
+#[derive(Debug, Clone)]
+pub struct KeyLimits {
+    /// When it stops working.
+    pub expires_at: Option<time::OffsetDateTime>,
+    /// The routes it may reach.
+    pub scopes: Scopes,
+    /// The models it may call; `None` for any.
+    pub models: Option<Vec<String>>,
+}
+
+impl Default for KeyLimits {
+    fn default() -> Self {
+        Self {
+            expires_at: None,
+            scopes: Scopes::ALL,
+            models: None,
+        }
+    }
 }
 
 /// Why a key could not be issued.
@@ -184,11 +448,7 @@ mod tests {
     use super::KeyCache;
 
     fn principal() -> Principal {
-        Principal {
-            workspace_id: WorkspaceId::new(),
-            key_id: ApiKeyId::new(),
-            role: Role::Member,
-        }
+        Principal::for_key(WorkspaceId::new(), ApiKeyId::new(), Role::Member)
     }
 
     #[test]
@@ -197,7 +457,7 @@ mod tests {
         let p = principal();
         cache.insert("h1".into(), p.clone());
         assert_eq!(cache.get("h1"), Some(p.clone()));
-        cache.forget(p.key_id);
+        cache.forget(p.key_id.unwrap());
         assert_eq!(cache.get("h1"), None, "forgotten on revoke");
         cache.insert("h2".into(), p);
         std::thread::sleep(Duration::from_millis(50));

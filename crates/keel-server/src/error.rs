@@ -158,6 +158,19 @@ impl ApiError {
             ..error
         }
     }
+    /// 429: a rate limit is exhausted; `detail` names it, `retry_after` says when to retry.
+    pub fn too_many_requests(detail: impl Into<String>, retry_after: u32) -> Self {
+        Self {
+            retry_after: Some(retry_after),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate-limited", detail)
+        }
+    }
+
+    /// 402: a budget is spent; `detail` names it and when it resets.
+    pub fn payment_required(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::PAYMENT_REQUIRED, "budget-exceeded", detail)
+    }
+
     /// 415.
     pub fn unsupported_media_type(detail: impl Into<String>) -> Self {
         Self::new(

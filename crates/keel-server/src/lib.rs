@@ -14,7 +14,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::serve::ListenerExt as _;
-use keel_core::auth::Role;
+use keel_core::auth::{Access, Role, Scope};
 use keel_core::config::Config;
 use keel_store::Store;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -40,7 +40,11 @@ pub mod telemetry;
 pub mod usage;
 pub mod webhooks;
 
+pub mod audit;
+pub mod ratelimit;
 mod routes;
+pub mod session;
+pub use routes::audit::verify_workspace as audit_verify;
 
 /// What a server is made of.
 #[derive(Debug)]
@@ -76,6 +80,10 @@ struct Inner {
     usage: usage::Recorder,
     cache: Option<Arc<keel_llm::cache::ResponseCache>>,
     key_cache: auth::KeyCache,
+    limits_cache: auth::LimitsCache,
+    tokens: session::Tokens,
+    limiter: ratelimit::Limiter,
+    operator: tokio::sync::OnceCell<Option<keel_core::id::WorkspaceId>>,
     metrics: PrometheusHandle,
     openapi_json: std::sync::OnceLock<axum::body::Bytes>,
     events: events::EventLog,
@@ -93,11 +101,37 @@ impl std::fmt::Debug for AppState {
 
 impl AppState {
     /// The state of a server over its parts.
+    ///
+    /// Access tokens are signed with `auth.jwt_secret`, or a random per-process secret
+    /// when it is unset (said in a warning). Rate limits are shared through Redis when
+    /// `redis.url` is set (connecting in the background), else kept in process.
     pub fn new(parts: Parts) -> Self {
+        let (tokens, warning) = session::Tokens::new(&parts.config.auth);
+        if let Some(warning) = warning {
+            tracing::warn!("{warning}");
+        }
+        let limiter = match (
+            &parts.config.redis.url,
+            tokio::runtime::Handle::try_current(),
+        ) {
+            (Some(url), Ok(_)) => {
+                use secrecy::ExposeSecret as _;
+                ratelimit::Limiter::redis(url.expose_secret(), parts.shutdown.clone())
+                    .unwrap_or_else(|e| {
+                        tracing::warn!(error = %e, "rate limits stay in process");
+                        ratelimit::Limiter::local()
+                    })
+            }
+            _ => ratelimit::Limiter::local(),
+        };
         Self {
             inner: Arc::new(Inner {
                 store: parts.store,
                 key_cache: auth::KeyCache::new(parts.config.server.key_cache_ttl),
+                limits_cache: auth::LimitsCache::new(parts.config.server.key_cache_ttl),
+                tokens,
+                limiter,
+                operator: tokio::sync::OnceCell::new(),
                 config: parts.config,
                 router: parts.router,
                 usage: parts.usage,
@@ -137,6 +171,64 @@ impl AppState {
 
     pub(crate) fn key_cache(&self) -> &auth::KeyCache {
         &self.inner.key_cache
+    }
+
+    pub(crate) fn limits_cache(&self) -> &auth::LimitsCache {
+        &self.inner.limits_cache
+    }
+
+    /// Signs and checks access tokens.
+    pub fn tokens(&self) -> &session::Tokens {
+        &self.inner.tokens
+    }
+
+    /// The rate limiter.
+    pub fn limiter(&self) -> &ratelimit::Limiter {
+        &self.inner.limiter
+    }
+
+    /// A workspace's effective limits (cached like keys, `server.key_cache_ttl`).
+    pub(crate) async fn limits_for(&self, ws: keel_core::id::WorkspaceId) -> auth::ResolvedLimits {
+        if let Some(l) = self.inner.limits_cache.get(ws) {
+            return l;
+        }
+        let stored = match self.store().workspace_limits(ws).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                // The tier default still applies: a database hiccup must not lift limits
+                // nor fail the request.
+                tracing::warn!(error = %e, "cannot read workspace limits; using the default tier");
+                keel_store::security::WorkspaceLimits::default()
+            }
+        };
+        let resolved = auth::ResolvedLimits::resolve(&self.config().limits, &stored);
+        self.inner.limits_cache.insert(ws, resolved.clone());
+        resolved
+    }
+
+    /// Whether `ws` is the operator workspace (`auth.operator_workspace`).
+    pub(crate) async fn is_operator(&self, ws: keel_core::id::WorkspaceId) -> bool {
+        let found = self
+            .inner
+            .operator
+            .get_or_try_init(|| async {
+                let Ok(name) = keel_core::workspace::WorkspaceName::parse(
+                    &self.config().auth.operator_workspace,
+                ) else {
+                    return Ok(None);
+                };
+                match self.store().workspace_by_name(&name).await {
+                    Ok(w) => Ok(Some(w.id)),
+                    // Not created yet: ask again next time.
+                    Err(keel_store::Error::NotFound { .. }) => Err(()),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot look up the operator workspace");
+                        Err(())
+                    }
+                }
+            })
+            .await;
+        matches!(found, Ok(Some(id)) if *id == ws)
     }
 
     pub(crate) fn usage(&self) -> &usage::Recorder {
@@ -181,6 +273,9 @@ impl AppState {
         (name = "ops", description = "Health, readiness, metrics, API description"),
         (name = "workspaces", description = "Workspaces (tenants)"),
         (name = "keys", description = "API keys"),
+        (name = "auth", description = "Login sessions: access and refresh tokens"),
+        (name = "members", description = "Workspace members and their roles"),
+        (name = "audit", description = "The hash-chained audit log"),
         (name = "gateway", description = "OpenAI-compatible LLM gateway"),
         (name = "events", description = "The event log: live streams, history, schemas"),
         (name = "agents", description = "Agents: versioned specs and their status"),
@@ -205,25 +300,72 @@ impl Modify for BearerAuth {
                     .build(),
             ),
         );
+        components.add_security_scheme(
+            "session",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .description(Some("An access token from POST /v1/auth/login."))
+                    .build(),
+            ),
+        );
     }
 }
 
-/// Routes that need at least `role`, behind the one auth middleware.
+/// Routes that need `access`, behind the one auth middleware. Each operation in
+/// /openapi.json states what it needs: `x-required-role`, `x-required-scope` and
+/// `x-operator-only`, and a line of its description.
 fn protected(
     state: &AppState,
-    role: Role,
-    routes: OpenApiRouter<AppState>,
+    access: Access,
+    mut routes: OpenApiRouter<AppState>,
 ) -> OpenApiRouter<AppState> {
+    use utoipa::openapi::security::SecurityRequirement;
+    for item in routes.get_openapi_mut().paths.paths.values_mut() {
+        let ops = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ];
+        for op in ops.into_iter().flatten() {
+            let ext = op.extensions.get_or_insert_with(Default::default);
+            ext.insert("x-required-role".into(), access.role.as_str().into());
+            ext.insert("x-required-scope".into(), access.scope.as_str().into());
+            ext.insert("x-operator-only".into(), access.operator.into());
+            op.security = Some(vec![
+                SecurityRequirement::new("api_key", Vec::<String>::new()),
+                SecurityRequirement::new("session", Vec::<String>::new()),
+            ]);
+            let needs = format!(
+                "Requires role {} (or higher) and, for a scoped key, scope `{}`{}.",
+                access.role,
+                access.scope,
+                if access.operator {
+                    "; operator workspace only"
+                } else {
+                    ""
+                }
+            );
+            op.description = Some(match op.description.take() {
+                Some(d) if !d.is_empty() => format!("{d}\n\n{needs}"),
+                _ => needs,
+            });
+        }
+    }
     routes.layer(axum::middleware::from_fn_with_state(
-        (state.clone(), role),
+        (state.clone(), access),
         auth::require,
     ))
 }
 
 /// Builds the whole HTTP application over `state`.
 pub fn app(state: AppState) -> Router {
-    let viewer = OpenApiRouter::new()
+    let read = OpenApiRouter::new()
         .routes(routes!(routes::workspaces::current))
+        .routes(routes!(routes::limits::current))
         .routes(routes!(routes::gateway::models))
         .routes(routes!(routes::usage::usage))
         .routes(routes!(routes::events::events))
@@ -240,15 +382,21 @@ pub fn app(state: AppState) -> Router {
         .routes(routes!(routes::tasks::steps))
         .routes(routes!(routes::tasks::messages))
         .routes(routes!(routes::tasks::dead_letters));
-    let member = OpenApiRouter::new()
+    let gateway = OpenApiRouter::new()
         .routes(routes!(routes::gateway::chat_completions))
-        .routes(routes!(routes::gateway::embeddings))
+        .routes(routes!(routes::gateway::embeddings));
+    let tasks = OpenApiRouter::new()
         .routes(routes!(routes::tasks::create))
         .routes(routes!(routes::tasks::cancel))
         .routes(routes!(routes::tasks::input))
         .routes(routes!(routes::tasks::create_thread))
         .routes(routes!(routes::tasks::replay))
         .routes(routes!(routes::tasks::discard));
+    let agents = OpenApiRouter::new()
+        .routes(routes!(routes::agents::create))
+        .routes(routes!(routes::agents::update))
+        .routes(routes!(routes::agents::delete))
+        .routes(routes!(routes::agents::reload));
     let admin = OpenApiRouter::new()
         .routes(routes!(routes::keys::create, routes::keys::list))
         .routes(routes!(routes::keys::revoke))
@@ -256,19 +404,59 @@ pub fn app(state: AppState) -> Router {
         .routes(routes!(routes::webhooks::create))
         .routes(routes!(routes::webhooks::delete))
         .routes(routes!(routes::webhooks::redeliver))
-        .routes(routes!(routes::agents::create))
-        .routes(routes!(routes::agents::update))
-        .routes(routes!(routes::agents::delete))
-        .routes(routes!(routes::agents::reload));
+        .routes(routes!(routes::members::list, routes::members::add))
+        .routes(routes!(routes::members::set_role, routes::members::remove))
+        .routes(routes!(routes::audit::list))
+        .routes(routes!(routes::audit::verify));
+    let operator = OpenApiRouter::new().routes(routes!(routes::limits::get, routes::limits::set));
+    let public = OpenApiRouter::new()
+        .routes(routes!(routes::auth::login))
+        .routes(routes!(routes::auth::refresh))
+        .routes(routes!(routes::auth::logout))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            routes::auth::per_ip,
+        ));
 
     let (router, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(routes::system::healthz))
         .routes(routes!(routes::system::readyz))
         .routes(routes!(routes::system::metrics))
         .routes(routes!(routes::system::openapi))
-        .merge(protected(&state, Role::Viewer, viewer))
-        .merge(protected(&state, Role::Member, member))
-        .merge(protected(&state, Role::Admin, admin))
+        .merge(public)
+        .merge(protected(
+            &state,
+            Access::new(Role::Viewer, Scope::Read),
+            read,
+        ))
+        .merge(protected(
+            &state,
+            Access::new(Role::Member, Scope::Gateway),
+            gateway,
+        ))
+        .merge(protected(
+            &state,
+            Access::new(Role::Member, Scope::TasksWrite),
+            tasks,
+        ))
+        .merge(protected(
+            &state,
+            Access::new(Role::Admin, Scope::AgentsWrite),
+            agents,
+        ))
+        .merge(protected(
+            &state,
+            Access::new(Role::Admin, Scope::Admin),
+            admin,
+        ))
+        .merge(protected(
+            &state,
+            Access {
+                operator: true,
+                ..Access::new(Role::Admin, Scope::Admin)
+            },
+            operator,
+        ))
         .split_for_parts();
 
     let json = serde_json::to_vec(&openapi).unwrap_or_default();
@@ -284,8 +472,43 @@ pub fn app(state: AppState) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(state.config().server.max_body_bytes))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            state.config().auth.request_timeout,
+        ))
+        .layer(cors(&state.config().auth.cors_origins))
+        .layer(axum::middleware::from_fn(middleware::security_headers))
         .layer(axum::middleware::from_fn(middleware::request_context))
         .with_state(state)
+}
+
+/// Cross-origin access for the configured origins only (none by default: a browser on
+/// another origin can then read nothing).
+fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
+    use axum::http::{HeaderName, HeaderValue, Method, header};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let origins: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o.trim_end_matches('/')).ok())
+        .collect();
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins))
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("idempotency-key"),
+            HeaderName::from_static("last-event-id"),
+            HeaderName::from_static("x-request-id"),
+        ])
+        .expose_headers([
+            HeaderName::from_static("x-request-id"),
+            HeaderName::from_static("ratelimit-limit"),
+            HeaderName::from_static("ratelimit-remaining"),
+            HeaderName::from_static("ratelimit-reset"),
+            header::RETRY_AFTER,
+        ])
+        .max_age(Duration::from_secs(600))
 }
 
 /// A bound server, ready to run.

@@ -254,7 +254,7 @@ pub fn verify_chain(head: &AuditHead, entries: &[AuditEntry]) -> Vec<ChainBreak>
                 head.seq
             ),
         });
-    } else if head.seq > head.pruned_seq && prev != head.hash {
+    } else if head.seq > 0 && prev != head.hash {
         breaks.push(ChainBreak {
             seq: last,
             problem: "the newest entry's hash does not match the head's".to_owned(),

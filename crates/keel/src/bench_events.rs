@@ -551,8 +551,14 @@ async fn append(o: &Options) -> anyhow::Result<Append> {
     let workspace = store
         .ensure_workspace(&WorkspaceName::parse("bench")?)
         .await?;
-    let (token, _) =
-        keel_server::auth::issue_key(store.as_ref(), workspace.id, Role::Admin, None).await?;
+    let (token, _) = keel_server::auth::issue_key(
+        store.as_ref(),
+        workspace.id,
+        Role::Admin,
+        None,
+        Default::default(),
+    )
+    .await?;
     let env = |_: &str| None;
     let (router, _) = keel_server::gateway::router(&config, &env)?;
     let config = Arc::new(config);

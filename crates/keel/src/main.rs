@@ -3,6 +3,7 @@
 //! It parses flags, builds the config from its layers, and hands off to the library
 //! crates; no domain logic lives here.
 
+mod admin_cli;
 mod agents_cli;
 mod bench;
 mod bench_events;
@@ -78,6 +79,12 @@ enum Command {
     /// Create, list and revoke API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Operator commands: users, workspace limits.
+    #[command(subcommand)]
+    Admin(admin_cli::AdminCommand),
+    /// Verify the hash-chained audit log.
+    #[command(subcommand)]
+    Audit(admin_cli::AuditCommand),
     /// Check files of events, or follow a running server's event stream.
     #[command(subcommand)]
     Events(EventsCommand),
@@ -295,6 +302,16 @@ enum KeysCommand {
         /// A label for the key.
         #[arg(long)]
         name: Option<String>,
+        /// Limit the key to these scopes (comma-separated: read, gateway, tasks:write,
+        /// agents:write, admin).
+        #[arg(long)]
+        scopes: Option<String>,
+        /// The key stops working after this long (e.g. 30d, 12h).
+        #[arg(long, value_name = "DURATION")]
+        expires_in: Option<humantime::Duration>,
+        /// The only models the key may call (comma-separated).
+        #[arg(long)]
+        models: Option<String>,
     },
     /// List a workspace's keys (never their secrets).
     #[command(after_help = "Example:\n  keel keys list --workspace acme")]
@@ -497,6 +514,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             keys(&config, command).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Admin(command) => {
+            let config = load_config(&cli.global, None)?;
+            admin_cli::admin(&config, command).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit(command) => {
+            let config = load_config(&cli.global, None)?;
+            Ok(if admin_cli::audit(&config, command).await? {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Command::Events(EventsCommand::Validate { file }) => {
             events_cli::validate(&file)?;
             Ok(ExitCode::SUCCESS)
@@ -665,6 +695,11 @@ async fn serve_with_telemetry(config: Config, started: Instant) -> anyhow::Resul
         config.clone(),
         shutdown.clone(),
     ));
+    tokio::spawn(keel_server::audit::prune_loop(
+        store.clone(),
+        config.auth.audit_retention,
+        shutdown.clone(),
+    ));
     let state = AppState::new(Parts {
         store: store.clone(),
         events,
@@ -806,12 +841,32 @@ async fn keys_with(store: &dyn keel_store::Store, command: KeysCommand) -> anyho
             workspace,
             role,
             name,
+            scopes,
+            expires_in,
+            models,
         } => {
             let workspace = WorkspaceName::parse(&workspace)?;
             let role: Role = role.parse()?;
             let name = name.map(|n| KeyName::parse(&n)).transpose()?;
+            let mut limits = keel_server::auth::KeyLimits::default();
+            if let Some(scopes) = scopes {
+                limits.scopes = keel_core::auth::Scopes::parse(&scopes)?;
+            }
+            if let Some(d) = expires_in {
+                limits.expires_at = Some(
+                    time::OffsetDateTime::now_utc() + time::Duration::try_from(Duration::from(d))?,
+                );
+            }
+            limits.models = models.map(|m| {
+                m.split(',')
+                    .map(str::trim)
+                    .filter(|m| !m.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            });
             let ws = store.ensure_workspace(&workspace).await?;
-            let (token, key) = keel_server::auth::issue_key(store, ws.id, role, name).await?;
+            let (token, key) =
+                keel_server::auth::issue_key(store, ws.id, role, name, limits).await?;
             out(token.expose());
             note(&format!(
                 "created {} ({role}) in workspace {} ({}); store the key now: it is not shown again",

@@ -14,6 +14,8 @@ use utoipa::ToSchema;
 
 use super::{List, rfc3339};
 use crate::AppState;
+use crate::audit::{self, Action};
+use crate::auth::Caller;
 use crate::error::{ApiError, Problem};
 use crate::extract::AppJson;
 
@@ -82,6 +84,7 @@ fn checked(state: &AppState, body: Value, name: Option<&str>) -> Result<AgentSpe
 pub(crate) async fn create(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
+    caller: Caller,
     AppJson(body): AppJson<Value>,
 ) -> Result<(StatusCode, Json<AgentView>), ApiError> {
     let spec = checked(&state, body, None)?;
@@ -96,6 +99,9 @@ pub(crate) async fn create(
         )
         .await?;
     tracing::info!(agent = %agent.name, version = agent.version, "agent created");
+    let action = Action::new("agent.created", agent.id)
+        .data(serde_json::json!({"name": agent.name, "version": agent.version}));
+    audit::record(&state, &principal, &caller, action).await;
     Ok((StatusCode::CREATED, Json(agent.into())))
 }
 
@@ -111,6 +117,7 @@ pub(crate) async fn create(
 pub(crate) async fn update(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
+    caller: Caller,
     Path(name): Path<String>,
     AppJson(body): AppJson<Value>,
 ) -> Result<Json<AgentView>, ApiError> {
@@ -126,6 +133,9 @@ pub(crate) async fn update(
         )
         .await?;
     tracing::info!(agent = %agent.name, version = agent.version, "agent updated");
+    let action = Action::new("agent.updated", agent.id)
+        .data(serde_json::json!({"name": agent.name, "version": agent.version}));
+    audit::record(&state, &principal, &caller, action).await;
     Ok(Json(agent.into()))
 }
 
@@ -173,6 +183,7 @@ pub(crate) async fn get(
 pub(crate) async fn delete(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
+    caller: Caller,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     state
@@ -180,6 +191,13 @@ pub(crate) async fn delete(
         .delete_agent(principal.workspace_id, &name)
         .await?;
     tracing::info!(agent = %name, "agent deleted");
+    audit::record(
+        &state,
+        &principal,
+        &caller,
+        Action::new("agent.deleted", &name),
+    )
+    .await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -189,6 +207,8 @@ pub(crate) async fn delete(
     responses((status = 200, description = "What was stored and what was rejected", body = crate::runtime::Loaded)))]
 pub(crate) async fn reload(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    caller: Caller,
 ) -> Result<Json<crate::runtime::Loaded>, ApiError> {
     let name = keel_core::workspace::WorkspaceName::parse(&state.config().runtime.agents_workspace)
         .map_err(|e| ApiError::internal(&e))?;
@@ -200,6 +220,9 @@ pub(crate) async fn reload(
         &state.config().runtime.agents_dir,
     )
     .await?;
+    let action = Action::new("agents.reloaded", workspace.id)
+        .data(serde_json::to_value(&loaded).unwrap_or_default());
+    audit::record(&state, &principal, &caller, action).await;
     Ok(Json(loaded))
 }
 

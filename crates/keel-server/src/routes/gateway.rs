@@ -73,6 +73,7 @@ pub(crate) async fn chat_completions(
     headers: HeaderMap,
     AppJson(request): AppJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
+    allowed_model(&principal, &request.model)?;
     if request.messages.is_empty() {
         return Err(ApiError::bad_request(
             "messages: must hold at least one message",
@@ -108,6 +109,7 @@ pub(crate) async fn chat_completions(
         )
         .await);
     }
+    let reservation = TokenReservation::take(&state, &principal, &request).await?;
     let router = state.router();
     let observer = Arc::new(EventObserver::new(
         state.events().clone(),
@@ -121,6 +123,7 @@ pub(crate) async fn chat_completions(
                     None => (estimate(&request, &response_text(&response)), true),
                 };
                 let record = Account::new(&state, &principal, &served, started)
+                    .reserving(reservation)
                     .record(usage, estimated, None, "ok");
                 state.usage().record(record).await;
                 if let (Some(cache), Some(key)) = (state.cache(), cache_key) {
@@ -146,7 +149,7 @@ pub(crate) async fn chat_completions(
         }
     };
     let account = StreamAccount {
-        account: Account::new(&state, &principal, &served, started),
+        account: Account::new(&state, &principal, &served, started).reserving(reservation),
         ttft: started.elapsed(),
         usage: None,
         streamed_text: String::new(),
@@ -251,6 +254,7 @@ pub(crate) async fn embeddings(
     Extension(principal): Extension<Principal>,
     AppJson(request): AppJson<EmbeddingsRequest>,
 ) -> Result<Response, ApiError> {
+    allowed_model(&principal, &request.model)?;
     let texts = request.texts();
     let valid = match &request.input {
         Value::String(s) => !s.is_empty(),
@@ -351,7 +355,7 @@ async fn serve_cached(
         .usage()
         .record(UsageRecord {
             workspace_id: principal.workspace_id,
-            api_key_id: Some(principal.key_id),
+            api_key_id: principal.key_id,
             route: request.model.clone(),
             provider: "cache".to_owned(),
             upstream_model: "-".to_owned(),
@@ -386,13 +390,94 @@ async fn serve_cached(
     with_cache_header(response, Some("hit"))
 }
 
+/// Tokens taken from the caller's tokens-per-minute limits before a request goes
+/// upstream: an estimate (the prompt's length / 4 plus `max_tokens`, or 256), settled to
+/// the real count when the request is accounted — or given back whole if it fails.
+struct TokenReservation {
+    state: AppState,
+    buckets: Vec<(crate::ratelimit::LimitKey, crate::ratelimit::Rate)>,
+    reserved: i64,
+    actual: std::sync::atomic::AtomicI64,
+}
+
+impl TokenReservation {
+    /// Reserves the estimate; `None` when no token limit applies; 429 past one.
+    async fn take(
+        state: &AppState,
+        principal: &Principal,
+        request: &ChatRequest,
+    ) -> Result<Option<Self>, ApiError> {
+        let limits = state.limits_for(principal.workspace_id).await;
+        let buckets = limits.token_buckets(principal);
+        if buckets.is_empty() {
+            return Ok(None);
+        }
+        let prompt_bytes: usize = request.messages.iter().map(|m| m.text().len()).sum();
+        let max_out = ["max_completion_tokens", "max_tokens"]
+            .iter()
+            .find_map(|k| request.extra.get(*k).and_then(Value::as_i64))
+            .unwrap_or(256);
+        let reserved = i64::try_from(prompt_bytes / 4)
+            .unwrap_or(i64::MAX)
+            .saturating_add(max_out.max(0))
+            .max(1);
+        let decision = state
+            .limiter()
+            .check(&buckets, reserved, crate::ratelimit::Mode::Take)
+            .await;
+        if !decision.allowed {
+            metrics::counter!("keel_ratelimit_rejections_total", "limit" => "tokens").increment(1);
+            return Err(crate::auth::too_many(&decision, &limits));
+        }
+        Ok(Some(Self {
+            state: state.clone(),
+            buckets,
+            reserved,
+            actual: std::sync::atomic::AtomicI64::new(0),
+        }))
+    }
+}
+
+impl Drop for TokenReservation {
+    fn drop(&mut self) {
+        let delta = self.actual.load(std::sync::atomic::Ordering::Relaxed) - self.reserved;
+        if delta == 0 {
+            return;
+        }
+        let state = self.state.clone();
+        let buckets = std::mem::take(&mut self.buckets);
+        tokio::spawn(async move {
+            state
+                .limiter()
+                .check(&buckets, delta, crate::ratelimit::Mode::Force)
+                .await;
+        });
+    }
+}
+
+/// 403 when the caller's key is limited to other models.
+fn allowed_model(principal: &Principal, model: &str) -> Result<(), ApiError> {
+    if principal.may_use_model(model) {
+        return Ok(());
+    }
+    let allowed = principal
+        .models
+        .as_deref()
+        .map(|m| m.join(", "))
+        .unwrap_or_default();
+    Err(ApiError::forbidden(format!(
+        "this key may not call model {model:?}; it may call: {allowed}"
+    )))
+}
+
 /// What one routed request is billed to, and by whom it was served.
 struct Account {
     recorder: crate::usage::Recorder,
     workspace_id: keel_core::id::WorkspaceId,
-    key_id: keel_core::id::ApiKeyId,
+    key_id: Option<keel_core::id::ApiKeyId>,
     served: Served,
     started: Instant,
+    reservation: Option<TokenReservation>,
 }
 
 impl Account {
@@ -403,7 +488,13 @@ impl Account {
             key_id: principal.key_id,
             served: served.clone(),
             started,
+            reservation: None,
         }
+    }
+
+    fn reserving(mut self, reservation: Option<TokenReservation>) -> Self {
+        self.reservation = reservation;
+        self
     }
 
     /// The usage record, with the request's metrics counted.
@@ -414,6 +505,13 @@ impl Account {
         ttft: Option<Duration>,
         outcome: &str,
     ) -> UsageRecord {
+        if let Some(r) = &self.reservation {
+            let used = usage.prompt_tokens.saturating_add(usage.completion_tokens);
+            r.actual.store(
+                i64::try_from(used).unwrap_or(i64::MAX),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
         let s = &self.served;
         let latency = self.started.elapsed();
         let cost = crate::usage::cost_nanousd(
@@ -466,7 +564,7 @@ impl Account {
         metrics::counter!("keel_llm_cost_nanousd_total", &labels).increment(cost);
         UsageRecord {
             workspace_id: self.workspace_id,
-            api_key_id: Some(self.key_id),
+            api_key_id: self.key_id,
             route: s.route.clone(),
             provider: s.provider.as_str().to_owned(),
             upstream_model: s.upstream_model.clone(),
@@ -539,7 +637,7 @@ async fn record_failure(
         .usage()
         .record(UsageRecord {
             workspace_id: principal.workspace_id,
-            api_key_id: Some(principal.key_id),
+            api_key_id: principal.key_id,
             route: route.to_owned(),
             provider: "-".to_owned(),
             upstream_model: "-".to_owned(),

@@ -4,12 +4,14 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
-use keel_core::auth::{ApiKey, KeyName, Principal, Role};
+use keel_core::auth::{ApiKey, KeyName, Principal, Role, Scope, Scopes};
 use keel_core::id::ApiKeyId;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::AppState;
+use crate::audit::{self, Action};
+use crate::auth::{Caller, KeyLimits};
 use crate::error::{ApiError, Problem};
 use crate::extract::AppJson;
 
@@ -54,6 +56,16 @@ pub(crate) struct CreateKey {
     /// A label, 1–128 characters.
     #[serde(default)]
     name: Option<String>,
+    /// Limit the key to these scopes (`read`, `gateway`, `tasks:write`, `agents:write`,
+    /// `admin`); absent: everything its role allows.
+    #[serde(default)]
+    scopes: Option<Vec<String>>,
+    /// When the key stops working (RFC 3339, in the future).
+    #[serde(default)]
+    expires_at: Option<String>,
+    /// The only models (public names) the key may call through the gateway.
+    #[serde(default)]
+    models: Option<Vec<String>>,
 }
 
 /// An API key (never its secret).
@@ -75,6 +87,16 @@ pub(crate) struct KeyView {
     /// When it was revoked, if it was.
     #[schema(format = DateTime)]
     revoked_at: Option<String>,
+    /// When it stops working, if it expires.
+    #[schema(format = DateTime)]
+    expires_at: Option<String>,
+    /// Its scopes; absent: everything its role allows.
+    scopes: Option<Vec<String>>,
+    /// The models it may call; absent: any.
+    models: Option<Vec<String>>,
+    /// When it last authenticated a request (to the minute).
+    #[schema(format = DateTime)]
+    last_used_at: Option<String>,
 }
 
 impl From<ApiKey> for KeyView {
@@ -87,6 +109,11 @@ impl From<ApiKey> for KeyView {
             prefix: k.prefix,
             created_at: super::rfc3339(k.created_at),
             revoked_at: k.revoked_at.map(super::rfc3339),
+            expires_at: k.expires_at.map(super::rfc3339),
+            scopes: (!k.scopes.is_all())
+                .then(|| k.scopes.iter().map(|s| s.as_str().to_owned()).collect()),
+            models: k.models,
+            last_used_at: k.last_used_at.map(super::rfc3339),
         }
     }
 }
@@ -105,7 +132,7 @@ pub(crate) struct CreatedKey {
     security(("api_key" = [])),
     responses(
         (status = 201, description = "Created; `key` is shown only here", body = CreatedKey),
-        (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed body, unknown scope, past expiry", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Role too low", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
@@ -113,6 +140,7 @@ pub(crate) struct CreatedKey {
 pub(crate) async fn create(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
+    caller: Caller,
     AppJson(body): AppJson<CreateKey>,
 ) -> Result<(StatusCode, Json<CreatedKey>), ApiError> {
     let name = body
@@ -120,14 +148,59 @@ pub(crate) async fn create(
         .map(|n| KeyName::parse(&n))
         .transpose()
         .map_err(|e| ApiError::bad_request(format!("name: {e}")))?;
+    let mut limits = KeyLimits::default();
+    if let Some(scopes) = &body.scopes {
+        let parsed = scopes
+            .iter()
+            .map(|s| s.parse::<Scope>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ApiError::bad_request(format!("scopes: {e}")))?;
+        limits.scopes = Scopes::from_list(&parsed)
+            .map_err(|e| ApiError::bad_request(format!("scopes: {e}")))?;
+    }
+    if let Some(at) = &body.expires_at {
+        let at = time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
+            .map_err(|_| {
+                ApiError::bad_request(
+                    "expires_at must be an RFC 3339 time, e.g. 2027-01-31T00:00:00Z",
+                )
+            })?;
+        if at <= time::OffsetDateTime::now_utc() {
+            return Err(ApiError::bad_request("expires_at must be in the future"));
+        }
+        limits.expires_at = Some(at);
+    }
+    if let Some(models) = body.models {
+        if models.is_empty() || models.iter().any(|m| m.is_empty() || m.len() > 128) {
+            return Err(ApiError::bad_request(
+                "models must list 1 or more model names of 1 to 128 characters, or be left out for any",
+            ));
+        }
+        limits.models = Some(models);
+    }
     let (token, key) = crate::auth::issue_key(
         state.store(),
         principal.workspace_id,
         body.role.into(),
         name,
+        limits,
     )
     .await?;
     tracing::info!(key_id = %key.id, role = %key.role, "API key created");
+    let data = serde_json::json!({
+        "role": key.role.as_str(),
+        "scopes": key.scopes.to_stored(),
+        "expires_at": key.expires_at.map(super::rfc3339),
+        "models": key.models,
+        "prefix": key.prefix,
+    });
+    audit::record(
+        &state,
+        &principal,
+        &caller,
+        Action::new("key.created", key.id).data(data),
+    )
+    .await;
     Ok((
         StatusCode::CREATED,
         Json(CreatedKey {
@@ -161,6 +234,7 @@ pub(crate) async fn list(
 pub(crate) async fn revoke(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<KeyView>, ApiError> {
     let id: ApiKeyId = id
@@ -172,5 +246,12 @@ pub(crate) async fn revoke(
         .await?;
     state.key_cache().forget(key.id);
     tracing::info!(key_id = %key.id, "API key revoked");
+    audit::record(
+        &state,
+        &principal,
+        &caller,
+        Action::new("key.revoked", key.id),
+    )
+    .await;
     Ok(Json(key.into()))
 }

@@ -3,9 +3,13 @@
 //! applied per route group in [`crate::app`].
 
 pub(crate) mod agents;
+pub(crate) mod audit;
+pub(crate) mod auth;
 pub(crate) mod events;
 pub(crate) mod gateway;
 pub(crate) mod keys;
+pub(crate) mod limits;
+pub(crate) mod members;
 pub(crate) mod system;
 pub(crate) mod tasks;
 pub(crate) mod usage;
@@ -30,6 +34,12 @@ pub(crate) const AGENTS: &str = "agents";
 pub(crate) const TASKS: &str = "tasks";
 /// The OpenAPI tag for key endpoints.
 pub(crate) const KEYS: &str = "keys";
+/// The OpenAPI tag for login sessions.
+pub(crate) const AUTH: &str = "auth";
+/// The OpenAPI tag for workspace members.
+pub(crate) const MEMBERS: &str = "members";
+/// The OpenAPI tag for the audit log.
+pub(crate) const AUDIT: &str = "audit";
 
 /// A page of items.
 #[derive(Debug, Serialize, ToSchema)]

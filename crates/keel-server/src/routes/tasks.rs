@@ -23,6 +23,8 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::{List, rfc3339};
 use crate::AppState;
+use crate::audit::{self, Action};
+use crate::auth::Caller;
 use crate::error::{ApiError, Problem};
 use crate::events::{Item, Selection, follow};
 use crate::extract::{AppJson, OptionalJson};
@@ -569,16 +571,18 @@ pub(crate) struct CancelTask {
 pub(crate) async fn cancel(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
+    caller: Caller,
     Path(id): Path<String>,
     OptionalJson(body): OptionalJson<CancelTask>,
 ) -> Result<Json<TaskView>, ApiError> {
     let id = task_id(&id)?;
     let reason = body.reason;
+    let task_reason = reason.clone();
     let current = state.store().task(principal.workspace_id, id).await?;
     let mut event = NewEvent::new(
         EventType::TaskCanceled,
         principal.workspace_id,
-        json!({"reason": reason, "by": principal.key_id.to_string()}),
+        json!({"reason": reason, "by": principal.actor()}),
     )
     .with_task(id)
     .correlated(crate::telemetry::current_trace_id());
@@ -591,6 +595,13 @@ pub(crate) async fn cancel(
     state.events().publish(&events);
     state.runtime().interrupt(id);
     tracing::info!(task_id = %id, "task canceled");
+    audit::record(
+        &state,
+        &principal,
+        &caller,
+        Action::new("task.canceled", id).data(json!({"reason": task_reason})),
+    )
+    .await;
     Ok(Json(task.into()))
 }
 
@@ -625,6 +636,7 @@ pub(crate) struct TaskInput {
 pub(crate) async fn input(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
+    caller: Caller,
     Path(id): Path<String>,
     AppJson(body): AppJson<TaskInput>,
 ) -> Result<Json<TaskView>, ApiError> {
@@ -638,7 +650,7 @@ pub(crate) async fn input(
         )));
     }
     let (call_id, tool) = pending_call(&state, &task).await?;
-    let by = principal.key_id.to_string();
+    let by = principal.actor();
     let (data, messages, finish) = match body.action.as_str() {
         "approve" => (
             json!({"call_id": call_id, "tool": tool, "action": "approve", "by": by}),
@@ -690,6 +702,7 @@ pub(crate) async fn input(
         e.run_id = task.run_id;
         events.push(e);
     }
+    let decision = data.clone();
     let (task, events) = state
         .store()
         .submit_input(
@@ -703,6 +716,13 @@ pub(crate) async fn input(
         .await?;
     state.events().publish(&events);
     state.runtime().wake();
+    audit::record(
+        &state,
+        &principal,
+        &caller,
+        Action::new("task.input", id).data(decision),
+    )
+    .await;
     Ok(Json(task.into()))
 }
 

@@ -13,6 +13,8 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::{List, rfc3339};
 use crate::AppState;
+use crate::audit::{self, Action};
+use crate::auth::Caller;
 use crate::error::{ApiError, Problem};
 use crate::extract::AppJson;
 
@@ -126,6 +128,7 @@ fn webhook_id(id: &str) -> Result<WebhookId, ApiError> {
 pub(crate) async fn create(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
+    caller: Caller,
     AppJson(body): AppJson<CreateWebhook>,
 ) -> Result<(StatusCode, Json<WebhookView>), ApiError> {
     let types = body.types.unwrap_or_else(|| "*".to_owned());
@@ -155,6 +158,9 @@ pub(crate) async fn create(
         })
         .await?;
     tracing::info!(webhook_id = %hook.id, "webhook created");
+    let action = Action::new("webhook.created", hook.id)
+        .data(serde_json::json!({"url": hook.url, "types": hook.types}));
+    audit::record(&state, &principal, &caller, action).await;
     Ok((StatusCode::CREATED, Json(WebhookView::new(hook, true))))
 }
 
@@ -203,6 +209,7 @@ pub(crate) async fn get(
 pub(crate) async fn delete(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     state
@@ -210,6 +217,13 @@ pub(crate) async fn delete(
         .delete_webhook(principal.workspace_id, webhook_id(&id)?)
         .await?;
     tracing::info!(webhook_id = %id, "webhook deleted");
+    audit::record(
+        &state,
+        &principal,
+        &caller,
+        Action::new("webhook.deleted", id),
+    )
+    .await;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -75,9 +75,10 @@ impl Harness {
             .ensure_workspace(&WorkspaceName::parse(workspace).unwrap())
             .await
             .unwrap();
-        let (token, _) = keel_server::auth::issue_key(self.state.store(), ws.id, role, None)
-            .await
-            .unwrap();
+        let (token, _) =
+            keel_server::auth::issue_key(self.state.store(), ws.id, role, None, Default::default())
+                .await
+                .unwrap();
         token.expose().to_owned()
     }
 
@@ -156,7 +157,7 @@ async fn current_workspace_needs_a_valid_key() {
         (Some("Basic abc"), "must be `Bearer"),
         (
             Some(format!("Bearer keel_{}", "A".repeat(43))).as_deref(),
-            "not valid or has been revoked",
+            "not valid, has expired or has been revoked",
         ),
     ] {
         let mut req = get("/v1/workspaces/current", None);
@@ -509,6 +510,18 @@ async fn openapi_lists_every_route_and_every_listed_route_exists() {
         "GET /v1/dead-letters",
         "POST /v1/dead-letters/{id}/replay",
         "DELETE /v1/dead-letters/{id}",
+        "POST /v1/auth/login",
+        "POST /v1/auth/refresh",
+        "POST /v1/auth/logout",
+        "GET /v1/members",
+        "POST /v1/members",
+        "PUT /v1/members/{id}",
+        "DELETE /v1/members/{id}",
+        "GET /v1/audit",
+        "GET /v1/audit/verify",
+        "GET /v1/workspaces/current/limits",
+        "GET /v1/admin/workspaces/{id}/limits",
+        "PUT /v1/admin/workspaces/{id}/limits",
     ]
     .map(str::to_owned)
     .into();

@@ -43,9 +43,15 @@ impl Node {
             .ensure_workspace(&WorkspaceName::parse("events").unwrap())
             .await
             .unwrap();
-        let (token, _) = keel_server::auth::issue_key(state.store(), ws.id, Role::Admin, None)
-            .await
-            .unwrap();
+        let (token, _) = keel_server::auth::issue_key(
+            state.store(),
+            ws.id,
+            Role::Admin,
+            None,
+            Default::default(),
+        )
+        .await
+        .unwrap();
         let server = Server::bind(state.clone(), shutdown.clone()).await.unwrap();
         let url = format!("http://{}", server.local_addr().unwrap());
         let task = tokio::spawn(async move {

@@ -534,12 +534,18 @@ async fn errors_are_never_cached_and_workspaces_do_not_share_entries() {
             .ensure_workspace(&WorkspaceName::parse("other").unwrap())
             .await
             .unwrap();
-        keel_server::auth::issue_key(g.store.as_ref(), ws.id, Role::Member, None)
-            .await
-            .unwrap()
-            .0
-            .expose()
-            .to_owned()
+        keel_server::auth::issue_key(
+            g.store.as_ref(),
+            ws.id,
+            Role::Member,
+            None,
+            Default::default(),
+        )
+        .await
+        .unwrap()
+        .0
+        .expose()
+        .to_owned()
     };
     let req = Request::post("/v1/chat/completions")
         .header(header::AUTHORIZATION, format!("Bearer {key_b}"))

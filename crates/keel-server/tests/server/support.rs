@@ -74,9 +74,15 @@ pub async fn gateway_with(models_toml: &str, replies: Vec<ScriptedReply>) -> Gat
         .ensure_workspace(&WorkspaceName::parse("gw").unwrap())
         .await
         .unwrap();
-    let (token, _) = keel_server::auth::issue_key(store.as_ref(), ws.id, Role::Member, None)
-        .await
-        .unwrap();
+    let (token, _) = keel_server::auth::issue_key(
+        store.as_ref(),
+        ws.id,
+        Role::Member,
+        None,
+        Default::default(),
+    )
+    .await
+    .unwrap();
     let (usage, writer) = keel_server::usage::start(store.clone());
     let (events, _tasks) = keel_server::events::start(store.clone(), &cfg)
         .await
