@@ -441,6 +441,8 @@ pub struct Principal {
     pub scopes: Scopes,
     /// The models it may call through the gateway; `None` for any.
     pub models: Option<std::sync::Arc<[String]>>,
+    /// When the credential stops working, if it expires.
+    pub expires_at: Option<OffsetDateTime>,
 }
 
 impl Principal {
@@ -454,6 +456,7 @@ impl Principal {
             role,
             scopes: Scopes::ALL,
             models: None,
+            expires_at: None,
         }
     }
 

@@ -389,7 +389,8 @@ pub struct Auth {
     #[serde(with = "humantime_serde")]
     pub audit_retention: Duration,
     /// The workspace whose admins operate this Keel: they may change other workspaces'
-    /// limits (`/v1/admin/…`).
+    /// limits (`/v1/admin/…`) and reload agent files (`/v1/agents/reload`). By default
+    /// the `default` workspace, where agents from `runtime.agents_dir` live too.
     pub operator_workspace: String,
 }
 
@@ -407,7 +408,7 @@ impl Default for Auth {
             cors_origins: Vec::new(),
             request_timeout: Duration::from_secs(120),
             audit_retention: Duration::from_secs(365 * 24 * 3600),
-            operator_workspace: "operator".to_owned(),
+            operator_workspace: "default".to_owned(),
         }
     }
 }

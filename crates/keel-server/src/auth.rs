@@ -61,9 +61,10 @@ impl KeyCache {
             return None;
         }
         let entries = self.lock();
+        let now = time::OffsetDateTime::now_utc();
         entries
             .get(hash)
-            .filter(|(_, at)| at.elapsed() < self.ttl)
+            .filter(|(p, at)| at.elapsed() < self.ttl && p.expires_at.is_none_or(|e| e > now))
             .map(|(p, _)| p.clone())
     }
 

@@ -395,8 +395,7 @@ pub fn app(state: AppState) -> Router {
     let agents = OpenApiRouter::new()
         .routes(routes!(routes::agents::create))
         .routes(routes!(routes::agents::update))
-        .routes(routes!(routes::agents::delete))
-        .routes(routes!(routes::agents::reload));
+        .routes(routes!(routes::agents::delete));
     let admin = OpenApiRouter::new()
         .routes(routes!(routes::keys::create, routes::keys::list))
         .routes(routes!(routes::keys::revoke))
@@ -408,7 +407,10 @@ pub fn app(state: AppState) -> Router {
         .routes(routes!(routes::members::set_role, routes::members::remove))
         .routes(routes!(routes::audit::list))
         .routes(routes!(routes::audit::verify));
-    let operator = OpenApiRouter::new().routes(routes!(routes::limits::get, routes::limits::set));
+    // Actions beyond the caller's own workspace.
+    let operator = OpenApiRouter::new()
+        .routes(routes!(routes::limits::get, routes::limits::set))
+        .routes(routes!(routes::agents::reload));
     let public = OpenApiRouter::new()
         .routes(routes!(routes::auth::login))
         .routes(routes!(routes::auth::refresh))

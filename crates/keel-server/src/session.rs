@@ -298,6 +298,10 @@ impl Tokens {
             role: c.role,
             scopes: Scopes::ALL,
             models: None,
+            expires_at: time::OffsetDateTime::from_unix_timestamp(
+                i64::try_from(c.exp).unwrap_or(i64::MAX),
+            )
+            .ok(),
         })
     }
 }

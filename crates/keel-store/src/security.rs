@@ -311,7 +311,8 @@ pub trait SecurityStore: Send + Sync {
     /// replay of a spent token revokes the session.
     async fn rotate_refresh(&self, old: &str, new: &str) -> Result<Refreshed>;
 
-    /// Revokes the session the refresh token belongs to; `None` for an unknown token.
+    /// Revokes the session the refresh token belongs to; `None` for an unknown token or a
+    /// session already revoked.
     async fn revoke_session(&self, token_hash: &str, reason: &str)
     -> Result<Option<SessionRecord>>;
 
@@ -614,8 +615,8 @@ macro_rules! security_store {
             #[tracing::instrument(skip_all, fields(db.system = %Self::BACKEND))]
             async fn revoke_session(&self, token_hash: &str, reason: &str) -> $crate::Result<Option<$crate::security::SessionRecord>> {
                 let row = sqlx::query(
-                    "UPDATE sessions SET revoked_at = COALESCE(revoked_at, $2), revoked_reason = COALESCE(revoked_reason, $3) \
-                     WHERE id = (SELECT session_id FROM refresh_tokens WHERE token_hash = $1) \
+                    "UPDATE sessions SET revoked_at = $2, revoked_reason = $3 \
+                     WHERE id = (SELECT session_id FROM refresh_tokens WHERE token_hash = $1) AND revoked_at IS NULL \
                      RETURNING id, user_id, workspace_id, created_at, expires_at, revoked_at",
                 )
                 .bind(token_hash)

@@ -239,7 +239,7 @@ macro_rules! sql_store {
                 hash: &keel_core::auth::KeyHash,
             ) -> $crate::Result<Option<keel_core::auth::Principal>> {
                 let row = sqlx::query(
-                    "SELECT id, workspace_id, role, scopes, models, last_used_at FROM api_keys \
+                    "SELECT id, workspace_id, role, scopes, models, last_used_at, expires_at FROM api_keys \
                      WHERE key_hash = $1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $2)",
                 )
                 .bind(hash.as_str())
@@ -271,6 +271,7 @@ macro_rules! sql_store {
                     })?,
                     scopes: $crate::sql::stored_scopes(row.try_get("scopes")?)?,
                     models: $crate::sql::stored_models(row.try_get("models")?)?.map(Into::into),
+                    expires_at: row.try_get("expires_at")?,
                 }))
             }
 

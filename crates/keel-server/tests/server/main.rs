@@ -13,5 +13,6 @@ mod anthropic;
 mod api;
 mod events;
 mod gateway;
+mod security;
 mod support;
 mod webhooks;

@@ -128,7 +128,7 @@ pub fn configure(dir: &Path, mock_url: &str, extra: &str, agents: &[(&str, Strin
             "[models.default]\n[models.default.retry]\nmax_attempts = 1\n[[models.default.targets]]\n\
              provider = \"openai\"\nmodel = \"agent\"\nbase_url = \"{mock_url}\"\n\
              input_price_per_mtok = 1.0\noutput_price_per_mtok = 2.0\n\n\
-             [runtime]\nagents_workspace = \"acme\"\n{extra}\n"
+             [auth]\noperator_workspace = \"acme\"\n[runtime]\nagents_workspace = \"acme\"\n{extra}\n"
         ),
     )
     .unwrap();
