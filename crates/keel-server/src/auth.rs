@@ -96,17 +96,36 @@ pub(crate) async fn require(
     mut req: Request,
     next: Next,
 ) -> Response {
-    let principal = match authenticate(&state, req.headers()).await {
-        Ok(p) => p,
-        Err(e) => return e.into_response(),
+    let (principal, decision) = match admit(&state, req.headers(), access).await {
+        Ok(admitted) => admitted,
+        Err(response) => return *response,
     };
     tracing::Span::current().record(
         "workspace_id",
         tracing::field::display(principal.workspace_id),
     );
+    req.extensions_mut().insert(principal);
+    let mut response = next.run(req).await;
+    rate_headers(response.headers_mut(), &decision);
+    response
+}
+
+/// The whole admission check of a request: who is calling, may they use a route that
+/// needs `access`, and is a request left in their limits (taking it). The error is the
+/// response to send (401, 403 or 429 with its headers).
+pub async fn admit(
+    state: &AppState,
+    headers: &HeaderMap,
+    access: Access,
+) -> Result<(Principal, Decision), Box<Response>> {
+    let principal = authenticate(state, headers)
+        .await
+        .map_err(|e| Box::new(e.into_response()))?;
     let operator = access.operator && state.is_operator(principal.workspace_id).await;
     if let Err(denied) = principal.check(access, operator) {
-        return ApiError::forbidden(denied.to_string()).into_response();
+        return Err(Box::new(
+            ApiError::forbidden(denied.to_string()).into_response(),
+        ));
     }
     let limits = state.limits_for(principal.workspace_id).await;
     let decision = state
@@ -117,12 +136,9 @@ pub(crate) async fn require(
         metrics::counter!("keel_ratelimit_rejections_total", "limit" => "requests").increment(1);
         let mut response = too_many(&decision, &limits).into_response();
         rate_headers(response.headers_mut(), &decision);
-        return response;
+        return Err(Box::new(response));
     }
-    req.extensions_mut().insert(principal);
-    let mut response = next.run(req).await;
-    rate_headers(response.headers_mut(), &decision);
-    response
+    Ok((principal, decision))
 }
 
 /// The 429 for a refused check, naming the limit.
@@ -172,6 +188,8 @@ pub(crate) struct ResolvedLimits {
     pub key_rpm: Option<u32>,
     /// Per-credential tokens per minute.
     pub key_tpm: Option<u32>,
+    /// Whether the workspace or any of its keys has a budget.
+    pub has_budgets: bool,
 }
 
 impl ResolvedLimits {
@@ -194,6 +212,7 @@ impl ResolvedLimits {
             tpm: stored.tpm.map(clamp).or(tier.tpm),
             key_rpm: tier.key_rpm,
             key_tpm: tier.key_tpm,
+            has_budgets: false,
         }
     }
 

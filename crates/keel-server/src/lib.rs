@@ -201,7 +201,14 @@ impl AppState {
                 keel_store::security::WorkspaceLimits::default()
             }
         };
-        let resolved = auth::ResolvedLimits::resolve(&self.config().limits, &stored);
+        let mut resolved = auth::ResolvedLimits::resolve(&self.config().limits, &stored);
+        // Budgets are enforced when any exists; an unreadable list counts as some (the
+        // reservation then reads them itself).
+        resolved.has_budgets = self
+            .store()
+            .budgets(ws)
+            .await
+            .map_or(true, |b| !b.is_empty());
         self.inner.limits_cache.insert(ws, resolved.clone());
         resolved
     }
@@ -276,6 +283,7 @@ impl AppState {
         (name = "auth", description = "Login sessions: access and refresh tokens"),
         (name = "members", description = "Workspace members and their roles"),
         (name = "audit", description = "The hash-chained audit log"),
+        (name = "budgets", description = "Spend limits per workspace and key"),
         (name = "gateway", description = "OpenAI-compatible LLM gateway"),
         (name = "events", description = "The event log: live streams, history, schemas"),
         (name = "agents", description = "Agents: versioned specs and their status"),
@@ -406,7 +414,12 @@ pub fn app(state: AppState) -> Router {
         .routes(routes!(routes::members::list, routes::members::add))
         .routes(routes!(routes::members::set_role, routes::members::remove))
         .routes(routes!(routes::audit::list))
-        .routes(routes!(routes::audit::verify));
+        .routes(routes!(routes::audit::verify))
+        .routes(routes!(
+            routes::budgets::list,
+            routes::budgets::set,
+            routes::budgets::delete
+        ));
     // Actions beyond the caller's own workspace.
     let operator = OpenApiRouter::new()
         .routes(routes!(routes::limits::get, routes::limits::set))

@@ -24,6 +24,7 @@ use keel_core::id::{ApiKeyId, DeliveryId, WebhookId, WorkspaceId};
 use keel_core::workspace::{Workspace, WorkspaceName};
 use time::OffsetDateTime;
 
+pub mod budgets;
 mod error;
 pub mod events;
 mod migrate;
@@ -37,6 +38,7 @@ pub mod testing;
 pub mod usage;
 pub mod webhooks;
 
+pub use budgets::BudgetStore;
 pub use error::{Error, Result};
 pub use events::{Commit, EventHead};
 pub use migrate::SchemaState;
@@ -100,7 +102,9 @@ pub struct NewApiKey {
 /// Everything Keel persists. Implemented by [`sqlite::SqliteStore`] and
 /// [`postgres::PgStore`]; open one with [`open`].
 #[async_trait]
-pub trait Store: RuntimeStore + SecurityStore + Send + Sync + fmt::Debug + 'static {
+pub trait Store:
+    RuntimeStore + SecurityStore + BudgetStore + Send + Sync + fmt::Debug + 'static
+{
     /// Which database this is.
     fn backend(&self) -> Backend;
 

@@ -94,3 +94,4 @@ impl PgStore {
 crate::sql::sql_store!(PgStore, sqlx::Postgres);
 crate::runtime::runtime_store!(PgStore, sqlx::Postgres);
 crate::security::security_store!(PgStore, sqlx::Postgres);
+crate::budgets::budget_store!(PgStore, sqlx::Postgres);

@@ -96,3 +96,4 @@ impl SqliteStore {
 crate::sql::sql_store!(SqliteStore, sqlx::Sqlite);
 crate::runtime::runtime_store!(SqliteStore, sqlx::Sqlite);
 crate::security::security_store!(SqliteStore, sqlx::Sqlite);
+crate::budgets::budget_store!(SqliteStore, sqlx::Sqlite);

@@ -102,6 +102,7 @@ conformance!(
     the_audit_log_chains_and_verify_finds_edits_and_deletions,
     audit_retention_moves_the_anchor_and_the_chain_still_verifies,
     workspace_limits_are_stored_per_workspace,
+    budgets_reserve_exactly_and_alert_once_per_threshold,
 );
 
 fn name(s: &str) -> WorkspaceName {
@@ -1781,4 +1782,114 @@ async fn workspace_limits_are_stored_per_workspace(f: &Fixture) {
     };
     f.store.set_workspace_limits(a.id, &changed).await.unwrap();
     assert_eq!(f.store.workspace_limits(a.id).await.unwrap().rpm, Some(60));
+}
+
+async fn budgets_reserve_exactly_and_alert_once_per_threshold(f: &Fixture) {
+    use keel_store::budgets::{NewBudget, Period, Reservation};
+    let ws = f.store.create_workspace(&name("budget")).await.unwrap();
+    let other = f
+        .store
+        .create_workspace(&name("budget-other"))
+        .await
+        .unwrap();
+    let (_, new) = new_key(ws.id, Role::Member);
+    let key = f.store.create_api_key(new).await.unwrap();
+    let (_, new) = new_key(other.id, Role::Member);
+    let foreign = f.store.create_api_key(new).await.unwrap();
+    let budget = |key_id, limit| NewBudget {
+        workspace_id: ws.id,
+        key_id,
+        period: Period::Daily,
+        limit_nanousd: limit,
+        thresholds: vec![50, 80, 100],
+    };
+    let err = f
+        .store
+        .set_budget(&budget(Some(foreign.id), 10))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err}");
+    f.store.set_budget(&budget(None, 1000)).await.unwrap();
+    f.store
+        .set_budget(&budget(Some(key.id), 600))
+        .await
+        .unwrap();
+
+    // Concurrent reservations of 100 against the key's 600: exactly 6 succeed.
+    let mut handles = Vec::new();
+    for _ in 0..20 {
+        let store = f.store.clone();
+        let key = key.id;
+        handles.push(tokio::spawn(async move {
+            store.reserve_budget(ws.id, Some(key), 100).await.unwrap()
+        }));
+    }
+    let mut reserved = 0;
+    for h in handles {
+        match h.await.unwrap() {
+            Reservation::Reserved => reserved += 1,
+            Reservation::Exceeded(b) => {
+                assert_eq!(b.key_id, Some(key.id), "the key's budget refuses first")
+            }
+        }
+    }
+    assert_eq!(reserved, 6);
+    // A request without the key sees only the workspace budget: 1000 - 600 reserved.
+    assert_eq!(
+        f.store.reserve_budget(ws.id, None, 400).await.unwrap(),
+        Reservation::Reserved
+    );
+    assert!(
+        matches!(f.store.reserve_budget(ws.id, None, 1).await.unwrap(), Reservation::Exceeded(b) if b.key_id.is_none())
+    );
+
+    // Settle: the reservations go, the real (smaller) costs stay; thresholds fire once.
+    let mut fired = Vec::new();
+    for _ in 0..6 {
+        for e in f
+            .store
+            .settle_budget(ws.id, Some(key.id), 100, 90)
+            .await
+            .unwrap()
+        {
+            fired.push((
+                e.data["budget"].as_str().unwrap().to_owned(),
+                e.data["threshold_percent"].as_i64().unwrap(),
+            ));
+        }
+    }
+    f.store.settle_budget(ws.id, None, 400, 0).await.unwrap();
+    // Key: 540 of 600 = 90 % → 50, 80. Workspace: 540 of 1000 = 54 % → 50.
+    fired.sort();
+    assert_eq!(
+        fired,
+        vec![
+            (format!("key {} daily", key.id), 50),
+            (format!("key {} daily", key.id), 80),
+            ("workspace daily".to_owned(), 50),
+        ]
+    );
+    let budgets = f.store.budgets(ws.id).await.unwrap();
+    let mine = budgets.iter().find(|b| b.key_id == Some(key.id)).unwrap();
+    assert_eq!(
+        (
+            mine.spent_nanousd,
+            mine.reserved_nanousd,
+            mine.alerted_percent
+        ),
+        (540, 0, 80)
+    );
+    // The events are in the workspace's log, with the change.
+    let head = f.store.event_head(ws.id).await.unwrap();
+    assert_eq!(head.last_seq, 3);
+    f.store
+        .delete_budget(ws.id, Some(key.id), Period::Daily)
+        .await
+        .unwrap();
+    let err = f
+        .store
+        .delete_budget(ws.id, Some(key.id), Period::Daily)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err}");
 }

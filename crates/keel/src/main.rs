@@ -6,6 +6,7 @@
 mod admin_cli;
 mod agents_cli;
 mod bench;
+mod bench_auth;
 mod bench_events;
 mod bench_runtime;
 mod events_cli;
@@ -203,6 +204,18 @@ enum BenchCommand {
         /// Smaller defaults for a smoke run; flags given still win.
         #[arg(long)]
         quick: bool,
+    },
+    /// What admitting a request costs: authentication, access and rate-limit checks in
+    /// process, and the Redis-backed limit check over loopback.
+    #[command(after_help = "Example:\n  keel bench auth --redis redis://127.0.0.1:6379/15")]
+    Auth {
+        /// Calls per measurement.
+        #[arg(long, default_value_t = 200_000)]
+        iterations: usize,
+        /// A Redis for the shared limit check [default: KEEL_BENCH_REDIS_URL; skipped
+        /// without one].
+        #[arg(long, env = "KEEL_BENCH_REDIS_URL")]
+        redis: Option<String>,
     },
     /// The agent runtime: checkpointed steps a second on SQLite (1, 8, 64 concurrent runs)
     /// and Postgres, a step's commit next to one fsync, enqueue → start latency, bytes per
@@ -438,6 +451,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 concurrency,
             })
             .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Auth { iterations, redis }) => {
+            bench_auth::run(bench_auth::Options { iterations, redis }).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::Runtime {

@@ -110,6 +110,7 @@ pub(crate) async fn chat_completions(
         .await);
     }
     let reservation = TokenReservation::take(&state, &principal, &request).await?;
+    let budget = BudgetReservation::take(&state, &principal, &request).await?;
     let router = state.router();
     let observer = Arc::new(EventObserver::new(
         state.events().clone(),
@@ -123,7 +124,7 @@ pub(crate) async fn chat_completions(
                     None => (estimate(&request, &response_text(&response)), true),
                 };
                 let record = Account::new(&state, &principal, &served, started)
-                    .reserving(reservation)
+                    .reserving(reservation, budget)
                     .record(usage, estimated, None, "ok");
                 state.usage().record(record).await;
                 if let (Some(cache), Some(key)) = (state.cache(), cache_key) {
@@ -149,7 +150,7 @@ pub(crate) async fn chat_completions(
         }
     };
     let account = StreamAccount {
-        account: Account::new(&state, &principal, &served, started).reserving(reservation),
+        account: Account::new(&state, &principal, &served, started).reserving(reservation, budget),
         ttft: started.elapsed(),
         usage: None,
         streamed_text: String::new(),
@@ -470,6 +471,94 @@ fn allowed_model(principal: &Principal, model: &str) -> Result<(), ApiError> {
     )))
 }
 
+/// The maximum cost of a request, reserved in the budgets that cover it before it goes
+/// upstream (prompt bytes as an upper bound of its tokens, plus `max_tokens` or 4,096, at
+/// the route's highest prices) and settled to the real cost after — or released whole if
+/// it fails. So spend + reservations never pass a budget, across any number of
+/// instances.
+struct BudgetReservation {
+    state: AppState,
+    workspace: keel_core::id::WorkspaceId,
+    key: Option<keel_core::id::ApiKeyId>,
+    reserved: i64,
+    actual: std::sync::atomic::AtomicI64,
+}
+
+impl BudgetReservation {
+    async fn take(
+        state: &AppState,
+        principal: &Principal,
+        request: &ChatRequest,
+    ) -> Result<Option<Self>, ApiError> {
+        if !state.limits_for(principal.workspace_id).await.has_budgets {
+            return Ok(None);
+        }
+        let Some(route) = state.router().routes().find(|r| r.name == request.model) else {
+            return Ok(None); // the router answers 404 for an unknown model
+        };
+        let (input_price, output_price) = route.targets.iter().fold((0f64, 0f64), |(i, o), t| {
+            (
+                i.max(t.input_price_per_mtok),
+                o.max(t.output_price_per_mtok),
+            )
+        });
+        let prompt: u64 = request
+            .messages
+            .iter()
+            .map(|m| m.text().len() as u64 + 8)
+            .sum();
+        let max_out = ["max_completion_tokens", "max_tokens"]
+            .iter()
+            .find_map(|k| request.extra.get(*k).and_then(Value::as_u64))
+            .unwrap_or(4096);
+        let cost = keel_llm::cost_nanousd(prompt, max_out, input_price, output_price);
+        let reserved = i64::try_from(cost).unwrap_or(i64::MAX);
+        match state
+            .store()
+            .reserve_budget(principal.workspace_id, principal.key_id, reserved)
+            .await?
+        {
+            keel_store::budgets::Reservation::Reserved => Ok(Some(Self {
+                state: state.clone(),
+                workspace: principal.workspace_id,
+                key: principal.key_id,
+                reserved,
+                actual: std::sync::atomic::AtomicI64::new(0),
+            })),
+            keel_store::budgets::Reservation::Exceeded(b) => {
+                metrics::counter!("keel_budget_rejections_total").increment(1);
+                let usd = |n: i64| n as f64 / 1e9;
+                Err(ApiError::payment_required(format!(
+                    "budget exceeded: the {} budget of ${:.4} would be passed by this request (up to ${:.4}):                      ${:.4} spent, ${:.4} reserved by requests in flight; it resets at {}",
+                    b.name(),
+                    usd(b.limit_nanousd),
+                    usd(reserved),
+                    usd(b.spent_nanousd),
+                    usd(b.reserved_nanousd),
+                    super::rfc3339(b.resets_at()),
+                )))
+            }
+        }
+    }
+}
+
+impl Drop for BudgetReservation {
+    fn drop(&mut self) {
+        let actual = self.actual.load(std::sync::atomic::Ordering::Relaxed);
+        let (state, ws, key, reserved) =
+            (self.state.clone(), self.workspace, self.key, self.reserved);
+        tokio::spawn(async move {
+            match state.store().settle_budget(ws, key, reserved, actual).await {
+                Ok(events) => state.events().publish(&events),
+                Err(e) => {
+                    metrics::counter!("keel_budget_settle_errors_total").increment(1);
+                    tracing::error!(error = %e, workspace_id = %ws, "cannot settle a budget reservation");
+                }
+            }
+        });
+    }
+}
+
 /// What one routed request is billed to, and by whom it was served.
 struct Account {
     recorder: crate::usage::Recorder,
@@ -478,6 +567,7 @@ struct Account {
     served: Served,
     started: Instant,
     reservation: Option<TokenReservation>,
+    budget: Option<BudgetReservation>,
 }
 
 impl Account {
@@ -489,11 +579,17 @@ impl Account {
             served: served.clone(),
             started,
             reservation: None,
+            budget: None,
         }
     }
 
-    fn reserving(mut self, reservation: Option<TokenReservation>) -> Self {
+    fn reserving(
+        mut self,
+        reservation: Option<TokenReservation>,
+        budget: Option<BudgetReservation>,
+    ) -> Self {
         self.reservation = reservation;
+        self.budget = budget;
         self
     }
 
@@ -520,6 +616,12 @@ impl Account {
             s.input_price_per_mtok,
             s.output_price_per_mtok,
         );
+        if let Some(b) = &self.budget {
+            b.actual.store(
+                i64::try_from(cost).unwrap_or(i64::MAX),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
         let labels = [
             ("route", s.route.clone()),
             ("provider", s.provider.as_str().to_owned()),

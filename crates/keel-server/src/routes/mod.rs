@@ -5,6 +5,7 @@
 pub(crate) mod agents;
 pub(crate) mod audit;
 pub(crate) mod auth;
+pub(crate) mod budgets;
 pub(crate) mod events;
 pub(crate) mod gateway;
 pub(crate) mod keys;
@@ -38,6 +39,8 @@ pub(crate) const KEYS: &str = "keys";
 pub(crate) const AUTH: &str = "auth";
 /// The OpenAPI tag for workspace members.
 pub(crate) const MEMBERS: &str = "members";
+/// The OpenAPI tag for budgets.
+pub(crate) const BUDGETS: &str = "budgets";
 /// The OpenAPI tag for the audit log.
 pub(crate) const AUDIT: &str = "audit";
 

@@ -522,6 +522,9 @@ async fn openapi_lists_every_route_and_every_listed_route_exists() {
         "GET /v1/workspaces/current/limits",
         "GET /v1/admin/workspaces/{id}/limits",
         "PUT /v1/admin/workspaces/{id}/limits",
+        "GET /v1/budgets",
+        "PUT /v1/budgets",
+        "DELETE /v1/budgets",
     ]
     .map(str::to_owned)
     .into();

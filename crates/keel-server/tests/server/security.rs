@@ -1168,3 +1168,160 @@ async fn cors_is_an_allowlist_and_responses_carry_security_headers() {
         "no CORS by default"
     );
 }
+
+#[tokio::test]
+async fn budgets_hold_across_two_instances_under_concurrent_load() {
+    let url = keel_store::testing::fresh_postgres_db()
+        .await
+        .unwrap()
+        .expect("Postgres");
+    let config = |c: &mut Config| {
+        c.database.url = Some(url.clone().into());
+        // The in-process echo at $1,000 per million tokens: a few cents a request.
+        let route: keel_core::config::ModelRoute = serde_json::from_value(json!({
+            "targets": [{"provider": "mock", "model": "echo",
+                         "input_price_per_mtok": 1000.0, "output_price_per_mtok": 1000.0}]
+        }))
+        .unwrap();
+        c.models.insert("priced".into(), route);
+    };
+    let first = node_with(config).await;
+    let second = node_with(config).await;
+    let admin = first.key("spender", Role::Admin).await;
+    let (st, _, b) = first
+        .call(
+            reqwest::Method::PUT,
+            "/v1/budgets",
+            Some(&admin),
+            Some(json!({"period": "daily", "limit_usd": 0.25})),
+        )
+        .await;
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(b["resets_at"].as_str().unwrap().len(), 20, "{b}");
+    let member = first.key("spender", Role::Member).await;
+    let chat = json!({"model": "priced", "max_tokens": 16,
+                      "messages": [{"role": "user", "content": "spend a little money please"}]});
+    // 60 requests at once, half through each instance.
+    let mut handles = Vec::new();
+    for i in 0..60 {
+        let (http, url, key, chat) = (
+            first.http.clone(),
+            if i % 2 == 0 {
+                first.url.clone()
+            } else {
+                second.url.clone()
+            },
+            member.clone(),
+            chat.clone(),
+        );
+        handles.push(tokio::spawn(async move {
+            let res = http
+                .post(format!("{url}/v1/chat/completions"))
+                .bearer_auth(key)
+                .json(&chat)
+                .send()
+                .await
+                .unwrap();
+            let status = res.status().as_u16();
+            (status, res.json::<Value>().await.unwrap())
+        }));
+    }
+    let mut ok = 0;
+    let mut refused = None;
+    for h in handles {
+        match h.await.unwrap() {
+            (200, _) => ok += 1,
+            (402, p) => refused = Some(p),
+            (other, p) => panic!("{other}: {p}"),
+        }
+    }
+    let p = refused.expect("the budget refused some requests");
+    assert!(s(&p["detail"]).contains("workspace daily budget"), "{p}");
+    assert!(s(&p["detail"]).contains("resets at"), "{p}");
+    // Each request reserves its maximum ($0.051) while in flight: at least 4 fit at once.
+    assert!(ok >= 4, "{ok}");
+    // Then, one at a time, the rest of the budget is spent until a request would pass it.
+    let ws = first.workspace("spender").await;
+    let mut last = 0;
+    for i in 0..200 {
+        let n = if i % 2 == 0 { &first } else { &second };
+        last = n
+            .post("/v1/chat/completions", Some(&member), chat.clone())
+            .await
+            .0
+            .as_u16();
+        if last == 402 {
+            break;
+        }
+        assert_eq!(last, 200);
+        // Let this request settle before the next reserves.
+        for _ in 0..100 {
+            if first.state.store().budgets(ws).await.unwrap()[0].reserved_nanousd == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    assert_eq!(last, 402, "the budget never refused");
+    let mut budget = None;
+    for _ in 0..100 {
+        let b = first.state.store().budgets(ws).await.unwrap().remove(0);
+        if b.reserved_nanousd == 0 {
+            budget = Some(b);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let budget = budget.expect("reservations drained");
+    // The usage log agrees with the budget: it is what was really spent.
+    let mut spent_in_usage = 0i64;
+    for _ in 0..100 {
+        let (_, _, usage) = first.get("/v1/usage?group_by=route", &admin).await;
+        spent_in_usage = usage["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| (r["cost_usd"].as_f64().unwrap_or(0.0) * 1e9).round() as i64)
+            .sum();
+        if spent_in_usage == budget.spent_nanousd {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let one_request_max = 64_000_000; // (27 + 8 prompt bytes + 16 out) tokens at $1,000/M, with room
+    assert!(
+        budget.spent_nanousd <= budget.limit_nanousd + one_request_max,
+        "overspent: {budget:?}"
+    );
+    assert!(
+        budget.spent_nanousd <= budget.limit_nanousd,
+        "reservations keep spend within the limit: {budget:?}"
+    );
+    assert!(
+        budget.spent_nanousd >= budget.limit_nanousd / 2,
+        "the budget was used: {budget:?}"
+    );
+    assert_eq!(
+        spent_in_usage, budget.spent_nanousd,
+        "usage and budget agree"
+    );
+
+    // Alerts: 50 and 80 % once each (100 % only if spend reached the limit exactly).
+    let events = first.state.store().events_after(ws, 0, 1000).await.unwrap();
+    let alerts: Vec<i64> = events
+        .iter()
+        .filter(|e| e.event_type == "billing.threshold.reached")
+        .map(|e| e.data["threshold_percent"].as_i64().unwrap())
+        .collect();
+    assert!(
+        alerts.starts_with(&[50, 80]) && alerts.len() <= 3,
+        "{alerts:?}"
+    );
+    let alert = events
+        .iter()
+        .find(|e| e.event_type == "billing.threshold.reached")
+        .unwrap();
+    assert_eq!(alert.data["scope"], "workspace");
+    assert_eq!(alert.data["period"], "daily");
+    assert_eq!(alert.data["limit_usd"], 0.25);
+}
