@@ -588,7 +588,7 @@ pub struct Sources {
 }
 
 /// Environment variables that start with `KEEL_` but are not config keys.
-const NOT_CONFIG_ENV: &[&str] = &["KEEL_CONFIG"];
+const NOT_CONFIG_ENV: &[&str] = &["KEEL_CONFIG", "KEEL_PASSWORD"];
 /// Prefixes of environment variables reserved for tooling (e.g. the test suite).
 const NOT_CONFIG_ENV_PREFIXES: &[&str] = &["KEEL_TEST_"];
 /// Well-known short names, kept because they are what operators expect to type.

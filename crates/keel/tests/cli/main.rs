@@ -16,6 +16,7 @@ mod gateway;
 mod nats;
 mod postgres;
 mod sdk;
+mod security;
 mod serve;
 mod shutdown;
 mod support;
