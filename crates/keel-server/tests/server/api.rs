@@ -591,3 +591,43 @@ async fn count(h: &Harness, method: &str, route: &str, status: &str) -> u64 {
         .find_map(|l| l.strip_prefix(&needle))
         .map_or(0, |n| n.trim().parse().unwrap())
 }
+
+/// docs/security.md's role matrix is /openapi.json's access per operation, rendered: a
+/// route added, moved to another group or given another scope must show in the docs.
+#[tokio::test]
+async fn the_documented_role_matrix_is_the_one_in_code() {
+    let h = harness().await;
+    let (_, _, doc) = h.send(get("/openapi.json", None)).await;
+    let mut rows = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let role = op["x-required-role"].as_str().unwrap_or("none (public)");
+            let scope = op["x-required-scope"]
+                .as_str()
+                .map_or("-".to_owned(), |s| format!("`{s}`"));
+            let operator = if op["x-operator-only"] == true {
+                "yes"
+            } else {
+                ""
+            };
+            rows.push(format!(
+                "| {} | `{path}` | {role} | {scope} | {operator} |",
+                method.to_uppercase()
+            ));
+        }
+    }
+    rows.sort();
+    let docs = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/security.md"
+    ))
+    .unwrap();
+    let table = docs
+        .split("<!-- role-matrix:begin -->\n")
+        .nth(1)
+        .and_then(|rest| rest.split("<!-- role-matrix:end -->").next())
+        .unwrap();
+    let mut documented: Vec<&str> = table.lines().skip(2).collect();
+    documented.sort_unstable();
+    assert_eq!(documented, rows, "regenerate the table in docs/security.md");
+}
