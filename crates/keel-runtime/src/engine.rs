@@ -47,6 +47,118 @@ const CLAIM_COALESCE: Duration = Duration::from_millis(2);
 /// Most checkpoints waiting for the committer.
 const COMMIT_QUEUE: usize = 4_096;
 
+/// How long the runtime trusts what it read about a workspace's budgets.
+const BUDGETS_TTL: Duration = Duration::from_secs(5);
+
+/// An LLM step's reservation in its workspace's budgets: the step's maximum cost (its
+/// prompt's tokens, known exactly here, plus 4,096 output tokens, at the route's highest
+/// prices), settled to the real cost when dropped — also when the step is canceled or
+/// fails.
+struct StepBudget {
+    store: Arc<dyn Store>,
+    sink: Arc<dyn EventSink>,
+    workspace: WorkspaceId,
+    reserved: i64,
+    actual: i64,
+}
+
+impl Drop for StepBudget {
+    fn drop(&mut self) {
+        let (store, sink) = (self.store.clone(), self.sink.clone());
+        let (ws, reserved, actual) = (self.workspace, self.reserved, self.actual);
+        tokio::spawn(async move {
+            match store.settle_budget(ws, None, reserved, actual).await {
+                Ok(events) => sink.publish(&events),
+                Err(e) => {
+                    tracing::error!(error = %e, workspace_id = %ws, "cannot settle a step's budget reservation")
+                }
+            }
+        });
+    }
+}
+
+/// Why a step could not reserve its budget.
+enum BudgetRefusal {
+    /// A budget would be passed: the task fails with this message.
+    Exceeded(String),
+    /// The store failed.
+    Store(keel_store::Error),
+}
+
+impl Inner {
+    /// Whether `ws` has budgets (cached for [`BUDGETS_TTL`], bounded).
+    async fn budgeted(&self, ws: WorkspaceId) -> bool {
+        let cached = self
+            .budgeted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&ws)
+            .filter(|(_, at)| at.elapsed() < BUDGETS_TTL)
+            .map(|(b, _)| *b);
+        if let Some(b) = cached {
+            return b;
+        }
+        let has = self.store.budgets(ws).await.map_or(true, |b| !b.is_empty());
+        let mut map = self
+            .budgeted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if map.len() >= CACHE_ENTRIES {
+            map.clear();
+        }
+        map.insert(ws, (has, Instant::now()));
+        has
+    }
+
+    /// Reserves an LLM step's maximum cost in its workspace's budgets; `None` when it has
+    /// none.
+    async fn reserve_step(
+        &self,
+        ws: WorkspaceId,
+        model: &str,
+        prompt_tokens: u64,
+    ) -> Result<Option<StepBudget>, BudgetRefusal> {
+        if !self.budgeted(ws).await {
+            return Ok(None);
+        }
+        let (input_price, output_price) =
+            self.router
+                .routes()
+                .find(|r| r.name == model)
+                .map_or((0.0, 0.0), |r| {
+                    r.targets.iter().fold((0f64, 0f64), |(i, o), t| {
+                        (
+                            i.max(t.input_price_per_mtok),
+                            o.max(t.output_price_per_mtok),
+                        )
+                    })
+                });
+        let cost = keel_llm::cost_nanousd(prompt_tokens, 4096, input_price, output_price);
+        let reserved = i64::try_from(cost).unwrap_or(i64::MAX);
+        match self.store.reserve_budget(ws, None, reserved).await {
+            Ok(keel_store::budgets::Reservation::Reserved) => Ok(Some(StepBudget {
+                store: self.store.clone(),
+                sink: self.sink.clone(),
+                workspace: ws,
+                reserved,
+                actual: 0,
+            })),
+            Ok(keel_store::budgets::Reservation::Exceeded(b)) => {
+                Err(BudgetRefusal::Exceeded(format!(
+                    "the {} budget of ${:.4} would be passed by this step (up to ${:.4}); it resets at {}",
+                    b.name(),
+                    b.limit_nanousd as f64 / 1e9,
+                    reserved as f64 / 1e9,
+                    b.resets_at()
+                        .format(&time::format_description::well_known::Rfc3339)
+                        .unwrap_or_default(),
+                )))
+            }
+            Err(e) => Err(BudgetRefusal::Store(e)),
+        }
+    }
+}
+
 /// The runtime: cheap to clone.
 #[derive(Clone)]
 pub struct Runtime {
@@ -78,6 +190,8 @@ struct Inner {
     commits: mpsc::Sender<Pending>,
     specs: Mutex<HashMap<(AgentId, i64), Arc<AgentSpec>>>,
     breakers: Mutex<HashMap<(AgentId, String), Arc<keel_llm::breaker::Breaker>>>,
+    /// Whether each workspace has budgets, remembered for [`BUDGETS_TTL`].
+    budgeted: Mutex<HashMap<WorkspaceId, (bool, Instant)>>,
     /// Cancelled at shutdown: runs stop at once (nothing uncommitted is kept) and let go of
     /// their tasks, which resume from their last checkpoint.
     stop: CancellationToken,
@@ -136,6 +250,7 @@ pub async fn start(
             commits: tx,
             specs: Mutex::new(HashMap::new()),
             breakers: Mutex::new(HashMap::new()),
+            budgeted: Mutex::new(HashMap::new()),
             stop: stop.clone(),
         }),
     };
@@ -751,6 +866,19 @@ impl Runtime {
                         tools: (!tool_defs.is_empty()).then(|| tool_defs.clone()),
                         extra: serde_json::Map::new(),
                     };
+                    let prompt_tokens =
+                        system_tokens + turns[start..].iter().map(|t| t.tokens).sum::<u64>();
+                    let mut budget = match inner
+                        .reserve_step(run.task.workspace_id, &spec.model, prompt_tokens)
+                        .await
+                    {
+                        Ok(b) => b,
+                        Err(BudgetRefusal::Exceeded(message)) => {
+                            metrics::counter!("keel_budget_rejections_total").increment(1);
+                            return run.fail_for_good("budget", &message, false).await;
+                        }
+                        Err(BudgetRefusal::Store(e)) => return Err(e.into()),
+                    };
                     let observer = inner.sink.llm_observer(run.task.workspace_id);
                     let t0 = Instant::now();
                     let answer = tokio::select! {
@@ -798,6 +926,9 @@ impl Runtime {
                         served.input_price_per_mtok,
                         served.output_price_per_mtok,
                     );
+                    if let Some(b) = &mut budget {
+                        b.actual = i64::try_from(cost).unwrap_or(i64::MAX);
+                    }
                     let body = serde_json::to_value(&message).unwrap_or(Value::Null);
                     let tokens = {
                         let body = body.clone();

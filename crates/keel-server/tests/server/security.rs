@@ -1325,3 +1325,83 @@ async fn budgets_hold_across_two_instances_under_concurrent_load() {
     assert_eq!(alert.data["period"], "daily");
     assert_eq!(alert.data["limit_usd"], 0.25);
 }
+
+#[tokio::test]
+async fn agent_runs_are_held_to_the_workspace_budget_too() {
+    let n = node_with(|c| {
+        let route: keel_core::config::ModelRoute = serde_json::from_value(json!({
+            "targets": [{"provider": "mock", "model": "echo",
+                         "input_price_per_mtok": 1000.0, "output_price_per_mtok": 1000.0}]
+        }))
+        .unwrap();
+        c.models.insert("priced".into(), route);
+    })
+    .await;
+    let admin = n.key("agents-spend", Role::Admin).await;
+    let (st, _, _) = n
+        .post(
+            "/v1/agents",
+            Some(&admin),
+            json!({"name": "spender", "model": "priced"}),
+        )
+        .await;
+    assert_eq!(st, 201);
+    // Room for one step's reservation (prompt + 4,096 output tokens at $1,000/M ≈ $4.1).
+    let (st, _, _) = n
+        .call(
+            reqwest::Method::PUT,
+            "/v1/budgets",
+            Some(&admin),
+            Some(json!({"period": "monthly", "limit_usd": 5.0})),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let (st, _, task) = n
+        .post(
+            "/v1/tasks",
+            Some(&admin),
+            json!({"agent": "spender", "input": "hello"}),
+        )
+        .await;
+    assert_eq!(st, 200, "{task}");
+    assert_eq!(task["status"], "completed", "{task}");
+    let ws = n.workspace("agents-spend").await;
+    let mut spent = 0;
+    for _ in 0..100 {
+        let b = n.state.store().budgets(ws).await.unwrap().remove(0);
+        if b.reserved_nanousd == 0 && b.spent_nanousd > 0 {
+            spent = b.spent_nanousd;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cost = (task["usage"]["cost_usd"].as_f64().unwrap() * 1e9).round() as i64;
+    assert!(cost > 0, "{task}");
+    assert_eq!(spent, cost, "the budget holds what the step cost: {task}");
+
+    // A budget too small for a step's maximum cost: the task fails, naming it.
+    let (st, _, _) = n
+        .call(
+            reqwest::Method::PUT,
+            "/v1/budgets",
+            Some(&admin),
+            Some(json!({"period": "monthly", "limit_usd": 1.0})),
+        )
+        .await;
+    assert_eq!(st, 200);
+    tokio::time::sleep(Duration::from_millis(5_100)).await; // the runtime's budget cache
+    let (st, _, task) = n
+        .post(
+            "/v1/tasks",
+            Some(&admin),
+            json!({"agent": "spender", "input": "hello again"}),
+        )
+        .await;
+    assert_eq!(st, 200, "{task}");
+    assert_eq!(task["status"], "failed", "{task}");
+    assert_eq!(task["error"]["kind"], "budget", "{task}");
+    assert!(
+        s(&task["error"]["message"]).contains("workspace monthly budget"),
+        "{task}"
+    );
+}
