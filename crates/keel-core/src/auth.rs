@@ -235,6 +235,9 @@ pub struct ApiKey {
     /// When it last authenticated a request (updated at most once a minute).
     #[serde(with = "time::serde::rfc3339::option")]
     pub last_used_at: Option<OffsetDateTime>,
+    /// The rate-limit tier of the key itself (its per-credential limits); `None`: the
+    /// workspace's tier.
+    pub tier: Option<String>,
 }
 
 /// One thing a credential may be limited to. A key with no scopes may do everything its
@@ -443,6 +446,8 @@ pub struct Principal {
     pub models: Option<std::sync::Arc<[String]>>,
     /// When the credential stops working, if it expires.
     pub expires_at: Option<OffsetDateTime>,
+    /// The credential's own rate-limit tier, if it has one.
+    pub tier: Option<std::sync::Arc<str>>,
 }
 
 impl Principal {
@@ -457,6 +462,7 @@ impl Principal {
             scopes: Scopes::ALL,
             models: None,
             expires_at: None,
+            tier: None,
         }
     }
 

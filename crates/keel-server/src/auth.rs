@@ -127,7 +127,10 @@ pub async fn admit(
             ApiError::forbidden(denied.to_string()).into_response(),
         ));
     }
-    let limits = state.limits_for(principal.workspace_id).await;
+    let limits = state
+        .limits_for(principal.workspace_id)
+        .await
+        .for_credential(&state.config().limits, &principal);
     let decision = state
         .limiter()
         .check(&limits.request_buckets(&principal), 1, Mode::Take)
@@ -144,11 +147,14 @@ pub async fn admit(
 /// The 429 for a refused check, naming the limit.
 pub(crate) fn too_many(decision: &Decision, limits: &ResolvedLimits) -> ApiError {
     let what = decision.denied_by.map_or("a rate limit", Kind::describe);
+    let tier = match (decision.denied_by, &limits.credential_tier) {
+        (Some(Kind::PrincipalRequests | Kind::PrincipalTokens), Some(own)) => own,
+        _ => &limits.tier,
+    };
     ApiError::too_many_requests(
         format!(
-            "rate limit exceeded: {what} is limited to {} (tier {}); retry in {} s",
+            "rate limit exceeded: {what} is limited to {} (tier {tier}); retry in {} s",
             decision.limit,
-            limits.tier,
             decision.retry_after.as_secs().max(1)
         ),
         retry_secs(decision.retry_after),
@@ -190,6 +196,8 @@ pub(crate) struct ResolvedLimits {
     pub key_tpm: Option<u32>,
     /// Whether the workspace or any of its keys has a budget.
     pub has_budgets: bool,
+    /// The credential's own tier, when it has one (it sets `key_rpm` and `key_tpm`).
+    pub credential_tier: Option<String>,
 }
 
 impl ResolvedLimits {
@@ -213,6 +221,7 @@ impl ResolvedLimits {
             key_rpm: tier.key_rpm,
             key_tpm: tier.key_tpm,
             has_budgets: false,
+            credential_tier: None,
         }
     }
 
@@ -222,6 +231,22 @@ impl ResolvedLimits {
             .map(|u| u.as_uuid())
             .or(principal.key_id.map(|k| k.as_uuid()))
             .unwrap_or_default()
+    }
+
+    /// These limits with the credential's own tier, if it has one, for its per-credential
+    /// limits (the workspace's limits stay).
+    #[must_use]
+    pub(crate) fn for_credential(
+        mut self,
+        config: &keel_core::config::Limits,
+        principal: &Principal,
+    ) -> Self {
+        if let Some(tier) = principal.tier.as_deref().and_then(|t| config.tiers.get(t)) {
+            self.key_rpm = tier.key_rpm;
+            self.key_tpm = tier.key_tpm;
+            self.credential_tier = principal.tier.as_deref().map(str::to_owned);
+        }
+        self
     }
 
     /// The request buckets for one request of `principal`.
@@ -412,6 +437,7 @@ pub async fn issue_key(
             expires_at: limits.expires_at,
             scopes: limits.scopes,
             models: limits.models,
+            tier: limits.tier,
         })
         .await?;
     Ok((token, key))
@@ -426,6 +452,8 @@ pub struct KeyLimits {
     pub scopes: Scopes,
     /// The models it may call; `None` for any.
     pub models: Option<Vec<String>>,
+    /// Its own rate-limit tier (a name from `[limits.tiers]`).
+    pub tier: Option<String>,
 }
 
 impl Default for KeyLimits {
@@ -434,6 +462,7 @@ impl Default for KeyLimits {
             expires_at: None,
             scopes: Scopes::ALL,
             models: None,
+            tier: None,
         }
     }
 }

@@ -302,6 +302,7 @@ impl Tokens {
                 i64::try_from(c.exp).unwrap_or(i64::MAX),
             )
             .ok(),
+            tier: None,
         })
     }
 }

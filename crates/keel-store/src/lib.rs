@@ -97,6 +97,8 @@ pub struct NewApiKey {
     pub scopes: keel_core::auth::Scopes,
     /// The models it may call; `None` for any.
     pub models: Option<Vec<String>>,
+    /// Its own rate-limit tier; `None`: the workspace's.
+    pub tier: Option<String>,
 }
 
 /// Everything Keel persists. Implemented by [`sqlite::SqliteStore`] and

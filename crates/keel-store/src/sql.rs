@@ -58,6 +58,7 @@ where
         scopes: stored_scopes(row.try_get("scopes")?)?,
         models: stored_models(row.try_get("models")?)?,
         last_used_at: row.try_get("last_used_at")?,
+        tier: row.try_get("tier")?,
     })
 }
 
@@ -211,11 +212,12 @@ macro_rules! sql_store {
                     scopes: key.scopes,
                     models: key.models,
                     last_used_at: None,
+                    tier: key.tier,
                 };
                 let models = stored.models.as_ref().map(|m| serde_json::Value::from(m.clone()).to_string());
                 sqlx::query(
-                    "INSERT INTO api_keys (id, workspace_id, name, role, prefix, key_hash, created_at, expires_at, scopes, models) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                    "INSERT INTO api_keys (id, workspace_id, name, role, prefix, key_hash, created_at, expires_at, scopes, models, tier) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
                 )
                 .bind(stored.id.as_uuid())
                 .bind(stored.workspace_id.as_uuid())
@@ -227,6 +229,7 @@ macro_rules! sql_store {
                 .bind(stored.expires_at)
                 .bind(stored.scopes.to_stored())
                 .bind(models)
+                .bind(&stored.tier)
                 .execute(&self.writer)
                 .await
                 .map_err($crate::sql::conflict_as("API key"))?;
@@ -239,7 +242,7 @@ macro_rules! sql_store {
                 hash: &keel_core::auth::KeyHash,
             ) -> $crate::Result<Option<keel_core::auth::Principal>> {
                 let row = sqlx::query(
-                    "SELECT id, workspace_id, role, scopes, models, last_used_at, expires_at FROM api_keys \
+                    "SELECT id, workspace_id, role, scopes, models, last_used_at, expires_at, tier FROM api_keys \
                      WHERE key_hash = $1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $2)",
                 )
                 .bind(hash.as_str())
@@ -272,6 +275,7 @@ macro_rules! sql_store {
                     scopes: $crate::sql::stored_scopes(row.try_get("scopes")?)?,
                     models: $crate::sql::stored_models(row.try_get("models")?)?.map(Into::into),
                     expires_at: row.try_get("expires_at")?,
+                    tier: row.try_get::<Option<String>, _>("tier")?.map(Into::into),
                 }))
             }
 
@@ -281,7 +285,7 @@ macro_rules! sql_store {
                 workspace: keel_core::id::WorkspaceId,
             ) -> $crate::Result<Vec<keel_core::auth::ApiKey>> {
                 sqlx::query(
-                    "SELECT id, workspace_id, name, role, prefix, created_at, revoked_at, expires_at, scopes, models, last_used_at \
+                    "SELECT id, workspace_id, name, role, prefix, created_at, revoked_at, expires_at, scopes, models, last_used_at, tier \
                      FROM api_keys WHERE workspace_id = $1 ORDER BY id",
                 )
                 .bind(workspace.as_uuid())
@@ -301,7 +305,7 @@ macro_rules! sql_store {
                 let row = sqlx::query(
                     "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $3) \
                      WHERE workspace_id = $1 AND id = $2 \
-                     RETURNING id, workspace_id, name, role, prefix, created_at, revoked_at, expires_at, scopes, models, last_used_at",
+                     RETURNING id, workspace_id, name, role, prefix, created_at, revoked_at, expires_at, scopes, models, last_used_at, tier",
                 )
                 .bind(workspace.as_uuid())
                 .bind(id.as_uuid())

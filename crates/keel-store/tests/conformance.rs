@@ -120,6 +120,7 @@ fn new_key(workspace_id: WorkspaceId, role: Role) -> (ApiKeyToken, NewApiKey) {
         expires_at: None,
         scopes: keel_core::auth::Scopes::ALL,
         models: None,
+        tier: None,
     };
     (token, key)
 }
@@ -1409,6 +1410,7 @@ async fn keys_expire_and_carry_scopes_and_models(f: &Fixture) {
     let (token, mut new) = new_key(ws.id, Role::Member);
     new.scopes = Scopes::from_list(&[Scope::Read, Scope::Gateway]).unwrap();
     new.models = Some(vec!["small".into()]);
+    new.tier = Some("pro".into());
     let key = f.store.create_api_key(new).await.unwrap();
     let p = f.store.authenticate(&token.hash()).await.unwrap().unwrap();
     assert!(p.scopes.contains(Scope::Gateway) && !p.scopes.contains(Scope::TasksWrite));
@@ -1420,6 +1422,8 @@ async fn keys_expire_and_carry_scopes_and_models(f: &Fixture) {
         listed[0].last_used_at.is_some(),
         "authentication records last use"
     );
+    assert_eq!(listed[0].tier.as_deref(), Some("pro"));
+    assert_eq!(p.tier.as_deref(), Some("pro"));
     assert_eq!(listed[0].id, key.id);
 
     let (expired, mut new) = new_key(ws.id, Role::Admin);

@@ -325,6 +325,9 @@ enum KeysCommand {
         /// The only models the key may call (comma-separated).
         #[arg(long)]
         models: Option<String>,
+        /// The key's own rate-limit tier (from [limits.tiers]).
+        #[arg(long)]
+        tier: Option<String>,
     },
     /// List a workspace's keys (never their secrets).
     #[command(after_help = "Example:\n  keel keys list --workspace acme")]
@@ -840,6 +843,22 @@ async fn stop_on_signal(shutdown: CancellationToken) {
 }
 
 async fn keys(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
+    if let KeysCommand::Create {
+        tier: Some(tier), ..
+    } = &command
+        && !config.limits.tiers.contains_key(tier)
+    {
+        bail!(
+            "--tier: no tier {tier:?}; known: {}",
+            config
+                .limits
+                .tiers
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let store = keel_store::open(config)
         .await
         .context("cannot open the database")?;
@@ -861,6 +880,7 @@ async fn keys_with(store: &dyn keel_store::Store, command: KeysCommand) -> anyho
             scopes,
             expires_in,
             models,
+            tier,
         } => {
             let workspace = WorkspaceName::parse(&workspace)?;
             let role: Role = role.parse()?;
@@ -881,6 +901,7 @@ async fn keys_with(store: &dyn keel_store::Store, command: KeysCommand) -> anyho
                     .map(str::to_owned)
                     .collect()
             });
+            limits.tier = tier;
             let ws = store.ensure_workspace(&workspace).await?;
             let (token, key) =
                 keel_server::auth::issue_key(store, ws.id, role, name, limits).await?;

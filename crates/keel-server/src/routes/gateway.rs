@@ -408,7 +408,10 @@ impl TokenReservation {
         principal: &Principal,
         request: &ChatRequest,
     ) -> Result<Option<Self>, ApiError> {
-        let limits = state.limits_for(principal.workspace_id).await;
+        let limits = state
+            .limits_for(principal.workspace_id)
+            .await
+            .for_credential(&state.config().limits, principal);
         let buckets = limits.token_buckets(principal);
         if buckets.is_empty() {
             return Ok(None);

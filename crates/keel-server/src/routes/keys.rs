@@ -66,6 +66,9 @@ pub(crate) struct CreateKey {
     /// The only models (public names) the key may call through the gateway.
     #[serde(default)]
     models: Option<Vec<String>>,
+    /// The key's own rate-limit tier (its per-key limits), a name from `[limits.tiers]`.
+    #[serde(default)]
+    tier: Option<String>,
 }
 
 /// An API key (never its secret).
@@ -97,6 +100,8 @@ pub(crate) struct KeyView {
     /// When it last authenticated a request (to the minute).
     #[schema(format = DateTime)]
     last_used_at: Option<String>,
+    /// Its own rate-limit tier; absent: the workspace's.
+    tier: Option<String>,
 }
 
 impl From<ApiKey> for KeyView {
@@ -114,6 +119,7 @@ impl From<ApiKey> for KeyView {
                 .then(|| k.scopes.iter().map(|s| s.as_str().to_owned()).collect()),
             models: k.models,
             last_used_at: k.last_used_at.map(super::rfc3339),
+            tier: k.tier,
         }
     }
 }
@@ -178,6 +184,16 @@ pub(crate) async fn create(
         }
         limits.models = Some(models);
     }
+    if let Some(tier) = body.tier {
+        let tiers = &state.config().limits.tiers;
+        if !tiers.contains_key(&tier) {
+            return Err(ApiError::bad_request(format!(
+                "tier: no tier {tier:?}; known: {}",
+                tiers.keys().cloned().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        limits.tier = Some(tier);
+    }
     let (token, key) = crate::auth::issue_key(
         state.store(),
         principal.workspace_id,
@@ -192,6 +208,7 @@ pub(crate) async fn create(
         "scopes": key.scopes.to_stored(),
         "expires_at": key.expires_at.map(super::rfc3339),
         "models": key.models,
+        "tier": key.tier,
         "prefix": key.prefix,
     });
     audit::record(

@@ -1405,3 +1405,53 @@ async fn agent_runs_are_held_to_the_workspace_budget_too() {
         "{task}"
     );
 }
+
+#[tokio::test]
+async fn a_key_can_have_its_own_tier() {
+    let n = node_with(|c| {
+        c.limits.tiers.insert(
+            "tiny".into(),
+            Tier {
+                key_rpm: Some(2),
+                ..Tier::default()
+            },
+        );
+    })
+    .await;
+    let admin = n.key("tiers", Role::Admin).await;
+    let (st, _, created) = n
+        .post(
+            "/v1/keys",
+            Some(&admin),
+            json!({"role": "viewer", "tier": "tiny"}),
+        )
+        .await;
+    assert_eq!(st, 201, "{created}");
+    assert_eq!(created["tier"], "tiny");
+    let tiny = s(&created["key"]);
+    assert_eq!(n.get("/v1/tasks", &tiny).await.0, 200);
+    assert_eq!(n.get("/v1/tasks", &tiny).await.0, 200);
+    let (st, _, p) = n.get("/v1/tasks", &tiny).await;
+    assert_eq!(st, 429, "{p}");
+    assert!(
+        s(&p["detail"])
+            .contains("this credential's requests per minute is limited to 2 (tier tiny)"),
+        "{p}"
+    );
+    // The workspace (tier unlimited) and its other keys are not limited by it.
+    for _ in 0..5 {
+        assert_eq!(n.get("/v1/tasks", &admin).await.0, 200);
+    }
+    let (st, _, p) = n
+        .post(
+            "/v1/keys",
+            Some(&admin),
+            json!({"role": "viewer", "tier": "gold"}),
+        )
+        .await;
+    assert_eq!(st, 400);
+    assert!(
+        s(&p["detail"]).contains("known: enterprise, free, pro, tiny, unlimited"),
+        "{p}"
+    );
+}

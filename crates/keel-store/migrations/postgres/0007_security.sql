@@ -47,6 +47,7 @@ ALTER TABLE api_keys ADD COLUMN expires_at TIMESTAMPTZ;
 ALTER TABLE api_keys ADD COLUMN scopes TEXT;
 ALTER TABLE api_keys ADD COLUMN models TEXT;
 ALTER TABLE api_keys ADD COLUMN last_used_at TIMESTAMPTZ;
+ALTER TABLE api_keys ADD COLUMN tier TEXT;
 
 CREATE TABLE workspace_limits (
     workspace_id  UUID PRIMARY KEY REFERENCES workspaces (id),
