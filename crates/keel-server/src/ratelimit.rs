@@ -10,7 +10,7 @@
 //! second, so an outage does not add a timeout to every request. Never a 5xx.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher as _, Hash as _, Hasher as _};
+use std::hash::BuildHasher as _;
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -234,9 +234,7 @@ impl Local {
     }
 
     fn shard(&self, key: &LimitKey) -> usize {
-        let mut h = self.hasher.build_hasher();
-        key.hash(&mut h);
-        (h.finish() as usize) % SHARDS
+        (self.hasher.hash_one(key) as usize) % SHARDS
     }
 
     fn check(&self, buckets: &[(LimitKey, Rate)], cost: i64, mode: Mode) -> Decision {

@@ -886,12 +886,15 @@ impl OwnRedis {
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server is installed on these machines");
+        // Owned at once, so a failure below still stops and reaps it (Drop).
+        let redis = Self { child, port };
         for _ in 0..100 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Self { child, port };
+                return redis;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        drop(redis);
         panic!("redis-server did not start on {port}");
     }
 
