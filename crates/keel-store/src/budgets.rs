@@ -117,12 +117,15 @@ impl Budget {
     }
 
     /// Moves the budget into the period holding `now`, if it has passed into a new one:
-    /// spend and alerts start again; reservations of requests still in flight stay.
+    /// spend, reservations and alerts start again. (A reservation a crashed process never
+    /// settled is so forgotten at the next period at the latest; a request in flight
+    /// across the boundary settles its real cost into the new period.)
     pub fn roll(&mut self, now: OffsetDateTime) {
         let current = self.period.start(now);
         if self.period_start < current {
             self.period_start = current;
             self.spent_nanousd = 0;
+            self.reserved_nanousd = 0;
             self.alerted_percent = 0;
         }
     }
@@ -476,8 +479,12 @@ mod tests {
         assert_eq!(b.crossed(), Vec::<i64>::new());
         b.spent_nanousd = 1000;
         assert_eq!(b.crossed(), vec![100]);
+        b.reserved_nanousd = 70;
         b.roll(datetime!(2026-11-30 0:00:01 UTC));
-        assert_eq!((b.spent_nanousd, b.alerted_percent), (0, 0));
+        assert_eq!(
+            (b.spent_nanousd, b.reserved_nanousd, b.alerted_percent),
+            (0, 0, 0)
+        );
         assert_eq!(b.resets_at(), datetime!(2026-12-01 0:00 UTC));
     }
 }

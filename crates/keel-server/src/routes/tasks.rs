@@ -218,6 +218,15 @@ pub(crate) async fn create(
         Some(ms @ 1..=600_000) => std::time::Duration::from_millis(ms),
         Some(_) => return Err(ApiError::bad_request("timeout_ms: 1 to 600000")),
     };
+    // Answer 202 before `auth.request_timeout` would cut the request off with a 408.
+    let wait = wait.min(
+        state
+            .config()
+            .auth
+            .request_timeout
+            .saturating_sub(std::time::Duration::from_secs(1))
+            .max(std::time::Duration::from_millis(1)),
+    );
     let agent = state
         .store()
         .agent(principal.workspace_id, &body.agent)
