@@ -355,20 +355,60 @@ pub(crate) struct Caller {
     pub request_id: Option<String>,
 }
 
-impl<S: Send + Sync> FromRequestParts<S> for Caller {
+impl FromRequestParts<AppState> for Caller {
     type Rejection = std::convert::Infallible;
 
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(Self::of(&parts.headers, &parts.extensions))
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Self::of(
+            &parts.headers,
+            &parts.extensions,
+            &state.config().server.trusted_proxies,
+        ))
     }
 }
 
+/// The client's address: the peer's, or — when the peer is a trusted proxy — the last
+/// address in `X-Forwarded-For` that is not itself a trusted proxy.
+fn client_ip(
+    peer: std::net::IpAddr,
+    headers: &HeaderMap,
+    trusted: &[keel_core::config::IpNet],
+) -> std::net::IpAddr {
+    let is_trusted = |ip: std::net::IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(peer) {
+        return peer;
+    }
+    let hops: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .collect();
+    // From the right: each trusted proxy appended the address it saw. The first hop that
+    // is not a trusted proxy is the client; anything to its left the client wrote.
+    for hop in hops.into_iter().rev() {
+        match hop.trim().parse::<std::net::IpAddr>() {
+            Ok(ip) if is_trusted(ip) => {}
+            Ok(ip) => return ip,
+            Err(_) => break,
+        }
+    }
+    peer
+}
+
 impl Caller {
-    pub(crate) fn of(headers: &HeaderMap, extensions: &axum::http::Extensions) -> Self {
+    pub(crate) fn of(
+        headers: &HeaderMap,
+        extensions: &axum::http::Extensions,
+        trusted: &[keel_core::config::IpNet],
+    ) -> Self {
         Self {
             ip: extensions
                 .get::<ConnectInfo<SocketAddr>>()
-                .map(|c| c.0.ip().to_string()),
+                .map(|c| client_ip(c.0.ip(), headers, trusted).to_string()),
             user_agent: headers
                 .get(header::USER_AGENT)
                 .and_then(|v| v.to_str().ok())
@@ -489,6 +529,51 @@ impl From<IssueError> for ApiError {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn forwarded_addresses_are_believed_only_from_trusted_proxies() {
+        use axum::http::{HeaderMap, HeaderValue};
+        let trusted: Vec<keel_core::config::IpNet> =
+            vec!["10.0.0.0/8".parse().unwrap(), "::1".parse().unwrap()];
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("6.6.6.6, 203.0.113.9, 10.1.2.3"),
+        );
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        // From a trusted proxy: the last untrusted hop (a client cannot spoof past it).
+        assert_eq!(
+            super::client_ip(ip("10.0.0.1"), &h, &trusted),
+            ip("203.0.113.9")
+        );
+        assert_eq!(super::client_ip(ip("::1"), &h, &trusted), ip("203.0.113.9"));
+        // From anyone else: the peer, whatever the header says.
+        assert_eq!(
+            super::client_ip(ip("198.51.100.7"), &h, &trusted),
+            ip("198.51.100.7")
+        );
+        assert_eq!(super::client_ip(ip("10.0.0.1"), &h, &[]), ip("10.0.0.1"));
+        // Garbage in the header: the peer; garbage a client wrote left of a real hop:
+        // the real hop.
+        h.insert("x-forwarded-for", HeaderValue::from_static("not-an-ip"));
+        assert_eq!(
+            super::client_ip(ip("10.0.0.1"), &h, &trusted),
+            ip("10.0.0.1")
+        );
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("junk, 203.0.113.9"),
+        );
+        assert_eq!(
+            super::client_ip(ip("10.0.0.1"), &h, &trusted),
+            ip("203.0.113.9")
+        );
+        let net: keel_core::config::IpNet = "192.168.0.0/16".parse().unwrap();
+        assert!(net.contains(ip("192.168.4.5")) && !net.contains(ip("192.169.0.1")));
+        assert!(net.contains(ip("::ffff:192.168.1.1")), "IPv4-mapped");
+        assert!("10.0.0.0/33".parse::<keel_core::config::IpNet>().is_err());
+        assert!("nope".parse::<keel_core::config::IpNet>().is_err());
+    }
+
     use std::time::Duration;
 
     use keel_core::auth::{Principal, Role};

@@ -313,7 +313,11 @@ pub(crate) async fn per_ip(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let caller = Caller::of(req.headers(), req.extensions());
+    let caller = Caller::of(
+        req.headers(),
+        req.extensions(),
+        &state.config().server.trusted_proxies,
+    );
     let ip = caller.ip.as_deref().unwrap_or("unknown");
     let bucket = [(
         LimitKey::text(Kind::Ip, ip),
