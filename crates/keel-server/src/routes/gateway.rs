@@ -121,7 +121,15 @@ pub(crate) async fn chat_completions(
             Ok((response, served)) => {
                 let (usage, estimated) = match response.usage {
                     Some(usage) => (usage, false),
-                    None => (estimate(&request, &response_text(&response)), true),
+                    None => {
+                        // Counting with a tokenizer takes milliseconds on long texts: off
+                        // the async threads.
+                        let (prompt, text) = (request, response_text(&response));
+                        let usage = tokio::task::spawn_blocking(move || estimate(&prompt, &text))
+                            .await
+                            .unwrap_or_default();
+                        (usage, true)
+                    }
                 };
                 let record = Account::new(&state, &principal, &served, started)
                     .reserving(reservation, budget)
@@ -150,11 +158,14 @@ pub(crate) async fn chat_completions(
         }
     };
     let account = StreamAccount {
-        account: Account::new(&state, &principal, &served, started).reserving(reservation, budget),
+        account: Some(
+            Account::new(&state, &principal, &served, started).reserving(reservation, budget),
+        ),
         ttft: started.elapsed(),
         usage: None,
         streamed_text: String::new(),
-        request_text_tokens: estimate(&request, "").prompt_tokens,
+        prompt: Arc::new(request),
+        estimated: false,
         outcome: "canceled",
     };
     // On a cache miss the chunks are kept, within the entry size limit, and stored once
@@ -221,6 +232,7 @@ pub(crate) async fn chat_completions(
                     }
                     None => {
                         account.outcome = "ok";
+                        account.estimate_if_unreported().await;
                         if let (Some(cache), Some((key, kept, _))) = (&cache, keep.take()) {
                             cache.put(key, Cached::Stream(kept)).await;
                         }
@@ -273,7 +285,15 @@ pub(crate) async fn embeddings(
         Ok((response, served)) => {
             let (prompt_tokens, estimated) = match response.usage {
                 Some(u) => (u.prompt_tokens, false),
-                None => (texts.iter().map(|t| approx_tokens(t)).sum(), true),
+                None => {
+                    let texts = texts.clone();
+                    let n = tokio::task::spawn_blocking(move || {
+                        texts.iter().map(|t| approx_tokens(t)).sum()
+                    })
+                    .await
+                    .unwrap_or_default();
+                    (n, true)
+                }
             };
             let usage = Usage {
                 prompt_tokens,
@@ -690,32 +710,48 @@ impl Account {
 
 /// A streamed request's account, recorded when the stream is dropped.
 struct StreamAccount {
-    account: Account,
+    account: Option<Account>,
     ttft: Duration,
     usage: Option<Usage>,
     streamed_text: String,
-    request_text_tokens: u64,
+    /// The request, for counting its tokens when the provider reports no usage.
+    prompt: Arc<ChatRequest>,
+    /// `usage` was counted here, not reported by the provider.
+    estimated: bool,
     outcome: &'static str,
+}
+
+impl StreamAccount {
+    /// At the end of a stream the provider reported no usage for: counts the tokens with
+    /// the tokenizer on the blocking pool (milliseconds for long texts), before the
+    /// account is recorded — so the record is written while the request is still in
+    /// flight, and graceful shutdown keeps it.
+    async fn estimate_if_unreported(&mut self) {
+        if self.usage.is_some() {
+            return;
+        }
+        let (prompt, text) = (self.prompt.clone(), self.streamed_text.clone());
+        let usage = tokio::task::spawn_blocking(move || estimate(&prompt, &text))
+            .await
+            .unwrap_or_default();
+        self.usage = Some(usage);
+        self.estimated = true;
+    }
 }
 
 impl Drop for StreamAccount {
     fn drop(&mut self) {
-        let (usage, estimated) = match self.usage {
-            Some(usage) => (usage, false),
-            None => {
-                let completion = approx_tokens(&self.streamed_text);
-                let usage = Usage {
-                    prompt_tokens: self.request_text_tokens,
-                    completion_tokens: completion,
-                    total_tokens: self.request_text_tokens + completion,
-                };
-                (usage, true)
-            }
+        let Some(account) = self.account.take() else {
+            return;
         };
-        let record = self
-            .account
-            .record(usage, estimated, Some(self.ttft), self.outcome);
-        self.account.recorder.record_now(record);
+        let (usage, estimated) = match self.usage {
+            Some(usage) => (usage, self.estimated),
+            // The client left mid-stream before the provider reported usage: counted here
+            // (rare), so the record is not lost to a task that could outlive the writer.
+            None => (estimate(&self.prompt, &self.streamed_text), true),
+        };
+        let record = account.record(usage, estimated, Some(self.ttft), self.outcome);
+        account.recorder.record_now(record);
     }
 }
 
