@@ -140,13 +140,7 @@ impl ApiKeyToken {
     /// The fingerprint stored for this token.
     #[must_use]
     pub fn hash(&self) -> KeyHash {
-        let digest = Sha256::digest(self.0.expose_secret().as_bytes());
-        let mut hex = String::with_capacity(64);
-        for b in digest {
-            use fmt::Write as _;
-            let _ = write!(hex, "{b:02x}");
-        }
-        KeyHash(hex)
+        KeyHash(sha256_hex(self.0.expose_secret().as_bytes()))
     }
 
     /// The visible prefix (e.g. `keel_Ab3dE9xZ`), safe to show and store for support.
@@ -166,6 +160,24 @@ impl fmt::Debug for ApiKeyToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("ApiKeyToken([redacted])")
     }
+}
+
+/// Lowercase hex of `bytes`.
+#[must_use]
+pub fn hex(bytes: &[u8]) -> String {
+    use fmt::Write as _;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// Lowercase hex of the SHA-256 of `bytes`: how Keel fingerprints its high-entropy
+/// secrets (API keys, refresh tokens) for storage.
+#[must_use]
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
 }
 
 /// A label for a key, chosen by whoever creates it: up to 128 printable characters.

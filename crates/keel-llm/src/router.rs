@@ -132,6 +132,20 @@ pub struct Route {
     pub targets: Vec<TargetState>,
 }
 
+impl Route {
+    /// The highest input and output prices among its targets (USD per million tokens):
+    /// the most a request can cost per token, whichever target serves it.
+    #[must_use]
+    pub fn max_prices(&self) -> (f64, f64) {
+        self.targets.iter().fold((0.0, 0.0), |(i, o), t| {
+            (
+                i.max(t.input_price_per_mtok),
+                o.max(t.output_price_per_mtok),
+            )
+        })
+    }
+}
+
 /// Which target served a request, and how.
 #[derive(Debug, Clone)]
 pub struct Served {

@@ -121,18 +121,11 @@ impl Inner {
         if !self.budgeted(ws).await {
             return Ok(None);
         }
-        let (input_price, output_price) =
-            self.router
-                .routes()
-                .find(|r| r.name == model)
-                .map_or((0.0, 0.0), |r| {
-                    r.targets.iter().fold((0f64, 0f64), |(i, o), t| {
-                        (
-                            i.max(t.input_price_per_mtok),
-                            o.max(t.output_price_per_mtok),
-                        )
-                    })
-                });
+        let (input_price, output_price) = self
+            .router
+            .routes()
+            .find(|r| r.name == model)
+            .map_or((0.0, 0.0), keel_llm::router::Route::max_prices);
         let cost = keel_llm::cost_nanousd(prompt_tokens, 4096, input_price, output_price);
         let reserved = i64::try_from(cost).unwrap_or(i64::MAX);
         match self.store.reserve_budget(ws, None, reserved).await {
@@ -141,7 +134,9 @@ impl Inner {
                 sink: self.sink.clone(),
                 workspace: ws,
                 reserved,
-                actual: 0,
+                // Spent in full unless the step is accounted or the provider refused it
+                // (a step canceled while the provider works may still be billed).
+                actual: reserved,
             })),
             Ok(keel_store::budgets::Reservation::Exceeded(b)) => {
                 Err(BudgetRefusal::Exceeded(format!(
@@ -895,6 +890,9 @@ impl Runtime {
                     let (response, served) = match answer {
                         Ok(ok) => ok,
                         Err(e) => {
+                            if let Some(b) = &mut budget {
+                                b.actual = 0;
+                            }
                             let retryable = !matches!(
                                 e,
                                 keel_llm::Error::Rejected(_) | keel_llm::Error::UnknownModel { .. }

@@ -13,8 +13,9 @@ use keel_store::security::NewAuditEntry;
 use crate::AppState;
 use crate::auth::Caller;
 
-/// Removes audit entries older than `retention`, hourly, until `stop`. Each chain's
-/// anchor moves past what was removed, so `keel audit verify` still checks the rest.
+/// Removes audit entries older than `retention`, and sessions that expired or were
+/// revoked over a day ago, hourly, until `stop`. Each audit chain's anchor moves past what
+/// was removed, so `keel audit verify` still checks the rest.
 pub async fn prune_loop(
     store: std::sync::Arc<dyn keel_store::Store>,
     retention: std::time::Duration,
@@ -27,8 +28,13 @@ pub async fn prune_loop(
             _ = tick.tick() => {}
             () = stop.cancelled() => return,
         }
-        let cutoff = time::OffsetDateTime::now_utc()
-            - time::Duration::try_from(retention).unwrap_or(time::Duration::MAX);
+        let now = time::OffsetDateTime::now_utc();
+        match store.prune_sessions(now - time::Duration::DAY).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(sessions = n, "removed ended sessions"),
+            Err(e) => tracing::warn!(error = %e, "session pruning failed; will retry"),
+        }
+        let cutoff = now - time::Duration::try_from(retention).unwrap_or(time::Duration::MAX);
         match store.prune_audit(cutoff).await {
             Ok(0) => {}
             Ok(n) => {

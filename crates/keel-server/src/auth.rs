@@ -399,6 +399,19 @@ fn client_ip(
     peer
 }
 
+/// What per-address limits count by: the address, or for IPv6 its /64 (one host is
+/// usually given a whole /64, so counting single addresses would not bind it).
+pub(crate) fn address_key(ip: Option<&str>) -> String {
+    match ip.and_then(|ip| ip.parse::<std::net::IpAddr>().ok()) {
+        Some(std::net::IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_none() => {
+            let net = u128::from(v6) & (u128::MAX << 64);
+            format!("{}/64", std::net::Ipv6Addr::from(net))
+        }
+        Some(ip) => ip.to_string(),
+        None => "unknown".to_owned(),
+    }
+}
+
 impl Caller {
     pub(crate) fn of(
         headers: &HeaderMap,
@@ -567,6 +580,16 @@ mod tests {
             super::client_ip(ip("10.0.0.1"), &h, &trusted),
             ip("203.0.113.9")
         );
+        assert_eq!(
+            super::address_key(Some("2001:db8:1:2:aaaa::1")),
+            "2001:db8:1:2::/64"
+        );
+        assert_eq!(
+            super::address_key(Some("2001:db8:1:2:bbbb::9")),
+            "2001:db8:1:2::/64"
+        );
+        assert_eq!(super::address_key(Some("192.0.2.1")), "192.0.2.1");
+        assert_eq!(super::address_key(None), "unknown");
         let net: keel_core::config::IpNet = "192.168.0.0/16".parse().unwrap();
         assert!(net.contains(ip("192.168.4.5")) && !net.contains(ip("192.169.0.1")));
         assert!(net.contains(ip("::ffff:192.168.1.1")), "IPv4-mapped");

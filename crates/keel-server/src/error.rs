@@ -276,6 +276,15 @@ impl From<keel_store::Error> for ApiError {
     }
 }
 
+impl From<crate::session::PasswordError> for ApiError {
+    fn from(e: crate::session::PasswordError) -> Self {
+        match e {
+            crate::session::PasswordError::Busy => ApiError::unavailable(e.to_string()),
+            e => ApiError::internal(&e),
+        }
+    }
+}
+
 impl From<crate::events::ReadError> for ApiError {
     fn from(e: crate::events::ReadError) -> Self {
         match e.as_ref() {

@@ -278,11 +278,15 @@ impl Local {
                     if map.len() >= SHARD_CAPACITY && !map.contains_key(k) {
                         // A bucket whose time has passed is full again: the same as
                         // absent. Dropping them keeps memory bounded at no cost to
-                        // accuracy; if none has passed, one live bucket is forgotten
-                        // (it starts full: the limit errs towards letting through).
+                        // accuracy; if none has passed, the fullest live bucket (the
+                        // earliest time) is forgotten — it errs towards letting through,
+                        // by the least, and a flood of new keys cannot pick which.
                         map.retain(|_, t| *t > now);
                         if map.len() >= SHARD_CAPACITY
-                            && let Some(victim) = map.keys().next().copied()
+                            && let Some(victim) = map
+                                .iter()
+                                .min_by(|a, b| a.1.total_cmp(b.1))
+                                .map(|(k, _)| *k)
                         {
                             map.remove(&victim);
                         }

@@ -20,7 +20,6 @@ use keel_core::config::Auth;
 use keel_core::id::{SessionId, UserId, WorkspaceId};
 use secrecy::ExposeSecret as _;
 use serde::{Deserialize, Serialize};
-use sha2::Digest as _;
 
 /// Why a password operation failed (never because the password was wrong: that is
 /// `Ok(false)`).
@@ -32,11 +31,31 @@ pub enum PasswordError {
     /// The blocking pool is gone (shutting down).
     #[error("password hashing was interrupted")]
     Interrupted,
+    /// Every hashing slot stayed busy for [`HASH_WAIT`]: too many logins at once.
+    #[error("too many password checks at once; retry shortly")]
+    Busy,
+}
+
+/// Password hashes computed at once. Each takes 19 MiB and most of a core for tens of
+/// milliseconds, so without a bound a burst of logins could exhaust memory; past it,
+/// callers wait up to [`HASH_WAIT`], then get [`PasswordError::Busy`] (503).
+const HASH_SLOTS: usize = 4;
+/// Longest a password check waits for a slot.
+const HASH_WAIT: Duration = Duration::from_secs(2);
+static HASHING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(HASH_SLOTS);
+
+async fn hash_slot() -> Result<tokio::sync::SemaphorePermit<'static>, PasswordError> {
+    match tokio::time::timeout(HASH_WAIT, HASHING.acquire()).await {
+        Ok(Ok(permit)) => Ok(permit),
+        Ok(Err(_)) => Err(PasswordError::Interrupted),
+        Err(_) => Err(PasswordError::Busy),
+    }
 }
 
 /// Hashes a password with argon2id (19 MiB, 2 passes: OWASP's minimum) and a random
 /// salt, off the async threads. Returns the PHC string to store.
 pub async fn hash_password(password: String) -> Result<String, PasswordError> {
+    let _slot = hash_slot().await?;
     tokio::task::spawn_blocking(move || {
         argon2::Argon2::default()
             .hash_password(password.as_bytes())
@@ -54,6 +73,7 @@ pub async fn verify_password(
     password: String,
     stored: Option<String>,
 ) -> Result<bool, PasswordError> {
+    let _slot = hash_slot().await?;
     tokio::task::spawn_blocking(move || {
         let argon = argon2::Argon2::default();
         match stored {
@@ -154,14 +174,9 @@ impl std::fmt::Debug for Tokens {
 /// A key id: the first 16 hex digits of the secret's SHA-256 (names the key, reveals
 /// nothing usable about it).
 fn kid(secret: &[u8]) -> String {
-    let digest = sha2::Sha256::digest(secret);
-    digest[..8]
-        .iter()
-        .fold(String::with_capacity(16), |mut s, b| {
-            use std::fmt::Write as _;
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    let mut hex = keel_core::auth::sha256_hex(secret);
+    hex.truncate(16);
+    hex
 }
 
 impl Tokens {
@@ -332,13 +347,7 @@ pub fn refresh_token() -> Result<(String, String), IssueError> {
 /// fast hash is enough, as for API keys).
 #[must_use]
 pub fn refresh_hash(token: &str) -> String {
-    sha2::Sha256::digest(token.as_bytes())
-        .iter()
-        .fold(String::with_capacity(64), |mut s, b| {
-            use std::fmt::Write as _;
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    keel_core::auth::sha256_hex(token.as_bytes())
 }
 
 /// Shared handle.

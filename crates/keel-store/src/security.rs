@@ -159,17 +159,8 @@ impl AuditEntry {
                 None => h.update(u64::MAX.to_be_bytes()),
             }
         }
-        hex(&h.finalize())
+        keel_core::auth::hex(&h.finalize())
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
 }
 
 /// Where a workspace's audit chain stands.
@@ -315,6 +306,11 @@ pub trait SecurityStore: Send + Sync {
     /// session already revoked.
     async fn revoke_session(&self, token_hash: &str, reason: &str)
     -> Result<Option<SessionRecord>>;
+
+    /// Removes sessions that expired or were revoked before `cutoff`, with their refresh
+    /// tokens (a live session keeps its spent tokens, for reuse detection). Returns how
+    /// many sessions were removed.
+    async fn prune_sessions(&self, cutoff: OffsetDateTime) -> Result<u64>;
 
     /// Appends entries to their workspaces' chains in one transaction, in the order
     /// given. Returns them as stored.
@@ -625,6 +621,23 @@ macro_rules! security_store {
                 .fetch_optional(&self.writer)
                 .await?;
                 row.map(|r| Self::session_from_row(&r)).transpose()
+            }
+
+            #[tracing::instrument(skip_all, fields(db.system = %Self::BACKEND))]
+            async fn prune_sessions(&self, cutoff: time::OffsetDateTime) -> $crate::Result<u64> {
+                let mut tx = self.writer.begin().await?;
+                let dead = "SELECT id FROM sessions WHERE expires_at < $1 OR revoked_at < $1";
+                sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM refresh_tokens WHERE session_id IN ({dead})")))
+                    .bind(cutoff)
+                    .execute(&mut *tx)
+                    .await?;
+                let removed = sqlx::query("DELETE FROM sessions WHERE expires_at < $1 OR revoked_at < $1")
+                    .bind(cutoff)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                tx.commit().await?;
+                Ok(removed)
             }
 
             #[tracing::instrument(skip_all, fields(db.system = %Self::BACKEND, entries = entries.len()))]

@@ -258,11 +258,15 @@ macro_rules! sql_store {
                 let last_used: Option<time::OffsetDateTime> = row.try_get("last_used_at")?;
                 let now = $crate::now();
                 if last_used.is_none_or(|at| now - at > time::Duration::MINUTE) {
-                    sqlx::query("UPDATE api_keys SET last_used_at = $2 WHERE id = $1")
+                    // Best effort: a failed note of last use must not fail the request.
+                    if let Err(e) = sqlx::query("UPDATE api_keys SET last_used_at = $2 WHERE id = $1")
                         .bind(key_id.as_uuid())
                         .bind(now)
                         .execute(&self.writer)
-                        .await?;
+                        .await
+                    {
+                        tracing::warn!(error = %e, key_id = %key_id, "cannot record the key's last use");
+                    }
                 }
                 Ok(Some(keel_core::auth::Principal {
                     workspace_id: keel_core::id::WorkspaceId::from_uuid(row.try_get("workspace_id")?),

@@ -1585,6 +1585,18 @@ async fn refresh_tokens_rotate_and_a_replay_revokes_the_session(f: &Fixture) {
         f.store.rotate_refresh("w1", "w2").await.unwrap(),
         Refreshed::Invalid
     );
+
+    // Ended sessions (revoked, expired) go with their tokens; nothing live does.
+    let live = SessionRecord {
+        id: keel_core::id::SessionId::new(),
+        ..s4
+    };
+    f.store.create_session(&live, "z1").await.unwrap();
+    let cutoff = time::OffsetDateTime::now_utc() + time::Duration::SECOND;
+    let removed = f.store.prune_sessions(cutoff).await.unwrap();
+    assert_eq!(removed, 4, "reused, logged out, expired, member removed");
+    let stays = f.store.revoke_session("z1", "logout").await.unwrap();
+    assert!(stays.is_some(), "the live session stays");
 }
 
 fn audit(ws: WorkspaceId, action: &str) -> keel_store::security::NewAuditEntry {

@@ -307,6 +307,9 @@ pub(crate) async fn verify(
 }
 
 /// Checks one workspace's chain, a page at a time; also used by `keel audit verify`.
+/// Entries appended while it reads are beyond the head it read, and are left for the next
+/// check; a break seen once is checked again from a fresh head, so retention pruning the
+/// start of the chain meanwhile is not reported as a deletion.
 pub async fn verify_workspace(
     store: &dyn keel_store::Store,
     workspace: keel_core::id::WorkspaceId,
@@ -318,12 +321,31 @@ pub async fn verify_workspace(
     ),
     keel_store::Error,
 > {
+    let first = verify_once(store, workspace).await?;
+    if first.2.is_empty() {
+        return Ok(first);
+    }
+    verify_once(store, workspace).await
+}
+
+async fn verify_once(
+    store: &dyn keel_store::Store,
+    workspace: keel_core::id::WorkspaceId,
+) -> Result<
+    (
+        keel_store::security::AuditHead,
+        u64,
+        Vec<keel_store::security::ChainBreak>,
+    ),
+    keel_store::Error,
+> {
+    use keel_store::security::{AuditHead, verify_chain};
     const PAGE: u32 = 1000;
     let head = store.audit_head(workspace).await?;
     let mut breaks = Vec::new();
     let mut checked = 0u64;
-    // Verify page by page, carrying the link across pages through a synthetic head.
-    let mut cursor_head = keel_store::security::AuditHead {
+    // Page by page, each page checked against a head made of where the previous one ended.
+    let mut from = AuditHead {
         seq: 0,
         hash: String::new(),
         pruned_seq: head.pruned_seq,
@@ -331,33 +353,34 @@ pub async fn verify_workspace(
     };
     let mut after = 0;
     loop {
-        let page = store
+        let mut page = store
             .list_audit(workspace, &AuditFilter::default(), after, PAGE)
             .await?;
-        let last = page.last().cloned();
         let full = page.len() == PAGE as usize;
+        page.retain(|e| e.seq <= head.seq);
+        let last = page.last().map(|e| (e.seq, e.hash.clone()));
+        let end = !full || last.as_ref().is_none_or(|(seq, _)| *seq >= head.seq);
         checked += page.len() as u64;
-        let is_end = !full;
-        let check_head = if is_end {
-            keel_store::security::AuditHead {
+        let against = if end {
+            AuditHead {
                 seq: head.seq,
                 hash: head.hash.clone(),
-                ..cursor_head.clone()
+                ..from.clone()
             }
         } else {
-            let l = last.as_ref();
-            keel_store::security::AuditHead {
-                seq: l.map_or(0, |e| e.seq),
-                hash: l.map(|e| e.hash.clone()).unwrap_or_default(),
-                ..cursor_head.clone()
+            let (seq, hash) = last.clone().unwrap_or_default();
+            AuditHead {
+                seq,
+                hash,
+                ..from.clone()
             }
         };
-        breaks.extend(keel_store::security::verify_chain(&check_head, &page));
+        breaks.extend(verify_chain(&against, &page));
         match last {
-            Some(l) if full => {
-                after = l.seq;
-                cursor_head.pruned_seq = l.seq;
-                cursor_head.pruned_hash = l.hash;
+            Some((seq, hash)) if !end => {
+                after = seq;
+                from.pruned_seq = seq;
+                from.pruned_hash = hash;
             }
             _ => break,
         }

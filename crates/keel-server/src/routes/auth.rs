@@ -107,18 +107,21 @@ pub(crate) async fn login(
         window(&state, auth.login_failures),
     )];
     let limiter = state.limiter();
-    let peek = limiter.check(&account, 1, Mode::Peek).await;
-    if !peek.allowed {
+    // Taken before the password is checked, so parallel guesses cannot all pass a check
+    // of the count; given back when the password is right.
+    let taken = limiter.check(&account, 1, Mode::Take).await;
+    if !taken.allowed {
         metrics::counter!("keel_logins_total", "outcome" => "locked").increment(1);
-        return Err(locked(peek.retry_after, "failed logins for this account"));
+        return Err(locked(taken.retry_after, "failed logins for this account"));
     }
-    let ip = caller.ip.as_deref().unwrap_or("unknown");
+    let ip = crate::auth::address_key(caller.ip.as_deref());
     let by_ip = [(
-        LimitKey::text(Kind::LoginIp, ip),
+        LimitKey::text(Kind::LoginIp, &ip),
         window(&state, auth.login_attempts_per_ip),
     )];
     let decision = limiter.check(&by_ip, 1, Mode::Take).await;
     if !decision.allowed {
+        limiter.check(&account, -1, Mode::Force).await;
         metrics::counter!("keel_logins_total", "outcome" => "throttled").increment(1);
         return Err(locked(
             decision.retry_after,
@@ -126,26 +129,40 @@ pub(crate) async fn login(
         ));
     }
 
-    let found = state.store().user_credentials(&email).await?;
-    let (user, hash) = match found {
-        Some((user, hash)) if user.disabled_at.is_none() => (Some(user), Some(hash)),
-        _ => (None, None),
-    };
-    let ok = session::verify_password(body.password, hash)
-        .await
-        .map_err(|e| ApiError::internal(&e))?;
-    let Some(user) = user.filter(|_| ok) else {
-        limiter.check(&account, 1, Mode::Take).await;
-        metrics::counter!("keel_logins_total", "outcome" => "failed").increment(1);
-        if let Ok(Some((user, _))) = state.store().user_credentials(&email).await {
-            for m in state.store().memberships(user.id).await.unwrap_or_default() {
-                let action = Action::new("auth.login_failed", user.id)
-                    .data(serde_json::json!({"email": email.as_str()}));
-                audit::record_as(&state, m.workspace_id, email.as_str(), &caller, action).await;
+    let found = state
+        .store()
+        .user_credentials(&email)
+        .await?
+        .filter(|(user, _)| user.disabled_at.is_none());
+    let (user, hash) = found.map_or((None, None), |(u, h)| (Some(u), Some(h)));
+    let ok = session::verify_password(body.password, hash).await?;
+    let user = match user {
+        Some(user) if ok => user,
+        known => {
+            metrics::counter!("keel_logins_total", "outcome" => "failed").increment(1);
+            // Recorded in the background: answering a wrong password for a known
+            // account must take no longer than for an unknown one.
+            if let Some(user) = known {
+                let (state, caller) = (state.clone(), caller.clone());
+                tokio::spawn(async move {
+                    for m in state.store().memberships(user.id).await.unwrap_or_default() {
+                        let action = Action::new("auth.login_failed", user.id)
+                            .data(serde_json::json!({"email": user.email.as_str()}));
+                        audit::record_as(
+                            &state,
+                            m.workspace_id,
+                            user.email.as_str(),
+                            &caller,
+                            action,
+                        )
+                        .await;
+                    }
+                });
             }
+            return Err(ApiError::unauthorized("wrong email or password"));
         }
-        return Err(ApiError::unauthorized("wrong email or password"));
     };
+    limiter.check(&account, -1, Mode::Force).await;
 
     let memberships = state.store().memberships(user.id).await?;
     let membership = match body.workspace.as_deref() {
@@ -318,9 +335,9 @@ pub(crate) async fn per_ip(
         req.extensions(),
         &state.config().server.trusted_proxies,
     );
-    let ip = caller.ip.as_deref().unwrap_or("unknown");
+    let ip = crate::auth::address_key(caller.ip.as_deref());
     let bucket = [(
-        LimitKey::text(Kind::Ip, ip),
+        LimitKey::text(Kind::Ip, &ip),
         Rate::per_minute(state.config().limits.ip_rpm),
     )];
     let decision = state.limiter().check(&bucket, 1, Mode::Take).await;

@@ -109,8 +109,9 @@ pub(crate) async fn chat_completions(
         )
         .await);
     }
-    let reservation = TokenReservation::take(&state, &principal, &request).await?;
-    let budget = BudgetReservation::take(&state, &principal, &request).await?;
+    let ask = Ask::chat(&request);
+    let reservation = TokenReservation::take(&state, &principal, &ask).await?;
+    let budget = BudgetReservation::take(&state, &principal, &ask).await?;
     let router = state.router();
     let observer = Arc::new(EventObserver::new(
         state.events().clone(),
@@ -144,6 +145,7 @@ pub(crate) async fn chat_completions(
                 ))
             }
             Err(e) => {
+                release(reservation.as_ref(), budget.as_ref());
                 record_failure(&state, &principal, &request.model, &e, started).await;
                 Err(e.into())
             }
@@ -153,6 +155,7 @@ pub(crate) async fn chat_completions(
     let (chunks, served) = match router.chat_stream(&request, observer).await {
         Ok(ok) => ok,
         Err(e) => {
+            release(reservation.as_ref(), budget.as_ref());
             record_failure(&state, &principal, &request.model, &e, started).await;
             return Err(e.into());
         }
@@ -279,6 +282,9 @@ pub(crate) async fn embeddings(
             "input: must be a non-empty string or an array of 1 to 2048 inputs",
         ));
     }
+    let ask = Ask::embeddings(&request, &texts);
+    let reservation = TokenReservation::take(&state, &principal, &ask).await?;
+    let budget = BudgetReservation::take(&state, &principal, &ask).await?;
     let started = Instant::now();
     let observer = EventObserver::new(state.events().clone(), principal.workspace_id);
     match state.router().embeddings(&request, &observer).await {
@@ -301,11 +307,13 @@ pub(crate) async fn embeddings(
                 total_tokens: prompt_tokens,
             };
             let record = Account::new(&state, &principal, &served, started)
+                .reserving(reservation, budget)
                 .record(usage, estimated, None, "ok");
             state.usage().record(record).await;
             Ok(Json(response).into_response())
         }
         Err(e) => {
+            release(reservation.as_ref(), budget.as_ref());
             record_failure(&state, &principal, &request.model, &e, started).await;
             Err(e.into())
         }
@@ -421,30 +429,62 @@ struct TokenReservation {
     actual: std::sync::atomic::AtomicI64,
 }
 
+/// What a request asks of a model, for reservations made before it goes upstream.
+struct Ask<'a> {
+    /// The public model name.
+    model: &'a str,
+    /// Bytes of prompt text: an upper bound of its tokens.
+    prompt_bytes: u64,
+    /// The output tokens it may produce (`max_tokens`), if it says; 0 for embeddings.
+    max_out: Option<u64>,
+}
+
+impl<'a> Ask<'a> {
+    fn chat(request: &'a ChatRequest) -> Self {
+        Self {
+            model: &request.model,
+            // A few bytes per message for its framing tokens.
+            prompt_bytes: request
+                .messages
+                .iter()
+                .map(|m| m.text().len() as u64 + 8)
+                .sum(),
+            max_out: ["max_completion_tokens", "max_tokens"]
+                .iter()
+                .find_map(|k| request.extra.get(*k).and_then(Value::as_u64)),
+        }
+    }
+
+    fn embeddings(request: &'a EmbeddingsRequest, texts: &[String]) -> Self {
+        Self {
+            model: &request.model,
+            prompt_bytes: texts.iter().map(|t| t.len() as u64 + 1).sum(),
+            max_out: Some(0),
+        }
+    }
+}
+
 impl TokenReservation {
-    /// Reserves the estimate; `None` when no token limit applies; 429 past one.
+    /// Reserves the estimate (prompt bytes / 4, plus `max_tokens` or 256); `None` when no
+    /// token limit applies; 429 past one. An estimate larger than a bucket holds is cut
+    /// to the bucket, so a large request waits for a full bucket instead of never fitting.
     async fn take(
         state: &AppState,
         principal: &Principal,
-        request: &ChatRequest,
+        ask: &Ask<'_>,
     ) -> Result<Option<Self>, ApiError> {
         let limits = state
             .limits_for(principal.workspace_id)
             .await
             .for_credential(&state.config().limits, principal);
         let buckets = limits.token_buckets(principal);
-        if buckets.is_empty() {
+        let Some(smallest) = buckets.iter().map(|(_, rate)| i64::from(rate.limit)).min() else {
             return Ok(None);
-        }
-        let prompt_bytes: usize = request.messages.iter().map(|m| m.text().len()).sum();
-        let max_out = ["max_completion_tokens", "max_tokens"]
-            .iter()
-            .find_map(|k| request.extra.get(*k).and_then(Value::as_i64))
-            .unwrap_or(256);
-        let reserved = i64::try_from(prompt_bytes / 4)
+        };
+        let estimate = (ask.prompt_bytes / 4).saturating_add(ask.max_out.unwrap_or(256));
+        let reserved = i64::try_from(estimate)
             .unwrap_or(i64::MAX)
-            .saturating_add(max_out.max(0))
-            .max(1);
+            .clamp(1, smallest);
         let decision = state
             .limiter()
             .check(&buckets, reserved, crate::ratelimit::Mode::Take)
@@ -457,8 +497,16 @@ impl TokenReservation {
             state: state.clone(),
             buckets,
             reserved,
-            actual: std::sync::atomic::AtomicI64::new(0),
+            // Until the request is accounted, it counts as having used its reservation: a
+            // request cut off (timeout, client gone) after the provider billed is not
+            // given back. A request the provider refused is released.
+            actual: std::sync::atomic::AtomicI64::new(reserved),
         }))
+    }
+
+    /// The provider did not serve the request: give the whole reservation back.
+    fn release(&self) {
+        self.actual.store(0, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -511,30 +559,17 @@ impl BudgetReservation {
     async fn take(
         state: &AppState,
         principal: &Principal,
-        request: &ChatRequest,
+        ask: &Ask<'_>,
     ) -> Result<Option<Self>, ApiError> {
         if !state.limits_for(principal.workspace_id).await.has_budgets {
             return Ok(None);
         }
-        let Some(route) = state.router().routes().find(|r| r.name == request.model) else {
+        let Some(route) = state.router().routes().find(|r| r.name == ask.model) else {
             return Ok(None); // the router answers 404 for an unknown model
         };
-        let (input_price, output_price) = route.targets.iter().fold((0f64, 0f64), |(i, o), t| {
-            (
-                i.max(t.input_price_per_mtok),
-                o.max(t.output_price_per_mtok),
-            )
-        });
-        let prompt: u64 = request
-            .messages
-            .iter()
-            .map(|m| m.text().len() as u64 + 8)
-            .sum();
-        let max_out = ["max_completion_tokens", "max_tokens"]
-            .iter()
-            .find_map(|k| request.extra.get(*k).and_then(Value::as_u64))
-            .unwrap_or(4096);
-        let cost = keel_llm::cost_nanousd(prompt, max_out, input_price, output_price);
+        let (input_price, output_price) = route.max_prices();
+        let max_out = ask.max_out.unwrap_or(4096);
+        let cost = keel_llm::cost_nanousd(ask.prompt_bytes, max_out, input_price, output_price);
         let reserved = i64::try_from(cost).unwrap_or(i64::MAX);
         match state
             .store()
@@ -546,7 +581,8 @@ impl BudgetReservation {
                 workspace: principal.workspace_id,
                 key: principal.key_id,
                 reserved,
-                actual: std::sync::atomic::AtomicI64::new(0),
+                // As for tokens: spent in full unless accounted or released.
+                actual: std::sync::atomic::AtomicI64::new(reserved),
             })),
             keel_store::budgets::Reservation::Exceeded(b) => {
                 metrics::counter!("keel_budget_rejections_total").increment(1);
@@ -562,6 +598,23 @@ impl BudgetReservation {
                 )))
             }
         }
+    }
+}
+
+impl BudgetReservation {
+    /// The provider did not serve the request: nothing was spent.
+    fn release(&self) {
+        self.actual.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Gives back whatever the provider did not serve.
+fn release(tokens: Option<&TokenReservation>, budget: Option<&BudgetReservation>) {
+    if let Some(t) = tokens {
+        t.release();
+    }
+    if let Some(b) = budget {
+        b.release();
     }
 }
 

@@ -50,7 +50,7 @@ pub(crate) struct AddMember {
     email: String,
     /// Their role in this workspace.
     role: WireRole,
-    /// A password, to create the user if no user has this email (12+ characters).
+    /// The new user's password (12+ characters).
     #[serde(default)]
     password: Option<String>,
 }
@@ -76,13 +76,14 @@ pub(crate) async fn list(
     }))
 }
 
-/// Adds a user to the workspace (or changes the role of one already in it). Creates the
-/// user when no user has the email and a `password` is given. Requires role: admin.
+/// Creates a user with a password and makes them a member. A workspace admin cannot
+/// attach an existing user (who may belong to other tenants) without their consent: that
+/// is for an operator (`keel admin create-user`). Requires role: admin.
 #[utoipa::path(post, path = "/v1/members", tag = super::MEMBERS, request_body = AddMember,
     responses(
         (status = 201, description = "The member", body = MemberView),
-        (status = 400, description = "Bad email or a password that breaks the policy", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No user with this email, and no password to create one", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Bad email, or a password missing or breaking the policy", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "A user with this email exists", body = Problem, content_type = "application/problem+json"),
     ))]
 pub(crate) async fn add(
     State(state): State<AppState>,
@@ -91,29 +92,24 @@ pub(crate) async fn add(
     AppJson(body): AppJson<AddMember>,
 ) -> Result<(StatusCode, Json<MemberView>), ApiError> {
     let email = Email::parse(&body.email).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let user = match state.store().user_credentials(&email).await? {
-        Some((user, _)) => user,
-        None => {
-            let password = body.password.ok_or_else(|| {
-                ApiError::not_found(
-                    "no user has this email: give a `password` to create one, or create it with `keel admin create-user`",
-                )
-            })?;
-            check_password(&password, &email).map_err(|e| ApiError::bad_request(e.to_string()))?;
-            let hash = crate::session::hash_password(password)
-                .await
-                .map_err(|e| ApiError::internal(&e))?;
-            let user = state.store().create_user(&email, &hash).await?;
-            audit::record(
-                &state,
-                &principal,
-                &caller,
-                Action::new("user.created", user.id),
-            )
-            .await;
-            user
-        }
-    };
+    let password = body
+        .password
+        .ok_or_else(|| ApiError::bad_request("password: the new user's password is required"))?;
+    check_password(&password, &email).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let hash = crate::session::hash_password(password).await?;
+    let user = state.store().create_user(&email, &hash).await.map_err(|e| match e {
+        keel_store::Error::Conflict { .. } => ApiError::conflict(
+            "a user with this email already exists; an operator can add them to this workspace with `keel admin create-user`",
+        ),
+        e => e.into(),
+    })?;
+    audit::record(
+        &state,
+        &principal,
+        &caller,
+        Action::new("user.created", user.id),
+    )
+    .await;
     let role: Role = body.role.into();
     let m = state
         .store()
