@@ -58,6 +58,7 @@ struct StepBudget {
     store: Arc<dyn Store>,
     sink: Arc<dyn EventSink>,
     workspace: WorkspaceId,
+    held: Vec<keel_store::budgets::Held>,
     reserved: i64,
     actual: i64,
 }
@@ -66,8 +67,9 @@ impl Drop for StepBudget {
     fn drop(&mut self) {
         let (store, sink) = (self.store.clone(), self.sink.clone());
         let (ws, reserved, actual) = (self.workspace, self.reserved, self.actual);
+        let held = std::mem::take(&mut self.held);
         tokio::spawn(async move {
-            match store.settle_budget(ws, None, reserved, actual).await {
+            match store.settle_budget(ws, None, &held, reserved, actual).await {
                 Ok(events) => sink.publish(&events),
                 Err(e) => {
                     tracing::error!(error = %e, workspace_id = %ws, "cannot settle a step's budget reservation")
@@ -129,7 +131,8 @@ impl Inner {
         let cost = keel_llm::cost_nanousd(prompt_tokens, 4096, input_price, output_price);
         let reserved = i64::try_from(cost).unwrap_or(i64::MAX);
         match self.store.reserve_budget(ws, None, reserved).await {
-            Ok(keel_store::budgets::Reservation::Reserved) => Ok(Some(StepBudget {
+            Ok(keel_store::budgets::Reservation::Reserved(held)) => Ok(Some(StepBudget {
+                held,
                 store: self.store.clone(),
                 sink: self.sink.clone(),
                 workspace: ws,

@@ -160,11 +160,23 @@ pub struct NewBudget {
     pub thresholds: Vec<i64>,
 }
 
+/// One budget period a reservation was made in: settling releases the reservation only
+/// there (not in a budget created since, nor in a period that has since rolled over).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    /// The budget's key (`None`: the workspace's).
+    pub key_id: Option<ApiKeyId>,
+    /// Its period.
+    pub period: Period,
+    /// The period the reservation was made in.
+    pub period_start: OffsetDateTime,
+}
+
 /// What a reservation did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reservation {
-    /// Reserved in every budget covering the request (possibly none).
-    Reserved,
+    /// Reserved in every budget covering the request (possibly none), listed.
+    Reserved(Vec<Held>),
     /// Refused: this budget would pass its limit. Nothing was reserved anywhere.
     Exceeded(Budget),
 }
@@ -195,12 +207,14 @@ pub trait BudgetStore: Send + Sync {
         amount: i64,
     ) -> Result<Reservation>;
 
-    /// Releases a reservation of `reserved` and adds the real cost `actual`; appends and
+    /// Releases a reservation of `reserved` from the budget periods it was `held` in and
+    /// adds the real cost `actual` to every budget covering the request; appends and
     /// returns the `billing.threshold.reached` events of thresholds crossed.
     async fn settle_budget(
         &self,
         workspace: WorkspaceId,
         key: Option<ApiKeyId>,
+        held: &[Held],
         reserved: i64,
         actual: i64,
     ) -> Result<Vec<Event>>;
@@ -394,12 +408,14 @@ macro_rules! budget_store {
                         return Ok($crate::budgets::Reservation::Exceeded(b.clone()));
                     }
                 }
+                let mut held = Vec::with_capacity(budgets.len());
                 for b in &mut budgets {
                     b.reserved_nanousd = b.reserved_nanousd.saturating_add(amount);
                     Self::save_budget(&mut tx, b).await?;
+                    held.push($crate::budgets::Held { key_id: b.key_id, period: b.period, period_start: b.period_start });
                 }
                 tx.commit().await?;
-                Ok($crate::budgets::Reservation::Reserved)
+                Ok($crate::budgets::Reservation::Reserved(held))
             }
 
             #[tracing::instrument(skip_all, fields(db.system = %Self::BACKEND))]
@@ -407,6 +423,7 @@ macro_rules! budget_store {
                 &self,
                 workspace: keel_core::id::WorkspaceId,
                 key: Option<keel_core::id::ApiKeyId>,
+                held: &[$crate::budgets::Held],
                 reserved: i64,
                 actual: i64,
             ) -> $crate::Result<Vec<keel_core::event::Event>> {
@@ -416,7 +433,10 @@ macro_rules! budget_store {
                 let mut events = Vec::new();
                 for b in &mut budgets {
                     b.roll(now);
-                    b.reserved_nanousd = (b.reserved_nanousd - reserved).max(0);
+                    let was_held = held.iter().any(|h| h.key_id == b.key_id && h.period == b.period && h.period_start == b.period_start);
+                    if was_held {
+                        b.reserved_nanousd = (b.reserved_nanousd - reserved).max(0);
+                    }
                     b.spent_nanousd = b.spent_nanousd.saturating_add(actual.max(0));
                     for t in b.crossed() {
                         events.push($crate::budgets::threshold_event(b, t));

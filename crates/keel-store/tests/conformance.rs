@@ -1841,9 +1841,14 @@ async fn budgets_reserve_exactly_and_alert_once_per_threshold(f: &Fixture) {
         }));
     }
     let mut reserved = 0;
+    let mut key_held = Vec::new();
     for h in handles {
         match h.await.unwrap() {
-            Reservation::Reserved => reserved += 1,
+            Reservation::Reserved(held) => {
+                reserved += 1;
+                assert_eq!(held.len(), 2, "the workspace's budget and the key's");
+                key_held = held;
+            }
             Reservation::Exceeded(b) => {
                 assert_eq!(b.key_id, Some(key.id), "the key's budget refuses first")
             }
@@ -1851,10 +1856,11 @@ async fn budgets_reserve_exactly_and_alert_once_per_threshold(f: &Fixture) {
     }
     assert_eq!(reserved, 6);
     // A request without the key sees only the workspace budget: 1000 - 600 reserved.
-    assert_eq!(
-        f.store.reserve_budget(ws.id, None, 400).await.unwrap(),
-        Reservation::Reserved
-    );
+    let Reservation::Reserved(ws_held) = f.store.reserve_budget(ws.id, None, 400).await.unwrap()
+    else {
+        panic!("400 fits the workspace's budget")
+    };
+    assert_eq!(ws_held.len(), 1);
     assert!(
         matches!(f.store.reserve_budget(ws.id, None, 1).await.unwrap(), Reservation::Exceeded(b) if b.key_id.is_none())
     );
@@ -1864,7 +1870,7 @@ async fn budgets_reserve_exactly_and_alert_once_per_threshold(f: &Fixture) {
     for _ in 0..6 {
         for e in f
             .store
-            .settle_budget(ws.id, Some(key.id), 100, 90)
+            .settle_budget(ws.id, Some(key.id), &key_held, 100, 90)
             .await
             .unwrap()
         {
@@ -1874,7 +1880,49 @@ async fn budgets_reserve_exactly_and_alert_once_per_threshold(f: &Fixture) {
             ));
         }
     }
-    f.store.settle_budget(ws.id, None, 400, 0).await.unwrap();
+    f.store
+        .settle_budget(ws.id, None, &ws_held, 400, 0)
+        .await
+        .unwrap();
+    // A settlement does not release a hold from a budget it was not reserved in: a
+    // budget created after the reservation keeps others' holds.
+    let (_, new) = new_key(ws.id, Role::Member);
+    let late_key = f.store.create_api_key(new).await.unwrap();
+    let Reservation::Reserved(late_held) = f
+        .store
+        .reserve_budget(ws.id, Some(late_key.id), 50)
+        .await
+        .unwrap()
+    else {
+        panic!("fits")
+    };
+    f.store
+        .set_budget(&budget(Some(late_key.id), 500))
+        .await
+        .unwrap();
+    let Reservation::Reserved(_) = f
+        .store
+        .reserve_budget(ws.id, Some(late_key.id), 70)
+        .await
+        .unwrap()
+    else {
+        panic!("fits")
+    };
+    f.store
+        .settle_budget(ws.id, Some(late_key.id), &late_held, 50, 0)
+        .await
+        .unwrap();
+    let budgets = f.store.budgets(ws.id).await.unwrap();
+    let late = budgets
+        .iter()
+        .find(|b| b.key_id == Some(late_key.id))
+        .unwrap();
+    assert_eq!(late.reserved_nanousd, 70, "the later hold stays");
+    let whole = budgets.iter().find(|b| b.key_id.is_none()).unwrap();
+    assert_eq!(
+        whole.reserved_nanousd, 70,
+        "the workspace's: 50 released, 70 held"
+    );
     // Key: 540 of 600 = 90 % → 50, 80. Workspace: 540 of 1000 = 54 % → 50.
     fired.sort();
     assert_eq!(

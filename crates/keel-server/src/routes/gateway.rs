@@ -551,6 +551,7 @@ struct BudgetReservation {
     state: AppState,
     workspace: keel_core::id::WorkspaceId,
     key: Option<keel_core::id::ApiKeyId>,
+    held: Vec<keel_store::budgets::Held>,
     reserved: i64,
     actual: std::sync::atomic::AtomicI64,
 }
@@ -576,10 +577,11 @@ impl BudgetReservation {
             .reserve_budget(principal.workspace_id, principal.key_id, reserved)
             .await?
         {
-            keel_store::budgets::Reservation::Reserved => Ok(Some(Self {
+            keel_store::budgets::Reservation::Reserved(held) => Ok(Some(Self {
                 state: state.clone(),
                 workspace: principal.workspace_id,
                 key: principal.key_id,
+                held,
                 reserved,
                 // As for tokens: spent in full unless accounted or released.
                 actual: std::sync::atomic::AtomicI64::new(reserved),
@@ -623,8 +625,13 @@ impl Drop for BudgetReservation {
         let actual = self.actual.load(std::sync::atomic::Ordering::Relaxed);
         let (state, ws, key, reserved) =
             (self.state.clone(), self.workspace, self.key, self.reserved);
+        let held = std::mem::take(&mut self.held);
         tokio::spawn(async move {
-            match state.store().settle_budget(ws, key, reserved, actual).await {
+            match state
+                .store()
+                .settle_budget(ws, key, &held, reserved, actual)
+                .await
+            {
                 Ok(events) => state.events().publish(&events),
                 Err(e) => {
                     metrics::counter!("keel_budget_settle_errors_total").increment(1);
