@@ -696,8 +696,6 @@ async fn serve_with_telemetry(config: Config, started: Instant) -> anyhow::Resul
         }
         keel_server::gateway::Default::Configured => {}
     }
-    // Load the tokenizer used for estimated usage off the request path.
-    tokio::task::spawn_blocking(keel_llm::tokens::warm);
     let config = Arc::new(config);
     let (usage, usage_writer) = keel_server::usage::start(store.clone());
     let (events, event_tasks) = keel_server::events::start(store.clone(), &config)

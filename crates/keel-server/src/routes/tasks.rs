@@ -683,7 +683,12 @@ pub(crate) async fn input(
                 .message
                 .unwrap_or_else(|| "The user rejected this tool call.".to_owned());
             let reply = json!({"role": "tool", "tool_call_id": call_id, "content": format!("Rejected by a human: {message}")});
-            let tokens = i64::try_from(keel_llm::tokens::count(&message)).unwrap_or(0) + 8;
+            // The tokenizer may load its tables on first use: off the async threads.
+            let text = message.clone();
+            let counted = tokio::task::spawn_blocking(move || keel_llm::tokens::count(&text))
+                .await
+                .unwrap_or_default();
+            let tokens = i64::try_from(counted).unwrap_or(0) + 8;
             (
                 json!({"call_id": call_id, "tool": tool, "action": "reject", "message": message, "by": by}),
                 vec![NewMessage {
