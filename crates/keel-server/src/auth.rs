@@ -24,68 +24,104 @@ use crate::AppState;
 use crate::error::ApiError;
 use crate::ratelimit::{Decision, Kind, LimitKey, Mode, Rate};
 
-/// Remembers authenticated keys for a few seconds, so the hot path does not hit the
-/// database on every request. Bounded; only valid keys are remembered (an attacker's
-/// guesses cannot fill it); a revoke through this instance forgets the key at once.
+/// A small map whose entries live `ttl` (zero: it holds nothing), at most `max` of them:
+/// full, it drops what has expired, then everything. The one cache the auth path uses for
+/// keys and workspace limits.
 #[derive(Debug)]
-pub struct KeyCache {
+pub(crate) struct TtlMap<K, V> {
     ttl: Duration,
-    entries: std::sync::Mutex<std::collections::HashMap<String, (Principal, std::time::Instant)>>,
+    max: usize,
+    entries: std::sync::Mutex<std::collections::HashMap<K, (V, std::time::Instant)>>,
 }
 
-impl KeyCache {
-    /// Most keys remembered.
-    const MAX: usize = 10_000;
-
-    /// A cache with this time-to-live (zero disables it).
-    #[must_use]
-    pub fn new(ttl: Duration) -> Self {
+impl<K: std::hash::Hash + Eq, V: Clone> TtlMap<K, V> {
+    pub(crate) fn new(ttl: Duration, max: usize) -> Self {
         Self {
             ttl,
+            max,
             entries: std::sync::Mutex::default(),
         }
     }
 
     fn lock(
         &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (Principal, std::time::Instant)>>
-    {
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<K, (V, std::time::Instant)>> {
         // Inserts and removals leave the map consistent, so a poisoned lock is usable.
         self.entries
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn get(&self, hash: &str) -> Option<Principal> {
+    pub(crate) fn get<Q>(&self, key: &Q) -> Option<V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
         if self.ttl.is_zero() {
             return None;
         }
-        let entries = self.lock();
-        let now = time::OffsetDateTime::now_utc();
-        entries
-            .get(hash)
-            .filter(|(p, at)| at.elapsed() < self.ttl && p.expires_at.is_none_or(|e| e > now))
-            .map(|(p, _)| p.clone())
+        self.lock()
+            .get(key)
+            .filter(|(_, at)| at.elapsed() < self.ttl)
+            .map(|(v, _)| v.clone())
     }
 
-    fn insert(&self, hash: String, principal: Principal) {
+    pub(crate) fn insert(&self, key: K, value: V) {
         if self.ttl.is_zero() {
             return;
         }
         let mut entries = self.lock();
-        if entries.len() >= Self::MAX {
+        if entries.len() >= self.max {
             let ttl = self.ttl;
             entries.retain(|_, (_, at)| at.elapsed() < ttl);
-            if entries.len() >= Self::MAX {
+            if entries.len() >= self.max {
                 entries.clear();
             }
         }
-        entries.insert(hash, (principal, std::time::Instant::now()));
+        entries.insert(key, (value, std::time::Instant::now()));
+    }
+
+    pub(crate) fn retain(&self, mut keep: impl FnMut(&K, &V) -> bool) {
+        self.lock().retain(|k, (v, _)| keep(k, v));
+    }
+
+    pub(crate) fn forget<Q>(&self, key: &Q)
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        self.lock().remove(key);
+    }
+}
+
+/// Remembers authenticated keys for a few seconds, so the hot path does not hit the
+/// database on every request. Bounded; only valid keys are remembered (an attacker's
+/// guesses cannot fill it); a revoke through this instance forgets the key at once; a key
+/// past its expiry is never served from here.
+#[derive(Debug)]
+pub struct KeyCache(TtlMap<String, Principal>);
+
+impl KeyCache {
+    /// A cache with this time-to-live (zero disables it).
+    #[must_use]
+    pub fn new(ttl: Duration) -> Self {
+        Self(TtlMap::new(ttl, 10_000))
+    }
+
+    fn get(&self, hash: &str) -> Option<Principal> {
+        let now = time::OffsetDateTime::now_utc();
+        self.0
+            .get(hash)
+            .filter(|p| p.expires_at.is_none_or(|e| e > now))
+    }
+
+    fn insert(&self, hash: String, principal: Principal) {
+        self.0.insert(hash, principal);
     }
 
     /// Forgets a key (after it is revoked).
     pub fn forget(&self, key_id: keel_core::id::ApiKeyId) {
-        self.lock().retain(|_, (p, _)| p.key_id != Some(key_id));
+        self.0.retain(|_, p| p.key_id != Some(key_id));
     }
 }
 
@@ -251,98 +287,47 @@ impl ResolvedLimits {
 
     /// The request buckets for one request of `principal`.
     pub(crate) fn request_buckets(&self, principal: &Principal) -> Vec<(LimitKey, Rate)> {
-        let mut out = Vec::with_capacity(2);
-        if let Some(rpm) = self.rpm {
-            out.push((
-                LimitKey::id(Kind::WorkspaceRequests, principal.workspace_id.as_uuid()),
-                Rate::per_minute(rpm),
-            ));
-        }
-        if let Some(rpm) = self.key_rpm {
-            out.push((
-                LimitKey::id(Kind::PrincipalRequests, Self::principal_id(principal)),
-                Rate::per_minute(rpm),
-            ));
-        }
-        out
+        Self::buckets(
+            principal,
+            (Kind::WorkspaceRequests, self.rpm),
+            (Kind::PrincipalRequests, self.key_rpm),
+        )
     }
 
     /// The token buckets for `principal`.
     pub(crate) fn token_buckets(&self, principal: &Principal) -> Vec<(LimitKey, Rate)> {
-        let mut out = Vec::with_capacity(2);
-        if let Some(tpm) = self.tpm {
-            out.push((
-                LimitKey::id(Kind::WorkspaceTokens, principal.workspace_id.as_uuid()),
-                Rate::per_minute(tpm),
-            ));
-        }
-        if let Some(tpm) = self.key_tpm {
-            out.push((
-                LimitKey::id(Kind::PrincipalTokens, Self::principal_id(principal)),
-                Rate::per_minute(tpm),
-            ));
-        }
-        out
+        Self::buckets(
+            principal,
+            (Kind::WorkspaceTokens, self.tpm),
+            (Kind::PrincipalTokens, self.key_tpm),
+        )
+    }
+
+    /// The workspace's bucket and the credential's, each where a limit is set.
+    fn buckets(
+        principal: &Principal,
+        (ws_kind, ws_limit): (Kind, Option<u32>),
+        (own_kind, own_limit): (Kind, Option<u32>),
+    ) -> Vec<(LimitKey, Rate)> {
+        let ws = ws_limit.map(|l| {
+            (
+                LimitKey::id(ws_kind, principal.workspace_id.as_uuid()),
+                Rate::per_minute(l),
+            )
+        });
+        let own = own_limit.map(|l| {
+            (
+                LimitKey::id(own_kind, Self::principal_id(principal)),
+                Rate::per_minute(l),
+            )
+        });
+        ws.into_iter().chain(own).collect()
     }
 }
 
-/// Remembers each workspace's resolved limits for a few seconds (as keys are), so the
-/// hot path does not read them from the database per request. Bounded.
-#[derive(Debug)]
-pub(crate) struct LimitsCache {
-    ttl: Duration,
-    entries: std::sync::Mutex<
-        std::collections::HashMap<WorkspaceId, (ResolvedLimits, std::time::Instant)>,
-    >,
-}
-
-impl LimitsCache {
-    const MAX: usize = 10_000;
-
-    pub(crate) fn new(ttl: Duration) -> Self {
-        Self {
-            ttl,
-            entries: std::sync::Mutex::default(),
-        }
-    }
-
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<
-        '_,
-        std::collections::HashMap<WorkspaceId, (ResolvedLimits, std::time::Instant)>,
-    > {
-        self.entries
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    pub(crate) fn get(&self, ws: WorkspaceId) -> Option<ResolvedLimits> {
-        self.lock()
-            .get(&ws)
-            .filter(|(_, at)| at.elapsed() < self.ttl)
-            .map(|(l, _)| l.clone())
-    }
-
-    pub(crate) fn insert(&self, ws: WorkspaceId, limits: ResolvedLimits) {
-        if self.ttl.is_zero() {
-            return;
-        }
-        let mut entries = self.lock();
-        if entries.len() >= Self::MAX {
-            let ttl = self.ttl;
-            entries.retain(|_, (_, at)| at.elapsed() < ttl);
-            if entries.len() >= Self::MAX {
-                entries.clear();
-            }
-        }
-        entries.insert(ws, (limits, std::time::Instant::now()));
-    }
-
-    pub(crate) fn forget(&self, ws: WorkspaceId) {
-        self.lock().remove(&ws);
-    }
-}
+/// Each workspace's resolved limits, remembered like keys (`server.key_cache_ttl`), so
+/// the hot path does not read them from the database per request.
+pub(crate) type LimitsCache = TtlMap<WorkspaceId, ResolvedLimits>;
 
 /// Who is calling, from where: for the audit log and per-address limits.
 #[derive(Debug, Clone, Default)]

@@ -128,7 +128,7 @@ impl AppState {
             inner: Arc::new(Inner {
                 store: parts.store,
                 key_cache: auth::KeyCache::new(parts.config.server.key_cache_ttl),
-                limits_cache: auth::LimitsCache::new(parts.config.server.key_cache_ttl),
+                limits_cache: auth::LimitsCache::new(parts.config.server.key_cache_ttl, 10_000),
                 tokens,
                 limiter,
                 operator: tokio::sync::OnceCell::new(),
@@ -189,7 +189,7 @@ impl AppState {
 
     /// A workspace's effective limits (cached like keys, `server.key_cache_ttl`).
     pub(crate) async fn limits_for(&self, ws: keel_core::id::WorkspaceId) -> auth::ResolvedLimits {
-        if let Some(l) = self.inner.limits_cache.get(ws) {
+        if let Some(l) = self.inner.limits_cache.get(&ws) {
             return l;
         }
         let stored = match self.store().workspace_limits(ws).await {

@@ -144,7 +144,7 @@ pub(crate) async fn set(
         thresholds,
     };
     let budget = state.store().set_budget(&new).await?;
-    state.limits_cache().forget(principal.workspace_id);
+    state.limits_cache().forget(&principal.workspace_id);
     let data = serde_json::json!({"period": period.as_str(), "limit_usd": body.limit_usd, "key_id": body.key_id, "thresholds": new.thresholds});
     audit::record(
         &state,
@@ -174,7 +174,7 @@ pub(crate) async fn delete(
         .store()
         .delete_budget(principal.workspace_id, key_id, period)
         .await?;
-    state.limits_cache().forget(principal.workspace_id);
+    state.limits_cache().forget(&principal.workspace_id);
     let data = serde_json::json!({"period": period.as_str(), "key_id": q.key_id});
     audit::record(
         &state,

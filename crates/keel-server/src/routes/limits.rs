@@ -145,7 +145,7 @@ pub(crate) async fn set(
     };
     let before = state.store().workspace_limits(ws).await?;
     state.store().set_workspace_limits(ws, &limits).await?;
-    state.limits_cache().forget(ws);
+    state.limits_cache().forget(&ws);
     let data = serde_json::json!({
         "tier": limits.tier, "rpm": limits.rpm, "tpm": limits.tpm,
         "previous": {"tier": before.tier, "rpm": before.rpm, "tpm": before.tpm},
