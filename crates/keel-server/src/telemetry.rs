@@ -99,6 +99,17 @@ pub fn check_filter(filter: &str) -> Result<(), Error> {
         .map_err(|e| Error::Filter(filter.to_owned(), e.to_string()))
 }
 
+/// The log writer's count of lines it dropped because its buffer was full.
+static LOG_DROPS: OnceLock<tracing_appender::non_blocking::ErrorCounter> = OnceLock::new();
+
+/// Brings `keel_log_lines_dropped_total` up to date (called as /metrics is rendered).
+pub(crate) fn record_log_drops() {
+    if let Some(counter) = LOG_DROPS.get() {
+        metrics::counter!("keel_log_lines_dropped_total")
+            .absolute(u64::try_from(counter.dropped_lines()).unwrap_or(u64::MAX));
+    }
+}
+
 /// Running telemetry; call [`Telemetry::shutdown`] at exit to flush spans and logs.
 #[derive(Debug)]
 pub struct Telemetry {
@@ -129,6 +140,7 @@ pub fn init(config: &config::Telemetry) -> Result<Telemetry, Error> {
         .lossy(true)
         .thread_name("keel-log-writer")
         .finish(std::io::stdout());
+    let _ = LOG_DROPS.set(stdout.error_counter());
     let registry = tracing_subscriber::registry().with(filter).with(otel);
     let result = match config.log_format {
         LogFormat::Json => registry

@@ -84,6 +84,7 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Result<Json<Status>
 #[utoipa::path(get, path = "/metrics", tag = super::OPS, security(()),
     responses((status = 200, description = "Prometheus text exposition", body = String, content_type = "text/plain; version=0.0.4")))]
 pub(crate) async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    crate::telemetry::record_log_drops();
     (
         [(
             header::CONTENT_TYPE,

@@ -58,6 +58,7 @@ async fn cli_key_auth_health_metrics_openapi_and_logs() {
         r#"keel_http_requests_total{method="GET",route="/v1/workspaces/current",status="200"} 1"#,
         r#"keel_http_requests_total{method="GET",route="/readyz",status="200"} 1"#,
         r#"keel_http_requests_total{method="GET",route="/healthz",status="200"} 1"#,
+        "keel_log_lines_dropped_total 0",
     ] {
         assert!(
             metrics.lines().any(|l| l == line),
