@@ -1448,6 +1448,7 @@ fn placeholder_spec(task: &TaskRecord) -> AgentSpec {
         timeout: Duration::from_secs(1),
         context_tokens: 256,
         max_cost_usd: None,
+        max_concurrency: None,
         max_attempts: 1,
         retry_delay: Duration::from_secs(1),
         memory: crate::spec::Memory::None,

@@ -45,6 +45,10 @@ pub struct AgentSpec {
     /// Most a task may spend, in USD.
     #[serde(default)]
     pub max_cost_usd: Option<f64>,
+    /// Most of this agent's tasks running at once, across every instance (others wait
+    /// queued); none: only `runtime.workers` bounds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<u32>,
     /// Runs (attempts) before a failing task is dead-lettered.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
@@ -283,6 +287,12 @@ impl AgentSpec {
         if self.max_steps == 0 {
             out.push(issue("max_steps", "must be at least 1"));
         }
+        if self
+            .max_concurrency
+            .is_some_and(|n| !(1..=10_000).contains(&n))
+        {
+            out.push(issue("max_concurrency", "must be between 1 and 10000"));
+        }
         if self.timeout.is_zero() {
             out.push(issue("timeout", "must be longer than 0s"));
         }
@@ -458,6 +468,7 @@ name = "Bad Name"
 model = "nope"
 system_prompt = "{{ unclosed"
 max_steps = 0
+max_concurrency = 0
 [[tools]]
 kind = "http"
 name = "a b"
@@ -479,6 +490,7 @@ headers = { "X-Token" = "${OPEN" }
             "model",
             "system_prompt",
             "max_steps",
+            "max_concurrency",
             "tools[0].name",
             "tools[0].url",
             "tools[0].method",

@@ -983,6 +983,8 @@ macro_rules! runtime_store {
                 .fetch_optional(&mut *tx)
                 .await?;
                 let text = spec.to_string();
+                // Kept in a column too, for the claim to read without parsing specs.
+                let max_concurrency = spec.get("max_concurrency").and_then(serde_json::Value::as_i64);
                 let record = match existing {
                     None => {
                         if update_only {
@@ -990,14 +992,15 @@ macro_rules! runtime_store {
                         }
                         let id = keel_core::id::AgentId::new();
                         sqlx::query(
-                            "INSERT INTO agents (id, workspace_id, name, version, spec, created_at, updated_at) \
-                             VALUES ($1, $2, $3, 1, $4, $5, $5)",
+                            "INSERT INTO agents (id, workspace_id, name, version, spec, created_at, updated_at, max_concurrency) \
+                             VALUES ($1, $2, $3, 1, $4, $5, $5, $6)",
                         )
                         .bind(id.as_uuid())
                         .bind(workspace.as_uuid())
                         .bind(name)
                         .bind(&text)
                         .bind(now)
+                        .bind(max_concurrency)
                         .execute(&mut *tx)
                         .await
                         .map_err($crate::sql::conflict_as("agent"))?;
@@ -1017,11 +1020,12 @@ macro_rules! runtime_store {
                             return Ok(current);
                         }
                         let version = current.version + 1;
-                        sqlx::query("UPDATE agents SET version = $2, spec = $3, updated_at = $4, deleted_at = NULL WHERE id = $1")
+                        sqlx::query("UPDATE agents SET version = $2, spec = $3, updated_at = $4, deleted_at = NULL, max_concurrency = $5 WHERE id = $1")
                             .bind(current.id.as_uuid())
                             .bind(version)
                             .bind(&text)
                             .bind(now)
+                            .bind(max_concurrency)
                             .execute(&mut *tx)
                             .await?;
                         $crate::runtime::AgentRecord { version, spec: spec.clone(), updated_at: now, ..current }
@@ -1311,8 +1315,59 @@ macro_rules! runtime_store {
                     .await?;
                 let mut tasks = rows.iter().map(Self::task_from_row).collect::<$crate::Result<Vec<_>>>()?;
                 tasks.sort_by_key(|t| (std::cmp::Reverse(t.priority), t.id));
-                if let Some(vt) = rows.iter().filter_map(|r| sqlx::Row::try_get::<i64, _>(r, "vt").ok()).max() {
-                    sqlx::query(Self::CLOCK_SQL).bind(vt).execute(&mut *tx).await?;
+                let vts: std::collections::HashMap<keel_core::id::TaskId, i64> = rows
+                    .iter()
+                    .filter_map(|r| {
+                        let id = sqlx::Row::try_get::<uuid::Uuid, _>(r, "id").ok()?;
+                        Some((keel_core::id::TaskId::from_uuid(id), sqlx::Row::try_get::<i64, _>(r, "vt").ok()?))
+                    })
+                    .collect();
+                // The claim skipped agents already at their concurrency limit; one batch
+                // can still take more of an agent's tasks than it has room for. The
+                // agents' rows are locked (serialising claims for them across
+                // instances), their running tasks counted, and the excess given back.
+                let mut agents: Vec<keel_core::id::AgentId> = tasks.iter().map(|t| t.agent_id).collect();
+                agents.sort_unstable();
+                agents.dedup();
+                let mut excess = Vec::new();
+                if !agents.is_empty() {
+                    // One round trip for the batch's agents with a limit (usually none),
+                    // locked in id order.
+                    let mut qb = sqlx::QueryBuilder::<$db>::new(
+                        "SELECT id, max_concurrency FROM agents WHERE max_concurrency IS NOT NULL AND id IN (",
+                    );
+                    let mut ids = qb.separated(", ");
+                    for a in &agents {
+                        ids.push_bind(a.as_uuid());
+                    }
+                    qb.push(") ORDER BY id").push(Self::LOCK_ROWS);
+                    let limited: Vec<(uuid::Uuid, i64)> = qb.build_query_as().fetch_all(&mut *tx).await?;
+                    for (agent, limit) in limited {
+                        let agent = keel_core::id::AgentId::from_uuid(agent);
+                        let running: i64 = sqlx::query_scalar(
+                            "SELECT count(*) FROM tasks WHERE agent_id = $1 AND lease_owner IS NOT NULL AND lease_until >= $2",
+                        )
+                        .bind(agent.as_uuid())
+                        .bind(now)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                        let over = usize::try_from(running - limit).unwrap_or(0);
+                        // The lowest-priority of this batch's tasks of the agent go back.
+                        excess.extend(tasks.iter().rev().filter(|t| t.agent_id == agent).take(over).map(|t| t.id));
+                    }
+                }
+                if !excess.is_empty() {
+                    let mut qb = sqlx::QueryBuilder::<$db>::new("UPDATE tasks SET lease_owner = NULL, lease_until = NULL WHERE id IN (");
+                    let mut ids = qb.separated(", ");
+                    for id in &excess {
+                        ids.push_bind(id.as_uuid());
+                    }
+                    qb.push(")");
+                    qb.build().execute(&mut *tx).await?;
+                    tasks.retain(|t| !excess.contains(&t.id));
+                }
+                if let Some(vt) = tasks.iter().filter_map(|t| vts.get(&t.id)).max() {
+                    sqlx::query(Self::CLOCK_SQL).bind(*vt).execute(&mut *tx).await?;
                 }
                 tx.commit().await?;
                 Ok(tasks)

@@ -72,7 +72,8 @@ impl SqliteStore {
     /// Leases the next runnable tasks (highest priority, then lowest virtual time).
     const CLAIM_SQL: &'static str = concat!(
         "UPDATE tasks SET lease_owner = $1, lease_until = $2 WHERE id IN (SELECT id FROM tasks \
-         WHERE queued AND run_at <= $3 AND (lease_until IS NULL OR lease_until < $3) \
+         WHERE queued AND run_at <= $3 AND (lease_until IS NULL OR lease_until < $3) AND agent_id NOT IN (SELECT a.id FROM agents a WHERE a.max_concurrency IS NOT NULL \
+         AND a.max_concurrency <= (SELECT count(*) FROM tasks r WHERE r.agent_id = a.id AND r.lease_owner IS NOT NULL AND r.lease_until >= $3)) \
          ORDER BY priority DESC, vt, id LIMIT $4) RETURNING ",
         crate::runtime::task_columns!()
     );

@@ -103,6 +103,7 @@ conformance!(
     audit_retention_moves_the_anchor_and_the_chain_still_verifies,
     workspace_limits_are_stored_per_workspace,
     budgets_reserve_exactly_and_alert_once_per_threshold,
+    claims_respect_each_agents_concurrency_limit,
 );
 
 fn name(s: &str) -> WorkspaceName {
@@ -1956,4 +1957,83 @@ async fn budgets_reserve_exactly_and_alert_once_per_threshold(f: &Fixture) {
         .await
         .unwrap_err();
     assert!(matches!(err, Error::NotFound { .. }), "{err}");
+}
+
+async fn claims_respect_each_agents_concurrency_limit(f: &Fixture) {
+    use keel_core::task::Priority;
+    let ws = f.store.ensure_workspace(&name("per-agent")).await.unwrap();
+    let limited = f
+        .store
+        .put_agent(
+            ws.id,
+            "limited",
+            &serde_json::json!({"name": "limited", "max_concurrency": 2}),
+            false,
+            false,
+        )
+        .await
+        .unwrap();
+    let free = runtime_fixtures::agent(f, ws.id).await;
+    for _ in 0..5 {
+        runtime_fixtures::create(
+            f,
+            runtime_fixtures::new_task(&limited, Priority::High, None),
+        )
+        .await;
+    }
+    for _ in 0..3 {
+        runtime_fixtures::create(f, runtime_fixtures::new_task(&free, Priority::Low, None)).await;
+    }
+    // One batch could take everything: the limited agent gets 2, the rest go to others.
+    let (one, two) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    let first = f
+        .store
+        .claim_tasks(one, runtime_fixtures::later(60), 10)
+        .await
+        .unwrap();
+    let count = |ts: &[keel_store::runtime::TaskRecord], a: &keel_store::runtime::AgentRecord| {
+        ts.iter().filter(|t| t.agent_id == a.id).count()
+    };
+    assert_eq!(
+        (count(&first, &limited), count(&first, &free)),
+        (2, 3),
+        "{first:?}"
+    );
+    // Another worker (another instance) gets none of the limited agent's while two run.
+    let second = f
+        .store
+        .claim_tasks(two, runtime_fixtures::later(60), 10)
+        .await
+        .unwrap();
+    assert!(second.is_empty(), "{second:?}");
+    // One lets go: one more may start, and only one.
+    let done = first.iter().find(|t| t.agent_id == limited.id).unwrap().id;
+    f.store.release_leases(one, &[done]).await.unwrap();
+    let third = f
+        .store
+        .claim_tasks(two, runtime_fixtures::later(60), 10)
+        .await
+        .unwrap();
+    assert_eq!(count(&third, &limited), 1, "{third:?}");
+    // Raising the limit (a new spec version) lets more start.
+    f.store
+        .put_agent(
+            ws.id,
+            "limited",
+            &serde_json::json!({"name": "limited", "max_concurrency": 10}),
+            false,
+            false,
+        )
+        .await
+        .unwrap();
+    let fourth = f
+        .store
+        .claim_tasks(two, runtime_fixtures::later(60), 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        count(&fourth, &limited),
+        3,
+        "the five, less the two running: {fourth:?}"
+    );
 }

@@ -86,3 +86,7 @@ CREATE TABLE audit_heads (
     pruned_seq    BIGINT NOT NULL DEFAULT 0,
     pruned_hash   TEXT NOT NULL DEFAULT ''
 );
+
+-- Per-agent concurrency: runs of the agent's tasks at once, across every instance (from
+-- the agent spec's max_concurrency; NULL for no limit).
+ALTER TABLE agents ADD COLUMN max_concurrency BIGINT;

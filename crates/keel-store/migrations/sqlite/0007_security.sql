@@ -86,3 +86,7 @@ CREATE TABLE audit_heads (
     pruned_seq    INTEGER NOT NULL DEFAULT 0,
     pruned_hash   TEXT NOT NULL DEFAULT ''
 ) STRICT;
+
+-- Per-agent concurrency: runs of the agent's tasks at once, across every instance (from
+-- the agent spec's max_concurrency; NULL for no limit).
+ALTER TABLE agents ADD COLUMN max_concurrency INTEGER;
