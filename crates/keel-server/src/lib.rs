@@ -44,7 +44,7 @@ pub mod audit;
 pub mod ratelimit;
 mod routes;
 pub mod session;
-pub use routes::audit::verify_workspace as audit_verify;
+pub use routes::audit::{ChainCheck, verify_workspace as audit_verify};
 
 /// What a server is made of.
 #[derive(Debug)]

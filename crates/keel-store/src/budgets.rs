@@ -250,6 +250,14 @@ pub(crate) fn thresholds_parse(s: &str) -> Vec<i64> {
     s.split(',').filter_map(|t| t.trim().parse().ok()).collect()
 }
 
+/// Selects a budget row; a `WHERE` follows.
+macro_rules! budget_select {
+    () => {
+        "SELECT workspace_id, key_id, period, limit_nanousd, thresholds, period_start, spent_nanousd, reserved_nanousd, alerted_percent FROM budgets "
+    };
+}
+pub(crate) use budget_select;
+
 /// Stamps [`BudgetStore`] onto a backend (see `sql_store!`); uses its `LOCK_ROWS`.
 macro_rules! budget_store {
     ($store:ty, $db:ty) => {
@@ -280,8 +288,7 @@ macro_rules! budget_store {
             ) -> $crate::Result<Vec<$crate::budgets::Budget>> {
                 let key = key.map_or(uuid::Uuid::nil(), |k| k.as_uuid());
                 sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "SELECT workspace_id, key_id, period, limit_nanousd, thresholds, period_start, spent_nanousd, reserved_nanousd, alerted_percent \
-                     FROM budgets WHERE workspace_id = $1 AND key_id IN ($2, $3) ORDER BY key_id, period{}",
+                    concat!($crate::budgets::budget_select!(), "WHERE workspace_id = $1 AND key_id IN ($2, $3) ORDER BY key_id, period{}"),
                     Self::LOCK_ROWS
                 )))
                 .bind(workspace.as_uuid())
@@ -343,10 +350,7 @@ macro_rules! budget_store {
                 .bind(now)
                 .execute(&mut *tx)
                 .await?;
-                let row = sqlx::query(
-                    "SELECT workspace_id, key_id, period, limit_nanousd, thresholds, period_start, spent_nanousd, reserved_nanousd, alerted_percent \
-                     FROM budgets WHERE workspace_id = $1 AND key_id = $2 AND period = $3",
-                )
+                let row = sqlx::query(concat!($crate::budgets::budget_select!(), "WHERE workspace_id = $1 AND key_id = $2 AND period = $3"))
                 .bind(b.workspace_id.as_uuid())
                 .bind(b.key_id.map_or(uuid::Uuid::nil(), |k| k.as_uuid()))
                 .bind(b.period.as_str())
@@ -375,10 +379,7 @@ macro_rules! budget_store {
             #[tracing::instrument(skip_all, fields(db.system = %Self::BACKEND))]
             async fn budgets(&self, workspace: keel_core::id::WorkspaceId) -> $crate::Result<Vec<$crate::budgets::Budget>> {
                 let now = $crate::now();
-                sqlx::query(
-                    "SELECT workspace_id, key_id, period, limit_nanousd, thresholds, period_start, spent_nanousd, reserved_nanousd, alerted_percent \
-                     FROM budgets WHERE workspace_id = $1 ORDER BY key_id, period",
-                )
+                sqlx::query(concat!($crate::budgets::budget_select!(), "WHERE workspace_id = $1 ORDER BY key_id, period"))
                 .bind(workspace.as_uuid())
                 .fetch_all(&self.pool)
                 .await?

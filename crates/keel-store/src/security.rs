@@ -345,6 +345,14 @@ pub trait SecurityStore: Send + Sync {
     ) -> Result<WorkspaceLimits>;
 }
 
+/// A membership with its user's email (`m`, `u`); a `WHERE` follows.
+macro_rules! membership_select {
+    () => {
+        "SELECT m.workspace_id, m.user_id, u.email, m.role, m.created_at FROM memberships m JOIN users u ON u.id = m.user_id "
+    };
+}
+pub(crate) use membership_select;
+
 macro_rules! audit_columns {
     () => {
         "workspace_id, seq, id, created_at, actor, action, target, ip, user_agent, request_id, data, prev_hash, hash"
@@ -474,10 +482,7 @@ macro_rules! security_store {
                     sqlx::Error::Database(db) if db.is_foreign_key_violation() => $crate::Error::NotFound { what: "user" },
                     _ => $crate::Error::from(e),
                 })?;
-                let row = sqlx::query(
-                    "SELECT m.workspace_id, m.user_id, u.email, m.role, m.created_at FROM memberships m \
-                     JOIN users u ON u.id = m.user_id WHERE m.workspace_id = $1 AND m.user_id = $2",
-                )
+                let row = sqlx::query(concat!($crate::security::membership_select!(), "WHERE m.workspace_id = $1 AND m.user_id = $2"))
                 .bind(workspace.as_uuid())
                 .bind(user.as_uuid())
                 .fetch_one(&self.writer)
@@ -512,10 +517,7 @@ macro_rules! security_store {
 
             #[tracing::instrument(skip_all, fields(db.system = %Self::BACKEND))]
             async fn memberships(&self, user: keel_core::id::UserId) -> $crate::Result<Vec<$crate::security::Membership>> {
-                sqlx::query(
-                    "SELECT m.workspace_id, m.user_id, u.email, m.role, m.created_at FROM memberships m \
-                     JOIN users u ON u.id = m.user_id WHERE m.user_id = $1 ORDER BY m.created_at, m.workspace_id",
-                )
+                sqlx::query(concat!($crate::security::membership_select!(), "WHERE m.user_id = $1 ORDER BY m.created_at, m.workspace_id"))
                 .bind(user.as_uuid())
                 .fetch_all(&self.pool)
                 .await?
@@ -526,10 +528,7 @@ macro_rules! security_store {
 
             #[tracing::instrument(skip_all, fields(db.system = %Self::BACKEND))]
             async fn members(&self, workspace: keel_core::id::WorkspaceId) -> $crate::Result<Vec<$crate::security::Membership>> {
-                sqlx::query(
-                    "SELECT m.workspace_id, m.user_id, u.email, m.role, m.created_at FROM memberships m \
-                     JOIN users u ON u.id = m.user_id WHERE m.workspace_id = $1 ORDER BY m.created_at, m.user_id",
-                )
+                sqlx::query(concat!($crate::security::membership_select!(), "WHERE m.workspace_id = $1 ORDER BY m.created_at, m.user_id"))
                 .bind(workspace.as_uuid())
                 .fetch_all(&self.pool)
                 .await?

@@ -59,7 +59,10 @@ pub(crate) enum AuditCommand {
     },
 }
 
-async fn open(config: &keel_core::config::Config) -> anyhow::Result<std::sync::Arc<dyn Store>> {
+/// Opens the configured store and brings its schema up to date.
+pub(crate) async fn open(
+    config: &keel_core::config::Config,
+) -> anyhow::Result<std::sync::Arc<dyn Store>> {
     let store = keel_store::open(config)
         .await
         .context("cannot open the database")?;
@@ -214,7 +217,11 @@ async fn audit_with(store: &dyn Store, command: AuditCommand) -> anyhow::Result<
     };
     let mut intact = true;
     for ws in workspaces {
-        let (head, checked, breaks) = keel_server::audit_verify(store, ws).await?;
+        let keel_server::ChainCheck {
+            head,
+            checked,
+            breaks,
+        } = keel_server::audit_verify(store, ws).await?;
         if breaks.is_empty() {
             out(&format!(
                 "{ws}\tok\t{checked} entries\thead {} {}",

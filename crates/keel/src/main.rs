@@ -857,13 +857,7 @@ async fn keys(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
                 .join(", ")
         );
     }
-    let store = keel_store::open(config)
-        .await
-        .context("cannot open the database")?;
-    store
-        .migrate()
-        .await
-        .context("cannot migrate the database")?;
+    let store = admin_cli::open(config).await?;
     let result = keys_with(store.as_ref(), command).await;
     store.close().await;
     result

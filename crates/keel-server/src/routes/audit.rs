@@ -290,7 +290,11 @@ pub(crate) async fn verify(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
 ) -> Result<Json<Verification>, ApiError> {
-    let (head, checked, breaks) = verify_workspace(state.store(), principal.workspace_id).await?;
+    let ChainCheck {
+        head,
+        checked,
+        breaks,
+    } = verify_workspace(state.store(), principal.workspace_id).await?;
     Ok(Json(Verification {
         ok: breaks.is_empty(),
         checked,
@@ -306,6 +310,17 @@ pub(crate) async fn verify(
     }))
 }
 
+/// What checking one workspace's chain found.
+#[derive(Debug)]
+pub struct ChainCheck {
+    /// The head the check read.
+    pub head: keel_store::security::AuditHead,
+    /// Entries checked.
+    pub checked: u64,
+    /// Every break found.
+    pub breaks: Vec<keel_store::security::ChainBreak>,
+}
+
 /// Checks one workspace's chain, a page at a time; also used by `keel audit verify`.
 /// Entries appended while it reads are beyond the head it read, and are left for the next
 /// check; a break seen once is checked again from a fresh head, so retention pruning the
@@ -313,16 +328,9 @@ pub(crate) async fn verify(
 pub async fn verify_workspace(
     store: &dyn keel_store::Store,
     workspace: keel_core::id::WorkspaceId,
-) -> Result<
-    (
-        keel_store::security::AuditHead,
-        u64,
-        Vec<keel_store::security::ChainBreak>,
-    ),
-    keel_store::Error,
-> {
+) -> Result<ChainCheck, keel_store::Error> {
     let first = verify_once(store, workspace).await?;
-    if first.2.is_empty() {
+    if first.breaks.is_empty() {
         return Ok(first);
     }
     verify_once(store, workspace).await
@@ -331,14 +339,7 @@ pub async fn verify_workspace(
 async fn verify_once(
     store: &dyn keel_store::Store,
     workspace: keel_core::id::WorkspaceId,
-) -> Result<
-    (
-        keel_store::security::AuditHead,
-        u64,
-        Vec<keel_store::security::ChainBreak>,
-    ),
-    keel_store::Error,
-> {
+) -> Result<ChainCheck, keel_store::Error> {
     use keel_store::security::{AuditHead, verify_chain};
     const PAGE: u32 = 1000;
     let head = store.audit_head(workspace).await?;
@@ -385,5 +386,9 @@ async fn verify_once(
             _ => break,
         }
     }
-    Ok((head, checked, breaks))
+    Ok(ChainCheck {
+        head,
+        checked,
+        breaks,
+    })
 }
