@@ -171,7 +171,7 @@ impl std::fmt::Debug for Runtime {
     }
 }
 
-type Env = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+use crate::mcp::Env;
 
 struct Inner {
     store: Arc<dyn Store>,
@@ -181,6 +181,8 @@ struct Inner {
     owner: Uuid,
     http: reqwest::Client,
     env: Env,
+    /// MCP servers' connections.
+    mcp: Arc<crate::mcp::Servers>,
     /// Runs in progress here, by task.
     active: Mutex<HashMap<TaskId, CancellationToken>>,
     slots: Arc<Semaphore>,
@@ -207,6 +209,7 @@ pub struct Tasks {
     commit_stop: CancellationToken,
     workers: Vec<JoinHandle<()>>,
     committer: JoinHandle<()>,
+    mcp: Arc<crate::mcp::Servers>,
 }
 
 /// Why the runtime could not start.
@@ -233,6 +236,7 @@ pub async fn start(
         .connect_timeout(Duration::from_secs(5))
         .build()
         .map_err(StartError::Http)?;
+    let mcp = Arc::new(crate::mcp::Servers::new(http.clone(), env.clone()));
     let runtime = Runtime {
         inner: Arc::new(Inner {
             store: store.clone(),
@@ -242,6 +246,7 @@ pub async fn start(
             owner: Uuid::now_v7(),
             http,
             env,
+            mcp: mcp.clone(),
             active: Mutex::new(HashMap::new()),
             slots: Arc::new(Semaphore::new(config.workers)),
             wake: Notify::new(),
@@ -301,6 +306,7 @@ pub async fn start(
             commit_stop,
             workers,
             committer,
+            mcp,
         },
     ))
 }
@@ -315,6 +321,7 @@ impl Tasks {
         }
         self.commit_stop.cancel();
         let _ = self.committer.await;
+        self.mcp.close_all().await;
     }
 }
 
@@ -762,7 +769,18 @@ impl Runtime {
             .iter()
             .filter(|s| s.kind == "llm_call" || s.kind == "tool_call")
             .count();
-        let tool_defs: Vec<Value> = spec.tools.iter().map(ToolSpec::definition).collect();
+        let mut tool_defs: Vec<Value> = Vec::with_capacity(spec.tools.len());
+        for tool in &spec.tools {
+            match tool {
+                ToolSpec::Mcp(server) => {
+                    match inner.mcp.tools(run.task.workspace_id, server).await {
+                        Ok(listed) => tool_defs.extend(listed.iter().map(|t| t.definition.clone())),
+                        Err(e) => return run.fail_attempt("mcp", &e, true).await,
+                    }
+                }
+                _ => tool_defs.extend(tool.definition()),
+            }
+        }
         let started = task.started_at.unwrap_or_else(OffsetDateTime::now_utc);
         let deadline_at = started + spec.timeout;
 
@@ -1084,12 +1102,21 @@ impl Runtime {
                         None => tools::Outcome::refused(format!(
                             "there is no tool named {:?}; the tools are: {}",
                             call.function.name,
-                            spec.tools
+                            tool_defs
                                 .iter()
-                                .map(ToolSpec::name)
+                                .filter_map(|d| d["function"]["name"].as_str())
                                 .collect::<Vec<_>>()
                                 .join(", ")
                         )),
+                        Some(ToolSpec::Mcp(server)) => {
+                            let breaker = self.breaker(run.task.agent_id, &server.name);
+                            tokio::select! {
+                                () = token.cancelled() => continue,
+                                () = tokio::time::sleep(remaining) => continue,
+                                outcome = inner.mcp.call(run.task.workspace_id, server, &call.function.name, &arguments, &key, &breaker)
+                                .instrument(tracing::info_span!("step.tool", step = run.steps, tool = %call.function.name)) => outcome,
+                            }
+                        }
                         Some(ToolSpec::Http(http)) => {
                             match tools::check_arguments(&http.parameters, &arguments) {
                                 Err(problem) => tools::Outcome::refused(problem),

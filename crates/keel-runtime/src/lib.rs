@@ -1,4 +1,4 @@
-//! Keel's agent runtime: agent specs, tools (HTTP, other agents), the durable run loop
+//! Keel's agent runtime: agent specs, tools (HTTP, MCP, other agents), the durable run loop
 //! with per-step checkpoints and crash resume, and the workers that take tasks from the
 //! queue in the store.
 //!
@@ -11,6 +11,7 @@
 
 pub mod context;
 mod engine;
+pub mod mcp;
 pub mod spec;
 pub mod tasks;
 pub mod tools;

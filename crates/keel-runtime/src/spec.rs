@@ -102,6 +102,43 @@ pub enum ToolSpec {
     Http(HttpTool),
     /// Another agent of the workspace: the call is a child task.
     Agent(AgentTool),
+    /// An MCP server (stdio or streamable HTTP): each of its tools is offered to the model
+    /// as `<name>__<tool>`.
+    Mcp(McpTool),
+}
+
+/// Separates an MCP server's name from its tool's in the name the model calls.
+pub const MCP_SEPARATOR: &str = "__";
+
+/// An MCP server whose tools an agent may call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct McpTool {
+    /// The server's name; the model calls its tools `<name>__<tool>`.
+    pub name: String,
+    /// stdio: the program and its arguments, started by Keel and restarted if it dies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// stdio: environment of the program (`${VAR}` read from Keel's environment). The
+    /// program inherits only `PATH`, `HOME`, `LANG`, `TZ`, `TMPDIR` and `USER` otherwise,
+    /// never Keel's secrets.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Streamable HTTP: the server's `http(s)://` endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Streamable HTTP: extra headers (`${VAR}` read from Keel's environment).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// Only these of the server's tools are offered (all when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Vec<String>>,
+    /// Time limit of starting the server, and of one call.
+    #[serde(default = "default_tool_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Each call waits for a human's approval.
+    #[serde(default)]
+    pub requires_approval: bool,
 }
 
 /// An HTTP tool.
@@ -171,6 +208,7 @@ impl ToolSpec {
         match self {
             Self::Http(t) => &t.name,
             Self::Agent(t) => &t.name,
+            Self::Mcp(t) => &t.name,
         }
     }
 
@@ -180,13 +218,16 @@ impl ToolSpec {
         match self {
             Self::Http(t) => t.requires_approval,
             Self::Agent(t) => t.requires_approval,
+            Self::Mcp(t) => t.requires_approval,
         }
     }
 
-    /// The OpenAI `tools[]` entry the model sees.
+    /// The OpenAI `tools[]` entry the model sees; `None` for an MCP server, whose tools
+    /// are listed by the server itself.
     #[must_use]
-    pub fn definition(&self) -> Value {
+    pub fn definition(&self) -> Option<Value> {
         let (name, description, parameters) = match self {
+            Self::Mcp(_) => return None,
             Self::Http(t) => (&t.name, &t.description, t.parameters.clone()),
             Self::Agent(t) => (
                 &t.name,
@@ -198,11 +239,17 @@ impl ToolSpec {
                 }),
             ),
         };
-        serde_json::json!({
-            "type": "function",
-            "function": {"name": name, "description": description, "parameters": parameters},
-        })
+        Some(function_definition(name, description, parameters))
     }
+}
+
+/// An OpenAI `tools[]` entry.
+#[must_use]
+pub fn function_definition(name: &str, description: &str, parameters: Value) -> Value {
+    serde_json::json!({
+        "type": "function",
+        "function": {"name": name, "description": description, "parameters": parameters},
+    })
 }
 
 /// One problem with a spec.
@@ -380,6 +427,7 @@ impl AgentSpec {
                         ));
                     }
                 }
+                ToolSpec::Mcp(t) => validate_mcp(t, &at, &mut out),
             }
         }
         if out.is_empty() {
@@ -395,10 +443,16 @@ impl AgentSpec {
         serde_json::to_value(self).unwrap_or(Value::Null)
     }
 
-    /// The tool the model called, by name.
+    /// The tool the model called, by name: an MCP server's tools are `<server>__<tool>`.
     #[must_use]
     pub fn tool(&self, name: &str) -> Option<&ToolSpec> {
-        self.tools.iter().find(|t| t.name() == name)
+        self.tools.iter().find(|t| match t {
+            ToolSpec::Mcp(m) => name
+                .strip_prefix(m.name.as_str())
+                .and_then(|rest| rest.strip_prefix(MCP_SEPARATOR))
+                .is_some_and(|rest| !rest.is_empty()),
+            _ => t.name() == name,
+        })
     }
 
     /// Renders the system prompt over the spec's variables overlaid with `extra`.
@@ -413,6 +467,80 @@ impl AgentSpec {
         env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
         env.render_str(&self.system_prompt, minijinja::value::Serde(&vars))
             .map_err(|e| format!("system prompt: {e}"))
+    }
+}
+
+fn validate_mcp(t: &McpTool, at: &dyn Fn(&str) -> String, out: &mut Vec<Issue>) {
+    if t.name.contains(MCP_SEPARATOR) {
+        out.push(issue(
+            at("name"),
+            format!("an MCP server's name may not contain {MCP_SEPARATOR:?}"),
+        ));
+    }
+    if t.name.len() > 32 {
+        out.push(issue(
+            at("name"),
+            "an MCP server's name is at most 32 characters (the model sees <name>__<tool>, at most 64)",
+        ));
+    }
+    match (&t.url, t.command.is_empty()) {
+        (None, true) => out.push(issue(
+            at("command"),
+            "an MCP server needs `command` (stdio) or `url` (streamable HTTP)",
+        )),
+        (Some(_), false) => out.push(issue(
+            at("url"),
+            "give `command` (stdio) or `url` (streamable HTTP), not both",
+        )),
+        (Some(url), true) => {
+            if !(url.starts_with("http://") || url.starts_with("https://"))
+                || reqwest::Url::parse(url).is_err()
+            {
+                out.push(issue(at("url"), format!("{url:?} is not an http(s) URL")));
+            }
+            if !t.env.is_empty() {
+                out.push(issue(at("env"), "`env` is for stdio servers (`command`)"));
+            }
+        }
+        (None, false) => {
+            if t.command[0].trim().is_empty() {
+                out.push(issue(at("command"), "the program is empty"));
+            }
+            if !t.headers.is_empty() {
+                out.push(issue(
+                    at("headers"),
+                    "`headers` is for HTTP servers (`url`)",
+                ));
+            }
+        }
+    }
+    for (key, value) in &t.env {
+        if key.is_empty() || key.contains('=') || key.contains('\0') {
+            out.push(issue(at("env"), format!("{key:?} is not a variable name")));
+        }
+        if let Err(e) = env_refs(value) {
+            out.push(issue(at("env"), format!("{key}: {e}")));
+        }
+    }
+    for (header, value) in &t.headers {
+        if reqwest::header::HeaderName::from_bytes(header.as_bytes()).is_err() {
+            out.push(issue(
+                at("headers"),
+                format!("{header:?} is not a header name"),
+            ));
+        }
+        if let Err(e) = env_refs(value) {
+            out.push(issue(at("headers"), format!("{header}: {e}")));
+        }
+    }
+    if t.tools.as_ref().is_some_and(Vec::is_empty) {
+        out.push(issue(
+            at("tools"),
+            "an empty list offers no tool; leave `tools` out to offer them all",
+        ));
+    }
+    if t.timeout.is_zero() {
+        out.push(issue(at("timeout"), "must be longer than 0s"));
     }
 }
 

@@ -226,7 +226,7 @@ async fn read_capped(mut response: reqwest::Response) -> Result<String, String> 
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
-fn truncate(text: &str) -> String {
+pub(crate) fn truncate(text: &str) -> String {
     if text.len() <= MAX_CONTENT {
         return text.to_owned();
     }

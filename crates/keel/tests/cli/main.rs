@@ -13,6 +13,7 @@ mod agents;
 mod config;
 mod events;
 mod gateway;
+mod mcp;
 mod nats;
 mod postgres;
 mod sdk;
