@@ -1062,6 +1062,30 @@ impl Runtime {
                     }
                     let key = format!("{run_id}.{asked_at}.{}", call.id);
                     let tool = spec.tool(&call.function.name);
+                    if let Some(ToolSpec::Human(_)) = tool {
+                        // A question to the user: the task waits; the reply is the result.
+                        let question = serde_json::from_str::<Value>(&call.function.arguments)
+                            .ok()
+                            .and_then(|a| a.get("question")?.as_str().map(str::to_owned))
+                            .unwrap_or_else(|| call.function.arguments.clone());
+                        let ev = event(
+                            &run.task,
+                            run_id,
+                            EventType::TaskInputRequired,
+                            json!({
+                                "reason": "reply", "tool": call.function.name, "call_id": call.id, "question": question,
+                            }),
+                        );
+                        let committed = self
+                            .commit(run.checkpoint(
+                                None,
+                                Vec::new(),
+                                Some(Finish::InputRequired),
+                                vec![ev],
+                            ))
+                            .await?;
+                        return Ok(settled(committed));
+                    }
                     let mut arguments = call.function.arguments.clone();
                     if let Some(tool) = tool
                         && tool.requires_approval()
@@ -1108,6 +1132,8 @@ impl Runtime {
                                 .collect::<Vec<_>>()
                                 .join(", ")
                         )),
+                        // Handled above: a question never reaches a call.
+                        Some(ToolSpec::Human(_)) => continue,
                         Some(ToolSpec::Mcp(server)) => {
                             let breaker = self.breaker(run.task.agent_id, &server.name);
                             tokio::select! {

@@ -105,6 +105,24 @@ pub enum ToolSpec {
     /// An MCP server (stdio or streamable HTTP): each of its tools is offered to the model
     /// as `<name>__<tool>`.
     Mcp(McpTool),
+    /// The user: the model asks a question, the task waits (`input-required`) for the reply
+    /// given through `POST /v1/tasks/{id}/input` (`action = "reply"`).
+    Human(HumanTool),
+}
+
+/// A question to the user.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HumanTool {
+    /// The name the model calls it by.
+    pub name: String,
+    /// What it is for, for the model.
+    #[serde(default = "default_human_description")]
+    pub description: String,
+}
+
+fn default_human_description() -> String {
+    "Ask the user a question and wait for their reply. Use it when you need information only the user has.".to_owned()
 }
 
 /// Separates an MCP server's name from its tool's in the name the model calls.
@@ -209,6 +227,7 @@ impl ToolSpec {
             Self::Http(t) => &t.name,
             Self::Agent(t) => &t.name,
             Self::Mcp(t) => &t.name,
+            Self::Human(t) => &t.name,
         }
     }
 
@@ -219,6 +238,7 @@ impl ToolSpec {
             Self::Http(t) => t.requires_approval,
             Self::Agent(t) => t.requires_approval,
             Self::Mcp(t) => t.requires_approval,
+            Self::Human(_) => false,
         }
     }
 
@@ -228,6 +248,15 @@ impl ToolSpec {
     pub fn definition(&self) -> Option<Value> {
         let (name, description, parameters) = match self {
             Self::Mcp(_) => return None,
+            Self::Human(t) => (
+                &t.name,
+                &t.description,
+                serde_json::json!({
+                    "type": "object",
+                    "properties": {"question": {"type": "string", "description": "The question, as the user will read it."}},
+                    "required": ["question"],
+                }),
+            ),
             Self::Http(t) => (&t.name, &t.description, t.parameters.clone()),
             Self::Agent(t) => (
                 &t.name,
@@ -428,6 +457,7 @@ impl AgentSpec {
                     }
                 }
                 ToolSpec::Mcp(t) => validate_mcp(t, &at, &mut out),
+                ToolSpec::Human(_) => {}
             }
         }
         if out.is_empty() {

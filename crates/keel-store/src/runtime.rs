@@ -202,7 +202,7 @@ pub struct StepRecord {
     pub idx: i64,
     /// Its run.
     pub run_id: RunId,
-    /// `llm_call`, `tool_call`, `approval`.
+    /// `llm_call`, `tool_call`, `approval`, `reply`.
     pub kind: String,
     /// What the step did and produced.
     pub data: serde_json::Value,

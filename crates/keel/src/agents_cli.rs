@@ -16,15 +16,28 @@ fn client() -> anyhow::Result<reqwest::Client> {
         .build()?)
 }
 
-/// Runs one task of `agent` and prints what happens until it settles. Returns the task's
-/// final status.
+/// Where a task followed at the terminal stopped.
+#[derive(Debug, Default)]
+pub struct Settled {
+    /// Its status: `completed`, `failed`, `canceled`, `input-required`, or `working` if the
+    /// stream ended first.
+    pub status: String,
+    /// The task.
+    pub task_id: String,
+    /// The question it waits on a reply to, if it asked one.
+    pub question: Option<String>,
+    /// The last event's seq (to follow on from).
+    pub seq: Option<u64>,
+}
+
+/// Runs one task of `agent` and prints what happens until it settles.
 pub async fn run(
     url: &str,
     key: &str,
     agent: &str,
     input: &str,
     thread: Option<&str>,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<Settled> {
     let base = url.trim_end_matches('/');
     let mut body = json!({"agent": agent, "input": input, "mode": "stream"});
     if let Some(thread) = thread {
@@ -47,11 +60,63 @@ pub async fn run(
                 .unwrap_or("the server refused the task")
         );
     }
+    follow(res, agent, Settled::default()).await
+}
+
+/// Answers the question task `task_id` asked, then prints what happens until it settles
+/// again (following the task's events after `seq`).
+pub async fn reply(
+    url: &str,
+    key: &str,
+    agent: &str,
+    task_id: &str,
+    seq: Option<u64>,
+    message: &str,
+) -> anyhow::Result<Settled> {
+    let base = url.trim_end_matches('/');
+    let http = client()?;
+    let res = http
+        .post(format!("{base}/v1/tasks/{task_id}/input"))
+        .bearer_auth(key)
+        .json(&json!({"action": "reply", "message": message}))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach Keel at {base}"))?;
+    if !res.status().is_success() {
+        let status = res.status();
+        let problem: Value = res.json().await.unwrap_or(Value::Null);
+        bail!(
+            "{status}: {}",
+            problem["detail"]
+                .as_str()
+                .unwrap_or("the reply was refused")
+        );
+    }
+    let after = seq.map_or_else(String::new, |s| format!("&after={s}"));
+    let res = http
+        .get(format!("{base}/v1/events?task_id={task_id}{after}"))
+        .bearer_auth(key)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .with_context(|| format!("cannot reach Keel at {base}"))?
+        .error_for_status()?;
+    let settled = Settled {
+        task_id: task_id.to_owned(),
+        ..Settled::default()
+    };
+    follow(res, agent, settled).await
+}
+
+/// Prints a task's events from an SSE response until the task settles or waits for input.
+async fn follow(res: reqwest::Response, agent: &str, mut at: Settled) -> anyhow::Result<Settled> {
     let mut stream = res.bytes_stream();
     let mut buffer = Vec::new();
     let mut status = String::from("working");
-    let mut task_id = String::new();
-    while let Some(chunk) = stream.next().await {
+    let mut task_id = std::mem::take(&mut at.task_id);
+    let mut question = None;
+    let mut seq = at.seq;
+    'frames: while let Some(chunk) = stream.next().await {
         buffer.extend_from_slice(&chunk.context("the stream broke")?);
         while let Some(end) = find(&buffer, b"\n\n") {
             let frame: Vec<u8> = buffer.drain(..end + 2).collect();
@@ -63,6 +128,8 @@ pub async fn run(
                     kind = k;
                 } else if let Some(d) = line.strip_prefix("data: ") {
                     data.push_str(d);
+                } else if let Some(id) = line.strip_prefix("id: ") {
+                    seq = id.trim().parse().ok().or(seq);
                 }
             }
             let Ok(v) = serde_json::from_str::<Value>(&data) else {
@@ -107,6 +174,12 @@ pub async fn run(
                     "{agent}: {}",
                     d["content"].as_str().unwrap_or_default()
                 )),
+                "task.input_required" if d["reason"] == "reply" => {
+                    status = "input-required".to_owned();
+                    let asked = d["question"].as_str().unwrap_or_default().to_owned();
+                    out(&format!("{agent} asks: {asked}"));
+                    question = Some(asked);
+                }
                 "task.input_required" => {
                     status = "input-required".to_owned();
                     out(&format!(
@@ -140,9 +213,17 @@ pub async fn run(
                 }
                 _ => {}
             }
+            if status != "working" {
+                break 'frames;
+            }
         }
     }
-    Ok(status)
+    Ok(Settled {
+        status,
+        task_id,
+        question,
+        seq,
+    })
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -167,14 +248,22 @@ pub async fn chat(url: &str, key: &str, agent: &str) -> anyhow::Result<()> {
         "chatting with {agent} on thread {thread}; an empty line or /exit ends"
     ));
     let stdin = std::io::stdin();
+    let mut waiting: Option<Settled> = None;
     for line in stdin.lock().lines() {
         let line = line?;
         let line = line.trim();
         if line.is_empty() || line == "/exit" {
             break;
         }
-        if let Err(e) = run(base, key, agent, line, Some(&thread)).await {
-            out(&format!("error: {e:#}"));
+        let outcome = match waiting.take() {
+            // The agent asked a question: this line is the answer.
+            Some(asked) => reply(base, key, agent, &asked.task_id, asked.seq, line).await,
+            None => run(base, key, agent, line, Some(&thread)).await,
+        };
+        match outcome {
+            Ok(settled) if settled.question.is_some() => waiting = Some(settled),
+            Ok(_) => {}
+            Err(e) => out(&format!("error: {e:#}")),
         }
     }
     Ok(())

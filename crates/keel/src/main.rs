@@ -568,10 +568,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             server,
         } => {
             let url = server_url(&cli.global, server.url)?;
-            let status =
+            let settled =
                 agents_cli::run(&url, &server.key, &agent, &input, thread.as_deref()).await?;
+            if settled.question.is_some() {
+                out(&format!(
+                    "answer with POST /v1/tasks/{}/input {{\"action\": \"reply\", \"message\": \"…\"}}, or talk to it with `keel chat`",
+                    settled.task_id
+                ));
+            }
             Ok(
-                if matches!(status.as_str(), "completed" | "input-required") {
+                if matches!(settled.status.as_str(), "completed" | "input-required") {
                     ExitCode::SUCCESS
                 } else {
                     ExitCode::FAILURE

@@ -476,7 +476,7 @@ pub(crate) struct StepView {
     idx: i64,
     /// Its run.
     run_id: String,
-    /// `llm_call`, `tool_call` or `approval`.
+    /// `llm_call`, `tool_call`, `approval` or `reply`.
     kind: String,
     /// What it did: model, tokens, cost, latency; tool, call id, outcome, idempotency key;
     /// the human's decision.
@@ -618,21 +618,23 @@ pub(crate) async fn cancel(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TaskInput {
-    /// `approve` (run the tool call as asked), `edit` (run it with `arguments`) or
-    /// `reject` (do not run it; the model is told, with `message`).
+    /// `approve` (run the tool call as asked), `edit` (run it with `arguments`),
+    /// `reject` (do not run it; the model is told, with `message`), or `reply` (answer the
+    /// question the agent asked, with `message`).
     action: String,
     /// For `edit`: the arguments to call the tool with.
     #[schema(value_type = Object)]
     arguments: Option<Value>,
-    /// For `reject`: what the model is told.
+    /// For `reject`: what the model is told. For `reply`: the user's answer.
     message: Option<String>,
     /// For `reject`: end the task as `rejected` instead of letting the model go on.
     #[serde(default)]
     end_task: bool,
 }
 
-/// Gives a human's decision to a task waiting for one (`input-required`): approve, edit or
-/// reject the tool call it waits on. Requires role: member.
+/// Gives a human's input to a task waiting for it (`input-required`): approve, edit or
+/// reject the tool call it waits on, or reply to the question it asked. Requires role:
+/// member.
 #[utoipa::path(post, path = "/v1/tasks/{id}/input", tag = super::TASKS, security(("api_key" = [])),
     params(("id" = String, Path, description = "The task's id (`task_…`)")),
     request_body = TaskInput,
@@ -659,9 +661,35 @@ pub(crate) async fn input(
         )));
     }
     let (call_id, tool) = pending_call(&state, &task).await?;
+    let question = state
+        .store()
+        .agent_version(ws, task.agent_id, task.agent_version)
+        .await
+        .ok()
+        .and_then(|a| keel_runtime::spec::AgentSpec::from_json(a.spec).ok())
+        .is_some_and(|spec| {
+            matches!(
+                spec.tool(&tool),
+                Some(keel_runtime::spec::ToolSpec::Human(_))
+            )
+        });
+    match (question, body.action.as_str()) {
+        (true, "approve" | "edit") => {
+            return Err(ApiError::bad_request(format!(
+                "action: the task waits for a reply to its question ({tool}), not an approval: send action \"reply\" with the answer in \"message\""
+            )));
+        }
+        (false, "reply") => {
+            return Err(ApiError::bad_request(format!(
+                "action: the task waits for approval of a call to {tool}, not a reply: send approve, edit or reject"
+            )));
+        }
+        _ => {}
+    }
     let by = principal.actor();
-    let (data, messages, finish) = match body.action.as_str() {
+    let (kind, data, messages, finish) = match body.action.as_str() {
         "approve" => (
+            "approval",
             json!({"call_id": call_id, "tool": tool, "action": "approve", "by": by}),
             Vec::new(),
             None,
@@ -673,6 +701,7 @@ pub(crate) async fn input(
                 ));
             };
             (
+                "approval",
                 json!({"call_id": call_id, "tool": tool, "action": "edit", "arguments": arguments, "by": by}),
                 Vec::new(),
                 None,
@@ -682,25 +711,34 @@ pub(crate) async fn input(
             let message = body
                 .message
                 .unwrap_or_else(|| "The user rejected this tool call.".to_owned());
-            let reply = json!({"role": "tool", "tool_call_id": call_id, "content": format!("Rejected by a human: {message}")});
-            // The tokenizer may load its tables on first use: off the async threads.
-            let text = message.clone();
-            let counted = tokio::task::spawn_blocking(move || keel_llm::tokens::count(&text))
-                .await
-                .unwrap_or_default();
-            let tokens = i64::try_from(counted).unwrap_or(0) + 8;
+            let content = if question {
+                format!("The user declined to answer: {message}")
+            } else {
+                format!("Rejected by a human: {message}")
+            };
             (
+                "approval",
                 json!({"call_id": call_id, "tool": tool, "action": "reject", "message": message, "by": by}),
-                vec![NewMessage {
-                    body: reply,
-                    tokens,
-                }],
+                vec![tool_message(&call_id, content).await],
                 body.end_task.then_some(TaskStatus::Rejected),
+            )
+        }
+        "reply" => {
+            let Some(message) = body.message.filter(|m| !m.trim().is_empty()) else {
+                return Err(ApiError::bad_request(
+                    "message: `reply` needs the user's answer as a non-empty string",
+                ));
+            };
+            (
+                "reply",
+                json!({"call_id": call_id, "tool": tool, "action": "reply", "by": by}),
+                vec![tool_message(&call_id, message).await],
+                None,
             )
         }
         other => {
             return Err(ApiError::bad_request(format!(
-                "action: expected approve, edit or reject, got {other:?}"
+                "action: expected approve, edit, reject or reply, got {other:?}"
             )));
         }
     };
@@ -719,14 +757,7 @@ pub(crate) async fn input(
     let decision = data.clone();
     let (task, events) = state
         .store()
-        .submit_input(
-            ws,
-            id,
-            ("approval".to_owned(), data),
-            messages,
-            finish,
-            events,
-        )
+        .submit_input(ws, id, (kind.to_owned(), data), messages, finish, events)
         .await?;
     state.events().publish(&events);
     state.runtime().wake();
@@ -738,6 +769,19 @@ pub(crate) async fn input(
     )
     .await;
     Ok(Json(task.into()))
+}
+
+/// The tool result a human's input adds to the conversation, with its tokens counted.
+async fn tool_message(call_id: &str, content: String) -> NewMessage {
+    // The tokenizer may load its tables on first use: off the async threads.
+    let text = content.clone();
+    let counted = tokio::task::spawn_blocking(move || keel_llm::tokens::count(&text))
+        .await
+        .unwrap_or_default();
+    NewMessage {
+        body: json!({"role": "tool", "tool_call_id": call_id, "content": content}),
+        tokens: i64::try_from(counted).unwrap_or(0) + 8,
+    }
 }
 
 /// The tool call a task waits on: the first unanswered call of its run's last assistant

@@ -615,7 +615,26 @@ async fn a_tool_that_needs_approval_waits_for_approve_edit_or_reject() {
         p["detail"]
             .as_str()
             .unwrap()
-            .contains("approve, edit or reject"),
+            .contains("approve, edit, reject or reply"),
+        "{p}"
+    );
+    // A reply answers a question, not a call waiting for approval.
+    let p = assert_problem(
+        post_json(
+            &keel,
+            &key,
+            &format!("/v1/tasks/{id}/input"),
+            json!({"action": "reply", "message": "Oslo"}),
+        )
+        .await,
+        400,
+    )
+    .await;
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap()
+            .contains("approval of a call to lookup"),
         "{p}"
     );
     let res = post_json(
@@ -1323,4 +1342,129 @@ async fn keel_run_and_chat_show_tool_calls_and_answers_at_the_terminal() {
     assert!(out.status.success(), "{stdout}");
     assert!(stdout.contains("stored second v1"), "{stdout}");
     assert_eq!(get(&keel, &key, "/v1/agents/second").await["version"], 1);
+}
+
+#[tokio::test]
+async fn an_agent_asks_the_user_a_question_and_goes_on_with_the_reply() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_mock, mock_url) = mock_llm(
+        dir.path(),
+        json!([
+            {"tool_calls": [{"name": "ask_user", "arguments": {"question": "Which city?"}}]},
+            {"content": "Answer: {{last}}"}
+        ]),
+    )
+    .await;
+    let spec = "name = \"asker\"\nsystem_prompt = \"Ask when unsure.\"\n\
+                [[tools]]\nkind = \"human\"\nname = \"ask_user\"\n";
+    configure(dir.path(), &mock_url, "", &[("asker", spec.to_owned())]);
+    let key = create_key(dir.path(), "acme", "member", &[]);
+    let keel = Keel::start(dir.path(), &[]).await;
+
+    let task: Value = post_task(&keel, &key, json!({"agent": "asker", "input": "Weather?"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(task["status"], "input-required", "{task}");
+    let id = task["id"].as_str().unwrap().to_owned();
+    let events = get(
+        &keel,
+        &key,
+        &format!("/v1/events?format=json&task_id={id}&types=task.input_required"),
+    )
+    .await;
+    let waiting = &events["data"][0]["data"];
+    assert_eq!(waiting["reason"], "reply", "{waiting}");
+    assert_eq!(waiting["question"], "Which city?");
+    assert_eq!(waiting["tool"], "ask_user");
+
+    // A question takes a reply, with a message; nothing else.
+    let input = format!("/v1/tasks/{id}/input");
+    let problem = assert_problem(
+        post_json(&keel, &key, &input, json!({"action": "approve"})).await,
+        400,
+    )
+    .await;
+    assert!(
+        problem["detail"].as_str().unwrap().contains("\"reply\""),
+        "{problem}"
+    );
+    let problem = assert_problem(
+        post_json(
+            &keel,
+            &key,
+            &input,
+            json!({"action": "reply", "message": " "}),
+        )
+        .await,
+        400,
+    )
+    .await;
+    assert!(
+        problem["detail"].as_str().unwrap().starts_with("message:"),
+        "{problem}"
+    );
+    assert_eq!(
+        get(&keel, &key, &format!("/v1/tasks/{id}")).await["status"],
+        "input-required"
+    );
+
+    let res = post_json(
+        &keel,
+        &key,
+        &input,
+        json!({"action": "reply", "message": "Oslo"}),
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+    let done = settle(&keel, &key, &id, "completed").await;
+    assert_eq!(done["output"], "Answer: Oslo", "{done}");
+    let steps = get(&keel, &key, &format!("/v1/tasks/{id}/steps")).await;
+    let kinds: Vec<&str> = steps["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["llm_call", "reply", "llm_call"]);
+    assert_problem(
+        post_json(
+            &keel,
+            &key,
+            &input,
+            json!({"action": "reply", "message": "again"}),
+        )
+        .await,
+        409,
+    )
+    .await;
+
+    // At the terminal, `keel chat` shows the question and sends the next line as the reply.
+    let (dir_path, url_chat, key_chat) = (dir.path().to_owned(), keel.url(""), key.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        use std::io::Write as _;
+        let mut child = keel_command(&dir_path)
+            .args(["chat", "asker", "--url", &url_chat])
+            .env("KEEL_API_KEY", &key_chat)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"Weather?\nBergen\n")
+            .unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("asker asks: Which city?"), "{stdout}");
+    assert!(stdout.contains("asker: Answer: Bergen"), "{stdout}");
+    assert_eq!(stdout.matches("✓ completed").count(), 1, "{stdout}");
+    assert_events_valid(dir.path(), &keel, &key).await;
 }
