@@ -249,3 +249,156 @@ pub struct EmbeddingsResponse {
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
+
+/// Builds the whole answer from a stream's chunks (the first choice): content appended,
+/// tool calls put together by their `index`, the last finish reason and usage kept.
+#[derive(Debug, Default)]
+pub struct Assembler {
+    id: String,
+    created: u64,
+    model: String,
+    content: String,
+    calls: Vec<ToolCall>,
+    finish_reason: Option<String>,
+    usage: Option<Usage>,
+}
+
+impl Assembler {
+    /// Takes in one chunk.
+    pub fn push(&mut self, chunk: &ChatChunk) {
+        if self.id.is_empty() {
+            self.id.clone_from(&chunk.id);
+            self.created = chunk.created;
+            self.model.clone_from(&chunk.model);
+        }
+        if chunk.usage.is_some() {
+            self.usage = chunk.usage;
+        }
+        for choice in chunk.choices.iter().filter(|c| c.index == 0) {
+            if let Some(text) = choice.delta.get("content").and_then(Value::as_str) {
+                self.content.push_str(text);
+            }
+            for call in choice
+                .delta
+                .get("tool_calls")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let at = call
+                    .get("index")
+                    .and_then(Value::as_u64)
+                    .and_then(|i| usize::try_from(i).ok())
+                    .unwrap_or(self.calls.len().saturating_sub(1));
+                // An index far past the calls so far is malformed: appended instead.
+                let at = at.min(self.calls.len());
+                if at == self.calls.len() {
+                    self.calls.push(ToolCall {
+                        id: String::new(),
+                        kind: function(),
+                        function: FunctionCall {
+                            name: String::new(),
+                            arguments: String::new(),
+                        },
+                    });
+                }
+                let slot = &mut self.calls[at];
+                if let Some(id) = call.get("id").and_then(Value::as_str) {
+                    id.clone_into(&mut slot.id);
+                }
+                if let Some(name) = call.pointer("/function/name").and_then(Value::as_str) {
+                    slot.function.name.push_str(name);
+                }
+                if let Some(args) = call.pointer("/function/arguments").and_then(Value::as_str) {
+                    slot.function.arguments.push_str(args);
+                }
+            }
+            if choice.finish_reason.is_some() {
+                self.finish_reason.clone_from(&choice.finish_reason);
+            }
+        }
+    }
+
+    /// The whole answer.
+    #[must_use]
+    pub fn finish(self) -> ChatResponse {
+        let message = Message {
+            role: "assistant".to_owned(),
+            content: (!self.content.is_empty() || self.calls.is_empty())
+                .then_some(Value::String(self.content)),
+            tool_calls: (!self.calls.is_empty()).then_some(self.calls),
+            tool_call_id: None,
+            extra: Map::new(),
+        };
+        ChatResponse {
+            id: self.id,
+            object: "chat.completion".to_owned(),
+            created: self.created,
+            model: self.model,
+            choices: vec![Choice {
+                index: 0,
+                message,
+                finish_reason: self.finish_reason,
+                extra: Map::new(),
+            }],
+            usage: self.usage,
+            extra: Map::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod assembler_tests {
+    use super::*;
+
+    fn chunk(delta: Value, finish: Option<&str>, usage: Option<Usage>) -> ChatChunk {
+        serde_json::from_value(serde_json::json!({
+            "id": "c1", "object": "chat.completion.chunk", "created": 7, "model": "m",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            "usage": usage,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn chunks_make_the_whole_answer_with_tool_calls_put_together() {
+        let mut a = Assembler::default();
+        a.push(&chunk(
+            serde_json::json!({"role": "assistant", "content": "Hel"}),
+            None,
+            None,
+        ));
+        a.push(&chunk(serde_json::json!({"content": "lo"}), None, None));
+        a.push(&chunk(
+            serde_json::json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "look", "arguments": "{\"ci"}}]}),
+            None,
+            None,
+        ));
+        a.push(&chunk(
+            serde_json::json!({"tool_calls": [{"index": 0, "function": {"arguments": "ty\":1}"}}, {"index": 1, "id": "call_2", "function": {"name": "b", "arguments": "{}"}}]}),
+            None,
+            None,
+        ));
+        let usage = Usage {
+            prompt_tokens: 3,
+            completion_tokens: 4,
+            total_tokens: 7,
+        };
+        a.push(&chunk(
+            serde_json::json!({}),
+            Some("tool_calls"),
+            Some(usage),
+        ));
+        let r = a.finish();
+        let m = &r.choices[0].message;
+        assert_eq!(m.text(), "Hello");
+        let calls = m.tool_calls.as_ref().unwrap();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0].id, "call_1");
+        assert_eq!(calls[0].function.arguments, "{\"city\":1}");
+        assert_eq!(calls[1].function.name, "b");
+        assert_eq!(r.choices[0].finish_reason.as_deref(), Some("tool_calls"));
+        assert_eq!(r.usage, Some(usage));
+        assert_eq!(r.id, "c1");
+    }
+}

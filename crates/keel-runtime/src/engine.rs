@@ -183,6 +183,8 @@ struct Inner {
     env: Env,
     /// MCP servers' connections.
     mcp: Arc<crate::mcp::Servers>,
+    /// Token watchers (stream mode).
+    deltas: Deltas,
     /// Runs in progress here, by task.
     active: Mutex<HashMap<TaskId, CancellationToken>>,
     slots: Arc<Semaphore>,
@@ -247,6 +249,7 @@ pub async fn start(
             http,
             env,
             mcp: mcp.clone(),
+            deltas: Deltas::default(),
             active: Mutex::new(HashMap::new()),
             slots: Arc::new(Semaphore::new(config.workers)),
             wake: Notify::new(),
@@ -325,6 +328,106 @@ impl Tasks {
     }
 }
 
+/// A piece of the model's answer, as it streams.
+#[derive(Debug, Clone)]
+pub struct TokenDelta {
+    /// The step (LLM call) it belongs to.
+    pub step: i64,
+    /// The text added.
+    pub content: Arc<str>,
+}
+
+/// Most tasks watched for tokens at once.
+const MAX_WATCHED: usize = 10_000;
+/// Deltas buffered per watched task.
+const DELTA_BUFFER: usize = 256;
+
+/// Who watches which task's tokens.
+#[derive(Default)]
+struct Deltas {
+    watched: Mutex<HashMap<TaskId, tokio::sync::broadcast::Sender<TokenDelta>>>,
+}
+
+impl Deltas {
+    fn watch(&self, task: TaskId) -> tokio::sync::broadcast::Receiver<TokenDelta> {
+        let Ok(mut watched) = self.watched.lock() else {
+            return tokio::sync::broadcast::channel(1).1;
+        };
+        if let Some(tx) = watched.get(&task) {
+            return tx.subscribe();
+        }
+        if watched.len() >= MAX_WATCHED {
+            watched.retain(|_, tx| tx.receiver_count() > 0);
+            if watched.len() >= MAX_WATCHED {
+                // Full: this watcher gets no deltas (the events still carry the text).
+                return tokio::sync::broadcast::channel(1).1;
+            }
+        }
+        let (tx, rx) = tokio::sync::broadcast::channel(DELTA_BUFFER);
+        watched.insert(task, tx);
+        rx
+    }
+
+    /// The task's sender, if anyone still watches it; forgets it otherwise.
+    fn sender(&self, task: TaskId) -> Option<tokio::sync::broadcast::Sender<TokenDelta>> {
+        let mut watched = self.watched.lock().ok()?;
+        match watched.get(&task) {
+            Some(tx) if tx.receiver_count() > 0 => Some(tx.clone()),
+            Some(_) => {
+                watched.remove(&task);
+                None
+            }
+            None => None,
+        }
+    }
+}
+
+/// One LLM call as a stream, its text handed to `tx` as it comes, the whole answer put
+/// together. A failure mid-way is the call's failure (the run retries per its policy).
+async fn streamed(
+    router: &keel_llm::Router,
+    mut request: ChatRequest,
+    observer: Arc<dyn keel_llm::router::Observer>,
+    tx: &tokio::sync::broadcast::Sender<TokenDelta>,
+    step: i64,
+) -> keel_llm::Result<(keel_llm::types::ChatResponse, keel_llm::router::Served)> {
+    use futures_util::StreamExt as _;
+    request.stream = Some(true);
+    request.stream_options = Some(keel_llm::types::StreamOptions {
+        include_usage: Some(true),
+        extra: serde_json::Map::new(),
+    });
+    let (mut stream, served) = router.chat_stream(&request, observer).await?;
+    let mut answer = keel_llm::types::Assembler::default();
+    while let Some(item) = stream.next().await {
+        let chunk = match item {
+            Ok(chunk) => chunk,
+            Err(e) if e.kind == keel_llm::ErrorKind::Client => {
+                return Err(keel_llm::Error::Rejected(e));
+            }
+            Err(e) => {
+                return Err(keel_llm::Error::AllTargetsFailed(vec![(
+                    served.target.clone(),
+                    e,
+                )]));
+            }
+        };
+        for choice in chunk.choices.iter().filter(|c| c.index == 0) {
+            if let Some(text) = choice.delta.get("content").and_then(Value::as_str)
+                && !text.is_empty()
+            {
+                // No watcher left is fine: the answer is still put together.
+                let _ = tx.send(TokenDelta {
+                    step,
+                    content: Arc::from(text),
+                });
+            }
+        }
+        answer.push(&chunk);
+    }
+    Ok((answer.finish(), served))
+}
+
 /// Why a run stopped.
 enum Exit {
     /// The task reached a terminal state, or waits for input.
@@ -355,6 +458,14 @@ struct Turn {
 }
 
 impl Runtime {
+    /// The model's tokens for `task` as they stream, from the runs on this instance (only
+    /// while someone watches is the model asked for a stream). Deltas a slow watcher
+    /// misses are dropped: the `agent.message` event carries the whole text.
+    #[must_use]
+    pub fn watch_tokens(&self, task: TaskId) -> tokio::sync::broadcast::Receiver<TokenDelta> {
+        self.inner.deltas.watch(task)
+    }
+
     /// This process's worker identity (the lease owner).
     #[must_use]
     pub fn owner(&self) -> Uuid {
@@ -895,15 +1006,22 @@ impl Runtime {
                         }
                         Err(BudgetRefusal::Store(e)) => return Err(e.into()),
                     };
-                    let observer = inner.sink.llm_observer(run.task.workspace_id);
+                    let observer: Arc<dyn keel_llm::router::Observer> =
+                        Arc::from(inner.sink.llm_observer(run.task.workspace_id));
+                    // Someone follows this task's tokens (stream mode): ask for a stream.
+                    let listener = inner.deltas.sender(run.task.id);
                     let t0 = Instant::now();
+                    let step_index = run.steps;
                     let answer = tokio::select! {
                         () = token.cancelled() => continue,
                         () = tokio::time::sleep(remaining) => continue,
-                        answer = inner
-                            .router
-                            .chat(&request, observer.as_ref())
-                            .instrument(tracing::info_span!("step.llm", step = run.steps, model = %spec.model)) => answer,
+                        answer = async {
+                            match &listener {
+                                None => inner.router.chat(&request, observer.as_ref()).await,
+                                Some(tx) => streamed(&inner.router, request.clone(), observer.clone(), tx, step_index).await,
+                            }
+                        }
+                        .instrument(tracing::info_span!("step.llm", step = run.steps, model = %spec.model)) => answer,
                     };
                     let latency = t0.elapsed();
                     metrics::histogram!("keel_step_seconds", "kind" => "llm_call")

@@ -16,4 +16,4 @@ pub mod spec;
 pub mod tasks;
 pub mod tools;
 
-pub use engine::{EventSink, Runtime, StartError, Tasks, start};
+pub use engine::{EventSink, Runtime, StartError, Tasks, TokenDelta, start};

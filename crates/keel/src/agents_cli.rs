@@ -116,6 +116,8 @@ async fn follow(res: reqwest::Response, agent: &str, mut at: Settled) -> anyhow:
     let mut task_id = std::mem::take(&mut at.task_id);
     let mut question = None;
     let mut seq = at.seq;
+    // Whether the current answer's tokens are being printed as they stream.
+    let mut streaming = false;
     'frames: while let Some(chunk) = stream.next().await {
         buffer.extend_from_slice(&chunk.context("the stream broke")?);
         while let Some(end) = find(&buffer, b"\n\n") {
@@ -169,6 +171,21 @@ async fn follow(res: reqwest::Response, agent: &str, mut at: Settled) -> anyhow:
                         "  {mark} {} {text}",
                         d["tool"].as_str().unwrap_or("?")
                     ));
+                }
+                "token.delta" => {
+                    use std::io::Write as _;
+                    let mut stdout = std::io::stdout().lock();
+                    if !streaming {
+                        let _ = write!(stdout, "{agent}: ");
+                        streaming = true;
+                    }
+                    let _ = write!(stdout, "{}", v["content"].as_str().unwrap_or_default());
+                    let _ = stdout.flush();
+                }
+                // Its tokens are on the screen already: end the line.
+                "agent.message" if streaming => {
+                    streaming = false;
+                    out("");
                 }
                 "agent.message" => out(&format!(
                     "{agent}: {}",

@@ -256,9 +256,15 @@ pub(crate) async fn create(
         },
     )
     .await?;
+    let streaming = matches!(mode, Mode::Stream);
+    let mut tokens = None;
     let (task, after) = match created {
         Created::New(task, events) => {
             state.events().publish(&events);
+            // Watch the tokens before a worker can take the task.
+            if streaming {
+                tokens = Some(state.runtime().watch_tokens(task.id));
+            }
             state.runtime().wake();
             tracing::info!(task_id = %task.id, agent = %task.agent_name, "task created");
             (*task, head.last_seq)
@@ -317,6 +323,7 @@ pub(crate) async fn create(
             let stop = state.shutdown_token().clone();
             // A repeat (same Idempotency-Key) of a task that has settled: the task alone.
             let settled = task.status.is_terminal() || task.status == TaskStatus::InputRequired;
+            let task_id = task.id;
             let first = Bytes::from(format!(
                 "event: task\ndata: {}\n\n",
                 serde_json::to_string(&TaskView::from(task)).unwrap_or_default()
@@ -353,16 +360,50 @@ pub(crate) async fn create(
                 })
                 .await;
             });
+            let tokens = tokens.unwrap_or_else(|| state.runtime().watch_tokens(task_id));
             Ok((
                 [
                     (header::CONTENT_TYPE, "text/event-stream"),
                     (header::CACHE_CONTROL, "no-cache"),
                 ],
-                Body::from_stream(frames.map(Ok::<_, Infallible>)),
+                Body::from_stream(with_tokens(frames, tokens, task_id).map(Ok::<_, Infallible>)),
             )
                 .into_response())
         }
     }
+}
+
+/// The run's events with its token deltas mixed in (`event: token.delta`, no `id`: they are
+/// not in the log, and a resume never asks for them); ends when the events end.
+fn with_tokens(
+    events: impl futures_util::Stream<Item = Bytes> + Send + 'static,
+    tokens: tokio::sync::broadcast::Receiver<keel_runtime::TokenDelta>,
+    task: TaskId,
+) -> impl futures_util::Stream<Item = Bytes> + Send + 'static {
+    use futures_util::stream;
+    use tokio::sync::broadcast::error::RecvError;
+    let events = events
+        .map(Some)
+        .chain(stream::once(std::future::ready(None)));
+    let deltas = stream::unfold(tokens, move |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(delta) => {
+                    let data = json!({"task_id": task.to_string(), "step": delta.step, "content": &*delta.content});
+                    return Some((
+                        Some(Bytes::from(format!("event: token.delta\ndata: {data}\n\n"))),
+                        rx,
+                    ));
+                }
+                // A slow client misses deltas, never events.
+                Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    });
+    stream::select(events, deltas)
+        .take_while(|frame| std::future::ready(frame.is_some()))
+        .filter_map(std::future::ready)
 }
 
 /// One task. Requires role: viewer.

@@ -1180,6 +1180,7 @@ async fn stream_mode_sends_the_runs_events_as_they_happen_and_ends_when_it_settl
     let kinds: Vec<&str> = text
         .lines()
         .filter_map(|l| l.strip_prefix("event: "))
+        .filter(|k| *k != "token.delta")
         .collect();
     assert_eq!(
         kinds,
@@ -1194,6 +1195,28 @@ async fn stream_mode_sends_the_runs_events_as_they_happen_and_ends_when_it_settl
         ],
         "{text}"
     );
+    // The answer's tokens came as they streamed, and add up to the message.
+    let frames: Vec<Value> = text
+        .split("\n\n")
+        .filter(|f| f.starts_with("event: token.delta\n"))
+        .map(|f| serde_json::from_str(f.split_once("data: ").unwrap().1).unwrap())
+        .collect();
+    assert!(frames.len() > 1, "streamed in pieces: {text}");
+    assert!(
+        frames.iter().all(|f| f["step"] == 2),
+        "only the last LLM call writes text: {text}"
+    );
+    let streamed: String = frames
+        .iter()
+        .map(|f| f["content"].as_str().unwrap())
+        .collect();
+    let message = text
+        .split("\n\n")
+        .find(|f| f.contains("event: agent.message\n"))
+        .unwrap();
+    let message: Value = serde_json::from_str(message.split_once("data: ").unwrap().1).unwrap();
+    assert_eq!(message["data"]["content"], streamed.as_str(), "{text}");
+    assert!(streamed.starts_with("Answer: "), "{streamed}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
