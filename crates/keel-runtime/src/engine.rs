@@ -28,7 +28,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use uuid::Uuid;
 
-use crate::spec::{AgentSpec, ToolSpec};
+use crate::context::Sizing;
+use crate::spec::{AgentSpec, Overflow, ToolSpec};
 use crate::tools;
 
 /// Where committed events go to reach live followers, and how LLM failures are observed.
@@ -328,6 +329,51 @@ impl Tasks {
     }
 }
 
+/// Most tokens a summary of left-out turns takes (and the room left for it).
+const SUMMARY_TOKENS: u64 = 1024;
+
+/// How the summarizing call is asked.
+const SUMMARY_PROMPT: &str = "You summarize the earlier part of a conversation between a user, an assistant and the assistant's tools, for the assistant, which will continue the conversation without seeing those messages. Keep every fact, decision, name, number, identifier and open question it may need; leave out pleasantries. Write plain, dense prose.";
+
+/// The room left in a context budget for a summary.
+fn summary_room(budget: u64) -> u64 {
+    (budget / 4).min(SUMMARY_TOKENS)
+}
+
+/// A summary of the turns a run left out of its context (a `summary` step's data).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Summary {
+    /// Positions (in the run's conversation) of the messages it covers.
+    dropped: Vec<usize>,
+    /// The summary.
+    text: String,
+    /// Its tokens.
+    tokens: u64,
+}
+
+/// One message as a line of a transcript to summarize.
+fn transcript_line(out: &mut String, message: &Message) {
+    use std::fmt::Write as _;
+    let text = message.text();
+    match message.role.as_str() {
+        "tool" => {
+            let _ = writeln!(out, "tool result: {text}");
+        }
+        role => {
+            if !text.is_empty() {
+                let _ = writeln!(out, "{role}: {text}");
+            }
+            for call in message.tool_calls.iter().flatten() {
+                let _ = writeln!(
+                    out,
+                    "{role} called {}({})",
+                    call.function.name, call.function.arguments
+                );
+            }
+        }
+    }
+}
+
 /// A piece of the model's answer, as it streams.
 #[derive(Debug, Clone)]
 pub struct TokenDelta {
@@ -453,6 +499,8 @@ enum Next {
 struct Turn {
     message: Message,
     tokens: u64,
+    /// Kept in the context whatever happens (`"pinned": true` on an input message).
+    pinned: bool,
     /// Position among this run's messages; `None` for earlier tasks' messages.
     run_pos: Option<usize>,
 }
@@ -859,11 +907,14 @@ impl Runtime {
             if !mine && spec.memory == crate::spec::Memory::None {
                 continue;
             }
-            let Ok(message) = serde_json::from_value::<Message>(body) else {
+            let Ok(mut message) = serde_json::from_value::<Message>(body) else {
                 continue;
             };
+            // Keel's mark, not the model's business.
+            let pinned = message.extra.remove("pinned") == Some(Value::Bool(true));
             turns.push(Turn {
                 message,
+                pinned,
                 tokens: u64::try_from(tokens).unwrap_or(0),
                 run_pos: mine.then(|| {
                     run_pos += 1;
@@ -880,6 +931,13 @@ impl Runtime {
             .iter()
             .filter(|s| s.kind == "llm_call" || s.kind == "tool_call")
             .count();
+        // The run's latest summary of the turns left out of the context, reused while the
+        // same turns are left out.
+        let mut summary: Option<Summary> = steps
+            .iter()
+            .rev()
+            .find(|s| s.kind == "summary")
+            .and_then(|s| serde_json::from_value(s.data.clone()).ok());
         let mut tool_defs: Vec<Value> = Vec::with_capacity(spec.tools.len());
         for tool in &spec.tools {
             match tool {
@@ -960,30 +1018,84 @@ impl Runtime {
                     return Ok(settled(committed));
                 }
                 Next::Llm => {
-                    let Some(start) = crate::context::fit(
-                        system_tokens,
-                        &turns.iter().map(|t| t.tokens).collect::<Vec<_>>(),
-                        &turns
-                            .iter()
-                            .map(|t| t.message.role == "tool")
-                            .collect::<Vec<_>>(),
-                        u64::from(spec.context_tokens),
-                    ) else {
+                    let sizing: Vec<Sizing> = turns
+                        .iter()
+                        .map(|t| Sizing {
+                            tokens: t.tokens,
+                            tool: t.message.role == "tool",
+                            pinned: t.pinned,
+                        })
+                        .collect();
+                    let budget_tokens = u64::from(spec.context_tokens);
+                    let mut keep = crate::context::plan(system_tokens, &sizing, budget_tokens);
+                    let mut summary_text = None;
+                    if spec.context_overflow == Overflow::Summarize
+                        && keep.as_ref().is_none_or(|k| k.contains(&false))
+                    {
+                        // Leave room for the summary of what is left out.
+                        let room = summary_room(budget_tokens);
+                        if let Some(with_room) =
+                            crate::context::plan(system_tokens + room, &sizing, budget_tokens)
+                        {
+                            let dropped: Vec<usize> =
+                                (0..with_room.len()).filter(|&i| !with_room[i]).collect();
+                            let reuse = summary.as_ref().filter(|s| s.dropped == dropped);
+                            if let Some(s) = reuse {
+                                summary_text = Some((s.text.clone(), s.tokens));
+                            } else if let Some(s) = self
+                                .summarize(
+                                    &mut run,
+                                    &turns,
+                                    dropped,
+                                    summary.as_ref(),
+                                    token,
+                                    remaining,
+                                )
+                                .await?
+                            {
+                                summary_text = Some((s.text.clone(), s.tokens));
+                                summary = Some(s);
+                            }
+                            if summary_text.is_some() {
+                                keep = Some(with_room);
+                            }
+                        }
+                    }
+                    let Some(keep) = keep else {
                         return run
                             .fail_for_good("context_tokens", &format!("the latest turn alone exceeds the agent's context budget of {} tokens", spec.context_tokens), false)
                             .await;
                     };
-                    let mut messages = Vec::with_capacity(turns.len() - start + 1);
-                    if !system.is_empty() {
+                    let kept_tokens: u64 = turns
+                        .iter()
+                        .zip(&keep)
+                        .filter(|(_, k)| **k)
+                        .map(|(t, _)| t.tokens)
+                        .sum::<u64>()
+                        + summary_text.as_ref().map_or(0, |(_, n)| *n);
+                    let mut messages = Vec::with_capacity(turns.len() + 1);
+                    let system_text = match &summary_text {
+                        Some((text, _)) => format!(
+                            "{system}\n\nSummary of the earlier conversation (its oldest messages were left out to fit the context):\n{text}"
+                        ),
+                        None => system.clone(),
+                    };
+                    if !system_text.trim().is_empty() {
                         messages.push(Message {
                             role: "system".to_owned(),
-                            content: Some(Value::String(system.clone())),
+                            content: Some(Value::String(system_text)),
                             tool_calls: None,
                             tool_call_id: None,
                             extra: serde_json::Map::new(),
                         });
                     }
-                    messages.extend(turns[start..].iter().map(|t| t.message.clone()));
+                    messages.extend(
+                        turns
+                            .iter()
+                            .zip(&keep)
+                            .filter(|(_, k)| **k)
+                            .map(|(t, _)| t.message.clone()),
+                    );
                     let request = ChatRequest {
                         model: spec.model.clone(),
                         messages,
@@ -993,8 +1105,7 @@ impl Runtime {
                         tools: (!tool_defs.is_empty()).then(|| tool_defs.clone()),
                         extra: serde_json::Map::new(),
                     };
-                    let prompt_tokens =
-                        system_tokens + turns[start..].iter().map(|t| t.tokens).sum::<u64>();
+                    let prompt_tokens = system_tokens + kept_tokens;
                     let mut budget = match inner
                         .reserve_step(run.task.workspace_id, &spec.model, prompt_tokens)
                         .await
@@ -1049,7 +1160,7 @@ impl Runtime {
                     let (input_tokens, output_tokens, estimated) = match response.usage {
                         Some(u) => (u.prompt_tokens, u.completion_tokens, false),
                         None => (
-                            system_tokens + turns[start..].iter().map(|t| t.tokens).sum::<u64>(),
+                            prompt_tokens,
                             {
                                 let text = message.text();
                                 off_thread(move || keel_llm::tokens::count(&text)).await
@@ -1161,6 +1272,7 @@ impl Runtime {
                     turns.push(Turn {
                         message,
                         tokens: u64::try_from(tokens).unwrap_or(0),
+                        pinned: false,
                         run_pos: Some(run_pos),
                     });
                     run_pos += 1;
@@ -1348,12 +1460,195 @@ impl Runtime {
                     turns.push(Turn {
                         message: reply,
                         tokens: u64::try_from(tokens).unwrap_or(0),
+                        pinned: false,
                         run_pos: Some(run_pos),
                     });
                     run_pos += 1;
                 }
             }
         }
+    }
+
+    /// Summarizes the turns at `dropped` (building on `previous` when it covers the first
+    /// of them) with an LLM call through the agent's model route, and commits it as a
+    /// `summary` step (its usage and cost the task's). `None` when it could not be had (the
+    /// call failed, a budget refused it, the run was interrupted): the turns are then left
+    /// out without a summary.
+    async fn summarize(
+        &self,
+        run: &mut Run<'_>,
+        turns: &[Turn],
+        dropped: Vec<usize>,
+        previous: Option<&Summary>,
+        token: &CancellationToken,
+        remaining: Duration,
+    ) -> Result<Option<Summary>, RunError> {
+        let inner = &self.inner;
+        let spec = run.spec.clone();
+        let ws = run.task.workspace_id;
+        let room = summary_room(u64::from(spec.context_tokens));
+        let (earlier, new) = match previous {
+            Some(p) if dropped.starts_with(&p.dropped) => {
+                (Some(p.text.as_str()), &dropped[p.dropped.len()..])
+            }
+            _ => (None, &dropped[..]),
+        };
+        let mut transcript = String::new();
+        if let Some(earlier) = earlier {
+            transcript.push_str("Summary so far:\n");
+            transcript.push_str(earlier);
+            transcript.push_str("\n\nThe conversation then went on:\n");
+        }
+        for &i in new {
+            if let Some(turn) = turns.get(i) {
+                transcript_line(&mut transcript, &turn.message);
+            }
+        }
+        // One summarizing call reads at most about the agent's own context budget.
+        let cap =
+            usize::try_from(u64::from(spec.context_tokens).saturating_mul(3)).unwrap_or(usize::MAX);
+        if transcript.len() > cap {
+            let mut end = cap;
+            while !transcript.is_char_boundary(end) {
+                end -= 1;
+            }
+            transcript.truncate(end);
+            transcript.push_str("\n[…]");
+        }
+        let prompt_tokens = u64::try_from(transcript.len() / 3).unwrap_or(u64::MAX) + 128;
+        let text_message = |role: &str, text: String| Message {
+            role: role.to_owned(),
+            content: Some(Value::String(text)),
+            tool_calls: None,
+            tool_call_id: None,
+            extra: serde_json::Map::new(),
+        };
+        let mut extra = serde_json::Map::new();
+        extra.insert("max_tokens".to_owned(), json!(room));
+        let request = ChatRequest {
+            model: spec.model.clone(),
+            messages: vec![
+                text_message("system", SUMMARY_PROMPT.to_owned()),
+                text_message("user", transcript),
+            ],
+            stream: None,
+            stream_options: None,
+            temperature: Some(0.0),
+            tools: None,
+            extra,
+        };
+        let mut budget = match inner.reserve_step(ws, &spec.model, prompt_tokens).await {
+            Ok(b) => b,
+            Err(BudgetRefusal::Exceeded(_)) => return Ok(None),
+            Err(BudgetRefusal::Store(e)) => return Err(e.into()),
+        };
+        let observer = inner.sink.llm_observer(ws);
+        let t0 = Instant::now();
+        let answer = tokio::select! {
+            () = token.cancelled() => None,
+            () = tokio::time::sleep(remaining) => None,
+            answer = inner
+                .router
+                .chat(&request, observer.as_ref())
+                .instrument(tracing::info_span!("step.summary", step = run.steps, model = %spec.model)) => Some(answer),
+        };
+        let latency = t0.elapsed();
+        let (response, served) = match answer {
+            None => return Ok(None),
+            Some(Ok(ok)) => ok,
+            Some(Err(e)) => {
+                if let Some(b) = &mut budget {
+                    b.actual = 0;
+                }
+                metrics::counter!("keel_context_summaries_total", "outcome" => "error")
+                    .increment(1);
+                tracing::warn!(error = %e, "cannot summarize the turns left out of the context; leaving them out without a summary");
+                return Ok(None);
+            }
+        };
+        let mut text = response
+            .choices
+            .first()
+            .map(|c| c.message.text())
+            .unwrap_or_default();
+        let mut tokens = {
+            let text = text.clone();
+            off_thread(move || keel_llm::tokens::count(&text)).await
+        };
+        if tokens > room {
+            // A model that ignored `max_tokens`: the summary is cut to its room.
+            let mut end = usize::try_from(room.saturating_mul(3))
+                .unwrap_or(usize::MAX)
+                .min(text.len());
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
+            tokens = {
+                let text = text.clone();
+                off_thread(move || keel_llm::tokens::count(&text)).await
+            };
+        }
+        let (input_tokens, output_tokens, estimated) = match response.usage {
+            Some(u) => (u.prompt_tokens, u.completion_tokens, false),
+            None => (prompt_tokens, tokens, true),
+        };
+        let cost = keel_llm::cost_nanousd(
+            input_tokens,
+            output_tokens,
+            served.input_price_per_mtok,
+            served.output_price_per_mtok,
+        );
+        if let Some(b) = &mut budget {
+            b.actual = i64::try_from(cost).unwrap_or(i64::MAX);
+        }
+        let latency_ms = u64::try_from(latency.as_millis()).unwrap_or(u64::MAX);
+        let data = json!({
+            "dropped": dropped, "text": text, "tokens": tokens,
+            "route": served.route, "target": served.target, "upstream_model": served.upstream_model,
+            "input_tokens": input_tokens, "output_tokens": output_tokens, "estimated": estimated,
+            "cost_nanousd": cost, "latency_ms": latency_ms,
+        });
+        let usage = UsageRecord {
+            workspace_id: ws,
+            api_key_id: None,
+            route: served.route.clone(),
+            provider: served.provider.as_str().to_owned(),
+            upstream_model: served.upstream_model.clone(),
+            target: served.target.clone(),
+            input_tokens,
+            output_tokens,
+            cached_tokens: 0,
+            cost_nanousd: cost,
+            latency_ms,
+            ttft_ms: None,
+            cache_hit: false,
+            estimated,
+            outcome: "ok".to_owned(),
+            created_at: OffsetDateTime::now_utc(),
+        };
+        let mut checkpoint = run.checkpoint(Some(("summary", data)), Vec::new(), None, Vec::new());
+        checkpoint.input_tokens = i64::try_from(input_tokens).unwrap_or(i64::MAX);
+        checkpoint.output_tokens = i64::try_from(output_tokens).unwrap_or(i64::MAX);
+        checkpoint.cost_nanousd = i64::try_from(cost).unwrap_or(i64::MAX);
+        checkpoint.usage = Some(usage);
+        if let Committed::LeaseLost = self.commit(checkpoint).await? {
+            return Ok(None);
+        }
+        run.steps += 1;
+        run.input_tokens += i64::try_from(input_tokens).unwrap_or(0);
+        run.output_tokens += i64::try_from(output_tokens).unwrap_or(0);
+        run.cost_nanousd += i64::try_from(cost).unwrap_or(0);
+        if text.trim().is_empty() {
+            metrics::counter!("keel_context_summaries_total", "outcome" => "empty").increment(1);
+            return Ok(None);
+        }
+        metrics::counter!("keel_context_summaries_total", "outcome" => "ok").increment(1);
+        Ok(Some(Summary {
+            dropped,
+            text,
+            tokens,
+        }))
     }
 
     /// Runs a child task for an agent tool and waits for it; `None` when the run was
@@ -1623,6 +1918,7 @@ fn placeholder_spec(task: &TaskRecord) -> AgentSpec {
         max_attempts: 1,
         retry_delay: Duration::from_secs(1),
         memory: crate::spec::Memory::None,
+        context_overflow: Overflow::Drop,
     }
 }
 

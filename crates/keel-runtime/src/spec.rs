@@ -39,9 +39,12 @@ pub struct AgentSpec {
     /// Wall-clock limit of a task, from its first run's start.
     #[serde(default = "default_timeout", with = "humantime_serde")]
     pub timeout: Duration,
-    /// Most tokens of conversation sent to the model; older turns are dropped first.
+    /// Most tokens of conversation sent to the model; older turns go first.
     #[serde(default = "default_context_tokens")]
     pub context_tokens: u32,
+    /// What becomes of the turns that no longer fit: `drop` (default) or `summarize`.
+    #[serde(default, skip_serializing_if = "Overflow::is_drop")]
+    pub context_overflow: Overflow,
     /// Most a task may spend, in USD.
     #[serde(default)]
     pub max_cost_usd: Option<f64>,
@@ -59,6 +62,24 @@ pub struct AgentSpec {
     /// messages) or `none` (only its own input).
     #[serde(default)]
     pub memory: Memory,
+}
+
+/// What becomes of turns that no longer fit in the context.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Overflow {
+    /// They are left out.
+    #[default]
+    Drop,
+    /// They are summarized (an LLM call through the agent's model route), and the summary
+    /// is sent after the system prompt; the summary is a step, stored and reused.
+    Summarize,
+}
+
+impl Overflow {
+    const fn is_drop(&self) -> bool {
+        matches!(self, Self::Drop)
+    }
 }
 
 /// What a task remembers of its thread.

@@ -105,6 +105,11 @@ pub fn input_messages(input: &Value) -> Result<Value, String> {
                         ));
                     }
                 }
+                if m.get("pinned").is_some_and(|p| !p.is_boolean()) {
+                    return Err(format!(
+                        "input[{i}].pinned: must be true (kept in the context whatever happens) or false"
+                    ));
+                }
             }
             Ok(input.clone())
         }
@@ -161,5 +166,9 @@ mod tests {
         let err = input_messages(&json!([{"role": "user"}])).unwrap_err();
         assert!(err.starts_with("input[0].content"), "{err}");
         assert!(input_messages(&json!(42)).is_err());
+        let err = input_messages(&json!([{"role": "user", "content": "a", "pinned": "yes"}]))
+            .unwrap_err();
+        assert!(err.starts_with("input[0].pinned"), "{err}");
+        assert!(input_messages(&json!([{"role": "user", "content": "a", "pinned": true}])).is_ok());
     }
 }

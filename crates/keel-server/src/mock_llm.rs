@@ -111,6 +111,8 @@ pub struct Options {
     pub script: Script,
     /// Latency added before every answer.
     pub latency: Duration,
+    /// Each chat request received is appended here as one JSON line (what an agent sent).
+    pub record: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Default)]
@@ -320,6 +322,9 @@ fn malformed(wire: Wire, stream: bool) -> Response {
 }
 
 async fn chat(State(mock): State<Arc<Mock>>, Json(request): Json<ChatRequest>) -> Response {
+    if let Some(path) = &mock.options.record {
+        record(path, &request).await;
+    }
     let stream = request.is_stream();
     let cut_after = match plan(&mock, &request.model, stream, Wire::OpenAi).await {
         Plan::Answer(response) => return response,
@@ -351,6 +356,26 @@ async fn embeddings(
         return response;
     }
     Json(keel_llm::providers::mock::embed(&request, &request.model)).into_response()
+}
+
+/// Appends `request` to the record file, one JSON line.
+async fn record(path: &Path, request: &ChatRequest) {
+    use tokio::io::AsyncWriteExt as _;
+    let mut line = serde_json::to_vec(request).unwrap_or_default();
+    line.push(b'\n');
+    let file = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .await;
+    match file {
+        Ok(mut file) => {
+            if let Err(e) = file.write_all(&line).await {
+                tracing::warn!(error = %e, path = %path.display(), "cannot record a request");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, path = %path.display(), "cannot open the record file"),
+    }
 }
 
 fn next_reply(mock: &Mock, request: &ChatRequest) -> ScriptedReply {

@@ -182,6 +182,7 @@ impl Peers {
         let mock = keel_server::mock_llm::app(keel_server::mock_llm::Options {
             script,
             latency: Duration::ZERO,
+            record: None,
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let mock_url = format!("http://{}/v1", listener.local_addr()?);

@@ -138,6 +138,9 @@ enum Command {
         /// Latency added before every answer, in milliseconds.
         #[arg(long, default_value_t = 0)]
         latency_ms: u64,
+        /// Append every chat request received to FILE, one JSON line each (what was sent).
+        #[arg(long, value_name = "FILE")]
+        record: Option<PathBuf>,
     },
     /// Benchmarks, run against real processes on this machine.
     #[command(subcommand)]
@@ -418,6 +421,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             host,
             script,
             latency_ms,
+            record,
         } => {
             let script = match script {
                 Some(path) => {
@@ -437,6 +441,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let options = keel_server::mock_llm::Options {
                 script,
                 latency: Duration::from_millis(latency_ms),
+                record,
             };
             keel_server::mock_llm::serve(listener, options, shutdown).await?;
             Ok(ExitCode::SUCCESS)

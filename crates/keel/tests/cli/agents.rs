@@ -1491,3 +1491,126 @@ async fn an_agent_asks_the_user_a_question_and_goes_on_with_the_reply() {
     assert_eq!(stdout.matches("✓ completed").count(), 1, "{stdout}");
     assert_events_valid(dir.path(), &keel, &key).await;
 }
+
+#[tokio::test]
+async fn turns_past_the_context_budget_are_summarized_once_and_pinned_messages_stay() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_tools, tools_url) = Tools::start().await;
+    // Served in order: tasks 1–3 answer "ok"; task 4's first call is the summary, then a
+    // tool call, then the answer.
+    let script = dir.path().join("script.json");
+    std::fs::write(
+        &script,
+        json!({"replies": [
+            {"content": "ok"}, {"content": "ok"}, {"content": "ok"},
+            {"content": "SUMMARY: the user talked about bravo and river."},
+            {"tool_calls": [{"name": "lookup", "arguments": {"city": "Oslo"}}]},
+            {"content": "done"},
+        ]})
+        .to_string(),
+    )
+    .unwrap();
+    let record = dir.path().join("requests.jsonl");
+    let (_mock, mock_url) = crate::support::mock_llm(
+        dir.path(),
+        &[
+            "--script",
+            script.to_str().unwrap(),
+            "--record",
+            record.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let spec = lookup_agent(
+        "long",
+        &tools_url,
+        "context_tokens = 512\ncontext_overflow = \"summarize\"",
+    );
+    configure(dir.path(), &mock_url, "", &[("long", spec)]);
+    let key = create_key(dir.path(), "acme", "member", &[]);
+    let keel = Keel::start(dir.path(), &[]).await;
+
+    let thread: Value = post_json(&keel, &key, "/v1/threads", json!({}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let thread = thread["id"].as_str().unwrap();
+    let long = |word: &str| format!("{word} ").repeat(200);
+    let inputs = [
+        json!([{"role": "user", "content": "My name is Zed, remember it.", "pinned": true}]),
+        json!(long("bravo")),
+        json!(long("river")),
+        json!(long("delta")),
+    ];
+    let mut last = Value::Null;
+    for input in inputs {
+        last = post_task(
+            &keel,
+            &key,
+            json!({"agent": "long", "input": input, "thread_id": thread}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+        assert_eq!(last["status"], "completed", "{last}");
+    }
+    assert_eq!(last["output"], "done");
+
+    let requests: Vec<Value> = std::fs::read_to_string(&record)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(requests.len(), 6, "one summary, reused for the second call");
+    let text = |m: &Value| m["content"].as_str().unwrap_or_default().to_owned();
+    // Tasks 1–3 fit: nothing left out; Keel's `pinned` mark never reaches the model.
+    assert_eq!(requests[2]["messages"].as_array().unwrap().len(), 6);
+    assert!(!requests[0].to_string().contains("pinned"));
+    // The summary call reads what is left out — not the pinned message, not the latest turn.
+    let summary = &requests[3]["messages"];
+    assert!(text(&summary[0]).starts_with("You summarize"), "{summary}");
+    let transcript = text(&summary[1]);
+    assert!(
+        transcript.contains("bravo bravo") && transcript.contains("river river"),
+        "{transcript}"
+    );
+    assert!(!transcript.contains("Zed") && !transcript.contains("delta"));
+    // Both of task 4's calls get the summary after the system prompt, the pinned
+    // message, and the latest turn; the summarized turns are gone.
+    for request in &requests[4..] {
+        let messages = request["messages"].as_array().unwrap();
+        let system = text(&messages[0]);
+        assert!(
+            system.starts_with("You help Acme.")
+                && system.contains("SUMMARY: the user talked about bravo and river."),
+            "{system}"
+        );
+        let rest: Vec<String> = messages[1..].iter().map(text).collect();
+        assert!(rest[0].contains("Zed"), "{rest:?}");
+        assert!(rest.iter().any(|m| m.contains("delta delta")), "{rest:?}");
+        assert!(
+            !rest
+                .iter()
+                .any(|m| m.contains("bravo") || m.contains("river")),
+            "{rest:?}"
+        );
+    }
+    // The summary is a step of the task, its usage the task's.
+    let id = last["id"].as_str().unwrap();
+    let steps = get(&keel, &key, &format!("/v1/tasks/{id}/steps")).await;
+    let kinds: Vec<&str> = steps["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["summary", "llm_call", "tool_call", "llm_call"]);
+    assert_eq!(
+        steps["data"][0]["data"]["text"],
+        "SUMMARY: the user talked about bravo and river."
+    );
+    let usage = get(&keel, &key, "/v1/usage?group_by=route").await;
+    assert_eq!(usage["data"][0]["requests"], 6, "{usage}");
+}
