@@ -41,6 +41,9 @@ impl PgStore {
     const HAS_MIGRATIONS_TABLE: &'static str = "SELECT to_regclass('_sqlx_migrations') IS NOT NULL";
     /// The UTC day of `created_at`.
     const DAY_EXPR: &'static str = "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')";
+    /// A task's duration, created → finished, in whole milliseconds.
+    const DURATION_MS_EXPR: &'static str =
+        "CAST(round(EXTRACT(EPOCH FROM (finished_at - created_at)) * 1000) AS BIGINT)";
     /// Announces a commit to every instance listening (delivered at commit, not before).
     const NOTIFY_SQL: Option<&'static str> = Some("SELECT pg_notify('keel_events', $1)");
 

@@ -281,6 +281,32 @@ pub struct RunState {
     pub events: Vec<Event>,
 }
 
+/// What [`RuntimeStore::agent_stats`] counts.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AgentStats {
+    /// Tasks waiting to run.
+    pub submitted: u64,
+    /// Tasks running.
+    pub working: u64,
+    /// Tasks waiting for a human.
+    pub input_required: u64,
+    /// One per `since` asked for.
+    pub windows: Vec<WindowStats>,
+    /// The task that failed (or had a failed attempt) most recently.
+    pub last_error: Option<TaskRecord>,
+}
+
+/// Tasks finished after a moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WindowStats {
+    /// Finished (in any terminal status).
+    pub finished: u64,
+    /// Of which completed.
+    pub completed: u64,
+    /// 95th percentile of the completed ones' durations, created → finished, ms.
+    pub p95_ms: Option<u64>,
+}
+
 /// How a checkpoint ends a run, if it does.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Finish {
@@ -436,6 +462,16 @@ pub trait RuntimeStore: Send + Sync {
         before: Option<TaskId>,
         limit: u32,
     ) -> Result<Vec<TaskRecord>>;
+
+    /// An agent's tasks at a glance, counted over all of them (not a page): how many wait,
+    /// run and wait for input; for each of `since`, how many finished after it, how many
+    /// of those completed and their p95 duration (created → finished); the latest error.
+    async fn agent_stats(
+        &self,
+        workspace: WorkspaceId,
+        agent: AgentId,
+        since: &[OffsetDateTime],
+    ) -> Result<AgentStats>;
 
     /// A task's steps, in order.
     async fn task_steps(&self, workspace: WorkspaceId, id: TaskId) -> Result<Vec<StepRecord>>;
@@ -1275,6 +1311,77 @@ macro_rules! runtime_store {
                 qb.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(limit));
                 let rows = qb.build().fetch_all(&self.pool).await?;
                 rows.iter().map(Self::task_from_row).collect()
+            }
+
+            async fn agent_stats(
+                &self,
+                workspace: keel_core::id::WorkspaceId,
+                agent: keel_core::id::AgentId,
+                since: &[time::OffsetDateTime],
+            ) -> $crate::Result<$crate::runtime::AgentStats> {
+                use sqlx::Row as _;
+                let mut stats = $crate::runtime::AgentStats::default();
+                let rows = sqlx::query(
+                    "SELECT status, count(*) FROM tasks WHERE workspace_id = $1 AND agent_id = $2 \
+                     AND status IN ('submitted', 'working', 'input-required') GROUP BY status",
+                )
+                .bind(workspace.as_uuid())
+                .bind(agent.as_uuid())
+                .fetch_all(&self.pool)
+                .await?;
+                for row in &rows {
+                    let status: String = row.try_get(0)?;
+                    let n = u64::try_from(row.try_get::<i64, _>(1)?).unwrap_or(0);
+                    match status.as_str() {
+                        "submitted" => stats.submitted = n,
+                        "working" => stats.working = n,
+                        _ => stats.input_required = n,
+                    }
+                }
+                for &from in since {
+                    let row = sqlx::query(
+                        "SELECT count(*), COALESCE(SUM(CASE WHEN status = 'completed' THEN 1 ELSE 0 END), 0) \
+                         FROM tasks WHERE agent_id = $1 AND workspace_id = $2 AND finished_at >= $3",
+                    )
+                    .bind(agent.as_uuid())
+                    .bind(workspace.as_uuid())
+                    .bind(from)
+                    .fetch_one(&self.pool)
+                    .await?;
+                    let finished = u64::try_from(row.try_get::<i64, _>(0)?).unwrap_or(0);
+                    let completed = u64::try_from(row.try_get::<i64, _>(1)?).unwrap_or(0);
+                    let mut p95_ms = None;
+                    if completed > 0 {
+                        // The nearest-rank 95th percentile, found by the index, not by reading them all.
+                        let rank = i64::try_from((completed * 95).div_ceil(100).saturating_sub(1)).unwrap_or(0);
+                        let sql = sqlx::AssertSqlSafe(format!(
+                            "SELECT {} AS d FROM tasks WHERE agent_id = $1 AND workspace_id = $2 AND finished_at >= $3 \
+                             AND status = 'completed' ORDER BY d LIMIT 1 OFFSET $4",
+                            Self::DURATION_MS_EXPR
+                        ));
+                        let row = sqlx::query(sql)
+                            .bind(agent.as_uuid())
+                            .bind(workspace.as_uuid())
+                            .bind(from)
+                            .bind(rank)
+                            .fetch_optional(&self.pool)
+                            .await?;
+                        if let Some(row) = row {
+                            p95_ms = Some(u64::try_from(row.try_get::<i64, _>(0)?).unwrap_or(0));
+                        }
+                    }
+                    stats.windows.push($crate::runtime::WindowStats { finished, completed, p95_ms });
+                }
+                let row = sqlx::query(concat!(
+                    "SELECT ", $crate::runtime::task_columns!(), " FROM tasks WHERE agent_id = $1 AND workspace_id = $2 \
+                     AND error IS NOT NULL ORDER BY updated_at DESC LIMIT 1",
+                ))
+                .bind(agent.as_uuid())
+                .bind(workspace.as_uuid())
+                .fetch_optional(&self.pool)
+                .await?;
+                stats.last_error = row.as_ref().map(Self::task_from_row).transpose()?;
+                Ok(stats)
             }
 
             async fn task_steps(&self, workspace: keel_core::id::WorkspaceId, id: keel_core::id::TaskId) -> $crate::Result<Vec<$crate::runtime::StepRecord>> {

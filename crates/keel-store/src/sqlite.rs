@@ -66,6 +66,9 @@ impl SqliteStore {
     const HAS_MIGRATIONS_TABLE: &'static str = "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations')";
     /// The UTC day of `created_at` (stored as RFC 3339 text in UTC).
     const DAY_EXPR: &'static str = "substr(created_at, 1, 10)";
+    /// A task's duration, created → finished, in whole milliseconds.
+    const DURATION_MS_EXPR: &'static str =
+        "CAST(round((julianday(finished_at) - julianday(created_at)) * 86400000.0) AS INTEGER)";
     /// One process owns the file: the appender announces its own commits.
     const NOTIFY_SQL: Option<&'static str> = None;
 

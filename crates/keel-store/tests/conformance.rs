@@ -104,6 +104,7 @@ conformance!(
     workspace_limits_are_stored_per_workspace,
     budgets_reserve_exactly_and_alert_once_per_threshold,
     claims_respect_each_agents_concurrency_limit,
+    agent_stats_count_every_task_of_the_agent,
 );
 
 fn name(s: &str) -> WorkspaceName {
@@ -2036,4 +2037,114 @@ async fn claims_respect_each_agents_concurrency_limit(f: &Fixture) {
         3,
         "the five, less the two running: {fourth:?}"
     );
+}
+
+async fn agent_stats_count_every_task_of_the_agent(f: &Fixture) {
+    use keel_store::runtime::{BeginRun, Checkpoint, Finish, NewMessage};
+    let ws = f.store.ensure_workspace(&name("stats")).await.unwrap();
+    let agent = runtime_fixtures::agent(f, ws.id).await;
+    for _ in 0..6 {
+        runtime_fixtures::create(
+            f,
+            runtime_fixtures::new_task(&agent, keel_core::task::Priority::Medium, None),
+        )
+        .await;
+    }
+    let owner = uuid::Uuid::now_v7();
+    let claimed = f
+        .store
+        .claim_tasks(owner, runtime_fixtures::later(60), 4)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 4);
+    for (i, task) in claimed.iter().enumerate() {
+        let run = RunId::new();
+        f.store
+            .begin_run(BeginRun {
+                task_id: task.id,
+                owner,
+                new_run: Some((
+                    run,
+                    vec![NewMessage {
+                        body: serde_json::json!({"role": "user", "content": "hi"}),
+                        tokens: 3,
+                    }],
+                )),
+                events: vec![],
+            })
+            .await
+            .unwrap();
+        let finish = match i {
+            0 => Finish::Completed { output: None },
+            1 => {
+                // A slower one: the p95 of two is the slower.
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                Finish::Completed { output: None }
+            }
+            2 => Finish::Failed {
+                error: serde_json::json!({"kind": "llm", "message": "boom"}),
+                dead_letter: false,
+            },
+            _ => continue,
+        };
+        f.store
+            .commit_checkpoints(&[Checkpoint {
+                task_id: task.id,
+                workspace_id: ws.id,
+                thread_id: task.thread_id,
+                run_id: run,
+                owner,
+                start: None,
+                step: None,
+                messages: vec![],
+                tool_calls: 0,
+                input_tokens: 0,
+                output_tokens: 0,
+                cost_nanousd: 0,
+                finish: Some(finish),
+                events: vec![],
+                usage: None,
+            }])
+            .await
+            .unwrap();
+    }
+    let now = time::OffsetDateTime::now_utc();
+    let stats = f
+        .store
+        .agent_stats(
+            ws.id,
+            agent.id,
+            &[
+                now - time::Duration::hours(1),
+                now + time::Duration::hours(1),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (stats.submitted, stats.working, stats.input_required),
+        (2, 1, 0)
+    );
+    let hour = stats.windows[0];
+    assert_eq!((hour.finished, hour.completed), (3, 2));
+    let p95 = hour.p95_ms.unwrap();
+    assert!((300..60_000).contains(&p95), "p95 {p95} ms");
+    assert_eq!(
+        stats.windows[1],
+        keel_store::runtime::WindowStats::default()
+    );
+    assert_eq!(stats.last_error.map(|t| t.id), Some(claimed[2].id));
+    // Another workspace sees none of them.
+    let other = f
+        .store
+        .ensure_workspace(&name("stats-other"))
+        .await
+        .unwrap();
+    let none = f
+        .store
+        .agent_stats(other.id, agent.id, &[now])
+        .await
+        .unwrap();
+    assert_eq!((none.submitted, none.working), (0, 0));
+    assert!(none.last_error.is_none());
 }

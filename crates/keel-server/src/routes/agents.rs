@@ -5,9 +5,8 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use keel_core::auth::Principal;
-use keel_core::task::TaskStatus;
 use keel_runtime::spec::AgentSpec;
-use keel_store::runtime::{AgentRecord, TaskFilter};
+use keel_store::runtime::AgentRecord;
 use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -239,7 +238,7 @@ pub(crate) struct AgentStatus {
     queued: u64,
     /// Tasks waiting for a human.
     input_required: u64,
-    /// Over the last hour and the last day (at most the agent's last 1,000 tasks).
+    /// Over the last hour and the last day (every task of the agent).
     windows: Vec<Window>,
     /// Each tool's circuit breaker on this instance: `closed`, `half_open` or `open`.
     #[schema(value_type = Object)]
@@ -276,45 +275,26 @@ pub(crate) async fn status(
     Path(name): Path<String>,
 ) -> Result<Json<AgentStatus>, ApiError> {
     let agent = state.store().agent(principal.workspace_id, &name).await?;
-    let filter = TaskFilter {
-        agent: Some(name.clone()),
-        ..TaskFilter::default()
-    };
-    let tasks = state
-        .store()
-        .list_tasks(principal.workspace_id, &filter, None, 1000)
-        .await?;
     let now = time::OffsetDateTime::now_utc();
-    let count = |s: TaskStatus| tasks.iter().filter(|t| t.status == s).count() as u64;
-    let windows = [
+    let spans = [
         ("1h", time::Duration::hours(1)),
         ("24h", time::Duration::days(1)),
-    ]
-    .into_iter()
-    .map(|(label, span)| {
-        let finished: Vec<_> = tasks
-            .iter()
-            .filter(|t| t.finished_at.is_some_and(|f| now - f <= span))
-            .collect();
-        let mut durations: Vec<u64> = finished
-            .iter()
-            .filter(|t| t.status == TaskStatus::Completed)
-            .filter_map(|t| {
-                let ms = (t.finished_at? - t.created_at).whole_milliseconds();
-                u64::try_from(ms).ok()
-            })
-            .collect();
-        durations.sort_unstable();
-        let completed = durations.len();
-        Window {
+    ];
+    let since: Vec<time::OffsetDateTime> = spans.iter().map(|(_, span)| now - *span).collect();
+    let stats = state
+        .store()
+        .agent_stats(principal.workspace_id, agent.id, &since)
+        .await?;
+    let windows = spans
+        .iter()
+        .zip(&stats.windows)
+        .map(|((label, _), w)| Window {
             window: label,
-            finished: finished.len() as u64,
-            success_rate: (!finished.is_empty()).then(|| completed as f64 / finished.len() as f64),
-            p95_duration_ms: (!durations.is_empty())
-                .then(|| durations[(durations.len() * 95).div_ceil(100).saturating_sub(1)]),
-        }
-    })
-    .collect();
+            finished: w.finished,
+            success_rate: (w.finished > 0).then(|| w.completed as f64 / w.finished as f64),
+            p95_duration_ms: w.p95_ms,
+        })
+        .collect();
     let tools: serde_json::Map<String, Value> = state
         .runtime()
         .breaker_states(agent.id)
@@ -328,19 +308,15 @@ pub(crate) async fn status(
             (tool, Value::String(s.to_owned()))
         })
         .collect();
-    let last_error = tasks
-        .iter()
-        .filter(|t| t.error.is_some())
-        .max_by_key(|t| t.updated_at)
-        .map_or(Value::Null, |t| {
+    let last_error = stats.last_error.as_ref().map_or(Value::Null, |t| {
             serde_json::json!({"task_id": t.id.to_string(), "error": t.error, "at": rfc3339(t.updated_at)})
         });
     Ok(Json(AgentStatus {
         name: agent.name,
         version: agent.version,
-        active: count(TaskStatus::Working),
-        queued: count(TaskStatus::Submitted),
-        input_required: count(TaskStatus::InputRequired),
+        active: stats.working,
+        queued: stats.submitted,
+        input_required: stats.input_required,
         windows,
         tools: Value::Object(tools),
         last_error,

@@ -278,6 +278,21 @@ async fn an_agent_calls_its_tool_and_answers_with_every_step_checkpointed() {
     let usage = get(&keel, &key, "/v1/usage?group_by=route").await;
     assert_eq!(usage["data"][0]["requests"], 2, "{usage}");
     assert_eq!(assert_events_valid(dir.path(), &keel, &key).await, 6);
+
+    // The agent's status counts it.
+    let status = get(&keel, &key, "/v1/agents/helper/status").await;
+    assert_eq!(status["version"], 1, "{status}");
+    assert_eq!(
+        (status["active"].as_u64(), status["queued"].as_u64()),
+        (Some(0), Some(0))
+    );
+    for window in status["windows"].as_array().unwrap() {
+        assert_eq!(window["finished"], 1, "{status}");
+        assert_eq!(window["success_rate"], 1.0, "{status}");
+        assert!(window["p95_duration_ms"].is_u64(), "{status}");
+    }
+    assert_eq!(status["tools"]["lookup"], "closed", "{status}");
+    assert!(status["last_error"].is_null(), "{status}");
 }
 
 #[tokio::test]
