@@ -491,7 +491,12 @@ pub fn app(state: AppState) -> Router {
             axum::http::StatusCode::REQUEST_TIMEOUT,
             state.config().auth.request_timeout,
         ))
-        .layer(cors(&state.config().auth.cors_origins))
+        // No origins (the default): no CORS layer at all, rather than one that allows none
+        // and is still cloned for every request.
+        .layer(tower::util::option_layer(
+            (!state.config().auth.cors_origins.is_empty())
+                .then(|| cors(&state.config().auth.cors_origins)),
+        ))
         .layer(axum::middleware::from_fn(middleware::security_headers))
         .layer(axum::middleware::from_fn(middleware::request_context))
         .with_state(state)

@@ -60,7 +60,7 @@ const DROPPED: &[&str] = &[
 #[derive(Debug)]
 pub struct Anthropic {
     client: reqwest::Client,
-    url: String,
+    url: reqwest::Url,
     model: String,
     /// Marked sensitive, so `Debug` never shows it.
     api_key: Option<HeaderValue>,
@@ -88,7 +88,10 @@ impl Anthropic {
         let client = super::http_client(target)?;
         Ok(Self {
             client,
-            url: messages_url(target.base_url.as_deref()),
+            // Parsed once here rather than by every request.
+            url: reqwest::Url::parse(&messages_url(target.base_url.as_deref())).map_err(|e| {
+                client_error(format!("base_url does not make a valid URL: {e}"))
+            })?,
             model: target.model.clone(),
             api_key,
             first_token_timeout: target.first_token_timeout,
@@ -99,7 +102,7 @@ impl Anthropic {
     fn request(&self, body: &Value) -> reqwest::RequestBuilder {
         let mut req = self
             .client
-            .post(&self.url)
+            .post(self.url.clone())
             .timeout(self.total_timeout)
             .header("anthropic-version", API_VERSION)
             .json(body);

@@ -16,7 +16,7 @@ use crate::types::{ChatChunk, ChatRequest, ChatResponse, EmbeddingsRequest, Embe
 /// A target that speaks OpenAI Chat Completions.
 pub struct OpenAi {
     client: reqwest::Client,
-    url: String,
+    url: reqwest::Url,
     model: String,
     api_key: Option<String>,
     azure: bool,
@@ -48,6 +48,13 @@ impl OpenAi {
             Some(version) => format!("{base}/chat/completions?api-version={version}"),
             None => format!("{base}/chat/completions"),
         };
+        // Parsed once here rather than by every request.
+        let url = reqwest::Url::parse(&url).map_err(|e| {
+            ProviderError::new(
+                ErrorKind::Denied,
+                format!("base_url {base:?} does not make a valid URL: {e}"),
+            )
+        })?;
         let client = super::http_client(target)?;
         Ok(Self {
             client,
@@ -64,7 +71,7 @@ impl OpenAi {
     fn request(&self, body: &ChatRequest) -> reqwest::RequestBuilder {
         let mut req = self
             .client
-            .post(&self.url)
+            .post(self.url.clone())
             .timeout(self.total_timeout)
             .json(body);
         if let Some(key) = &self.api_key {
@@ -136,7 +143,7 @@ impl Provider for OpenAi {
     ) -> Result<EmbeddingsResponse, ProviderError> {
         let mut body = request.clone();
         body.model.clone_from(&self.model);
-        let url = self.url.replacen("/chat/completions", "/embeddings", 1);
+        let url = self.url.as_str().replacen("/chat/completions", "/embeddings", 1);
         let mut req = self
             .client
             .post(url)
