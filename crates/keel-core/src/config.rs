@@ -570,6 +570,9 @@ pub struct Redis {
     /// `redis://host:port/db`; unset: everything stays in-process. Env: `KEEL_REDIS_URL`.
     #[serde(serialize_with = "redact_url")]
     pub url: Option<SecretString>,
+    /// For `rediss://`: a PEM file of the certificate authorities to trust instead of the
+    /// system's (a private CA). Env: `KEEL_REDIS_CA_FILE`.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// How log lines are written.
@@ -676,6 +679,7 @@ const NOT_CONFIG_ENV_PREFIXES: &[&str] = &["KEEL_TEST_"];
 const ENV_ALIASES: &[(&str, &str)] = &[
     ("KEEL_DATABASE_URL", "database.url"),
     ("KEEL_REDIS_URL", "redis.url"),
+    ("KEEL_REDIS_CA_FILE", "redis.ca_file"),
     ("KEEL_NATS_URL", "nats.url"),
     ("KEEL_JWT_SECRET", "auth.jwt_secret"),
 ];
@@ -932,6 +936,24 @@ impl Config {
                 push(
                     "redis.url",
                     "must start with redis:// or rediss://".to_owned(),
+                );
+            }
+        }
+        if let Some(ca) = &self.redis.ca_file {
+            if !self
+                .redis
+                .url
+                .as_ref()
+                .is_some_and(|u| u.expose_secret().starts_with("rediss://"))
+            {
+                push(
+                    "redis.ca_file",
+                    "is for TLS: set redis.url to a rediss:// URL, or leave ca_file out".to_owned(),
+                );
+            } else if !ca.is_file() {
+                push(
+                    "redis.ca_file",
+                    format!("{} is not a readable file", ca.display()),
                 );
             }
         }

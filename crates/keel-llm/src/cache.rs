@@ -186,6 +186,26 @@ impl Memory {
     }
 }
 
+/// A Redis client for `url`: `redis://` in the clear, `rediss://` over TLS, verified
+/// against `ca_file` (PEM) when given, else against the system's certificate authorities.
+pub fn redis_client(url: &str, ca_file: Option<&std::path::Path>) -> Result<redis::Client, String> {
+    match ca_file {
+        None => redis::Client::open(url).map_err(|e| format!("redis.url is not usable: {e}")),
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .map_err(|e| format!("redis.ca_file {} cannot be read: {e}", path.display()))?;
+            redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                },
+            )
+            .map_err(|e| format!("redis.url with redis.ca_file is not usable: {e}"))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::{Map, json};
@@ -331,10 +351,15 @@ impl ResponseCache {
         }
     }
 
-    /// A cache in Redis at `url`, shared by every instance.
-    pub async fn redis(url: &str, ttl: Duration, max_entry_bytes: usize) -> Result<Self, String> {
-        let client =
-            redis::Client::open(url).map_err(|e| format!("redis.url is not usable: {e}"))?;
+    /// A cache in Redis at `url` (`ca_file`: see [`redis_client`]), shared by every
+    /// instance.
+    pub async fn redis(
+        url: &str,
+        ca_file: Option<&std::path::Path>,
+        ttl: Duration,
+        max_entry_bytes: usize,
+    ) -> Result<Self, String> {
+        let client = redis_client(url, ca_file)?;
         let connect = client.get_connection_manager();
         let manager = match tokio::time::timeout(Duration::from_secs(3), connect).await {
             Ok(Ok(manager)) => manager,

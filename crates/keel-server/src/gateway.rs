@@ -86,6 +86,7 @@ pub async fn cache(config: &Config) -> Option<std::sync::Arc<keel_llm::cache::Re
     let cache = match &config.redis.url {
         Some(url) => match keel_llm::cache::ResponseCache::redis(
             url.expose_secret(),
+            config.redis.ca_file.as_deref(),
             c.ttl,
             c.max_entry_bytes,
         )

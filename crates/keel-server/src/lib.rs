@@ -116,11 +116,15 @@ impl AppState {
         ) {
             (Some(url), Ok(_)) => {
                 use secrecy::ExposeSecret as _;
-                ratelimit::Limiter::redis(url.expose_secret(), parts.shutdown.clone())
-                    .unwrap_or_else(|e| {
-                        tracing::warn!(error = %e, "rate limits stay in process");
-                        ratelimit::Limiter::local()
-                    })
+                ratelimit::Limiter::redis(
+                    url.expose_secret(),
+                    parts.config.redis.ca_file.as_deref(),
+                    parts.shutdown.clone(),
+                )
+                .unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "rate limits stay in process");
+                    ratelimit::Limiter::local()
+                })
             }
             _ => ratelimit::Limiter::local(),
         };

@@ -380,9 +380,12 @@ impl Limiter {
 
     /// A limiter shared through Redis at `url`. Connects in the background (retrying
     /// every 2 s until `shutdown`); until connected, limits are local.
-    pub fn redis(url: &str, shutdown: tokio_util::sync::CancellationToken) -> Result<Self, String> {
-        let client =
-            redis::Client::open(url).map_err(|e| format!("redis.url is not usable: {e}"))?;
+    pub fn redis(
+        url: &str,
+        ca_file: Option<&std::path::Path>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Result<Self, String> {
+        let client = keel_llm::cache::redis_client(url, ca_file)?;
         let shared = std::sync::Arc::new(Shared {
             manager: OnceLock::new(),
             script: redis::Script::new(SCRIPT),

@@ -143,7 +143,7 @@ async fn measure(o: &Options, dir: &std::path::Path) -> anyhow::Result<()> {
 
     if let Some(url) = &o.redis {
         let stop = CancellationToken::new();
-        let limiter = keel_server::ratelimit::Limiter::redis(url, stop.clone())
+        let limiter = keel_server::ratelimit::Limiter::redis(url, None, stop.clone())
             .map_err(anyhow::Error::msg)?;
         for _ in 0..200 {
             if limiter.shared() {

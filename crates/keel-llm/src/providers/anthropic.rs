@@ -89,9 +89,8 @@ impl Anthropic {
         Ok(Self {
             client,
             // Parsed once here rather than by every request.
-            url: reqwest::Url::parse(&messages_url(target.base_url.as_deref())).map_err(|e| {
-                client_error(format!("base_url does not make a valid URL: {e}"))
-            })?,
+            url: reqwest::Url::parse(&messages_url(target.base_url.as_deref()))
+                .map_err(|e| client_error(format!("base_url does not make a valid URL: {e}")))?,
             model: target.model.clone(),
             api_key,
             first_token_timeout: target.first_token_timeout,

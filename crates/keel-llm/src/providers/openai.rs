@@ -143,7 +143,10 @@ impl Provider for OpenAi {
     ) -> Result<EmbeddingsResponse, ProviderError> {
         let mut body = request.clone();
         body.model.clone_from(&self.model);
-        let url = self.url.as_str().replacen("/chat/completions", "/embeddings", 1);
+        let url = self
+            .url
+            .as_str()
+            .replacen("/chat/completions", "/embeddings", 1);
         let mut req = self
             .client
             .post(url)

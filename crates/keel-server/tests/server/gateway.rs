@@ -831,3 +831,206 @@ async fn stream_usage_off_leaves_include_usage_out_and_estimates_instead() {
         "{rows:?}"
     );
 }
+
+/// A redis-server of the test's own speaking TLS only, with a certificate from a private
+/// authority made here (openssl); stopped when dropped.
+struct TlsRedis {
+    child: std::process::Child,
+    port: u16,
+    ca: std::path::PathBuf,
+}
+
+impl TlsRedis {
+    fn start(dir: &std::path::Path) -> Self {
+        let openssl = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .expect("openssl is installed on these machines");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        openssl(
+            &[
+                &["req", "-x509"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.pem",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=keel test CA",
+                ],
+            ]
+            .concat(),
+        );
+        openssl(
+            &[
+                &["req"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "server.key",
+                    "-out",
+                    "server.csr",
+                    "-subj",
+                    "/CN=127.0.0.1",
+                ],
+            ]
+            .concat(),
+        );
+        std::fs::write(
+            dir.join("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ]);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .current_dir(dir)
+            .args([
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--tls-cert-file",
+                "server.pem",
+                "--tls-key-file",
+                "server.key",
+                "--tls-ca-cert-file",
+                "ca.pem",
+                "--tls-auth-clients",
+                "no",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--bind",
+                "127.0.0.1",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed on these machines");
+        let redis = Self {
+            child,
+            port,
+            ca: dir.join("ca.pem"),
+        };
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return redis;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("redis-server (TLS) did not start on {port}");
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_rediss_url_speaks_tls_and_trusts_only_the_configured_authority() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = TlsRedis::start(dir.path());
+    let config = |ca: Option<&std::path::Path>| {
+        let mut text = format!("[redis]\nurl = \"rediss://127.0.0.1:{}/0\"\n", redis.port);
+        if let Some(ca) = ca {
+            text.push_str(&format!("ca_file = \"{}\"\n", ca.display()));
+        }
+        Config::load(Sources {
+            file: Some(("t.toml".into(), text)),
+            ..Sources::default()
+        })
+    };
+    let cache = keel_server::gateway::cache(&config(Some(&redis.ca)).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(cache.backend(), "redis", "connected over TLS");
+    // A round trip through the TLS connection.
+    let request: keel_llm::types::ChatRequest = serde_json::from_value(
+        json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .unwrap();
+    let response: keel_llm::types::ChatResponse = serde_json::from_value(json!({
+        "id": "c", "object": "chat.completion", "created": 1, "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"}, "finish_reason": "stop"}],
+    }))
+    .unwrap();
+    let key = || keel_llm::cache::Key::new("ws", &request);
+    cache
+        .put(key(), keel_llm::cache::Cached::Whole(response.clone()))
+        .await;
+    let got = cache
+        .get(&key())
+        .await
+        .expect("stored in Redis and read back");
+    assert!(matches!(&*got, keel_llm::cache::Cached::Whole(r) if r == &response));
+
+    // The system's authorities do not know this one: the certificate is refused, and the
+    // cache stays in process rather than talking to an unverified server.
+    let cache = keel_server::gateway::cache(&config(None).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(cache.backend(), "memory");
+
+    // A CA file is for rediss:// only, and must exist.
+    let err = Config::load(Sources {
+        file: Some((
+            "t.toml".into(),
+            format!(
+                "[redis]\nurl = \"redis://127.0.0.1:1/0\"\nca_file = \"{}\"\n",
+                redis.ca.display()
+            ),
+        )),
+        ..Sources::default()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("redis.ca_file"), "{err}");
+    let err = config(Some(&dir.path().join("missing.pem")))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("redis.ca_file") && err.contains("missing.pem"),
+        "{err}"
+    );
+}
