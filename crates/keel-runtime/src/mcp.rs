@@ -196,59 +196,63 @@ impl Servers {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let live = match self.live(&slot, spec).await {
-                Ok(live) => live,
-                Err(e) => {
-                    breaker.record_failure();
-                    return failed(e, attempt);
+            let failure = match self.live(&slot, spec).await {
+                Err(e) => e,
+                Ok(live) => {
+                    let call = live.peer.call_tool_once(params.clone());
+                    match tokio::time::timeout(spec.timeout, call).await {
+                        Err(_) => format!("MCP tool {name} timed out after {:?}", spec.timeout),
+                        Ok(Ok(CallToolResponse::Complete(result))) => {
+                            breaker.record_success();
+                            let content =
+                                render(&result.content, result.structured_content.as_ref());
+                            return Outcome {
+                                ok: !result.is_error.unwrap_or(false),
+                                content,
+                                status: None,
+                                attempts: attempt,
+                                duration: started.elapsed(),
+                            };
+                        }
+                        Ok(Ok(_)) => {
+                            breaker.record_success();
+                            return failed(
+                                format!(
+                                    "MCP tool {name} asked for input or a deferred task, which Keel does not provide"
+                                ),
+                                attempt,
+                            );
+                        }
+                        Ok(Err(ServiceError::McpError(e))) => {
+                            // The server answered: it is up; the call itself was refused.
+                            breaker.record_success();
+                            return failed(
+                                format!("MCP tool {name} failed: {}", e.message),
+                                attempt,
+                            );
+                        }
+                        Ok(Err(
+                            e @ (ServiceError::TransportClosed | ServiceError::TransportSend(_)),
+                        )) => {
+                            forget(&slot, &live);
+                            if attempt == 1 {
+                                // Found dead (a crash): started again and called at once.
+                                tracing::warn!(server = %spec.name, error = %e, "MCP server went away; restarting it and calling again");
+                                continue;
+                            }
+                            format!("MCP tool {name} failed: {e}")
+                        }
+                        Ok(Err(e)) => format!("MCP tool {name} failed: {e}"),
+                    }
                 }
             };
-            let answer =
-                tokio::time::timeout(spec.timeout, live.peer.call_tool_once(params.clone())).await;
-            match answer {
-                Err(_) => {
-                    breaker.record_failure();
-                    return failed(
-                        format!("MCP tool {name} timed out after {:?}", spec.timeout),
-                        attempt,
-                    );
-                }
-                Ok(Ok(CallToolResponse::Complete(result))) => {
-                    breaker.record_success();
-                    let content = render(&result.content, result.structured_content.as_ref());
-                    return Outcome {
-                        ok: !result.is_error.unwrap_or(false),
-                        content,
-                        status: None,
-                        attempts: attempt,
-                        duration: started.elapsed(),
-                    };
-                }
-                Ok(Ok(_)) => {
-                    breaker.record_success();
-                    return failed(
-                        format!(
-                            "MCP tool {name} asked for input or a deferred task, which Keel does not provide"
-                        ),
-                        attempt,
-                    );
-                }
-                Ok(Err(ServiceError::McpError(e))) => {
-                    // The server answered: it is up; the call itself was refused.
-                    breaker.record_success();
-                    return failed(format!("MCP tool {name} failed: {}", e.message), attempt);
-                }
-                Ok(Err(e @ (ServiceError::TransportClosed | ServiceError::TransportSend(_))))
-                    if attempt == 1 =>
-                {
-                    tracing::warn!(server = %spec.name, error = %e, "MCP server went away during a call; restarting it and calling again");
-                    forget(&slot, &live);
-                }
-                Ok(Err(e)) => {
-                    breaker.record_failure();
-                    return failed(format!("MCP tool {name} failed: {e}"), attempt);
-                }
+            breaker.record_failure();
+            if attempt > spec.retries || !breaker.allow() {
+                return failed(failure, attempt);
             }
+            // Exponential backoff with full jitter, as for HTTP tools.
+            let base = Duration::from_millis(200).saturating_mul(1 << (attempt - 1).min(5));
+            tokio::time::sleep(base.min(Duration::from_secs(5)).mul_f64(fastrand::f64())).await;
         }
     }
 

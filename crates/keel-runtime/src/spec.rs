@@ -175,6 +175,10 @@ pub struct McpTool {
     /// Time limit of starting the server, and of one call.
     #[serde(default = "default_tool_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// Attempts after the first when the server cannot be reached, goes away or times out
+    /// (not when it answers with an error).
+    #[serde(default = "default_tool_retries")]
+    pub retries: u32,
     /// Each call waits for a human's approval.
     #[serde(default)]
     pub requires_approval: bool,
@@ -592,6 +596,9 @@ fn validate_mcp(t: &McpTool, at: &dyn Fn(&str) -> String, out: &mut Vec<Issue>) 
     }
     if t.timeout.is_zero() {
         out.push(issue(at("timeout"), "must be longer than 0s"));
+    }
+    if t.retries > 10 {
+        out.push(issue(at("retries"), "must be at most 10"));
     }
 }
 

@@ -272,4 +272,8 @@ async fn an_agent_calls_a_streamable_http_mcp_server_and_bad_specs_are_named() {
         .find(|s| s["kind"] == "tool_call")
         .unwrap();
     assert_eq!(first_tool["data"]["ok"], false, "{first_tool}");
+    assert_eq!(
+        first_tool["data"]["attempts"], 3,
+        "retried twice (the default) before giving up: {first_tool}"
+    );
 }
