@@ -343,12 +343,39 @@ fn summary_room(budget: u64) -> u64 {
 /// A summary of the turns a run left out of its context (a `summary` step's data).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Summary {
-    /// Positions (in the run's conversation) of the messages it covers.
+    /// Positions (in the run's conversation) of the messages it covers; stored as
+    /// `[first, last]` ranges, so the step stays small however long the thread.
+    #[serde(with = "ranges")]
     dropped: Vec<usize>,
     /// The summary.
     text: String,
     /// Its tokens.
     tokens: u64,
+}
+
+/// Sorted positions as `[first, last]` ranges, and back.
+mod ranges {
+    use serde::{Deserialize as _, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(positions: &[usize], s: S) -> Result<S::Ok, S::Error> {
+        let mut out: Vec<[usize; 2]> = Vec::new();
+        for &p in positions {
+            match out.last_mut() {
+                Some(last) if last[1] + 1 == p => last[1] = p,
+                _ => out.push([p, p]),
+            }
+        }
+        s.collect_seq(out)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<usize>, D::Error> {
+        let ranges = Vec::<[usize; 2]>::deserialize(d)?;
+        // A range is at most as long as a conversation can be.
+        Ok(ranges
+            .into_iter()
+            .flat_map(|[a, b]| a..=b.min(a.saturating_add(1_000_000)))
+            .collect())
+    }
 }
 
 /// One message as a line of a transcript to summarize.
@@ -438,11 +465,9 @@ async fn streamed(
     step: i64,
 ) -> keel_llm::Result<(keel_llm::types::ChatResponse, keel_llm::router::Served)> {
     use futures_util::StreamExt as _;
+    // Usage on streams is the provider's to ask for (per target: `stream_usage`); without
+    // it, the step's tokens are counted with the tokenizer, as for any answer without usage.
     request.stream = Some(true);
-    request.stream_options = Some(keel_llm::types::StreamOptions {
-        include_usage: Some(true),
-        extra: serde_json::Map::new(),
-    });
     let (mut stream, served) = router.chat_stream(&request, observer).await?;
     let mut answer = keel_llm::types::Assembler::default();
     while let Some(item) = stream.next().await {
@@ -1603,8 +1628,15 @@ impl Runtime {
             b.actual = i64::try_from(cost).unwrap_or(i64::MAX);
         }
         let latency_ms = u64::try_from(latency.as_millis()).unwrap_or(u64::MAX);
+        let covers = serde_json::to_value(Summary {
+            dropped: dropped.clone(),
+            text: String::new(),
+            tokens: 0,
+        })
+        .map(|v| v["dropped"].clone())
+        .unwrap_or(Value::Null);
         let data = json!({
-            "dropped": dropped, "text": text, "tokens": tokens,
+            "dropped": covers, "text": text, "tokens": tokens,
             "route": served.route, "target": served.target, "upstream_model": served.upstream_model,
             "input_tokens": input_tokens, "output_tokens": output_tokens, "estimated": estimated,
             "cost_nanousd": cost, "latency_ms": latency_ms,
@@ -2071,5 +2103,26 @@ async fn commit_loop(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Summary;
+
+    #[test]
+    fn a_summary_stores_what_it_covers_as_ranges() {
+        let summary = Summary {
+            dropped: vec![1, 2, 3, 4, 7, 9, 10],
+            text: "t".to_owned(),
+            tokens: 1,
+        };
+        let stored = serde_json::to_value(&summary).unwrap();
+        assert_eq!(
+            stored["dropped"],
+            serde_json::json!([[1, 4], [7, 7], [9, 10]])
+        );
+        let back: Summary = serde_json::from_value(stored).unwrap();
+        assert_eq!(back.dropped, summary.dropped);
     }
 }

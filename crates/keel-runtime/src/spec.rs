@@ -485,6 +485,30 @@ impl AgentSpec {
                 ToolSpec::Human(_) => {}
             }
         }
+        // `<server>__…` names belong to the MCP server: another tool there would be shadowed.
+        for (i, tool) in self.tools.iter().enumerate() {
+            if matches!(tool, ToolSpec::Mcp(_)) {
+                continue;
+            }
+            if let Some(server) = self.tools.iter().find_map(|t| match t {
+                ToolSpec::Mcp(m)
+                    if tool
+                        .name()
+                        .starts_with(&format!("{}{MCP_SEPARATOR}", m.name)) =>
+                {
+                    Some(m.name.as_str())
+                }
+                _ => None,
+            }) {
+                out.push(issue(
+                    format!("tools[{i}].name"),
+                    format!(
+                        "{:?} is in MCP server {server:?}'s names ({server}{MCP_SEPARATOR}…): rename one of them",
+                        tool.name()
+                    ),
+                ));
+            }
+        }
         if out.is_empty() {
             Ok(())
         } else {
@@ -690,6 +714,25 @@ headers = { "X-Token" = "${OPEN" }
             err.to_string().contains("configured routes: default"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_tool_named_inside_an_mcp_servers_names_is_refused() {
+        let spec = AgentSpec::from_json(serde_json::json!({
+            "name": "a",
+            "tools": [
+                {"kind": "mcp", "name": "files", "command": ["x"]},
+                {"kind": "human", "name": "files__ask"},
+                {"kind": "human", "name": "filesask"},
+            ],
+        }))
+        .unwrap();
+        let err = spec.validate(&["default"]).unwrap_err();
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert_eq!(err.0[0].field, "tools[1].name");
+        assert!(matches!(spec.tool("files__read"), Some(ToolSpec::Mcp(_))));
+        assert!(matches!(spec.tool("filesask"), Some(ToolSpec::Human(_))));
+        assert!(spec.tool("files__").is_none());
     }
 
     #[test]
