@@ -412,6 +412,24 @@ pub struct Runtime {
     pub max_depth: i64,
     /// Most checkpoints committed in one transaction.
     pub max_batch: usize,
+    /// Environment variables agent specs may read with `${VAR}` (tool headers, MCP `env`
+    /// and `headers`): names, or prefixes ending in `*`. None by default: a workspace
+    /// admin who writes a spec must not be able to read Keel's own secrets.
+    pub tool_env: Vec<String>,
+    /// Programs a stdio MCP server may be started with (`command[0]`, as written). None by
+    /// default: starting a program on this host is the operator's decision.
+    pub mcp_commands: Vec<String>,
+}
+
+impl Runtime {
+    /// Whether specs may read environment variable `name`.
+    #[must_use]
+    pub fn tool_env_allows(&self, name: &str) -> bool {
+        self.tool_env.iter().any(|p| match p.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix),
+            None => p == name,
+        })
+    }
 }
 
 impl Default for Runtime {
@@ -427,6 +445,8 @@ impl Default for Runtime {
             wait_timeout: Duration::from_secs(60),
             max_depth: 3,
             max_batch: 256,
+            tool_env: Vec::new(),
+            mcp_commands: Vec::new(),
         }
     }
 }

@@ -239,7 +239,11 @@ pub async fn start(
         .connect_timeout(Duration::from_secs(5))
         .build()
         .map_err(StartError::Http)?;
-    let mcp = Arc::new(crate::mcp::Servers::new(http.clone(), env.clone()));
+    let mcp = Arc::new(crate::mcp::Servers::new(
+        http.clone(),
+        env.clone(),
+        config.mcp_commands.clone(),
+    ));
     let runtime = Runtime {
         inner: Arc::new(Inner {
             store: store.clone(),

@@ -61,6 +61,8 @@ pub struct Servers {
     slots: Mutex<HashMap<(WorkspaceId, String), Arc<Slot>>>,
     http: reqwest::Client,
     env: Env,
+    /// Programs stdio servers may be started with (`runtime.mcp_commands`).
+    commands: Vec<String>,
     epoch: Instant,
 }
 
@@ -102,13 +104,15 @@ impl Live {
 }
 
 impl Servers {
-    /// Connections are made with `http` (streamable HTTP) and read `env` for `${VAR}`.
+    /// Connections are made with `http` (streamable HTTP) and read `env` for `${VAR}`;
+    /// stdio servers start only the programs in `commands`.
     #[must_use]
-    pub fn new(http: reqwest::Client, env: Env) -> Self {
+    pub fn new(http: reqwest::Client, env: Env, commands: Vec<String>) -> Self {
         Self {
             slots: Mutex::new(HashMap::new()),
             http,
             env,
+            commands,
             epoch: Instant::now(),
         }
     }
@@ -388,6 +392,9 @@ impl Servers {
                 .command
                 .split_first()
                 .ok_or_else(|| format!("MCP server {} has no command", spec.name))?;
+            if !self.commands.iter().any(|c| c == program) {
+                return Err(not_allowed(&spec.name, program));
+            }
             let mut command = tokio::process::Command::new(program);
             command.args(args).env_clear().kill_on_drop(true);
             for name in INHERITED {
@@ -464,6 +471,14 @@ impl Slot {
         }
         live.clone()
     }
+}
+
+/// Why a stdio server's program was refused.
+#[must_use]
+pub fn not_allowed(server: &str, program: &str) -> String {
+    format!(
+        "MCP server {server}: program {program:?} is not in runtime.mcp_commands (the operator lists the programs agents may start on this host)"
+    )
 }
 
 /// Forgets `live` if it is still the slot's connection (another call may have replaced it).

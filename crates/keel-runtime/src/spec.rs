@@ -659,7 +659,9 @@ pub fn expand_env(value: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<S
             .find('}')
             .ok_or_else(|| "an unclosed `${`".to_owned())?;
         let name = &after[..end];
-        out.push_str(&env(name).ok_or_else(|| format!("environment variable {name} is not set"))?);
+        out.push_str(&env(name).ok_or_else(|| {
+            format!("environment variable {name} is not set, or not listed in runtime.tool_env")
+        })?);
         rest = &after[end + 1..];
     }
     out.push_str(rest);

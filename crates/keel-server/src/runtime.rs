@@ -80,7 +80,8 @@ pub async fn load_agents(
 }
 
 /// Starts the agent runtime over the server's store, routes and event log (tool header
-/// secrets are read from the process environment).
+/// secrets are read from the process environment, only the variables `runtime.tool_env`
+/// lists).
 pub async fn start(
     store: std::sync::Arc<dyn keel_store::Store>,
     router: std::sync::Arc<keel_llm::Router>,
@@ -92,7 +93,16 @@ pub async fn start(
         router,
         std::sync::Arc::new(Sink(events.clone())),
         &config.runtime,
-        std::sync::Arc::new(|name: &str| std::env::var(name).ok()),
+        {
+            // Only the variables the operator lets specs read.
+            let runtime = config.runtime.clone();
+            std::sync::Arc::new(move |name: &str| {
+                runtime
+                    .tool_env_allows(name)
+                    .then(|| std::env::var(name).ok())
+                    .flatten()
+            })
+        },
     )
     .await
 }

@@ -114,10 +114,11 @@ async fn an_agent_calls_a_stdio_mcp_server_that_keel_restarts_after_it_is_killed
          env = {{ KEEL_MCP_MARK = \"${{MCP_MARK_SOURCE}}\" }}",
         pidfile.display()
     );
+    // The operator lets specs start `sh` and read MCP_MARK_*; nothing else.
     configure(
         dir.path(),
         &mock_url,
-        "",
+        "mcp_commands = [\"sh\"]\ntool_env = [\"MCP_MARK_*\"]",
         &[("calc", agent("calc", &server))],
     );
     let key = create_key(dir.path(), "acme", "member", &[]);
@@ -240,6 +241,9 @@ async fn an_agent_calls_a_streamable_http_mcp_server_and_bad_specs_are_named() {
                 {"kind": "mcp", "name": "a", "command": ["node"], "url": "http://127.0.0.1:1/mcp"},
                 {"kind": "mcp", "name": "b"},
                 {"kind": "mcp", "name": "c__d", "url": "ftp://x"},
+                {"kind": "mcp", "name": "e", "command": ["bash", "-c", "cat /etc/shadow"]},
+                {"kind": "mcp", "name": "f", "url": "http://127.0.0.1:1/mcp",
+                 "headers": {"authorization": "Bearer ${KEEL_JWT_SECRET}"}},
             ],
         }))
         .send()
@@ -252,9 +256,16 @@ async fn an_agent_calls_a_streamable_http_mcp_server_and_bad_specs_are_named() {
         "tools[1].command",
         "tools[2].name",
         "tools[2].url",
+        "tools[3].command",
+        "tools[4].headers",
     ] {
         assert!(text.contains(field), "{field} not named: {text}");
     }
+    // A workspace admin may neither start a program nor read Keel's environment.
+    assert!(
+        text.contains("runtime.mcp_commands") && text.contains("runtime.tool_env"),
+        "{text}"
+    );
 
     // The server going away fails the call as a tool result; the task does not hang.
     server.kill().await.unwrap();
