@@ -414,6 +414,8 @@ pub struct TokenDelta {
     pub content: Arc<str>,
 }
 
+/// Most bytes of one streamed answer (as for a whole one).
+const MAX_STREAMED_BYTES: usize = 16 * 1024 * 1024;
 /// Most tasks watched for tokens at once.
 const MAX_WATCHED: usize = 10_000;
 /// Deltas buffered per watched task.
@@ -445,6 +447,16 @@ impl Deltas {
         rx
     }
 
+    fn unwatch(&self, task: TaskId) {
+        if let Ok(mut watched) = self.watched.lock()
+            && watched
+                .get(&task)
+                .is_some_and(|tx| tx.receiver_count() == 0)
+        {
+            watched.remove(&task);
+        }
+    }
+
     /// The task's sender, if anyone still watches it; forgets it otherwise.
     fn sender(&self, task: TaskId) -> Option<tokio::sync::broadcast::Sender<TokenDelta>> {
         let mut watched = self.watched.lock().ok()?;
@@ -474,6 +486,8 @@ async fn streamed(
     request.stream = Some(true);
     let (mut stream, served) = router.chat_stream(&request, observer).await?;
     let mut answer = keel_llm::types::Assembler::default();
+    // As for a whole answer: a stream larger than this is not an answer.
+    let mut bytes = 0usize;
     while let Some(item) = stream.next().await {
         let chunk = match item {
             Ok(chunk) => chunk,
@@ -487,6 +501,19 @@ async fn streamed(
                 )]));
             }
         };
+        bytes += chunk
+            .choices
+            .iter()
+            .map(|c| c.delta.to_string().len())
+            .sum::<usize>();
+        if bytes > MAX_STREAMED_BYTES {
+            return Err(keel_llm::Error::InvalidResponse(
+                keel_llm::ProviderError::new(
+                    keel_llm::ErrorKind::InvalidResponse,
+                    format!("the streamed answer passed {MAX_STREAMED_BYTES} bytes"),
+                ),
+            ));
+        }
         for choice in chunk.choices.iter().filter(|c| c.index == 0) {
             if let Some(text) = choice.delta.get("content").and_then(Value::as_str)
                 && !text.is_empty()
@@ -541,6 +568,12 @@ impl Runtime {
     #[must_use]
     pub fn watch_tokens(&self, task: TaskId) -> tokio::sync::broadcast::Receiver<TokenDelta> {
         self.inner.deltas.watch(task)
+    }
+
+    /// Forgets `task`'s token channel if nobody watches it any more (call after dropping a
+    /// receiver from [`Runtime::watch_tokens`]).
+    pub fn unwatch_tokens(&self, task: TaskId) {
+        self.inner.deltas.unwatch(task);
     }
 
     /// This process's worker identity (the lease owner).
@@ -962,16 +995,24 @@ impl Runtime {
             .count();
         // The run's latest summary of the turns left out of the context, reused while the
         // same turns are left out.
-        let mut summary: Option<Summary> = steps
-            .iter()
-            .rev()
-            .find(|s| s.kind == "summary")
-            .and_then(|s| serde_json::from_value(s.data.clone()).ok());
+        //
+        // Kept in memory only: positions index this execution's conversation, which a
+        // resume may rebuild differently (tasks of the thread that completed meanwhile), so
+        // a resumed run summarizes afresh rather than trust positions from before.
+        let mut summary: Option<Summary> = None;
+        // A summary that failed (or came back empty) is not asked for again in this run.
+        let mut summaries_off = false;
         let mut tool_defs: Vec<Value> = Vec::with_capacity(spec.tools.len());
         for tool in &spec.tools {
             match tool {
                 ToolSpec::Mcp(server) => {
-                    match inner.mcp.tools(run.task.workspace_id, server).await {
+                    let listing = tokio::select! {
+                        () = token.cancelled() => {
+                            return Ok(if inner.stop.is_cancelled() { Exit::Abandoned } else { Exit::LeaseLost });
+                        }
+                        listing = inner.mcp.tools(run.task.workspace_id, server) => listing,
+                    };
+                    match listing {
                         Ok(listed) => tool_defs.extend(listed.iter().map(|t| t.definition.clone())),
                         Err(e) => return run.fail_attempt("mcp", &e, true).await,
                     }
@@ -1061,32 +1102,59 @@ impl Runtime {
                     if spec.context_overflow == Overflow::Summarize
                         && keep.as_ref().is_none_or(|k| k.contains(&false))
                     {
-                        // Leave room for the summary of what is left out.
-                        let room = summary_room(budget_tokens);
-                        if let Some(with_room) =
-                            crate::context::plan(system_tokens + room, &sizing, budget_tokens)
-                        {
-                            let dropped: Vec<usize> =
-                                (0..with_room.len()).filter(|&i| !with_room[i]).collect();
-                            let reuse = summary.as_ref().filter(|s| s.dropped == dropped);
-                            if let Some(s) = reuse {
+                        // The summary so far, with exactly the turns it covers left out,
+                        // while the rest still fits.
+                        if let Some(s) = &summary {
+                            let covered: std::collections::HashSet<usize> =
+                                s.dropped.iter().copied().collect();
+                            let with: Vec<bool> =
+                                (0..turns.len()).map(|i| !covered.contains(&i)).collect();
+                            let tokens = system_tokens
+                                + s.tokens
+                                + turns
+                                    .iter()
+                                    .zip(&with)
+                                    .filter(|(_, k)| **k)
+                                    .map(|(t, _)| t.tokens)
+                                    .sum::<u64>();
+                            if tokens <= budget_tokens {
                                 summary_text = Some((s.text.clone(), s.tokens));
-                            } else if let Some(s) = self
-                                .summarize(
-                                    &mut run,
-                                    &turns,
-                                    dropped,
-                                    summary.as_ref(),
-                                    token,
-                                    remaining,
-                                )
-                                .await?
-                            {
-                                summary_text = Some((s.text.clone(), s.tokens));
-                                summary = Some(s);
+                                keep = Some(with);
                             }
-                            if summary_text.is_some() {
-                                keep = Some(with_room);
+                        }
+                        if summary_text.is_none() && !summaries_off {
+                            // Room for the summary, and down to three quarters of the
+                            // budget, so the next steps fit without summarizing again.
+                            let room = summary_room(budget_tokens);
+                            let with_room = crate::context::plan(
+                                system_tokens + room,
+                                &sizing,
+                                budget_tokens / 4 * 3,
+                            )
+                            .or_else(|| {
+                                crate::context::plan(system_tokens + room, &sizing, budget_tokens)
+                            });
+                            if let Some(with_room) = with_room {
+                                let dropped: Vec<usize> =
+                                    (0..with_room.len()).filter(|&i| !with_room[i]).collect();
+                                match self
+                                    .summarize(
+                                        &mut run,
+                                        &turns,
+                                        dropped,
+                                        summary.as_ref(),
+                                        token,
+                                        remaining,
+                                    )
+                                    .await?
+                                {
+                                    Some(s) => {
+                                        summary_text = Some((s.text.clone(), s.tokens));
+                                        summary = Some(s);
+                                        keep = Some(with_room);
+                                    }
+                                    None => summaries_off = true,
+                                }
                             }
                         }
                     }
@@ -1528,14 +1596,27 @@ impl Runtime {
             transcript.push_str(earlier);
             transcript.push_str("\n\nThe conversation then went on:\n");
         }
-        for &i in new {
-            if let Some(turn) = turns.get(i) {
-                transcript_line(&mut transcript, &turn.message);
-            }
-        }
-        // One summarizing call reads at most about the agent's own context budget.
+        // One summarizing call reads at most about the agent's own context budget, each
+        // left-out message its share of it, so every one is represented (if cut short).
         let cap =
             usize::try_from(u64::from(spec.context_tokens).saturating_mul(3)).unwrap_or(usize::MAX);
+        let share = (cap.saturating_sub(transcript.len()) / new.len().max(1)).max(256);
+        let mut line = String::new();
+        for &i in new {
+            if let Some(turn) = turns.get(i) {
+                line.clear();
+                transcript_line(&mut line, &turn.message);
+                if line.len() > share {
+                    let mut end = share;
+                    while !line.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    line.truncate(end);
+                    line.push_str(" […]\n");
+                }
+                transcript.push_str(&line);
+            }
+        }
         if transcript.len() > cap {
             let mut end = cap;
             while !transcript.is_char_boundary(end) {

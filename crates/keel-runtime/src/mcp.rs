@@ -35,6 +35,8 @@ pub const MAX_SERVERS: usize = 64;
 const INHERITED: [&str; 6] = ["PATH", "HOME", "LANG", "TZ", "TMPDIR", "USER"];
 /// Longest stderr line of a server that is logged.
 const MAX_LOG_LINE: usize = 2048;
+/// After a failed connection, how long its error is handed to callers before another try.
+const RECONNECT_AFTER_MS: u64 = 1_000;
 /// Time a closing server gets before it is killed.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// The `_meta` key that carries a call's idempotency key.
@@ -80,6 +82,8 @@ struct Slot {
     tools: Mutex<Option<Arc<[Listed]>>>,
     /// Connections made, to tell a restart from a first start.
     starts: AtomicU64,
+    /// The last failed connection (when, in ms since the epoch, and why).
+    failed: Mutex<Option<(u64, String)>>,
     /// Milliseconds since the runtime's epoch at the last use.
     used: AtomicU64,
 }
@@ -125,7 +129,7 @@ impl Servers {
         workspace: WorkspaceId,
         spec: &McpTool,
     ) -> Result<Arc<[Listed]>, String> {
-        let slot = self.slot(workspace, spec);
+        let slot = self.slot(workspace, spec)?;
         match self.live(&slot, spec).await {
             Ok(_) => {}
             Err(e) => {
@@ -196,7 +200,10 @@ impl Servers {
             Ok(p) => p,
             Err(e) => return Outcome::refused(format!("the arguments cannot be sent: {e}")),
         };
-        let slot = self.slot(workspace, spec);
+        let slot = match self.slot(workspace, spec) {
+            Ok(slot) => slot,
+            Err(e) => return failed(e, 0),
+        };
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -298,26 +305,35 @@ impl Servers {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    fn slot(&self, workspace: WorkspaceId, spec: &McpTool) -> Arc<Slot> {
+    /// The server's slot, made if new. Past [`MAX_SERVERS`], the least recently used slot
+    /// nobody is using is closed to make room; if every one is in use, the error says so.
+    fn slot(&self, workspace: WorkspaceId, spec: &McpTool) -> Result<Arc<Slot>, String> {
         let key = (workspace, serde_json::to_string(spec).unwrap_or_default());
         let now = self.now_ms();
         let mut evicted = None;
         let slot = {
-            let Ok(mut slots) = self.slots.lock() else {
-                return Arc::new(Slot::new(now));
-            };
+            let mut slots = self
+                .slots
+                .lock()
+                .map_err(|_| "MCP connections are unavailable (a lock was poisoned)".to_owned())?;
             if let Some(slot) = slots.get(&key) {
                 slot.used.store(now, Ordering::Relaxed);
-                return slot.clone();
+                return Ok(slot.clone());
             }
             if slots.len() >= MAX_SERVERS {
+                // Only the map holds an idle slot; a call in progress holds it too.
                 let oldest = slots
                     .iter()
+                    .filter(|(_, s)| Arc::strong_count(s) == 1)
                     .min_by_key(|(_, s)| s.used.load(Ordering::Relaxed))
                     .map(|(k, _)| k.clone());
-                if let Some(oldest) = oldest {
-                    evicted = slots.remove(&oldest);
-                }
+                let Some(oldest) = oldest else {
+                    return Err(format!(
+                        "MCP server {} cannot be reached: all {MAX_SERVERS} MCP connections are in use; try again shortly",
+                        spec.name
+                    ));
+                };
+                evicted = slots.remove(&oldest);
             }
             let slot = Arc::new(Slot::new(now));
             slots.insert(key, slot.clone());
@@ -326,7 +342,7 @@ impl Servers {
         if let Some(old) = evicted.and_then(|s| s.live.lock().ok().and_then(|mut l| l.take())) {
             tokio::spawn(async move { old.close().await });
         }
-        slot
+        Ok(slot)
     }
 
     /// The slot's open connection, made (or made again) if there is none.
@@ -334,19 +350,39 @@ impl Servers {
         if let Some(live) = slot.current() {
             return Ok(live);
         }
-        // Single flight: whoever waited here finds the connection the first one made.
+        // Single flight: whoever waited here finds the connection the first one made —
+        // or its failure, for a moment, rather than waiting through an attempt of its own.
         let _gate = slot.connecting.lock().await;
         if let Some(live) = slot.current() {
             return Ok(live);
         }
-        let (live, tools) = tokio::time::timeout(spec.timeout, self.connect(spec))
+        let now = self.now_ms();
+        if let Some((at, error)) = slot.failed.lock().ok().and_then(|f| f.clone())
+            && now.saturating_sub(at) < RECONNECT_AFTER_MS
+        {
+            return Err(error);
+        }
+        let connected = tokio::time::timeout(spec.timeout, self.connect(spec))
             .await
             .map_err(|_| {
                 format!(
                     "MCP server {} did not start within {:?}",
                     spec.name, spec.timeout
                 )
-            })??;
+            })
+            .and_then(|r| r);
+        let (live, tools) = match connected {
+            Ok(ok) => ok,
+            Err(e) => {
+                if let Ok(mut f) = slot.failed.lock() {
+                    *f = Some((self.now_ms(), e.clone()));
+                }
+                return Err(e);
+            }
+        };
+        if let Ok(mut f) = slot.failed.lock() {
+            *f = None;
+        }
         if slot.starts.fetch_add(1, Ordering::Relaxed) > 0 {
             metrics::counter!("keel_mcp_restarts_total").increment(1);
             tracing::info!(server = %spec.name, "MCP server restarted");
@@ -419,16 +455,27 @@ impl Servers {
             if let Some(stderr) = stderr {
                 let server = spec.name.clone();
                 tokio::spawn(async move {
-                    let mut lines = tokio::io::BufReader::new(stderr).lines();
-                    while let Ok(Some(mut line)) = lines.next_line().await {
-                        if line.len() > MAX_LOG_LINE {
-                            let mut end = MAX_LOG_LINE;
-                            while !line.is_char_boundary(end) {
-                                end -= 1;
-                            }
-                            line.truncate(end);
+                    use tokio::io::AsyncReadExt as _;
+                    let mut reader = tokio::io::BufReader::new(stderr);
+                    let limit = u64::try_from(MAX_LOG_LINE).unwrap_or(u64::MAX);
+                    let mut line = Vec::with_capacity(256);
+                    loop {
+                        line.clear();
+                        // At most MAX_LOG_LINE bytes of a line are held; the rest is skipped.
+                        match (&mut reader).take(limit).read_until(b'\n', &mut line).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(_) => {}
                         }
-                        tracing::debug!(server = %server, line = %line, "MCP server stderr");
+                        let complete = line.last() == Some(&b'\n');
+                        tracing::debug!(server = %server, line = %String::from_utf8_lossy(&line).trim_end(), "MCP server stderr");
+                        while !complete {
+                            line.clear();
+                            match (&mut reader).take(limit).read_until(b'\n', &mut line).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(_) if line.last() == Some(&b'\n') => break,
+                                Ok(_) => {}
+                            }
+                        }
                     }
                 });
             }
@@ -459,6 +506,7 @@ impl Slot {
             live: Mutex::new(None),
             tools: Mutex::new(None),
             starts: AtomicU64::new(0),
+            failed: Mutex::new(None),
             used: AtomicU64::new(now),
         }
     }
@@ -512,6 +560,7 @@ fn offered(spec: &McpTool, tools: &[Tool]) -> Vec<Listed> {
             }
         }
     }
+    let mut seen = std::collections::HashSet::new();
     tools
         .iter()
         .filter(|t| {
@@ -528,6 +577,10 @@ fn offered(spec: &McpTool, tools: &[Tool]) -> Vec<Listed> {
             let name = format!("{}{MCP_SEPARATOR}{clean}", spec.name);
             if name.len() > 64 {
                 tracing::warn!(server = %spec.name, tool = %t.name, "MCP tool name too long for the model (64); not offered");
+                return None;
+            }
+            if !seen.insert(name.clone()) {
+                tracing::warn!(server = %spec.name, tool = %t.name, "MCP tool name clashes with another once made callable; not offered");
                 return None;
             }
             let schema = Value::Object((*t.input_schema).clone());
@@ -601,7 +654,12 @@ mod tests {
 
     #[test]
     fn tools_are_offered_under_the_server_name_and_the_allowlist_holds() {
-        let tools = [tool("echo"), tool("get-sum"), tool("weird.name/x")];
+        let tools = [
+            tool("echo"),
+            tool("get-sum"),
+            tool("weird.name/x"),
+            tool("weird/name.x"),
+        ];
         let all = offered(&spec(None), &tools);
         let names: Vec<&str> = all.iter().map(|t| t.name.as_str()).collect();
         assert_eq!(
@@ -612,7 +670,10 @@ mod tests {
                 "everything__weird_name_x"
             ]
         );
-        assert_eq!(all[2].remote, "weird.name/x");
+        assert_eq!(
+            all[2].remote, "weird.name/x",
+            "the clashing second is left out"
+        );
         assert_eq!(all[1].definition["function"]["name"], "everything__get-sum");
         let some = offered(&spec(Some(vec!["get-sum"])), &tools);
         assert_eq!(some.len(), 1);

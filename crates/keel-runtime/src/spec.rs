@@ -525,13 +525,24 @@ impl AgentSpec {
     /// The tool the model called, by name: an MCP server's tools are `<server>__<tool>`.
     #[must_use]
     pub fn tool(&self, name: &str) -> Option<&ToolSpec> {
-        self.tools.iter().find(|t| match t {
-            ToolSpec::Mcp(m) => name
-                .strip_prefix(m.name.as_str())
-                .and_then(|rest| rest.strip_prefix(MCP_SEPARATOR))
-                .is_some_and(|rest| !rest.is_empty()),
-            _ => t.name() == name,
-        })
+        if let Some(tool) = self
+            .tools
+            .iter()
+            .find(|t| !matches!(t, ToolSpec::Mcp(_)) && t.name() == name)
+        {
+            return Some(tool);
+        }
+        // The MCP server with the longest name that prefixes the call (`x_` before `x`).
+        self.tools
+            .iter()
+            .filter(|t| match t {
+                ToolSpec::Mcp(m) => name
+                    .strip_prefix(m.name.as_str())
+                    .and_then(|rest| rest.strip_prefix(MCP_SEPARATOR))
+                    .is_some_and(|rest| !rest.is_empty()),
+                _ => false,
+            })
+            .max_by_key(|t| t.name().len())
     }
 
     /// Renders the system prompt over the spec's variables overlaid with `extra`.
@@ -735,6 +746,16 @@ headers = { "X-Token" = "${OPEN" }
         assert!(matches!(spec.tool("files__read"), Some(ToolSpec::Mcp(_))));
         assert!(matches!(spec.tool("filesask"), Some(ToolSpec::Human(_))));
         assert!(spec.tool("files__").is_none());
+        let two = AgentSpec::from_json(serde_json::json!({
+            "name": "a",
+            "tools": [
+                {"kind": "mcp", "name": "x", "command": ["x"]},
+                {"kind": "mcp", "name": "x_", "command": ["y"]},
+            ],
+        }))
+        .unwrap();
+        assert_eq!(two.tool("x___t").map(ToolSpec::name), Some("x_"));
+        assert_eq!(two.tool("x__t").map(ToolSpec::name), Some("x"));
     }
 
     #[test]

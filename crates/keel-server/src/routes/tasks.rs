@@ -366,7 +366,9 @@ pub(crate) async fn create(
                     (header::CONTENT_TYPE, "text/event-stream"),
                     (header::CACHE_CONTROL, "no-cache"),
                 ],
-                Body::from_stream(with_tokens(frames, tokens, task_id).map(Ok::<_, Infallible>)),
+                Body::from_stream(
+                    with_tokens(frames, tokens, task_id, state.clone()).map(Ok::<_, Infallible>),
+                ),
             )
                 .into_response())
         }
@@ -379,20 +381,27 @@ fn with_tokens(
     events: impl futures_util::Stream<Item = Bytes> + Send + 'static,
     tokens: tokio::sync::broadcast::Receiver<keel_runtime::TokenDelta>,
     task: TaskId,
+    state: AppState,
 ) -> impl futures_util::Stream<Item = Bytes> + Send + 'static {
     use futures_util::stream;
     use tokio::sync::broadcast::error::RecvError;
     let events = events
         .map(Some)
         .chain(stream::once(std::future::ready(None)));
-    let deltas = stream::unfold(tokens, move |mut rx| async move {
+    let watch = Watch {
+        rx: Some(tokens),
+        state,
+        task,
+    };
+    let deltas = stream::unfold(watch, move |mut w| async move {
+        let rx = w.rx.as_mut()?;
         loop {
             match rx.recv().await {
                 Ok(delta) => {
                     let data = json!({"task_id": task.to_string(), "step": delta.step, "content": &*delta.content});
                     return Some((
                         Some(Bytes::from(format!("event: token.delta\ndata: {data}\n\n"))),
-                        rx,
+                        w,
                     ));
                 }
                 // A slow client misses deltas, never events.
@@ -404,6 +413,22 @@ fn with_tokens(
     stream::select(events, deltas)
         .take_while(|frame| std::future::ready(frame.is_some()))
         .filter_map(std::future::ready)
+}
+
+/// A watcher of a task's tokens; when it goes, the task's channel is forgotten if it was
+/// the last.
+struct Watch {
+    rx: Option<tokio::sync::broadcast::Receiver<keel_runtime::TokenDelta>>,
+    state: AppState,
+    task: TaskId,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        // The receiver first, so the count the runtime checks no longer includes it.
+        drop(self.rx.take());
+        self.state.runtime().unwatch_tokens(self.task);
+    }
 }
 
 /// One task. Requires role: viewer.
@@ -702,18 +727,14 @@ pub(crate) async fn input(
         )));
     }
     let (call_id, tool) = pending_call(&state, &task).await?;
-    let question = state
+    let version = state
         .store()
         .agent_version(ws, task.agent_id, task.agent_version)
-        .await
-        .ok()
-        .and_then(|a| keel_runtime::spec::AgentSpec::from_json(a.spec).ok())
-        .is_some_and(|spec| {
-            matches!(
-                spec.tool(&tool),
-                Some(keel_runtime::spec::ToolSpec::Human(_))
-            )
-        });
+        .await?;
+    let question = keel_runtime::spec::AgentSpec::from_json(version.spec)
+        .map_err(|e| ApiError::internal(&e))?
+        .tool(&tool)
+        .is_some_and(|t| matches!(t, keel_runtime::spec::ToolSpec::Human(_)));
     match (question, body.action.as_str()) {
         (true, "approve" | "edit") => {
             return Err(ApiError::bad_request(format!(
