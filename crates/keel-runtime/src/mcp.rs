@@ -468,12 +468,13 @@ impl Servers {
                         }
                         let complete = line.last() == Some(&b'\n');
                         tracing::debug!(server = %server, line = %String::from_utf8_lossy(&line).trim_end(), "MCP server stderr");
-                        while !complete {
+                        // The rest of an overlong line is read and dropped.
+                        let mut skipping = !complete;
+                        while skipping {
                             line.clear();
                             match (&mut reader).take(limit).read_until(b'\n', &mut line).await {
                                 Ok(0) | Err(_) => return,
-                                Ok(_) if line.last() == Some(&b'\n') => break,
-                                Ok(_) => {}
+                                Ok(_) => skipping = line.last() != Some(&b'\n'),
                             }
                         }
                     }
