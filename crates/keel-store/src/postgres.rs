@@ -69,6 +69,8 @@ impl PgStore {
     const LOCK_ROWS: &'static str = " FOR UPDATE";
     /// Moves the queue's clock to the virtual time of the tasks just started.
     const CLOCK_SQL: &'static str = "UPDATE queue_clock SET vt = GREATEST(vt, $1) WHERE id = 1";
+    /// The fairness lane advances in its own transaction (see `create_task`).
+    const LANE_OWN_TX: bool = true;
 
     async fn commit_stream(&self) -> Result<Option<crate::CommitStream>> {
         let mut listener = PgListener::connect_with(&self.pool).await?;

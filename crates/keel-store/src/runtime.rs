@@ -1210,6 +1210,24 @@ macro_rules! runtime_store {
                     return Ok(Created::QueueFull { queued });
                 }
                 let now = $crate::now();
+                // Postgres: the workspace's fairness lane advances in a transaction of its
+                // own, committed without waiting for the disk, so its row lock lasts one
+                // statement instead of the whole creation (creations of one workspace
+                // queued behind each other's round trips). An advance whose task is then
+                // not created, or that a crash loses, costs that workspace one slot of
+                // fairness — nothing else. SQLite has one writer and no such contention.
+                let early_vt: Option<i64> = if Self::LANE_OWN_TX {
+                    let mut lane = self.writer.begin().await?;
+                    sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *lane).await?;
+                    let vt = sqlx::query_scalar(Self::LANE_SQL)
+                        .bind(t.workspace_id.as_uuid())
+                        .fetch_one(&mut *lane)
+                        .await?;
+                    lane.commit().await?;
+                    Some(vt)
+                } else {
+                    None
+                };
                 let mut tx = self.writer.begin().await?;
                 let thread_id = match t.thread_id {
                     Some(id) => {
@@ -1232,10 +1250,13 @@ macro_rules! runtime_store {
                         id
                     }
                 };
-                let vt: i64 = sqlx::query_scalar(Self::LANE_SQL)
-                    .bind(t.workspace_id.as_uuid())
-                    .fetch_one(&mut *tx)
-                    .await?;
+                let vt: i64 = match early_vt {
+                    Some(vt) => vt,
+                    None => sqlx::query_scalar(Self::LANE_SQL)
+                        .bind(t.workspace_id.as_uuid())
+                        .fetch_one(&mut *tx)
+                        .await?,
+                };
                 let inserted = sqlx::query(concat!(
                     "INSERT INTO tasks (", $crate::runtime::task_columns!(), ") VALUES ",
                     "($1, $2, $3, $4, $5, $6, $7, $8, 'submitted', $9, $10, $11, $12, NULL, NULL, 0, $13, NULL, 0, 0, 0, 0, 0, ",

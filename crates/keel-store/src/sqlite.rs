@@ -91,6 +91,8 @@ impl SqliteStore {
     const LOCK_ROWS: &'static str = "";
     /// Moves the queue's clock to the virtual time of the tasks just started.
     const CLOCK_SQL: &'static str = "UPDATE queue_clock SET vt = max(vt, $1) WHERE id = 1";
+    /// One writer: the lane advances inside the creation's transaction.
+    const LANE_OWN_TX: bool = false;
 
     async fn commit_stream(&self) -> Result<Option<crate::CommitStream>> {
         Ok(None)
