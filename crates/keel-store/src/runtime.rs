@@ -1210,21 +1210,19 @@ macro_rules! runtime_store {
                     return Ok(Created::QueueFull { queued });
                 }
                 let now = $crate::now();
-                // Postgres: the workspace's fairness lane advances in a transaction of its
-                // own, committed without waiting for the disk, so its row lock lasts one
-                // statement instead of the whole creation (creations of one workspace
+                // Postgres: the workspace's fairness lane advances in one statement of its
+                // own (one round trip, committed at once), so its row lock lasts that
+                // statement instead of the whole creation (creations of one workspace had
                 // queued behind each other's round trips). An advance whose task is then
-                // not created, or that a crash loses, costs that workspace one slot of
-                // fairness — nothing else. SQLite has one writer and no such contention.
+                // not created costs that workspace one slot of fairness — nothing else.
+                // SQLite has one writer and no such contention.
                 let early_vt: Option<i64> = if Self::LANE_OWN_TX {
-                    let mut lane = self.writer.begin().await?;
-                    sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *lane).await?;
-                    let vt = sqlx::query_scalar(Self::LANE_SQL)
-                        .bind(t.workspace_id.as_uuid())
-                        .fetch_one(&mut *lane)
-                        .await?;
-                    lane.commit().await?;
-                    Some(vt)
+                    Some(
+                        sqlx::query_scalar(Self::LANE_SQL)
+                            .bind(t.workspace_id.as_uuid())
+                            .fetch_one(&self.writer)
+                            .await?,
+                    )
                 } else {
                     None
                 };
