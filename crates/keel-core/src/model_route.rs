@@ -112,6 +112,10 @@ pub struct Target {
     /// field; their streams are then counted with the tokenizer and marked estimated.
     #[serde(default = "default_true")]
     pub stream_usage: bool,
+    /// The upstream model's context window, in tokens: an agent on this route never sends
+    /// more (its `context_tokens` is cut to the smallest window among the route's targets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_window: Option<u32>,
 }
 
 fn default_true() -> bool {

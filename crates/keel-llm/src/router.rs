@@ -133,6 +133,17 @@ pub struct Route {
 }
 
 impl Route {
+    /// The smallest context window among its targets, if any is configured: whichever
+    /// target serves a request, it must fit.
+    #[must_use]
+    pub fn context_window(&self) -> Option<u32> {
+        self.config
+            .targets
+            .iter()
+            .filter_map(|t| t.context_window)
+            .min()
+    }
+
     /// The highest input and output prices among its targets (USD per million tokens):
     /// the most a request can cost per token, whichever target serves it.
     #[must_use]

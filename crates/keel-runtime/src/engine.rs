@@ -1096,7 +1096,7 @@ impl Runtime {
                             pinned: t.pinned,
                         })
                         .collect();
-                    let budget_tokens = u64::from(spec.context_tokens);
+                    let budget_tokens = self.context_budget(&spec);
                     let mut keep = crate::context::plan(system_tokens, &sizing, budget_tokens);
                     let mut summary_text = None;
                     if spec.context_overflow == Overflow::Summarize
@@ -1160,7 +1160,7 @@ impl Runtime {
                     }
                     let Some(keep) = keep else {
                         return run
-                            .fail_for_good("context_tokens", &format!("the latest turn alone exceeds the agent's context budget of {} tokens", spec.context_tokens), false)
+                            .fail_for_good("context_tokens", &format!("the latest turn alone exceeds the context budget of {budget_tokens} tokens (the agent's context_tokens, or its route's smallest context_window)"), false)
                             .await;
                     };
                     let kept_tokens: u64 = turns
@@ -1566,6 +1566,19 @@ impl Runtime {
         }
     }
 
+    /// Most tokens of conversation an LLM call of `spec` may send: its `context_tokens`,
+    /// cut to the smallest context window among its route's targets.
+    fn context_budget(&self, spec: &AgentSpec) -> u64 {
+        let window = self
+            .inner
+            .router
+            .routes()
+            .find(|r| r.name == spec.model)
+            .and_then(keel_llm::router::Route::context_window);
+        let budget = u64::from(spec.context_tokens);
+        window.map_or(budget, |w| budget.min(u64::from(w)))
+    }
+
     /// Summarizes the turns at `dropped` (building on `previous` when it covers the first
     /// of them) with an LLM call through the agent's model route, and commits it as a
     /// `summary` step (its usage and cost the task's). `None` when it could not be had (the
@@ -1583,7 +1596,7 @@ impl Runtime {
         let inner = &self.inner;
         let spec = run.spec.clone();
         let ws = run.task.workspace_id;
-        let room = summary_room(u64::from(spec.context_tokens));
+        let room = summary_room(self.context_budget(&spec));
         let (earlier, new) = match previous {
             Some(p) if dropped.starts_with(&p.dropped) => {
                 (Some(p.text.as_str()), &dropped[p.dropped.len()..])
@@ -1599,7 +1612,7 @@ impl Runtime {
         // One summarizing call reads at most about the agent's own context budget, each
         // left-out message its share of it, so every one is represented (if cut short).
         let cap =
-            usize::try_from(u64::from(spec.context_tokens).saturating_mul(3)).unwrap_or(usize::MAX);
+            usize::try_from(self.context_budget(&spec).saturating_mul(3)).unwrap_or(usize::MAX);
         let share = (cap.saturating_sub(transcript.len()) / new.len().max(1)).max(256);
         let mut line = String::new();
         for &i in new {

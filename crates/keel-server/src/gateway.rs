@@ -43,6 +43,7 @@ pub fn router(
         max_concurrency: 256,
         weight: 1,
         stream_usage: true,
+        context_window: None,
     };
     let (chosen, kind) = if env("OPENAI_API_KEY").is_some() {
         (

@@ -1038,6 +1038,7 @@ mod tests {
             max_concurrency: 1,
             weight: 1,
             stream_usage: true,
+            context_window: None,
         }
     }
 

@@ -1629,3 +1629,66 @@ async fn turns_past_the_context_budget_are_summarized_once_and_pinned_messages_s
     let usage = get(&keel, &key, "/v1/usage?group_by=route").await;
     assert_eq!(usage["data"][0]["requests"], 6, "{usage}");
 }
+
+#[tokio::test]
+async fn an_agent_never_sends_more_than_its_routes_context_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("script.json");
+    std::fs::write(&script, json!({"replies": [{"content": "ok"}]}).to_string()).unwrap();
+    let record = dir.path().join("requests.jsonl");
+    let (_mock, mock_url) = crate::support::mock_llm(
+        dir.path(),
+        &[
+            "--script",
+            script.to_str().unwrap(),
+            "--record",
+            record.to_str().unwrap(),
+        ],
+    )
+    .await;
+    // The agent allows 100,000 tokens; the route's model has a window of 300.
+    let spec = "name = \"wide\"\nsystem_prompt = \"Be brief.\"\n".to_owned();
+    configure(dir.path(), &mock_url, "", &[("wide", spec)]);
+    let toml = std::fs::read_to_string(dir.path().join("keel.toml")).unwrap();
+    std::fs::write(
+        dir.path().join("keel.toml"),
+        toml.replacen(
+            "output_price_per_mtok = 2.0\n",
+            "output_price_per_mtok = 2.0\ncontext_window = 300\n",
+            1,
+        ),
+    )
+    .unwrap();
+    let key = create_key(dir.path(), "acme", "member", &[]);
+    let keel = Keel::start(dir.path(), &[]).await;
+    let thread: Value = post_json(&keel, &key, "/v1/threads", json!({}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let thread = thread["id"].as_str().unwrap();
+    for word in ["bravo", "river"] {
+        let task: Value = post_task(
+            &keel,
+            &key,
+            json!({"agent": "wide", "input": format!("{word} ").repeat(200), "thread_id": thread}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+        assert_eq!(task["status"], "completed", "{task}");
+    }
+    let requests: Vec<String> = std::fs::read_to_string(&record)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(requests.len(), 2);
+    assert!(requests[0].contains("bravo bravo"));
+    assert!(
+        requests[1].contains("river river") && !requests[1].contains("bravo"),
+        "the first turn left out to fit the window: {}",
+        requests[1]
+    );
+}
