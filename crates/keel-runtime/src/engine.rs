@@ -333,6 +333,34 @@ impl Tasks {
     }
 }
 
+/// The usage row of an LLM call an agent made: (input, output, estimated) tokens.
+fn llm_usage(
+    workspace: WorkspaceId,
+    served: &keel_llm::router::Served,
+    (input_tokens, output_tokens, estimated): (u64, u64, bool),
+    cost_nanousd: u64,
+    latency_ms: u64,
+) -> UsageRecord {
+    UsageRecord {
+        workspace_id: workspace,
+        api_key_id: None,
+        route: served.route.clone(),
+        provider: served.provider.as_str().to_owned(),
+        upstream_model: served.upstream_model.clone(),
+        target: served.target.clone(),
+        input_tokens,
+        output_tokens,
+        cached_tokens: 0,
+        cost_nanousd,
+        latency_ms,
+        ttft_ms: None,
+        cache_hit: false,
+        estimated,
+        outcome: "ok".to_owned(),
+        created_at: OffsetDateTime::now_utc(),
+    }
+}
+
 /// Most tokens a summary of left-out turns takes (and the room left for it).
 const SUMMARY_TOKENS: u64 = 1024;
 
@@ -1303,24 +1331,13 @@ impl Runtime {
                         "latency_ms": u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
                         "tool_calls": calls,
                     });
-                    let usage = UsageRecord {
-                        workspace_id: run.task.workspace_id,
-                        api_key_id: None,
-                        route: served.route.clone(),
-                        provider: served.provider.as_str().to_owned(),
-                        upstream_model: served.upstream_model.clone(),
-                        target: served.target.clone(),
-                        input_tokens,
-                        output_tokens,
-                        cached_tokens: 0,
-                        cost_nanousd: cost,
-                        latency_ms: u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
-                        ttft_ms: None,
-                        cache_hit: false,
-                        estimated,
-                        outcome: "ok".to_owned(),
-                        created_at: OffsetDateTime::now_utc(),
-                    };
+                    let usage = llm_usage(
+                        run.task.workspace_id,
+                        &served,
+                        (input_tokens, output_tokens, estimated),
+                        cost,
+                        u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
+                    );
                     // An answer without tool calls ends the task: the step and the
                     // completion commit together (one transaction, not two).
                     let finish = (calls == 0).then(|| {
@@ -1395,23 +1412,14 @@ impl Runtime {
                             .ok()
                             .and_then(|a| a.get("question")?.as_str().map(str::to_owned))
                             .unwrap_or_else(|| call.function.arguments.clone());
-                        let ev = event(
-                            &run.task,
-                            run_id,
-                            EventType::TaskInputRequired,
-                            json!({
-                                "reason": "reply", "tool": call.function.name, "call_id": call.id, "question": question,
-                            }),
-                        );
-                        let committed = self
-                            .commit(run.checkpoint(
-                                None,
-                                Vec::new(),
-                                Some(Finish::InputRequired),
-                                vec![ev],
-                            ))
-                            .await?;
-                        return Ok(settled(committed));
+                        return self
+                            .wait_for_input(
+                                &run,
+                                json!({
+                                    "reason": "reply", "tool": call.function.name, "call_id": call.id, "question": question,
+                                }),
+                            )
+                            .await;
                     }
                     let mut arguments = call.function.arguments.clone();
                     if let Some(tool) = tool
@@ -1421,23 +1429,14 @@ impl Runtime {
                             None => {
                                 let args: Value = serde_json::from_str(&call.function.arguments)
                                     .unwrap_or(Value::String(call.function.arguments.clone()));
-                                let ev = event(
-                                    &run.task,
-                                    run_id,
-                                    EventType::TaskInputRequired,
-                                    json!({
-                                        "reason": "approval", "tool": call.function.name, "call_id": call.id, "arguments": args,
-                                    }),
-                                );
-                                let committed = self
-                                    .commit(run.checkpoint(
-                                        None,
-                                        Vec::new(),
-                                        Some(Finish::InputRequired),
-                                        vec![ev],
-                                    ))
-                                    .await?;
-                                return Ok(settled(committed));
+                                return self
+                                    .wait_for_input(
+                                        &run,
+                                        json!({
+                                            "reason": "approval", "tool": call.function.name, "call_id": call.id, "arguments": args,
+                                        }),
+                                    )
+                                    .await;
                             }
                             Some(decision) => {
                                 if let Some(edited) =
@@ -1564,6 +1563,16 @@ impl Runtime {
                 }
             }
         }
+    }
+
+    /// Ends the run where it stands, waiting for a person: the task becomes
+    /// `input-required`, with a `task.input_required` event carrying `data`.
+    async fn wait_for_input(&self, run: &Run<'_>, data: Value) -> Result<Exit, RunError> {
+        let ev = event(&run.task, run.run_id, EventType::TaskInputRequired, data);
+        let committed = self
+            .commit(run.checkpoint(None, Vec::new(), Some(Finish::InputRequired), vec![ev]))
+            .await?;
+        Ok(settled(committed))
     }
 
     /// Most tokens of conversation an LLM call of `spec` may send: its `context_tokens`,
@@ -1739,24 +1748,13 @@ impl Runtime {
             "input_tokens": input_tokens, "output_tokens": output_tokens, "estimated": estimated,
             "cost_nanousd": cost, "latency_ms": latency_ms,
         });
-        let usage = UsageRecord {
-            workspace_id: ws,
-            api_key_id: None,
-            route: served.route.clone(),
-            provider: served.provider.as_str().to_owned(),
-            upstream_model: served.upstream_model.clone(),
-            target: served.target.clone(),
-            input_tokens,
-            output_tokens,
-            cached_tokens: 0,
-            cost_nanousd: cost,
+        let usage = llm_usage(
+            ws,
+            &served,
+            (input_tokens, output_tokens, estimated),
+            cost,
             latency_ms,
-            ttft_ms: None,
-            cache_hit: false,
-            estimated,
-            outcome: "ok".to_owned(),
-            created_at: OffsetDateTime::now_utc(),
-        };
+        );
         let mut checkpoint = run.checkpoint(Some(("summary", data)), Vec::new(), None, Vec::new());
         checkpoint.input_tokens = i64::try_from(input_tokens).unwrap_or(i64::MAX);
         checkpoint.output_tokens = i64::try_from(output_tokens).unwrap_or(i64::MAX);

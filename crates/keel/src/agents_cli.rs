@@ -50,16 +50,7 @@ pub async fn run(
         .send()
         .await
         .with_context(|| format!("cannot reach Keel at {base}"))?;
-    if !res.status().is_success() {
-        let status = res.status();
-        let problem: Value = res.json().await.unwrap_or(Value::Null);
-        bail!(
-            "{status}: {}",
-            problem["detail"]
-                .as_str()
-                .unwrap_or("the server refused the task")
-        );
-    }
+    let res = accepted(res, "the server refused the task").await?;
     follow(res, agent, Settled::default()).await
 }
 
@@ -82,16 +73,7 @@ pub async fn reply(
         .send()
         .await
         .with_context(|| format!("cannot reach Keel at {base}"))?;
-    if !res.status().is_success() {
-        let status = res.status();
-        let problem: Value = res.json().await.unwrap_or(Value::Null);
-        bail!(
-            "{status}: {}",
-            problem["detail"]
-                .as_str()
-                .unwrap_or("the reply was refused")
-        );
-    }
+    accepted(res, "the reply was refused").await?;
     let after = seq.map_or_else(String::new, |s| format!("&after={s}"));
     let res = http
         .get(format!("{base}/v1/events?task_id={task_id}{after}"))
@@ -241,6 +223,19 @@ async fn follow(res: reqwest::Response, agent: &str, mut at: Settled) -> anyhow:
         question,
         seq,
     })
+}
+
+/// The response if it succeeded; else an error with the problem's detail (or `otherwise`).
+async fn accepted(res: reqwest::Response, otherwise: &str) -> anyhow::Result<reqwest::Response> {
+    if res.status().is_success() {
+        return Ok(res);
+    }
+    let status = res.status();
+    let problem: Value = res.json().await.unwrap_or(Value::Null);
+    bail!(
+        "{status}: {}",
+        problem["detail"].as_str().unwrap_or(otherwise)
+    )
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {

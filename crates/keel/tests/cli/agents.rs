@@ -423,6 +423,28 @@ async fn world(extra: &str) -> World {
     }
 }
 
+/// `keel mock-llm` serving `replies` in order (not by turn) and recording every request it
+/// gets; returns the process, its URL and the record file.
+async fn mock_recording(
+    dir: &Path,
+    replies: Value,
+) -> (tokio::process::Child, String, std::path::PathBuf) {
+    let script = dir.join("script.json");
+    std::fs::write(&script, json!({"replies": replies}).to_string()).unwrap();
+    let record = dir.join("requests.jsonl");
+    let (child, url) = crate::support::mock_llm(
+        dir,
+        &[
+            "--script",
+            script.to_str().unwrap(),
+            "--record",
+            record.to_str().unwrap(),
+        ],
+    )
+    .await;
+    (child, url, record)
+}
+
 /// Counts a workspace's tasks in `status`.
 async fn count(keel: &Keel, key: &str, status: &str) -> usize {
     let page = get(keel, key, &format!("/v1/tasks?status={status}&limit=500")).await;
@@ -1513,27 +1535,14 @@ async fn turns_past_the_context_budget_are_summarized_once_and_pinned_messages_s
     let (_tools, tools_url) = Tools::start().await;
     // Served in order: tasks 1–3 answer "ok"; task 4's first call is the summary, then a
     // tool call, then the answer.
-    let script = dir.path().join("script.json");
-    std::fs::write(
-        &script,
-        json!({"replies": [
+    let (_mock, mock_url, record) = mock_recording(
+        dir.path(),
+        json!([
             {"content": "ok"}, {"content": "ok"}, {"content": "ok"},
             {"content": "SUMMARY: the user talked about bravo and river."},
             {"tool_calls": [{"name": "lookup", "arguments": {"city": "Oslo"}}]},
             {"content": "done"},
-        ]})
-        .to_string(),
-    )
-    .unwrap();
-    let record = dir.path().join("requests.jsonl");
-    let (_mock, mock_url) = crate::support::mock_llm(
-        dir.path(),
-        &[
-            "--script",
-            script.to_str().unwrap(),
-            "--record",
-            record.to_str().unwrap(),
-        ],
+        ]),
     )
     .await;
     let spec = lookup_agent(
@@ -1633,19 +1642,7 @@ async fn turns_past_the_context_budget_are_summarized_once_and_pinned_messages_s
 #[tokio::test]
 async fn an_agent_never_sends_more_than_its_routes_context_window() {
     let dir = tempfile::tempdir().unwrap();
-    let script = dir.path().join("script.json");
-    std::fs::write(&script, json!({"replies": [{"content": "ok"}]}).to_string()).unwrap();
-    let record = dir.path().join("requests.jsonl");
-    let (_mock, mock_url) = crate::support::mock_llm(
-        dir.path(),
-        &[
-            "--script",
-            script.to_str().unwrap(),
-            "--record",
-            record.to_str().unwrap(),
-        ],
-    )
-    .await;
+    let (_mock, mock_url, record) = mock_recording(dir.path(), json!([{"content": "ok"}])).await;
     // The agent allows 100,000 tokens; the route's model has a window of 300.
     let spec = "name = \"wide\"\nsystem_prompt = \"Be brief.\"\n".to_owned();
     configure(dir.path(), &mock_url, "", &[("wide", spec)]);
