@@ -750,6 +750,7 @@ impl Runtime {
                 () = tokio::time::sleep(Duration::from_secs(5)) => {}
             }
             metrics::gauge!("keel_runs_active").set(self.active_runs() as f64);
+            metrics::gauge!("keel_mcp_connections").set(self.inner.mcp.open() as f64);
             if let Ok(depth) = inner.store.queue_depth().await {
                 let now = OffsetDateTime::now_utc();
                 for d in depth {
