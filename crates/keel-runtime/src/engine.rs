@@ -864,6 +864,23 @@ impl Runtime {
         Ok(committed)
     }
 
+    /// Commits one checkpoint in a transaction of its own, not through the committer.
+    async fn commit_alone(&self, checkpoint: Checkpoint) -> Result<Committed, RunError> {
+        let started = Instant::now();
+        let committed = self
+            .inner
+            .store
+            .commit_checkpoints(std::slice::from_ref(&checkpoint))
+            .await?
+            .pop()
+            .unwrap_or(Committed::LeaseLost);
+        if let Committed::Stored { events, .. } = &committed {
+            self.inner.sink.publish(events);
+        }
+        metrics::histogram!("keel_checkpoint_wait_seconds").record(started.elapsed().as_secs_f64());
+        Ok(committed)
+    }
+
     #[expect(
         clippy::too_many_lines,
         reason = "the run loop reads best as one piece"
@@ -962,7 +979,15 @@ impl Runtime {
                     vec![started],
                 );
                 start.start = Some(run_id);
-                if let Committed::LeaseLost = self.commit(start).await? {
+                // SQLite has one writer: a start shares the committer's batches. Postgres
+                // takes transactions side by side: a start commits at once rather than
+                // waiting behind a batch of other runs' steps.
+                let committed = if inner.store.backend() == Backend::Postgres {
+                    self.commit_alone(start).await?
+                } else {
+                    self.commit(start).await?
+                };
+                if let Committed::LeaseLost = committed {
                     return Ok(Exit::LeaseLost);
                 }
                 let mut task = task;
