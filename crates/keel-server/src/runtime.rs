@@ -1,8 +1,6 @@
 //! The server's side of the agent runtime: the event sink the runtime commits through,
 //! loading agent spec files into a workspace, and telling when a task has settled.
 
-use std::path::Path;
-
 use keel_core::event::{Event, EventType};
 use keel_core::id::WorkspaceId;
 
@@ -50,17 +48,26 @@ pub struct Loaded {
     pub rejected: Vec<String>,
 }
 
-/// Loads every `*.toml` spec in `dir` into `workspace` (a new version where a spec
-/// changed). Invalid files are reported and skipped; the others still load.
+/// Loads every `*.toml` spec in `runtime.agents_dir` into `workspace` (a new version where
+/// a spec changed). Invalid files, and files the operator policy refuses, are reported and
+/// skipped; the others still load.
 pub async fn load_agents(
     store: &dyn keel_store::Store,
     router: &keel_llm::Router,
     workspace: WorkspaceId,
-    dir: &Path,
+    runtime: &keel_core::config::Runtime,
 ) -> Result<Loaded, keel_store::Error> {
     let routes: Vec<&str> = router.routes().map(|r| r.name.as_str()).collect();
     let mut loaded = Loaded::default();
-    for (path, spec) in keel_runtime::tasks::load_dir(dir, &routes) {
+    for (path, spec) in keel_runtime::tasks::load_dir(&runtime.agents_dir, &routes) {
+        let spec = spec.and_then(|spec| {
+            let refused = operator_policy(&spec, runtime);
+            if refused.is_empty() {
+                Ok(spec)
+            } else {
+                Err(keel_runtime::spec::Invalid(refused))
+            }
+        });
         match spec {
             Ok(spec) => {
                 let record = store
@@ -105,4 +112,48 @@ pub async fn start(
         },
     )
     .await
+}
+
+/// What the operator's `[runtime]` allows a spec: programs for stdio MCP servers
+/// (`mcp_commands`), environment variables for `${VAR}` (`tool_env`). Checked for specs
+/// from the API and from files alike (and again at call time).
+#[must_use]
+pub fn operator_policy(
+    spec: &keel_runtime::spec::AgentSpec,
+    runtime: &keel_core::config::Runtime,
+) -> Vec<keel_runtime::spec::Issue> {
+    use keel_runtime::spec::{Issue, ToolSpec, env_refs};
+    let mut out = Vec::new();
+    for (i, tool) in spec.tools.iter().enumerate() {
+        let mut values: Vec<(&str, &String)> = Vec::new();
+        match tool {
+            ToolSpec::Http(t) => values.extend(t.headers.values().map(|v| ("headers", v))),
+            ToolSpec::Mcp(t) => {
+                if let Some(program) = t.command.first()
+                    && !runtime.mcp_commands.contains(program)
+                {
+                    out.push(Issue {
+                        field: format!("tools[{i}].command"),
+                        message: keel_runtime::mcp::not_allowed(&t.name, program),
+                    });
+                }
+                values.extend(t.headers.values().map(|v| ("headers", v)));
+                values.extend(t.env.values().map(|v| ("env", v)));
+            }
+            ToolSpec::Agent(_) | ToolSpec::Human(_) => {}
+        }
+        for (field, value) in values {
+            for name in env_refs(value).unwrap_or_default() {
+                if !runtime.tool_env_allows(name) {
+                    out.push(Issue {
+                        field: format!("tools[{i}].{field}"),
+                        message: format!(
+                            "${{{name}}} is not listed in runtime.tool_env (the operator lists the environment variables specs may read)"
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    out
 }

@@ -795,7 +795,7 @@ async fn load_agents(
         .ensure_workspace(&name)
         .await
         .context("cannot create the agents workspace")?;
-    let loaded = keel_server::runtime::load_agents(store, router, workspace.id, dir)
+    let loaded = keel_server::runtime::load_agents(store, router, workspace.id, &config.runtime)
         .await
         .context("cannot store agent specs")?;
     tracing::info!(

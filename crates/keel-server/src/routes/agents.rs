@@ -72,55 +72,16 @@ fn checked(state: &AppState, body: Value, name: Option<&str>) -> Result<AgentSpe
         .err()
         .map(|e| e.0)
         .unwrap_or_default();
-    issues.extend(operator_policy(&spec, &state.config().runtime));
+    issues.extend(crate::runtime::operator_policy(
+        &spec,
+        &state.config().runtime,
+    ));
     if !issues.is_empty() {
         return Err(ApiError::bad_request(
             keel_runtime::spec::Invalid(issues).to_string(),
         ));
     }
     Ok(spec)
-}
-
-/// What the operator's `[runtime]` allows a spec written through the API: programs for
-/// stdio MCP servers (`mcp_commands`), environment variables for `${VAR}` (`tool_env`).
-fn operator_policy(
-    spec: &AgentSpec,
-    runtime: &keel_core::config::Runtime,
-) -> Vec<keel_runtime::spec::Issue> {
-    use keel_runtime::spec::{Issue, ToolSpec, env_refs};
-    let mut out = Vec::new();
-    for (i, tool) in spec.tools.iter().enumerate() {
-        let mut values: Vec<(&str, &String)> = Vec::new();
-        match tool {
-            ToolSpec::Http(t) => values.extend(t.headers.values().map(|v| ("headers", v))),
-            ToolSpec::Mcp(t) => {
-                if let Some(program) = t.command.first()
-                    && !runtime.mcp_commands.contains(program)
-                {
-                    out.push(Issue {
-                        field: format!("tools[{i}].command"),
-                        message: keel_runtime::mcp::not_allowed(&t.name, program),
-                    });
-                }
-                values.extend(t.headers.values().map(|v| ("headers", v)));
-                values.extend(t.env.values().map(|v| ("env", v)));
-            }
-            ToolSpec::Agent(_) | ToolSpec::Human(_) => {}
-        }
-        for (field, value) in values {
-            for name in env_refs(value).unwrap_or_default() {
-                if !runtime.tool_env_allows(name) {
-                    out.push(Issue {
-                        field: format!("tools[{i}].{field}"),
-                        message: format!(
-                            "${{{name}}} is not listed in runtime.tool_env (the operator lists the environment variables specs may read)"
-                        ),
-                    });
-                }
-            }
-        }
-    }
-    out
 }
 
 /// Creates an agent from a spec (version 1). Requires role: admin.
@@ -267,7 +228,7 @@ pub(crate) async fn reload(
         state.store(),
         state.router(),
         workspace.id,
-        &state.config().runtime.agents_dir,
+        &state.config().runtime,
     )
     .await?;
     let action = Action::new("agents.reloaded", workspace.id)

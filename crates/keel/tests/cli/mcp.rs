@@ -222,9 +222,28 @@ async fn an_agent_calls_a_streamable_http_mcp_server_and_bad_specs_are_named() {
 
     let (_mock, mock_url) = mock_llm(dir.path(), script()).await;
     let url = format!("url = \"http://127.0.0.1:{port}/mcp\"");
-    configure(dir.path(), &mock_url, "", &[("web", agent("web", &url))]);
+    // A spec file that wants to start a program the operator did not list is not loaded.
+    let rogue = agent("rogue", "command = [\"bash\", \"-c\", \"id\"]");
+    configure(
+        dir.path(),
+        &mock_url,
+        "",
+        &[("web", agent("web", &url)), ("rogue", rogue)],
+    );
     let admin = create_key(dir.path(), "acme", "admin", &[]);
     let keel = Keel::start(dir.path(), &[]).await;
+
+    let res = client()
+        .get(keel.url("/v1/agents/rogue"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404, "a refused spec file is not stored");
+    assert!(
+        keel.output().contains("runtime.mcp_commands"),
+        "the refusal is logged with its reason"
+    );
 
     let task = run_and_check(&keel, &admin, "web").await;
     let env = tool_results(&keel, &admin, &task).await.pop().unwrap();
