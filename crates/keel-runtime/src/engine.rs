@@ -1655,22 +1655,14 @@ impl Runtime {
                 line.clear();
                 transcript_line(&mut line, &turn.message);
                 if line.len() > share {
-                    let mut end = share;
-                    while !line.is_char_boundary(end) {
-                        end -= 1;
-                    }
-                    line.truncate(end);
+                    line.truncate(line.floor_char_boundary(share));
                     line.push_str(" […]\n");
                 }
                 transcript.push_str(&line);
             }
         }
         if transcript.len() > cap {
-            let mut end = cap;
-            while !transcript.is_char_boundary(end) {
-                end -= 1;
-            }
-            transcript.truncate(end);
+            transcript.truncate(transcript.floor_char_boundary(cap));
             transcript.push_str("\n[…]");
         }
         let prompt_tokens = u64::try_from(transcript.len() / 3).unwrap_or(u64::MAX) + 128;
@@ -1735,13 +1727,9 @@ impl Runtime {
         };
         if tokens > room {
             // A model that ignored `max_tokens`: the summary is cut to its room.
-            let mut end = usize::try_from(room.saturating_mul(3))
-                .unwrap_or(usize::MAX)
-                .min(text.len());
-            while !text.is_char_boundary(end) {
-                end -= 1;
-            }
-            text.truncate(end);
+            text.truncate(text.floor_char_boundary(
+                usize::try_from(room.saturating_mul(3)).unwrap_or(usize::MAX),
+            ));
             tokens = {
                 let text = text.clone();
                 off_thread(move || keel_llm::tokens::count(&text)).await

@@ -261,9 +261,7 @@ impl Servers {
             if attempt > spec.retries || !breaker.allow() {
                 return failed(failure, attempt);
             }
-            // Exponential backoff with full jitter, as for HTTP tools.
-            let base = Duration::from_millis(200).saturating_mul(1 << (attempt - 1).min(5));
-            tokio::time::sleep(base.min(Duration::from_secs(5)).mul_f64(fastrand::f64())).await;
+            tokio::time::sleep(crate::tools::backoff(attempt)).await;
         }
     }
 

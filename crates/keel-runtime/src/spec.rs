@@ -461,17 +461,7 @@ impl AgentSpec {
                     if t.retries > 10 {
                         out.push(issue(at("retries"), "must be at most 10"));
                     }
-                    for (header, value) in &t.headers {
-                        if reqwest::header::HeaderName::from_bytes(header.as_bytes()).is_err() {
-                            out.push(issue(
-                                at("headers"),
-                                format!("{header:?} is not a header name"),
-                            ));
-                        }
-                        if let Err(e) = env_refs(value) {
-                            out.push(issue(at("headers"), format!("{header}: {e}")));
-                        }
-                    }
+                    validate_headers(&t.headers, &at, &mut out);
                 }
                 ToolSpec::Agent(t) => {
                     if !valid_agent_name(&t.agent) {
@@ -560,6 +550,25 @@ impl AgentSpec {
     }
 }
 
+/// Header names must be header names, and `${VAR}` in values well-formed.
+fn validate_headers(
+    headers: &BTreeMap<String, String>,
+    at: &dyn Fn(&str) -> String,
+    out: &mut Vec<Issue>,
+) {
+    for (header, value) in headers {
+        if reqwest::header::HeaderName::from_bytes(header.as_bytes()).is_err() {
+            out.push(issue(
+                at("headers"),
+                format!("{header:?} is not a header name"),
+            ));
+        }
+        if let Err(e) = env_refs(value) {
+            out.push(issue(at("headers"), format!("{header}: {e}")));
+        }
+    }
+}
+
 fn validate_mcp(t: &McpTool, at: &dyn Fn(&str) -> String, out: &mut Vec<Issue>) {
     if t.name.contains(MCP_SEPARATOR) {
         out.push(issue(
@@ -612,17 +621,7 @@ fn validate_mcp(t: &McpTool, at: &dyn Fn(&str) -> String, out: &mut Vec<Issue>) 
             out.push(issue(at("env"), format!("{key}: {e}")));
         }
     }
-    for (header, value) in &t.headers {
-        if reqwest::header::HeaderName::from_bytes(header.as_bytes()).is_err() {
-            out.push(issue(
-                at("headers"),
-                format!("{header:?} is not a header name"),
-            ));
-        }
-        if let Err(e) = env_refs(value) {
-            out.push(issue(at("headers"), format!("{header}: {e}")));
-        }
-    }
+    validate_headers(&t.headers, at, out);
     if t.tools.as_ref().is_some_and(Vec::is_empty) {
         out.push(issue(
             at("tools"),

@@ -207,12 +207,18 @@ pub async fn call_http(
         if attempt > tool.retries {
             return outcome;
         }
-        let base = Duration::from_millis(200).saturating_mul(1 << (attempt - 1).min(5));
         let delay = retry_after
             .map(|d| d.min(Duration::from_secs(10)))
-            .unwrap_or_else(|| base.min(Duration::from_secs(5)).mul_f64(fastrand::f64()));
+            .unwrap_or_else(|| backoff(attempt));
         tokio::time::sleep(delay).await;
     }
+}
+
+/// The wait before attempt `attempt + 1` of a tool call: exponential from 200 ms, capped at
+/// 5 s, with full jitter.
+pub(crate) fn backoff(attempt: u32) -> Duration {
+    let base = Duration::from_millis(200).saturating_mul(1 << attempt.saturating_sub(1).min(5));
+    base.min(Duration::from_secs(5)).mul_f64(fastrand::f64())
 }
 
 async fn read_capped(mut response: reqwest::Response) -> Result<String, String> {
@@ -230,10 +236,7 @@ pub(crate) fn truncate(text: &str) -> String {
     if text.len() <= MAX_CONTENT {
         return text.to_owned();
     }
-    let mut end = MAX_CONTENT;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
+    let end = text.floor_char_boundary(MAX_CONTENT);
     format!("{}… (truncated, {} bytes in all)", &text[..end], text.len())
 }
 

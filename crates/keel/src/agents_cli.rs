@@ -141,11 +141,7 @@ async fn follow(res: reqwest::Response, agent: &str, mut at: Settled) -> anyhow:
                     };
                     let mut text = text.unwrap_or_default().replace('\n', " ");
                     if text.len() > 200 {
-                        let mut cut = 200;
-                        while !text.is_char_boundary(cut) {
-                            cut -= 1;
-                        }
-                        text.truncate(cut);
+                        text.truncate(text.floor_char_boundary(200));
                         text.push('…');
                     }
                     let mark = if d["ok"] == true { "←" } else { "✗" };

@@ -445,6 +445,30 @@ async fn mock_recording(
     (child, url, record)
 }
 
+/// Runs `keel chat AGENT` with `lines` on its stdin and returns what it did.
+async fn keel_chat(
+    dir: std::path::PathBuf,
+    agent: &'static str,
+    url: String,
+    key: String,
+    lines: &'static [u8],
+) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write as _;
+        let mut child = keel_command(&dir)
+            .args(["chat", agent, "--url", &url])
+            .env("KEEL_API_KEY", &key)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(lines).unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap()
+}
+
 /// Counts a workspace's tasks in `status`.
 async fn count(keel: &Keel, key: &str, status: &str) -> usize {
     let page = get(keel, key, &format!("/v1/tasks?status={status}&limit=500")).await;
@@ -1350,25 +1374,14 @@ async fn keel_run_and_chat_show_tool_calls_and_answers_at_the_terminal() {
 
     // chat: each line is a task on one thread.
     let (dir_path, url_chat, key_chat) = (dir.path().to_owned(), url.clone(), key.clone());
-    let out = tokio::task::spawn_blocking(move || {
-        use std::io::Write as _;
-        let mut child = keel_command(&dir_path)
-            .args(["chat", "helper", "--url", &url_chat])
-            .env("KEEL_API_KEY", &key_chat)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(b"first question\nsecond question\n")
-            .unwrap();
-        child.wait_with_output().unwrap()
-    })
-    .await
-    .unwrap();
+    let out = keel_chat(
+        dir_path,
+        "helper",
+        url_chat,
+        key_chat,
+        b"first question\nsecond question\n",
+    )
+    .await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert_eq!(stdout.matches("✓ completed").count(), 2, "{stdout}");
@@ -1502,25 +1515,7 @@ async fn an_agent_asks_the_user_a_question_and_goes_on_with_the_reply() {
 
     // At the terminal, `keel chat` shows the question and sends the next line as the reply.
     let (dir_path, url_chat, key_chat) = (dir.path().to_owned(), keel.url(""), key.clone());
-    let out = tokio::task::spawn_blocking(move || {
-        use std::io::Write as _;
-        let mut child = keel_command(&dir_path)
-            .args(["chat", "asker", "--url", &url_chat])
-            .env("KEEL_API_KEY", &key_chat)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(b"Weather?\nBergen\n")
-            .unwrap();
-        child.wait_with_output().unwrap()
-    })
-    .await
-    .unwrap();
+    let out = keel_chat(dir_path, "asker", url_chat, key_chat, b"Weather?\nBergen\n").await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(stdout.contains("asker asks: Which city?"), "{stdout}");
