@@ -18,14 +18,47 @@ impl<T: DeserializeOwned> FromRequest<AppState> for AppJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(value)) => Ok(Self(value)),
-            Err(rejection) => Err(rejection_to_error(
-                &rejection,
-                state.config().server.max_body_bytes,
-            )),
+        let limit = state.config().server.max_body_bytes;
+        if !is_json(req.headers()) {
+            // axum's own extractor says precisely what is wrong with the content type.
+            return match axum::Json::<T>::from_request(req, state).await {
+                Ok(axum::Json(value)) => Ok(Self(value)),
+                Err(rejection) => Err(rejection_to_error(&rejection, limit)),
+            };
+        }
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| rejection_to_error(&JsonRejection::from(e), limit))?;
+        // The plain parse first; only a body that fails it is parsed again with the path
+        // tracking that names the offending field.
+        match serde_json::from_slice(&bytes) {
+            Ok(value) => Ok(Self(value)),
+            Err(_) => match axum::Json::<T>::from_bytes(&bytes) {
+                Ok(axum::Json(value)) => Ok(Self(value)),
+                Err(rejection) => Err(rejection_to_error(&rejection, limit)),
+            },
         }
     }
+}
+
+/// Whether the request says its body is JSON: `application/json` or `application/*+json`,
+/// with any parameters (as axum's `Json` accepts).
+fn is_json(headers: &axum::http::HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or("").trim();
+    let Some((kind, subtype)) = essence.split_once('/') else {
+        return false;
+    };
+    kind.eq_ignore_ascii_case("application")
+        && (subtype.eq_ignore_ascii_case("json")
+            || subtype
+                .get(subtype.len().saturating_sub(5)..)
+                .is_some_and(|s| s.eq_ignore_ascii_case("+json")))
 }
 
 fn rejection_to_error(rejection: &JsonRejection, limit: usize) -> ApiError {
@@ -80,5 +113,30 @@ impl<T: DeserializeOwned + Default> FromRequest<AppState> for OptionalJson<T> {
         AppJson::<T>::from_request(req, state)
             .await
             .map(|AppJson(v)| Self(v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::{HeaderMap, HeaderValue, header};
+
+    use super::is_json;
+
+    #[test]
+    fn json_content_types_are_recognised_as_axum_does() {
+        let with = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(v));
+            is_json(&h)
+        };
+        assert!(with("application/json"));
+        assert!(with("application/json; charset=utf-8"));
+        assert!(with("Application/JSON"));
+        assert!(with("application/problem+json"));
+        assert!(!with("text/plain"));
+        assert!(!with("application/jsonx"));
+        assert!(!with("application/x-www-form-urlencoded"));
+        assert!(!with("json"));
+        assert!(!is_json(&HeaderMap::new()));
     }
 }

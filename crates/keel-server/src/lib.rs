@@ -501,7 +501,6 @@ pub fn app(state: AppState) -> Router {
             (!state.config().auth.cors_origins.is_empty())
                 .then(|| cors(&state.config().auth.cors_origins)),
         ))
-        .layer(axum::middleware::from_fn(middleware::security_headers))
         .layer(axum::middleware::from_fn(middleware::request_context))
         .with_state(state)
 }

@@ -3,16 +3,17 @@
 //! It gives the request its id (keeping a well-formed incoming `x-request-id`), opens
 //! its span (continuing an incoming W3C `traceparent`), catches a handler panic and
 //! answers 500 instead of dropping the connection, writes every error body as
-//! problem+json with `instance` and `request_id`, stamps `x-request-id` on the response,
-//! and records the request's metrics by matched route (never the raw path, so
-//! cardinality stays bounded).
+//! problem+json with `instance` and `request_id`, stamps `x-request-id` and the security
+//! headers on the response, and records the request's metrics by matched route (never the
+//! raw path, so cardinality stays bounded). It is one layer, not several: each layer costs
+//! every request a service clone and a boxed future.
 
 use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures_util::FutureExt as _;
@@ -56,32 +57,48 @@ impl Extractor for HeaderExtractor<'_> {
 /// The middleware itself; `app` installs it on every route and the fallback.
 pub async fn request_context(mut req: Request, next: Next) -> Response {
     let start = Instant::now();
-    let request_id =
-        incoming_request_id(req.headers()).unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    let request_id = match incoming_request_id(req.headers()) {
+        Some(id) => id,
+        None => {
+            let mut buf = uuid::Uuid::encode_buffer();
+            uuid::Uuid::now_v7()
+                .hyphenated()
+                .encode_lower(&mut buf)
+                .to_owned()
+        }
+    };
     let method = req.method().clone();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned());
-    let path = req.uri().path().to_owned();
+    let route = req.extensions().get::<MatchedPath>().cloned();
+    // Cheap to clone (shared bytes); its path names the problem's `instance`.
+    let uri = req.uri().clone();
 
+    // Continued by the span itself without export (`telemetry::ids`), by OpenTelemetry with it.
+    let traceparent = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() <= 128);
     let span = tracing::info_span!(
         "http.request",
-        otel.name = %format_args!("{method} {}", route.as_deref().unwrap_or("unmatched")),
+        otel.name = %format_args!("{method} {}", route.as_ref().map_or("unmatched", MatchedPath::as_str)),
         otel.kind = "server",
         http.request.method = %method,
-        http.route = route.as_deref(),
-        url.path = %path,
-        request_id = %request_id,
+        http.route = route.as_ref().map(MatchedPath::as_str),
+        url.path = uri.path(),
+        request_id = request_id.as_str(),
         workspace_id = tracing::field::Empty,
         http.response.status_code = tracing::field::Empty,
+        traceparent,
     );
-    let parent = TraceContextPropagator::new().extract(&HeaderExtractor(req.headers()));
-    if parent.span().span_context().is_valid() {
-        let _ = span.set_parent(parent);
+    if traceparent.is_some() && crate::telemetry::exporting() {
+        let parent = TraceContextPropagator::new().extract(&HeaderExtractor(req.headers()));
+        if parent.span().span_context().is_valid() {
+            let _ = span.set_parent(parent);
+        }
     }
 
-    req.extensions_mut().insert(RequestId(request_id.clone()));
+    let header_id = HeaderValue::from_str(&request_id).ok();
+    req.extensions_mut().insert(RequestId(request_id));
     let outcome = AssertUnwindSafe(next.run(req))
         .catch_unwind()
         .instrument(span.clone())
@@ -94,22 +111,22 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
         }
     };
 
-    write_problem_body(&mut response, &path, &request_id);
-    if let Ok(value) = HeaderValue::from_str(&request_id) {
-        response.headers_mut().insert(REQUEST_ID, value);
+    let id = header_id
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    write_problem_body(&mut response, uri.path(), id);
+    let headers = response.headers_mut();
+    if let Some(value) = header_id {
+        headers.insert(REQUEST_ID, value);
     }
+    security_headers(headers);
 
     let status = response.status();
     let elapsed = start.elapsed();
-    let route_label = route.unwrap_or_else(|| "unmatched".to_owned());
-    let labels = [
-        ("method", method.as_str().to_owned()),
-        ("route", route_label),
-        ("status", status.as_u16().to_string()),
-    ];
-    metrics::counter!("keel_http_requests_total", &labels).increment(1);
-    metrics::histogram!("keel_http_request_duration_seconds", &labels)
-        .record(elapsed.as_secs_f64());
+    let (requests, duration) = http_metrics(&method, route.as_ref(), status);
+    requests.increment(1);
+    duration.record(elapsed.as_secs_f64());
 
     span.record("http.response.status_code", status.as_u16());
     span.in_scope(|| {
@@ -126,10 +143,9 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
 }
 
 /// Headers every response carries: no MIME sniffing, no framing, no referrer, and a
-/// content policy that lets a browser run nothing from an API response.
-pub async fn security_headers(req: Request, next: Next) -> Response {
-    let mut response = next.run(req).await;
-    let h = response.headers_mut();
+/// content policy that lets a browser run nothing from an API response (unless the
+/// handler set its own).
+fn security_headers(h: &mut HeaderMap) {
     h.insert(
         "x-content-type-options",
         HeaderValue::from_static("nosniff"),
@@ -140,7 +156,92 @@ pub async fn security_headers(req: Request, next: Next) -> Response {
         .or_insert(HeaderValue::from_static(
             "default-src 'none'; frame-ancestors 'none'",
         ));
-    response
+}
+
+/// A method as a metric label: the standard ones by name, any other as `other` (a client
+/// may send any token as a method; labels must stay bounded).
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::TRACE => "TRACE",
+        Method::CONNECT => "CONNECT",
+        _ => "other",
+    }
+}
+
+/// One request counter and duration histogram, remembered for their labels.
+struct HttpMetrics {
+    method: &'static str,
+    /// Held, so the pointer compared below cannot be reused by another route.
+    route: Option<MatchedPath>,
+    status: u16,
+    requests: metrics::Counter,
+    duration: metrics::Histogram,
+}
+
+/// Handles remembered per thread (a few dozen label sets are hot), so a request does not
+/// build and look up its labels in the registry twice.
+const HTTP_METRICS_PER_THREAD: usize = 64;
+
+thread_local! {
+    static HTTP_METRICS: std::cell::RefCell<Vec<HttpMetrics>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The request counter and duration histogram for these labels.
+fn http_metrics(
+    method: &Method,
+    route: Option<&MatchedPath>,
+    status: StatusCode,
+) -> (metrics::Counter, metrics::Histogram) {
+    let method = method_label(method);
+    let status = status.as_u16();
+    let same_route = |held: &Option<MatchedPath>| match (held, route) {
+        (None, None) => true,
+        (Some(a), Some(b)) => std::ptr::eq(a.as_str(), b.as_str()),
+        _ => false,
+    };
+    let found = HTTP_METRICS.try_with(|cache| {
+        cache.try_borrow().ok().and_then(|cache| {
+            cache
+                .iter()
+                .find(|m| m.status == status && m.method == method && same_route(&m.route))
+                .map(|m| (m.requests.clone(), m.duration.clone()))
+        })
+    });
+    if let Ok(Some(handles)) = found {
+        return handles;
+    }
+    let labels = [
+        ("method", method.to_owned()),
+        (
+            "route",
+            route.map_or("unmatched", MatchedPath::as_str).to_owned(),
+        ),
+        ("status", status.to_string()),
+    ];
+    let requests = metrics::counter!("keel_http_requests_total", &labels);
+    let duration = metrics::histogram!("keel_http_request_duration_seconds", &labels);
+    let _ = HTTP_METRICS.try_with(|cache| {
+        if let Ok(mut cache) = cache.try_borrow_mut() {
+            if cache.len() >= HTTP_METRICS_PER_THREAD {
+                cache.remove(0);
+            }
+            cache.push(HttpMetrics {
+                method,
+                route: route.cloned(),
+                status,
+                requests: requests.clone(),
+                duration: duration.clone(),
+            });
+        }
+    });
+    (requests, duration)
 }
 
 /// Writes the problem+json body of an error response: the handler's [`Problem`] if it

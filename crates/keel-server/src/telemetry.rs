@@ -1,16 +1,18 @@
 //! The one place that sets up logs, traces and metrics for the process.
 //!
 //! - Logs: JSON lines on stdout (or a human format), each with the fields of the spans
-//!   it happened in (request_id, …) and the OpenTelemetry trace_id / span_id.
-//! - Traces: every span feeds an OpenTelemetry tracer, so trace ids exist even when
-//!   nothing is exported; with `telemetry.otlp_endpoint` set, spans are exported over
-//!   OTLP/HTTP by a background batch processor with a bounded queue — a slow or dead
-//!   collector drops spans, it never slows or fails a request.
+//!   it happened in (request_id, …) and the trace_id / span_id (`log`: composed in place,
+//!   written in batches by one thread from a bounded buffer).
+//! - Traces: every span has a trace id and a span id. With `telemetry.otlp_endpoint` set,
+//!   every span feeds an OpenTelemetry tracer and is exported over OTLP/HTTP by a
+//!   background batch processor with a bounded queue — a slow or dead collector drops
+//!   spans, it never slows or fails a request. Without it, no OpenTelemetry span is built
+//!   (`ids` assigns the ids alone), since building spans only to drop them was the
+//!   largest cost of a request's telemetry.
 //! - Metrics: one Prometheus recorder per process, rendered at GET /metrics.
 //!
 //! Nothing else in Keel installs a subscriber, a recorder or a panic hook.
 
-use std::fmt;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -20,14 +22,8 @@ use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
 use opentelemetry_otlp::{Protocol, WithExportConfig as _};
 use opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor;
 use opentelemetry_sdk::trace::{BatchConfigBuilder, SdkTracerProvider};
-use serde_json::{Map, Value};
-use tracing::field::{Field, Visit};
-use tracing::{Event, Subscriber};
 use tracing_subscriber::EnvFilter;
-use tracing_subscriber::fmt::format::{JsonFields, Writer};
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::layer::SubscriberExt as _;
-use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
 /// Why telemetry could not start.
@@ -41,6 +37,9 @@ pub enum Error {
     /// The OTLP exporter could not be built.
     #[error("cannot set up OTLP export: {0}")]
     Otlp(String),
+    /// The log writer thread could not start.
+    #[error("cannot start the log writer: {0}")]
+    Writer(String),
     /// A global subscriber was already installed.
     #[error("logging was already initialised")]
     AlreadyInitialised,
@@ -99,14 +98,23 @@ pub fn check_filter(filter: &str) -> Result<(), Error> {
         .map_err(|e| Error::Filter(filter.to_owned(), e.to_string()))
 }
 
-/// The log writer's count of lines it dropped because its buffer was full.
-static LOG_DROPS: OnceLock<tracing_appender::non_blocking::ErrorCounter> = OnceLock::new();
+mod ids;
+mod log;
+
+/// The log sink, for its count of dropped lines.
+static LOG_SINK: OnceLock<log::Sink> = OnceLock::new();
+/// Whether spans are exported (OpenTelemetry assigns the ids) or not ([`ids`] does).
+static EXPORTING: OnceLock<bool> = OnceLock::new();
+
+/// Whether spans go to an OTLP collector; then OpenTelemetry's layer owns trace context.
+pub(crate) fn exporting() -> bool {
+    EXPORTING.get().copied().unwrap_or(false)
+}
 
 /// Brings `keel_log_lines_dropped_total` up to date (called as /metrics is rendered).
 pub(crate) fn record_log_drops() {
-    if let Some(counter) = LOG_DROPS.get() {
-        metrics::counter!("keel_log_lines_dropped_total")
-            .absolute(u64::try_from(counter.dropped_lines()).unwrap_or(u64::MAX));
+    if let Some(sink) = LOG_SINK.get() {
+        metrics::counter!("keel_log_lines_dropped_total").absolute(sink.dropped());
     }
 }
 
@@ -114,12 +122,15 @@ pub(crate) fn record_log_drops() {
 #[derive(Debug)]
 pub struct Telemetry {
     provider: SdkTracerProvider,
-    /// Flushes the log writer thread when dropped.
-    _logs: tracing_appender::non_blocking::WorkerGuard,
+    /// Writes out what is queued and stops the log writer thread when dropped.
+    _logs: log::WriterGuard,
 }
 
 /// Installs the global subscriber (logs + traces), the metrics recorder and the panic hook.
 /// Must run inside a tokio runtime when an OTLP endpoint is configured.
+///
+/// Without an OTLP endpoint no OpenTelemetry spans are built at all (they would only be
+/// dropped): a light layer gives spans their trace and span ids instead.
 pub fn init(config: &config::Telemetry) -> Result<Telemetry, Error> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(env) if !env.trim().is_empty() => env,
@@ -129,33 +140,31 @@ pub fn init(config: &config::Telemetry) -> Result<Telemetry, Error> {
         .parse(&filter)
         .map_err(|e| Error::Filter(filter.clone(), e.to_string()))?;
 
+    let exporting = config.otlp_endpoint.is_some();
+    let _ = EXPORTING.set(exporting);
     let provider = tracer_provider(config)?;
-    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("keel"));
+    let otel =
+        exporting.then(|| tracing_opentelemetry::layer().with_tracer(provider.tracer("keel")));
+    let ids = (!exporting).then_some(ids::IdsLayer);
 
     // Log lines go to stdout from a dedicated thread through a bounded buffer, so a request
-    // never waits on a write syscall; if stdout stalls and the buffer fills, lines are
-    // dropped (and counted by the appender) rather than slowing requests.
-    let (stdout, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .buffered_lines_limit(4_096)
-        .lossy(true)
-        .thread_name("keel-log-writer")
-        .finish(std::io::stdout());
-    let _ = LOG_DROPS.set(stdout.error_counter());
-    let registry = tracing_subscriber::registry().with(filter).with(otel);
-    let result = match config.log_format {
-        LogFormat::Json => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .fmt_fields(JsonFields::new())
-                    .event_format(JsonLines)
-                    .with_writer(stdout),
-            )
-            .try_init(),
-        LogFormat::Pretty => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(stdout))
-            .try_init(),
-    };
-    result.map_err(|_| Error::AlreadyInitialised)?;
+    // never waits on a write syscall (nor wakes that thread); if stdout stalls and the
+    // buffer fills, lines are dropped and counted rather than slowing requests.
+    let (sink, guard) =
+        log::Sink::start(std::io::stdout()).map_err(|e| Error::Writer(e.to_string()))?;
+    let _ = LOG_SINK.set(sink.clone());
+    let json = matches!(config.log_format, LogFormat::Json)
+        .then(|| log::JsonLayer::new(sink.clone(), exporting));
+    let pretty = matches!(config.log_format, LogFormat::Pretty)
+        .then(|| tracing_subscriber::fmt::layer().with_writer(sink));
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(otel)
+        .with(ids)
+        .with(json)
+        .with(pretty)
+        .try_init()
+        .map_err(|_| Error::AlreadyInitialised)?;
 
     std::panic::set_hook(Box::new(|info| {
         let message = info
@@ -220,96 +229,28 @@ impl Telemetry {
     }
 }
 
-/// One JSON object per line: timestamp, level, message, target, the event's fields, the
-/// fields of every enclosing span (outermost first, inner ones win), trace_id and span_id.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct JsonLines;
-
-impl<S, N> FormatEvent<S, N> for JsonLines
-where
-    S: Subscriber + for<'a> LookupSpan<'a>,
-    N: for<'a> FormatFields<'a> + 'static,
-{
-    fn format_event(
-        &self,
-        ctx: &FmtContext<'_, S, N>,
-        mut writer: Writer<'_>,
-        event: &Event<'_>,
-    ) -> fmt::Result {
-        let meta = event.metadata();
-        let mut obj = Map::with_capacity(12);
-        let now = time::OffsetDateTime::now_utc();
-        let timestamp = now
-            .format(&time::format_description::well_known::Rfc3339)
-            .map_err(|_| fmt::Error)?;
-        obj.insert("timestamp".into(), timestamp.into());
-        obj.insert("level".into(), meta.level().as_str().into());
-
-        if let Some(scope) = ctx.event_scope() {
-            let mut innermost = None;
-            for span in scope.from_root() {
-                if let Some(fields) = span.extensions().get::<FormattedFields<N>>()
-                    && let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(fields)
-                {
-                    obj.extend(fields);
-                }
-                innermost = Some(span.name());
-            }
-            if let Some(name) = innermost {
-                obj.insert("span".into(), name.into());
-            }
-        }
-
-        let mut visitor = JsonVisitor(Map::new());
-        event.record(&mut visitor);
-        obj.extend(visitor.0);
-        obj.insert("target".into(), meta.target().into());
-
-        let cx = opentelemetry::Context::current();
-        let span = cx.span();
-        let sc = span.span_context();
-        if sc.is_valid() {
-            obj.insert("trace_id".into(), sc.trace_id().to_string().into());
-            obj.insert("span_id".into(), sc.span_id().to_string().into());
-        }
-
-        let line = serde_json::to_string(&obj).map_err(|_| fmt::Error)?;
-        writeln!(writer, "{line}")
-    }
-}
-
-struct JsonVisitor(Map<String, Value>);
-
-impl Visit for JsonVisitor {
-    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.0
-            .insert(field.name().into(), format!("{value:?}").into());
-    }
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.0.insert(field.name().into(), value.into());
-    }
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        self.0.insert(field.name().into(), value.into());
-    }
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        self.0.insert(field.name().into(), value.into());
-    }
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        self.0.insert(field.name().into(), value.into());
-    }
-    fn record_f64(&mut self, field: &Field, value: f64) {
-        self.0.insert(field.name().into(), value.into());
-    }
-    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        self.0.insert(field.name().into(), value.to_string().into());
-    }
+/// The current OpenTelemetry span's trace and span ids, when it is sampled.
+fn otel_ids() -> Option<(u128, u64)> {
+    let cx = opentelemetry::Context::current();
+    let span = cx.span();
+    let sc = span.span_context();
+    sc.is_valid().then(|| {
+        (
+            u128::from_be_bytes(sc.trace_id().to_bytes()),
+            u64::from_be_bytes(sc.span_id().to_bytes()),
+        )
+    })
 }
 
 /// The trace id of the current span (32 hex digits), if it is traced.
 #[must_use]
 pub fn current_trace_id() -> Option<String> {
+    let span = tracing::Span::current();
+    if !exporting() {
+        return ids::of(&span).map(|ids| format!("{:032x}", ids.trace));
+    }
     use tracing_opentelemetry::OpenTelemetrySpanExt as _;
-    let cx = tracing::Span::current().context();
+    let cx = span.context();
     let span = cx.span();
     let sc = span.span_context();
     sc.is_valid().then(|| sc.trace_id().to_string())

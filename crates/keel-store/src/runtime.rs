@@ -823,7 +823,7 @@ macro_rules! runtime_store {
                             .push_bind(m.tokens)
                             .push_bind(now);
                     });
-                    qb.build().execute(&mut *conn).await?;
+                    qb.build().persistent(false).execute(&mut *conn).await?;
                 }
                 Ok(())
             }
@@ -846,7 +846,7 @@ macro_rules! runtime_store {
                             .push_bind(s.data.clone())
                             .push_bind(now);
                     });
-                    qb.build().execute(&mut *conn).await?;
+                    qb.build().persistent(false).execute(&mut *conn).await?;
                 }
                 Ok(())
             }
@@ -881,7 +881,7 @@ macro_rules! runtime_store {
                             .push_bind(r.outcome.clone())
                             .push_bind(r.created_at);
                     });
-                    qb.build().execute(&mut *conn).await?;
+                    qb.build().persistent(false).execute(&mut *conn).await?;
                 }
                 Ok(())
             }
@@ -1489,7 +1489,7 @@ macro_rules! runtime_store {
                         ids.push_bind(id.as_uuid());
                     }
                     qb.push(")");
-                    qb.build().execute(&mut *tx).await?;
+                    qb.build().persistent(false).execute(&mut *tx).await?;
                     tasks.retain(|t| !excess.contains(&t.id));
                 }
                 if let Some(vt) = tasks.iter().filter_map(|t| vts.get(&t.id)).max() {
@@ -1537,7 +1537,7 @@ macro_rules! runtime_store {
                         ids.push_bind(t.as_uuid());
                     }
                     qb.push(")");
-                    qb.build().execute(&self.writer).await?;
+                    qb.build().persistent(false).execute(&self.writer).await?;
                 }
                 Ok(())
             }

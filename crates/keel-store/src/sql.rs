@@ -15,6 +15,11 @@ use uuid::Uuid;
 use crate::{Error, Result};
 
 /// Usage rows per INSERT statement (17 parameters each, far under both databases' limits).
+///
+/// Multi-row statements (these, events, steps, messages, lease releases) differ in length
+/// with their batch, so they are prepared unnamed (`persistent(false)`): cached, every
+/// length would keep a prepared statement of its own — hundreds of KiB for a long batch —
+/// in each connection's statement cache, and memory would grow with the batches seen.
 pub(crate) const USAGE_BATCH: usize = 500;
 
 pub(crate) fn workspace_from_row<R: Row>(row: &R) -> Result<Workspace>
@@ -785,7 +790,7 @@ macro_rules! sql_store {
                             .push_bind(e.run_id.map(|id| id.as_uuid()))
                             .push_bind(e.data.to_string());
                     });
-                    qb.build().execute(&mut **tx).await?;
+                    qb.build().persistent(false).execute(&mut **tx).await?;
                 }
                 Ok(committed)
             }

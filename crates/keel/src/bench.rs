@@ -27,8 +27,29 @@ pub struct Options {
     pub warmup: Duration,
     /// Concurrent clients for the throughput scenarios.
     pub concurrency: usize,
+    /// Blocks each open-loop scenario is split into, taking turns with the others.
+    pub rounds: u32,
+    /// Environment variables for `keel serve` only (say `TOKIO_WORKER_THREADS=1`), to
+    /// compare settings without changing the load generator or the mock.
+    pub keel_env: Vec<(String, String)>,
+    /// When set, a second `keel serve` with these variables runs beside the first, and its
+    /// via-keel and cache-hit scenarios take turns with the first's (an A/B comparison on
+    /// the same machine at the same time).
+    pub keel_env_b: Vec<(String, String)>,
 }
 
+/// Environment given to every `keel serve` a bench starts (`--keel-env`).
+static SERVE_ENV: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
+
+/// Parses `NAME=VALUE`.
+pub(crate) fn env_pair(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_owned(), value.to_owned())),
+        _ => Err(format!("expected NAME=VALUE, got {s:?}")),
+    }
+}
+
+#[derive(Default)]
 struct Stats {
     sent: usize,
     errors: usize,
@@ -36,6 +57,13 @@ struct Stats {
 }
 
 impl Stats {
+    fn merge(&mut self, other: Self) {
+        self.sent += other.sent;
+        self.errors += other.errors;
+        self.latencies.extend(other.latencies);
+        self.latencies.sort_unstable();
+    }
+
     fn pct(&self, p: f64) -> Duration {
         percentile(&self.latencies, p)
     }
@@ -56,6 +84,7 @@ pub(crate) fn ms(d: Duration) -> f64 {
 
 /// Runs the gateway benchmark and prints its figures.
 pub async fn gateway(options: Options) -> anyhow::Result<()> {
+    let _ = SERVE_ENV.set(options.keel_env.clone());
     let exe = std::env::current_exe().context("cannot find the keel binary")?;
     let dir = std::env::temp_dir().join(format!("keel-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -66,19 +95,18 @@ pub async fn gateway(options: Options) -> anyhow::Result<()> {
 
 async fn run(exe: &Path, dir: &Path, o: &Options) -> anyhow::Result<()> {
     let (mut mock, mock_url) = start_mock(exe, dir).await?;
-    std::fs::write(
-        dir.join("keel.toml"),
-        format!(
-            "data_dir = {data:?}\n[server]\nlisten = \"127.0.0.1:0\"\n[telemetry]\nlog_level = \"info\"\n\
-             [models.default]\n[models.default.retry]\nmax_attempts = 1\n\
-             [[models.default.targets]]\nprovider = \"openai\"\nmodel = \"bench\"\nbase_url = \"{mock_url}\"\n\
-             input_price_per_mtok = 0.15\noutput_price_per_mtok = 0.6\n",
-            data = dir.display().to_string(),
-        ),
-    )?;
-    let config = dir.join("keel.toml");
-    let key = create_key(exe, dir, &config, "member").await?;
+    let (config, key) = bench_config(exe, dir, &mock_url).await?;
     let (mut keel, keel_url, pid) = start_keel(exe, dir, &config).await?;
+    let b = if o.keel_env_b.is_empty() {
+        None
+    } else {
+        let dir_b = dir.join("b");
+        std::fs::create_dir_all(&dir_b)?;
+        let (config_b, key_b) = bench_config(exe, &dir_b, &mock_url).await?;
+        let (child, url, _pid, _log) =
+            start_keel_env(exe, &dir_b, &config_b, &o.keel_env_b).await?;
+        Some((child, format!("{url}/v1/chat/completions"), key_b))
+    };
 
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(4096)
@@ -98,25 +126,61 @@ async fn run(exe: &Path, dir: &Path, o: &Options) -> anyhow::Result<()> {
     let via = format!("{keel_url}/v1/chat/completions");
 
     println_out(&format!(
-        "keel bench gateway: {} req/s for {:?} per scenario (after {:?} warm-up), {} cores",
+        "keel bench gateway: {} req/s for {:?} per scenario in {} interleaved rounds (after {:?} warm-up), {} cores",
         o.rate,
         o.duration,
+        o.rounds.max(1),
         o.warmup,
         std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
     ));
-    let direct_stats = open_loop(&client, &direct, None, &body(None, false), o).await;
-    let rss = RssSampler::start(pid);
-    let via_stats = open_loop(&client, &via, Some(&key), &body(None, false), o).await;
-    let peak_rss = rss.stop().await;
-    let hit_stats = open_loop(&client, &via, Some(&key), &body(Some(0.0), false), o).await;
+    // The three scenarios take turns in `rounds` blocks, so a burst of load from elsewhere
+    // on this shared machine lands on all three alike instead of on whichever ran then.
+    let rounds = o.rounds.max(1);
+    let block = Options {
+        duration: o.duration / rounds,
+        ..o.clone()
+    };
+    let (mut direct_stats, mut via_stats, mut hit_stats) =
+        (Stats::default(), Stats::default(), Stats::default());
+    let mut peak_rss = 0;
+    let mut b_stats = (Stats::default(), Stats::default());
+    for round in 0..rounds {
+        let block = Options {
+            warmup: if round == 0 { o.warmup } else { Duration::ZERO },
+            ..block.clone()
+        };
+        direct_stats.merge(open_loop(&client, &direct, None, &body(None, false), &block).await);
+        let rss = RssSampler::start(pid);
+        via_stats.merge(open_loop(&client, &via, Some(&key), &body(None, false), &block).await);
+        peak_rss = peak_rss.max(rss.stop().await);
+        hit_stats
+            .merge(open_loop(&client, &via, Some(&key), &body(Some(0.0), false), &block).await);
+        if let Some((_, via_b, key_b)) = &b {
+            b_stats
+                .0
+                .merge(open_loop(&client, via_b, Some(key_b), &body(None, false), &block).await);
+            b_stats.1.merge(
+                open_loop(&client, via_b, Some(key_b), &body(Some(0.0), false), &block).await,
+            );
+        }
+    }
+    if let Some((mut child, _, _)) = b {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+    }
 
     println_out("");
     println_out("scenario                         sent  errors   p50 ms   p90 ms   p99 ms");
-    for (name, s) in [
+    let mut rows = vec![
         ("direct to mock", &direct_stats),
         ("via keel (cache off)", &via_stats),
         ("via keel (cache hit)", &hit_stats),
-    ] {
+    ];
+    if !o.keel_env_b.is_empty() {
+        rows.push(("B: via keel (cache off)", &b_stats.0));
+        rows.push(("B: via keel (cache hit)", &b_stats.1));
+    }
+    for (name, s) in rows {
         println_out(&format!(
             "{name:<30} {:>6}  {:>6}  {:>7.3}  {:>7.3}  {:>7.3}",
             s.sent,
@@ -141,6 +205,22 @@ async fn run(exe: &Path, dir: &Path, o: &Options) -> anyhow::Result<()> {
         ms(hit_stats.pct(0.99)),
         hit_added(0.99)
     ));
+    if !o.keel_env_b.is_empty() {
+        let added_b = |p: f64| ms(b_stats.0.pct(p)) - ms(direct_stats.pct(p));
+        println_out(&format!(
+            "B ({}): added p50 {:+.3} ms, p90 {:+.3} ms, p99 {:+.3} ms; cache-hit p50 {:.3} ms, p99 {:.3} ms",
+            o.keel_env_b
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            added_b(0.5),
+            added_b(0.9),
+            added_b(0.99),
+            ms(b_stats.1.pct(0.5)),
+            ms(b_stats.1.pct(0.99)),
+        ));
+    }
     println_out(&format!(
         "keel peak RSS during the via-keel run: {:.1} MB",
         peak_rss as f64 / 1e6
@@ -182,6 +262,24 @@ async fn run(exe: &Path, dir: &Path, o: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes the bench's `keel.toml` in `dir` (routing `default` to the mock) and creates a
+/// key; returns the config's path and the key.
+async fn bench_config(exe: &Path, dir: &Path, mock_url: &str) -> anyhow::Result<(PathBuf, String)> {
+    std::fs::write(
+        dir.join("keel.toml"),
+        format!(
+            "data_dir = {data:?}\n[server]\nlisten = \"127.0.0.1:0\"\n[telemetry]\nlog_level = \"info\"\n\
+             [models.default]\n[models.default.retry]\nmax_attempts = 1\n\
+             [[models.default.targets]]\nprovider = \"openai\"\nmodel = \"bench\"\nbase_url = \"{mock_url}\"\n\
+             input_price_per_mtok = 0.15\noutput_price_per_mtok = 0.6\n",
+            data = dir.display().to_string(),
+        ),
+    )?;
+    let config = dir.join("keel.toml");
+    let key = create_key(exe, dir, &config, "member").await?;
+    Ok((config, key))
+}
+
 /// Bench output is the command's result, so it goes to stdout.
 pub(crate) fn println_out(line: &str) {
     use std::io::Write as _;
@@ -221,7 +319,7 @@ async fn open_loop(
                 Ok(res) => res.status().is_success() & res.bytes().await.is_ok(),
                 Err(_) => false,
             };
-            (i, sent.elapsed(), ok)
+            (i, sent.elapsed(), ok, sent)
         }));
     }
     let mut stats = Stats {
@@ -229,10 +327,29 @@ async fn open_loop(
         errors: 0,
         latencies: Vec::with_capacity(total),
     };
+    // BENCH_TIMELINE=FILE appends each measured request's send time (µs since the
+    // scenario began) and latency (µs), to look for periodic stalls.
+    let mut timeline = std::env::var_os("BENCH_TIMELINE").and_then(|path| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .ok()
+    });
+    let origin = Instant::now() - start.elapsed();
     for task in tasks {
-        if let Ok((i, latency, ok)) = task.await {
+        if let Ok((i, latency, ok, sent)) = task.await {
             if i < warm {
                 continue;
+            }
+            if let Some(file) = timeline.as_mut() {
+                use std::io::Write as _;
+                let _ = writeln!(
+                    file,
+                    "{url} {} {}",
+                    sent.duration_since(origin).as_micros(),
+                    latency.as_micros()
+                );
             }
             stats.sent += 1;
             if ok {
@@ -441,9 +558,20 @@ pub(crate) async fn start_keel_logged(
     dir: &Path,
     config: &PathBuf,
 ) -> anyhow::Result<(Child, String, u32, Arc<std::sync::Mutex<LogTally>>)> {
+    start_keel_env(exe, dir, config, SERVE_ENV.get().map_or(&[], Vec::as_slice)).await
+}
+
+/// [`start_keel_logged`] with these environment variables.
+async fn start_keel_env(
+    exe: &Path,
+    dir: &Path,
+    config: &PathBuf,
+    env: &[(String, String)],
+) -> anyhow::Result<(Child, String, u32, Arc<std::sync::Mutex<LogTally>>)> {
     let mut child = Command::new(exe)
         .args(["serve", "--config"])
         .arg(config)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .current_dir(dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -26,6 +26,10 @@ use keel_core::workspace::WorkspaceName;
 use keel_server::{AppState, Parts, Server, telemetry};
 use tokio_util::sync::CancellationToken;
 
+/// jemalloc instead of the system allocator (see docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "keel",
@@ -168,6 +172,16 @@ enum BenchCommand {
         /// Concurrent clients for the throughput scenarios.
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
+        /// Rounds the open-loop scenarios take turns in (each runs duration/rounds a turn).
+        #[arg(long, default_value_t = 5)]
+        rounds: u32,
+        /// An environment variable for `keel serve` only, as NAME=VALUE (repeatable).
+        #[arg(long = "keel-env", value_parser = bench::env_pair)]
+        keel_env: Vec<(String, String)>,
+        /// Also run a second `keel serve` with this variable (NAME=VALUE, repeatable), its
+        /// scenarios taking turns with the first's: an A/B comparison.
+        #[arg(long = "keel-env-b", value_parser = bench::env_pair)]
+        keel_env_b: Vec<(String, String)>,
     },
     /// The event log: emit → SSE fan-out latency, write throughput with live followers,
     /// and a reconnect storm, every client checked for exactly-once in-order delivery;
@@ -451,12 +465,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             duration,
             warmup,
             concurrency,
+            rounds,
+            keel_env,
+            keel_env_b,
         }) => {
             bench::gateway(bench::Options {
                 rate,
                 duration,
                 warmup,
                 concurrency,
+                rounds,
+                keel_env,
+                keel_env_b,
             })
             .await?;
             Ok(ExitCode::SUCCESS)

@@ -19,7 +19,9 @@ pub(crate) fn status_error(
 ) -> ProviderError {
     let kind = match status {
         429 => ErrorKind::RateLimit,
-        401..=404 => ErrorKind::Denied,
+        // A redirect (never followed) or a refusal of Keel's credentials is the target's
+        // configuration, not the caller's request: the route falls back.
+        300..=399 | 401..=404 => ErrorKind::Denied,
         408 => ErrorKind::Timeout,
         500..=599 => ErrorKind::Server,
         _ => ErrorKind::Client,
@@ -148,8 +150,34 @@ pub(crate) fn http_client(
         .connect_timeout(target.connect_timeout)
         .pool_idle_timeout(Duration::from_secs(90))
         .tcp_nodelay(true)
+        // A provider API answers where it is asked. Following a redirect would send the
+        // request (and its API key) somewhere else; it is an error instead.
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| {
             ProviderError::new(ErrorKind::Connect, format!("cannot build HTTP client: {e}"))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_are_classified_by_whose_mistake_they_are() {
+        for (status, kind) in [
+            (429, ErrorKind::RateLimit),
+            (301, ErrorKind::Denied),
+            (307, ErrorKind::Denied),
+            (401, ErrorKind::Denied),
+            (404, ErrorKind::Denied),
+            (408, ErrorKind::Timeout),
+            (400, ErrorKind::Client),
+            (422, ErrorKind::Client),
+            (500, ErrorKind::Server),
+            (503, ErrorKind::Server),
+        ] {
+            assert_eq!(status_error(status, None, "").kind, kind, "{status}");
+        }
+    }
 }

@@ -1,6 +1,8 @@
 //! The real binary end to end: CLI-created keys, the auth path, health, metrics, the
 //! OpenAPI document, problem+json over the wire, and JSON logs.
 
+use std::time::Duration;
+
 use serde_json::Value;
 
 use crate::support::{Keel, assert_problem, client, create_key, run};
@@ -92,6 +94,19 @@ async fn cli_key_auth_health_metrics_openapi_and_logs() {
     }
 
     // JSON logs: the request's line carries its id, the caller's trace id and span fields.
+    // Lines reach stdout in batches (within about 10 ms), so wait for them.
+    let served =
+        |l: &Value, route: &str| l["message"] == "request served" && l["http.route"] == route;
+    crate::support::eventually(
+        Duration::from_secs(5),
+        "the requests' log lines",
+        || async {
+            let logs = keel.json_logs();
+            logs.iter().any(|l| l["request_id"] == request_id.as_str())
+                && logs.iter().any(|l| served(l, "/readyz"))
+        },
+    )
+    .await;
     let logs = keel.json_logs();
     let line = logs
         .iter()
@@ -110,10 +125,7 @@ async fn cli_key_auth_health_metrics_openapi_and_logs() {
         "{line}"
     );
     assert!(line["timestamp"].as_str().unwrap().ends_with('Z'), "{line}");
-    let own = logs
-        .iter()
-        .find(|l| l["message"] == "request served" && l["http.route"] == "/readyz")
-        .unwrap();
+    let own = logs.iter().find(|l| served(l, "/readyz")).unwrap();
     assert_eq!(
         own["trace_id"].as_str().unwrap().len(),
         32,
