@@ -260,8 +260,10 @@ impl AppState {
         &self.inner.runtime
     }
 
-    pub(crate) fn shutdown_token(&self) -> &CancellationToken {
-        &self.inner.shutdown
+    /// A token a long-lived stream watches for shutdown: its own child of the server's, so
+    /// a thousand streams checking it do not all contend for the one token's lock.
+    pub(crate) fn stream_stop(&self) -> CancellationToken {
+        self.inner.shutdown.child_token()
     }
 
     pub(crate) fn is_shutting_down(&self) -> bool {

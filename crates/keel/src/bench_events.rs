@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bench::{
     LogTally, RssSampler, create_key, ms, percentile, println_out, rss_bytes, start_keel_logged,
 };
+use crate::sse_client::find;
 
 /// The parts, in the order they run.
 pub const PARTS: [&str; 4] = ["fanout", "throughput", "append", "storm"];
@@ -272,6 +273,9 @@ struct Fanout {
     emit: Spread,
     /// From the bench sending the POST to the client.
     sent: Spread,
+    /// Per event, from its commit timestamp to its first and to its last client.
+    first: Spread,
+    last: Spread,
     delivery: Delivery,
     res: Resources,
 }
@@ -299,6 +303,7 @@ impl Fanout {
         format!(
             "fan-out: {} events × {} clients = {} deliveries; emit (commit timestamp)→client p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms; \
              POST sent→client p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms; \
+             per event, emit→first client p50 {:.3} ms, emit→last client p50 {:.3} ms, p99 {:.3} ms; \
              POST→201 p50 {:.3} ms, p99 {:.3} ms, {} POST errors; {};\n  {}",
             self.events,
             self.delivery.clients,
@@ -309,6 +314,9 @@ impl Fanout {
             ms(self.sent.p50),
             ms(self.sent.p99),
             ms(self.sent.max),
+            ms(self.first.p50),
+            ms(self.last.p50),
+            ms(self.last.p99),
             ms(self.post_p50),
             ms(self.post_p99),
             self.post_errors,
@@ -371,13 +379,22 @@ async fn fanout(exe: &Path, o: &Options) -> anyhow::Result<Fanout> {
     let delivery = Delivery::assess(&follows, |_| (ready, last));
     let mut from_sent = Vec::new();
     let mut from_emit = Vec::new();
+    // seq → (first, last) arrival after its commit.
+    let mut spans: std::collections::HashMap<i64, (Duration, Duration)> =
+        std::collections::HashMap::with_capacity(times.len());
     for (seq, at) in follows.iter().flat_map(|f| f.arrivals.iter()) {
         if let Some((sent, committed)) = times.get(seq) {
             let at = Duration::from_nanos(*at);
             from_sent.push(at.saturating_sub(*sent));
-            from_emit.push(at.saturating_sub(*committed));
+            let after = at.saturating_sub(*committed);
+            from_emit.push(after);
+            let span = spans.entry(*seq).or_insert((after, after));
+            span.0 = span.0.min(after);
+            span.1 = span.1.max(after);
         }
     }
+    let first = Spread::of(spans.values().map(|s| s.0).collect());
+    let last = Spread::of(spans.values().map(|s| s.1).collect());
     Ok(Fanout {
         events: total - post_errors,
         post_errors,
@@ -386,6 +403,8 @@ async fn fanout(exe: &Path, o: &Options) -> anyhow::Result<Fanout> {
         deliveries: from_sent.len(),
         emit: Spread::of(from_emit),
         sent: Spread::of(from_sent),
+        first,
+        last,
         delivery,
         res: Resources { rss, cpu, log },
     })
@@ -1063,8 +1082,8 @@ async fn ping_event(
 
 /// What every client of a part shares.
 struct Ctx {
-    client: reqwest::Client,
-    url: String,
+    /// Keel's address; streams are read with the lean client of `sse_client`.
+    addr: std::net::SocketAddr,
     key: String,
     /// The clock that pings' send times are measured on.
     base: Instant,
@@ -1076,13 +1095,14 @@ struct Ctx {
 
 impl Ctx {
     fn new(server: &Server, base: Instant) -> anyhow::Result<Self> {
+        let addr = server
+            .url
+            .strip_prefix("http://")
+            .context("the server's URL is not http://")?
+            .parse()
+            .with_context(|| format!("the server's URL {} has no address", server.url))?;
         Ok(Self {
-            client: reqwest::Client::builder()
-                .tcp_nodelay(true)
-                .connect_timeout(Duration::from_secs(30))
-                .pool_max_idle_per_host(0)
-                .build()?,
-            url: format!("{}/v1/events", server.url),
+            addr,
             key: server.key.clone(),
             base,
             connected: AtomicUsize::new(0),
@@ -1247,6 +1267,9 @@ async fn follow(
     progress: Arc<Progress>,
 ) -> Followed {
     let mut out = Followed::default();
+    if ctx.record_arrivals {
+        out.arrivals.reserve(16 * 1024);
+    }
     let started = Instant::now();
     let mut cursor = cursor;
     loop {
@@ -1281,7 +1304,7 @@ enum Ended {
     /// The server ended it with `stream.closed`.
     Cut { reason: String, resume_after: i64 },
     /// The server answered 503 instead of streaming.
-    Refused(reqwest::StatusCode),
+    Refused(u16),
 }
 
 async fn follow_stream(
@@ -1292,20 +1315,28 @@ async fn follow_stream(
     progress: &Progress,
     out: &mut Followed,
 ) -> anyhow::Result<Ended> {
-    let mut req = ctx.client.get(&ctx.url).bearer_auth(&ctx.key);
-    if let Some(cursor) = cursor {
-        req = req.header("last-event-id", cursor.to_string());
+    let auth = format!("Bearer {}", ctx.key);
+    let cursor_text = cursor.map(|c| c.to_string());
+    let mut headers = vec![
+        ("authorization", auth.as_str()),
+        ("accept", "text/event-stream"),
+    ];
+    if let Some(c) = &cursor_text {
+        headers.push(("last-event-id", c.as_str()));
     }
+    // Each client has its own token (a child of the part's): checking one shared token
+    // from a thousand tasks is a lock they all contend for.
+    let stop = ctx.stop.child_token();
     let mut res = tokio::select! {
-        res = req.send() => res.context("GET /v1/events")?,
-        () = ctx.stop.cancelled() => return Ok(Ended::Stopped),
+        res = crate::sse_client::get(ctx.addr, "/v1/events", &headers) => res.context("GET /v1/events")?,
+        () = stop.cancelled() => return Ok(Ended::Stopped),
     };
-    let status = res.status();
-    if status == reqwest::StatusCode::SERVICE_UNAVAILABLE {
+    let status = res.status;
+    if status == 503 {
         return Ok(Ended::Refused(status));
     }
-    if status != reqwest::StatusCode::OK {
-        let body = res.text().await.unwrap_or_default();
+    if status != 200 {
+        let body = res.text().await;
         bail!("GET /v1/events answered {status}: {body}");
     }
     if !out.connected {
@@ -1314,13 +1345,18 @@ async fn follow_stream(
     }
     let mut parser = Parser::default();
     let mut cut = None;
+    let mut chunk = Vec::with_capacity(16 * 1024);
+    // One registration with the token for the whole stream, not one per read.
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
     loop {
-        let chunk = tokio::select! {
+        chunk.clear();
+        let more = tokio::select! {
             biased;
-            () = ctx.stop.cancelled() => return Ok(Ended::Stopped),
-            chunk = res.chunk() => chunk.context("reading the SSE stream")?,
+            () = &mut stopped => return Ok(Ended::Stopped),
+            more = res.read(&mut chunk) => more.context("reading the SSE stream")?,
         };
-        let Some(chunk) = chunk else {
+        if !more {
             return match cut {
                 Some((reason, resume_after)) => Ok(Ended::Cut {
                     reason,
@@ -1328,7 +1364,7 @@ async fn follow_stream(
                 }),
                 None => bail!("the server ended the stream without stream.closed"),
             };
-        };
+        }
         let now = ctx.base.elapsed();
         parser.feed(&chunk, &mut |frame: Frame<'_>| {
             if frame.event == b"stream.closed" {
@@ -1389,7 +1425,7 @@ fn frames(data: &[u8], f: &mut impl FnMut(Frame<'_>)) -> usize {
     let mut consumed = 0;
     let mut pos = 0;
     let mut frame = Frame::default();
-    while let Some(n) = data[pos..].iter().position(|&b| b == b'\n') {
+    while let Some(n) = memchr::memchr(b'\n', &data[pos..]) {
         let line = &data[pos..pos + n];
         pos += n + 1;
         if line.is_empty() {
@@ -1404,10 +1440,6 @@ fn frames(data: &[u8], f: &mut impl FnMut(Frame<'_>)) -> usize {
         }
     }
     consumed
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 /// The decimal integer at the start of `b`.

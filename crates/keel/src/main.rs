@@ -10,6 +10,7 @@ mod bench_auth;
 mod bench_events;
 mod bench_runtime;
 mod events_cli;
+mod sse_client;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};

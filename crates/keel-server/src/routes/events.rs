@@ -194,7 +194,7 @@ pub(crate) async fn events(
         ));
     };
     let log = log.clone();
-    let stop = state.shutdown_token().clone();
+    let stop = state.stream_stop();
     let selection = parsed.selection;
     // The follow runs as the body is polled, in the connection's task: when the client
     // goes away hyper drops the body and the follow with it; when the socket is full

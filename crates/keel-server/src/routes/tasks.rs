@@ -287,7 +287,7 @@ pub(crate) async fn create(
         Mode::Wait => {
             if !task.status.is_terminal() && task.status != TaskStatus::InputRequired {
                 let log = state.events().clone();
-                let stop = state.shutdown_token().clone();
+                let stop = state.stream_stop();
                 let settled = tokio::time::timeout(wait, async {
                     let mut done = false;
                     follow(&log, &selection, after, &stop, |item| {
@@ -320,7 +320,7 @@ pub(crate) async fn create(
                 ));
             };
             let log = state.events().clone();
-            let stop = state.shutdown_token().clone();
+            let stop = state.stream_stop();
             // A repeat (same Idempotency-Key) of a task that has settled: the task alone.
             let settled = task.status.is_terminal() || task.status == TaskStatus::InputRequired;
             let task_id = task.id;

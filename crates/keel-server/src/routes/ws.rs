@@ -101,7 +101,7 @@ async fn serve(state: AppState, principal: Principal, socket: WebSocket) {
         }
         let _ = sink.close().await;
     });
-    let shutdown = state.shutdown_token().clone();
+    let shutdown = state.stream_stop();
     let mut subscriptions: HashMap<String, (CancellationToken, Selection)> = HashMap::new();
     loop {
         let message = tokio::select! {
