@@ -3,15 +3,34 @@
 //! are close to what a provider would bill. Rows built from these counts are marked
 //! `estimated`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Set once a count has loaded the tables.
+static READY: AtomicBool = AtomicBool::new(false);
+
+/// Texts at most this long take a few microseconds to count once the tables are loaded:
+/// short enough to count on an async thread (see [`ready`]).
+pub const INLINE_BYTES: usize = 1024;
+
 /// Tokens in `text` under o200k_base.
 #[must_use]
 pub fn count(text: &str) -> u64 {
     if text.is_empty() {
         return 0;
     }
-    tiktoken_rs::o200k_base_singleton()
+    let n = tiktoken_rs::o200k_base_singleton()
         .encode_ordinary(text)
-        .len() as u64
+        .len() as u64;
+    READY.store(true, Ordering::Relaxed);
+    n
+}
+
+/// Whether the tables are loaded: until then a count may take a tenth of a second (it
+/// loads them) and belongs on a blocking thread; after, one of at most [`INLINE_BYTES`]
+/// does not.
+#[must_use]
+pub fn ready() -> bool {
+    READY.load(Ordering::Relaxed)
 }
 
 /// Loads the tokenizer's tables now (about a tenth of a second, and ~47 MB of memory).

@@ -864,23 +864,6 @@ impl Runtime {
         Ok(committed)
     }
 
-    /// Commits one checkpoint in a transaction of its own, not through the committer.
-    async fn commit_alone(&self, checkpoint: Checkpoint) -> Result<Committed, RunError> {
-        let started = Instant::now();
-        let committed = self
-            .inner
-            .store
-            .commit_checkpoints(std::slice::from_ref(&checkpoint))
-            .await?
-            .pop()
-            .unwrap_or(Committed::LeaseLost);
-        if let Committed::Stored { events, .. } = &committed {
-            self.inner.sink.publish(events);
-        }
-        metrics::histogram!("keel_checkpoint_wait_seconds").record(started.elapsed().as_secs_f64());
-        Ok(committed)
-    }
-
     #[expect(
         clippy::too_many_lines,
         reason = "the run loop reads best as one piece"
@@ -900,12 +883,18 @@ impl Runtime {
             }
             Err(e) => return Err(e),
         };
-        let runs = inner.store.task_runs(task.workspace_id, task.id).await?;
-        let resume = runs
-            .iter()
-            .rev()
-            .find(|r| Some(r.id) == task.run_id)
-            .is_some_and(|r| r.status == "working");
+        // A task that never ran has nothing to resume (and no runs to read).
+        let resume = match task.run_id {
+            None => false,
+            Some(current) => inner
+                .store
+                .task_runs(task.workspace_id, task.id)
+                .await?
+                .iter()
+                .rev()
+                .find(|r| r.id == current)
+                .is_some_and(|r| r.status == "working"),
+        };
         let run_id;
         let (task, steps, messages): (TaskRecord, Vec<StepRecord>, Vec<(Value, i64, bool)>) =
             if resume {
@@ -948,7 +937,8 @@ impl Runtime {
                 run_id = RunId::new();
                 tracing::Span::current().record("run_id", tracing::field::display(run_id));
                 let bodies = task.input.as_array().cloned().unwrap_or_default();
-                let input: Vec<NewMessage> = off_thread(move || {
+                let bytes = bodies.iter().map(text_bytes).sum();
+                let input: Vec<NewMessage> = tokenize(bytes, move || {
                     bodies
                         .into_iter()
                         .map(|m| NewMessage {
@@ -979,14 +969,9 @@ impl Runtime {
                     vec![started],
                 );
                 start.start = Some(run_id);
-                // SQLite has one writer: a start shares the committer's batches. Postgres
-                // takes transactions side by side: a start commits at once rather than
-                // waiting behind a batch of other runs' steps.
-                let committed = if inner.store.backend() == Backend::Postgres {
-                    self.commit_alone(start).await?
-                } else {
-                    self.commit(start).await?
-                };
+                // A start shares the committer's batches like any step: on Postgres
+                // several batches are in flight at once, so it waits behind none.
+                let committed = self.commit(start).await?;
                 if let Committed::LeaseLost = committed {
                     return Ok(Exit::LeaseLost);
                 }
@@ -1015,7 +1000,7 @@ impl Runtime {
         };
         let system_tokens = {
             let system = system.clone();
-            off_thread(move || keel_llm::tokens::count(&system)).await
+            tokenize(system.len(), move || keel_llm::tokens::count(&system)).await
         };
         let mut turns: Vec<Turn> = Vec::with_capacity(messages.len() + 8);
         let mut run_pos = 0;
@@ -1314,7 +1299,7 @@ impl Runtime {
                             prompt_tokens,
                             {
                                 let text = message.text();
-                                off_thread(move || keel_llm::tokens::count(&text)).await
+                                tokenize(text.len(), move || keel_llm::tokens::count(&text)).await
                             },
                             true,
                         ),
@@ -1331,7 +1316,7 @@ impl Runtime {
                     let body = serde_json::to_value(&message).unwrap_or(Value::Null);
                     let tokens = {
                         let body = body.clone();
-                        off_thread(move || message_tokens(&body)).await
+                        tokenize(text_bytes(&body), move || message_tokens(&body)).await
                     };
                     let calls = message.tool_calls.as_ref().map_or(0, Vec::len);
                     let idx = run.steps;
@@ -1559,7 +1544,7 @@ impl Runtime {
                     let body = serde_json::to_value(&reply).unwrap_or(Value::Null);
                     let tokens = {
                         let body = body.clone();
-                        off_thread(move || message_tokens(&body)).await
+                        tokenize(text_bytes(&body), move || message_tokens(&body)).await
                     };
                     let data = json!({
                         "tool": call.function.name, "call_id": call.id, "ok": outcome.ok, "status": outcome.status,
@@ -1723,7 +1708,7 @@ impl Runtime {
             .unwrap_or_default();
         let mut tokens = {
             let text = text.clone();
-            off_thread(move || keel_llm::tokens::count(&text)).await
+            tokenize(text.len(), move || keel_llm::tokens::count(&text)).await
         };
         if tokens > room {
             // A model that ignored `max_tokens`: the summary is cut to its room.
@@ -1732,7 +1717,7 @@ impl Runtime {
             ));
             tokens = {
                 let text = text.clone();
-                off_thread(move || keel_llm::tokens::count(&text)).await
+                tokenize(text.len(), move || keel_llm::tokens::count(&text)).await
             };
         }
         let (input_tokens, output_tokens, estimated) = match response.usage {
@@ -2078,6 +2063,31 @@ async fn off_thread<T: Send + Default + 'static>(work: impl FnOnce() -> T + Send
     tokio::task::spawn_blocking(work).await.unwrap_or_default()
 }
 
+/// Runs a token count over about `bytes` of text: here when it is short and the tokenizer
+/// is loaded (microseconds), else on the blocking pool (the first count loads its tables;
+/// a long text takes milliseconds). A hop to the pool per step cost more than the count.
+async fn tokenize<T: Send + Default + 'static>(
+    bytes: usize,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    if bytes <= keel_llm::tokens::INLINE_BYTES && keel_llm::tokens::ready() {
+        work()
+    } else {
+        off_thread(work).await
+    }
+}
+
+/// The bytes of text in a message body (its strings, as an estimate of the work of
+/// counting its tokens).
+fn text_bytes(body: &Value) -> usize {
+    match body {
+        Value::String(s) => s.len(),
+        Value::Array(items) => items.iter().map(text_bytes).sum(),
+        Value::Object(map) => map.values().map(text_bytes).sum(),
+        _ => 0,
+    }
+}
+
 /// The tokens of a stored chat message (its text, plus its tool calls' names and
 /// arguments, plus a few for the message's framing).
 pub(crate) fn message_tokens(body: &Value) -> i64 {
@@ -2153,6 +2163,16 @@ impl From<keel_store::Error> for RunError {
     }
 }
 
+/// Batches taking turns on the database at once: Postgres takes transactions side by
+/// side (their rows differ; a workspace's event head orders their ends), SQLite has one
+/// writer.
+fn commit_concurrency(backend: Backend) -> usize {
+    match backend {
+        Backend::Postgres => 4,
+        Backend::Sqlite => 1,
+    }
+}
+
 async fn commit_loop(
     store: Arc<dyn Store>,
     sink: Arc<dyn EventSink>,
@@ -2160,57 +2180,72 @@ async fn commit_loop(
     max_batch: usize,
     stop: CancellationToken,
 ) {
-    let mut batch: Vec<Pending> = Vec::with_capacity(max_batch);
+    use futures_util::StreamExt as _;
+    let concurrency = commit_concurrency(store.backend());
+    // Checkpoints are taken only while a batch may start: while every slot is busy they
+    // queue, and the next batch is the bigger for it.
+    let mut in_flight = futures_util::stream::FuturesUnordered::new();
+    let mut closed = false;
     loop {
-        let first = tokio::select! {
+        let may_start = in_flight.len() < concurrency;
+        tokio::select! {
             biased;
-            first = rx.recv() => first,
-            () = stop.cancelled() => {
+            Some(()) = in_flight.next() => {}
+            () = stop.cancelled(), if !closed => {
                 rx.close();
-                rx.recv().await
+                closed = true;
             }
-        };
-        let Some(first) = first else { break };
-        batch.push(first);
-        while batch.len() < max_batch {
-            match rx.try_recv() {
-                Ok(p) => batch.push(p),
-                Err(_) => break,
-            }
-        }
-        let (checkpoints, replies): (Vec<Checkpoint>, Vec<_>) =
-            batch.drain(..).map(|p| (p.checkpoint, p.reply)).unzip();
-        let started = Instant::now();
-        let mut result = store.commit_checkpoints(&checkpoints).await;
-        for attempt in 1..3 {
-            match &result {
-                Err(e) if !e.is_unavailable() => {
-                    // A deadlock or serialisation failure between instances: try again.
-                    tracing::debug!(error = %e, attempt, "checkpoint batch failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
-                    result = store.commit_checkpoints(&checkpoints).await;
-                }
-                _ => break,
-            }
-        }
-        metrics::histogram!("keel_checkpoint_commit_seconds")
-            .record(started.elapsed().as_secs_f64());
-        metrics::histogram!("keel_checkpoint_batch_size").record(checkpoints.len() as f64);
-        match result {
-            Ok(outcomes) => {
-                for (outcome, reply) in outcomes.into_iter().zip(replies) {
-                    if let Committed::Stored { events, .. } = &outcome {
-                        sink.publish(events);
+            first = rx.recv(), if may_start => {
+                let Some(first) = first else { break };
+                let mut batch = Vec::with_capacity(max_batch.min(64));
+                batch.push(first);
+                while batch.len() < max_batch {
+                    match rx.try_recv() {
+                        Ok(p) => batch.push(p),
+                        Err(_) => break,
                     }
-                    let _ = reply.send(Ok(outcome));
                 }
+                in_flight.push(commit_batch(store.clone(), sink.clone(), batch));
             }
-            Err(e) => {
-                tracing::warn!(error = %e, checkpoints = checkpoints.len(), "cannot commit checkpoints; their runs stop and resume from their last checkpoint");
-                let e = Arc::new(e);
-                for reply in replies {
-                    let _ = reply.send(Err(e.clone()));
+        }
+    }
+    while in_flight.next().await.is_some() {}
+}
+
+/// Commits one batch of checkpoints (retrying a deadlock or serialisation failure) and
+/// answers each run.
+async fn commit_batch(store: Arc<dyn Store>, sink: Arc<dyn EventSink>, batch: Vec<Pending>) {
+    let (checkpoints, replies): (Vec<Checkpoint>, Vec<_>) =
+        batch.into_iter().map(|p| (p.checkpoint, p.reply)).unzip();
+    let started = Instant::now();
+    let mut result = store.commit_checkpoints(&checkpoints).await;
+    for attempt in 1..3 {
+        match &result {
+            Err(e) if !e.is_unavailable() => {
+                // A deadlock or serialisation failure between instances: try again.
+                tracing::debug!(error = %e, attempt, "checkpoint batch failed; retrying");
+                tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
+                result = store.commit_checkpoints(&checkpoints).await;
+            }
+            _ => break,
+        }
+    }
+    metrics::histogram!("keel_checkpoint_commit_seconds").record(started.elapsed().as_secs_f64());
+    metrics::histogram!("keel_checkpoint_batch_size").record(checkpoints.len() as f64);
+    match result {
+        Ok(outcomes) => {
+            for (outcome, reply) in outcomes.into_iter().zip(replies) {
+                if let Committed::Stored { events, .. } = &outcome {
+                    sink.publish(events);
                 }
+                let _ = reply.send(Ok(outcome));
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, checkpoints = checkpoints.len(), "cannot commit checkpoints; their runs stop and resume from their last checkpoint");
+            let e = Arc::new(e);
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
             }
         }
     }

@@ -46,6 +46,39 @@ impl Outcome {
     }
 }
 
+/// Compiled validators, by their schema's text: compiling one costs far more than checking
+/// arguments with it, and a tool's schema is the same on every call. Bounded: emptied when
+/// full (as the engine's other caches are).
+static VALIDATORS: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<jsonschema::Validator>>>,
+> = std::sync::LazyLock::new(Default::default);
+
+/// Most validators kept.
+const VALIDATORS_KEPT: usize = 1024;
+
+/// The compiled validator of `schema`.
+fn validator(schema: &Value) -> Result<std::sync::Arc<jsonschema::Validator>, String> {
+    let key = schema.to_string();
+    let lock = || {
+        VALIDATORS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    if let Some(v) = lock().get(&key) {
+        return Ok(v.clone());
+    }
+    let compiled = std::sync::Arc::new(
+        jsonschema::validator_for(schema)
+            .map_err(|e| format!("the tool's schema is invalid: {e}"))?,
+    );
+    let mut cache = lock();
+    if cache.len() >= VALIDATORS_KEPT {
+        cache.clear();
+    }
+    cache.insert(key, compiled.clone());
+    Ok(compiled)
+}
+
 /// The model's arguments, parsed and checked against `schema`; the error says what to fix
 /// (it is what the model sees).
 pub fn check_arguments(schema: &Value, arguments: &str) -> Result<Value, String> {
@@ -55,8 +88,7 @@ pub fn check_arguments(schema: &Value, arguments: &str) -> Result<Value, String>
         serde_json::from_str(arguments)
             .map_err(|e| format!("the arguments are not valid JSON ({e}); send a JSON object"))?
     };
-    let validator = jsonschema::validator_for(schema)
-        .map_err(|e| format!("the tool's schema is invalid: {e}"))?;
+    let validator = validator(schema)?;
     let problems: Vec<String> = validator
         .iter_errors(&value)
         .map(|e| {

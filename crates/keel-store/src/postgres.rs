@@ -44,8 +44,9 @@ impl PgStore {
     /// A task's duration, created → finished, in whole milliseconds.
     const DURATION_MS_EXPR: &'static str =
         "CAST(round(EXTRACT(EPOCH FROM (finished_at - created_at)) * 1000) AS BIGINT)";
-    /// Announces a commit to every instance listening (delivered at commit, not before).
-    const NOTIFY_SQL: Option<&'static str> = Some("SELECT pg_notify('keel_events', $1)");
+    /// Each append announces its commit to every instance listening (`pg_notify` on
+    /// `keel_events`, delivered at commit, not before), in the append's own statement.
+    const ANNOUNCES_COMMITS: bool = true;
 
     /// Follows `NOTIFY keel_events` on a dedicated connection. When the connection drops,
     /// the stream yields [`Commit::Resync`] and reconnects (notifications sent meanwhile

@@ -789,21 +789,6 @@ macro_rules! runtime_store {
                 Self::insert_messages(&mut *conn, &rows, now).await
             }
 
-            /// Allocates `n` seqs of a thread (under its row lock); the first one.
-            async fn allocate_seqs(
-                conn: &mut <$db as sqlx::Database>::Connection,
-                thread: keel_core::id::ThreadId,
-                n: usize,
-            ) -> $crate::Result<i64> {
-                let n = i64::try_from(n).unwrap_or(i64::MAX);
-                let next: i64 = sqlx::query_scalar("UPDATE threads SET next_seq = next_seq + $2 WHERE id = $1 RETURNING next_seq")
-                    .bind(thread.as_uuid())
-                    .bind(n)
-                    .fetch_one(&mut *conn)
-                    .await?;
-                Ok(next - n + 1)
-            }
-
             async fn insert_messages(
                 conn: &mut <$db as sqlx::Database>::Connection,
                 rows: &[$crate::runtime::MessageRow],
@@ -811,19 +796,21 @@ macro_rules! runtime_store {
             ) -> $crate::Result<()> {
                 for chunk in rows.chunks($crate::runtime::ROW_BATCH) {
                     let mut qb = sqlx::QueryBuilder::<$db>::new(
-                        "INSERT INTO messages (thread_id, seq, workspace_id, task_id, run_id, body, tokens, created_at) ",
+                        "INSERT INTO messages (thread_id, seq, workspace_id, task_id, run_id, body, tokens, created_at) SELECT * FROM (",
                     );
-                    qb.push_values(chunk, |mut row, m| {
-                        row.push_bind(m.thread)
-                            .push_bind(m.seq)
-                            .push_bind(m.workspace)
-                            .push_bind(m.task)
-                            .push_bind(m.run)
-                            .push_bind(m.body.clone())
-                            .push_bind(m.tokens)
+                    qb.push_values($crate::sql::padded(chunk), |mut row, m| {
+                        row.push_bind(m.map(|m| m.thread))
+                            .push_bind(m.map(|m| m.seq))
+                            .push_bind(m.map(|m| m.workspace))
+                            .push_bind(m.map(|m| m.task))
+                            .push_bind(m.map(|m| m.run))
+                            .push_bind(m.map(|m| m.body.clone()))
+                            .push_bind(m.map(|m| m.tokens))
                             .push_bind(now);
                     });
-                    qb.build().persistent(false).execute(&mut *conn).await?;
+                    qb.push(") AS v WHERE v.column1 IS NOT NULL");
+                    let rows = $crate::sql::padded_rows(chunk.len());
+                    qb.build().persistent($crate::sql::persistent(rows)).execute(&mut *conn).await?;
                 }
                 Ok(())
             }
@@ -835,18 +822,20 @@ macro_rules! runtime_store {
             ) -> $crate::Result<()> {
                 for chunk in rows.chunks($crate::runtime::ROW_BATCH) {
                     let mut qb = sqlx::QueryBuilder::<$db>::new(
-                        "INSERT INTO steps (task_id, idx, run_id, workspace_id, kind, data, created_at) ",
+                        "INSERT INTO steps (task_id, idx, run_id, workspace_id, kind, data, created_at) SELECT * FROM (",
                     );
-                    qb.push_values(chunk, |mut row, s| {
-                        row.push_bind(s.task)
-                            .push_bind(s.idx)
-                            .push_bind(s.run)
-                            .push_bind(s.workspace)
-                            .push_bind(s.kind.clone())
-                            .push_bind(s.data.clone())
+                    qb.push_values($crate::sql::padded(chunk), |mut row, s| {
+                        row.push_bind(s.map(|s| s.task))
+                            .push_bind(s.map(|s| s.idx))
+                            .push_bind(s.map(|s| s.run))
+                            .push_bind(s.map(|s| s.workspace))
+                            .push_bind(s.map(|s| s.kind.clone()))
+                            .push_bind(s.map(|s| s.data.clone()))
                             .push_bind(now);
                     });
-                    qb.build().persistent(false).execute(&mut *conn).await?;
+                    qb.push(") AS v WHERE v.column1 IS NOT NULL");
+                    let rows = $crate::sql::padded_rows(chunk.len());
+                    qb.build().persistent($crate::sql::persistent(rows)).execute(&mut *conn).await?;
                 }
                 Ok(())
             }
@@ -860,99 +849,227 @@ macro_rules! runtime_store {
                     let mut qb = sqlx::QueryBuilder::<$db>::new(
                         "INSERT INTO usage_records (id, workspace_id, api_key_id, route, provider, upstream_model, \
                          target, input_tokens, output_tokens, cached_tokens, cost_nanousd, latency_ms, ttft_ms, \
-                         cache_hit, estimated, outcome, created_at) ",
+                         cache_hit, estimated, outcome, created_at) SELECT * FROM (",
                     );
-                    qb.push_values(batch, |mut row, r| {
-                        row.push_bind(uuid::Uuid::now_v7())
-                            .push_bind(r.workspace_id.as_uuid())
-                            .push_bind(r.api_key_id.map(|k| k.as_uuid()))
-                            .push_bind(r.route.clone())
-                            .push_bind(r.provider.clone())
-                            .push_bind(r.upstream_model.clone())
-                            .push_bind(r.target.clone())
-                            .push_bind(to_i64(r.input_tokens))
-                            .push_bind(to_i64(r.output_tokens))
-                            .push_bind(to_i64(r.cached_tokens))
-                            .push_bind(to_i64(r.cost_nanousd))
-                            .push_bind(to_i64(r.latency_ms))
-                            .push_bind(r.ttft_ms.map(to_i64))
-                            .push_bind(r.cache_hit)
-                            .push_bind(r.estimated)
-                            .push_bind(r.outcome.clone())
-                            .push_bind(r.created_at);
+                    qb.push_values($crate::sql::padded(batch), |mut row, r| {
+                        row.push_bind(r.map(|_| uuid::Uuid::now_v7()))
+                            .push_bind(r.map(|r| r.workspace_id.as_uuid()))
+                            .push_bind(r.and_then(|r| r.api_key_id.map(|k| k.as_uuid())))
+                            .push_bind(r.map(|r| r.route.clone()))
+                            .push_bind(r.map(|r| r.provider.clone()))
+                            .push_bind(r.map(|r| r.upstream_model.clone()))
+                            .push_bind(r.map(|r| r.target.clone()))
+                            .push_bind(r.map(|r| to_i64(r.input_tokens)))
+                            .push_bind(r.map(|r| to_i64(r.output_tokens)))
+                            .push_bind(r.map(|r| to_i64(r.cached_tokens)))
+                            .push_bind(r.map(|r| to_i64(r.cost_nanousd)))
+                            .push_bind(r.map(|r| to_i64(r.latency_ms)))
+                            .push_bind(r.and_then(|r| r.ttft_ms.map(to_i64)))
+                            .push_bind(r.map(|r| r.cache_hit))
+                            .push_bind(r.map(|r| r.estimated))
+                            .push_bind(r.map(|r| r.outcome.clone()))
+                            .push_bind(r.map(|r| r.created_at));
                     });
-                    qb.build().persistent(false).execute(&mut *conn).await?;
+                    qb.push(") AS v WHERE v.column1 IS NOT NULL");
+                    let rows = $crate::sql::padded_rows(batch.len());
+                    qb.build().persistent($crate::sql::persistent(rows)).execute(&mut *conn).await?;
                 }
                 Ok(())
             }
 
-            /// Stores one checkpoint inside `tx`; `None` when the lease is lost.
-                        async fn checkpoint_in(
+            /// Stores the checkpoints at `order` (at most one per task) inside `tx`, with a
+            /// fixed number of statements whatever their number: each phase (starts, fenced
+            /// progress, thread sequences, finishes) is one set-based statement over all of
+            /// them; their step and message rows are left for the caller to insert. Each
+            /// gets `Some(step index)`, or `None` when its lease is lost.
+            async fn checkpoints_set_in(
                 tx: &mut sqlx::Transaction<'_, $db>,
-                c: &$crate::runtime::Checkpoint,
+                batch: &[$crate::runtime::Checkpoint],
+                order: &[usize],
                 now: time::OffsetDateTime,
                 step_rows: &mut Vec<$crate::runtime::StepRow>,
                 message_rows: &mut Vec<$crate::runtime::MessageRow>,
-            ) -> $crate::Result<Option<Option<i64>>> {
-                                use $crate::runtime::Finish;
-                if let Some(run) = c.start {
-                    let attempt: Option<i64> = sqlx::query_scalar(
-                        "UPDATE tasks SET status = 'working', started_at = COALESCE(started_at, $3), updated_at = $3, \
-                         attempts = attempts + 1, run_id = $4 \
-                         WHERE id = $1 AND lease_owner = $2 AND queued AND status IN ('submitted', 'working') RETURNING attempts",
-                    )
-                    .bind(c.task_id.as_uuid())
-                    .bind(c.owner)
-                    .bind(now)
-                    .bind(run.as_uuid())
-                    .fetch_optional(&mut **tx)
-                    .await?;
-                    let Some(attempt) = attempt else {
-                        return Ok(None);
-                    };
-                    sqlx::query("INSERT INTO runs (id, task_id, workspace_id, attempt, status, started_at) VALUES ($1, $2, $3, $4, 'working', $5)")
-                        .bind(run.as_uuid())
-                        .bind(c.task_id.as_uuid())
-                        .bind(c.workspace_id.as_uuid())
-                        .bind(attempt)
-                        .bind(now)
-                        .execute(&mut **tx)
-                        .await?;
+            ) -> $crate::Result<Vec<Option<Option<i64>>>> {
+                use sqlx::Row as _;
+                use $crate::runtime::Finish;
+                let mut idx: Vec<Option<Option<i64>>> = vec![None; batch.len()];
+                let mut threads: Vec<uuid::Uuid> = order
+                    .iter()
+                    .filter(|&&i| !batch[i].messages.is_empty())
+                    .map(|&i| batch[i].thread_id.as_uuid())
+                    .collect();
+                threads.sort_unstable();
+                threads.dedup();
+                if !Self::LOCK_ROWS.is_empty() {
+                    // Tasks, then threads, locked in id order up front (the module's lock
+                    // order); the set-based statements below find them held.
+                    let tasks: Vec<uuid::Uuid> = order.iter().map(|&i| batch[i].task_id.as_uuid()).collect();
+                    let mut qb = sqlx::QueryBuilder::<$db>::new("SELECT id FROM tasks WHERE id IN (");
+                    let mut ids = qb.separated(", ");
+                    for id in $crate::sql::padded(&tasks) {
+                        ids.push_bind(id.copied());
+                    }
+                    qb.push(") ORDER BY id").push(Self::LOCK_ROWS);
+                    let rows = $crate::sql::padded_rows(tasks.len());
+                    qb.build().persistent($crate::sql::persistent(rows)).fetch_all(&mut **tx).await?;
+                    if !threads.is_empty() {
+                        let mut qb = sqlx::QueryBuilder::<$db>::new("SELECT id FROM threads WHERE id IN (");
+                        let mut ids = qb.separated(", ");
+                        for id in $crate::sql::padded(&threads) {
+                            ids.push_bind(id.copied());
+                        }
+                        qb.push(") ORDER BY id").push(Self::LOCK_ROWS);
+                        let rows = $crate::sql::padded_rows(threads.len());
+                        qb.build().persistent($crate::sql::persistent(rows)).fetch_all(&mut **tx).await?;
+                    }
                 }
-                let step_delta: i64 = i64::from(c.step.is_some());
-                let steps: Option<i64> = sqlx::query_scalar(
-                    "UPDATE tasks SET steps = steps + $4, tool_calls = tool_calls + $5, input_tokens = input_tokens + $6, \
-                     output_tokens = output_tokens + $7, cost_nanousd = cost_nanousd + $8, updated_at = $9 \
-                     WHERE id = $1 AND lease_owner = $2 AND run_id = $3 AND status = 'working' RETURNING steps",
-                )
-                .bind(c.task_id.as_uuid())
-                .bind(c.owner)
-                .bind(c.run_id.as_uuid())
-                .bind(step_delta)
-                .bind(c.tool_calls)
-                .bind(c.input_tokens)
-                .bind(c.output_tokens)
-                .bind(c.cost_nanousd)
-                .bind(now)
-                .fetch_optional(&mut **tx)
-                .await?;
-                let Some(steps) = steps else {
-                    return Ok(None);
-                };
-                let idx = c.step.as_ref().map(|_| steps - 1);
-                                if let (Some((kind, data)), Some(idx)) = (&c.step, idx) {
-                    step_rows.push($crate::runtime::StepRow {
-                        task: c.task_id.as_uuid(),
-                        idx,
-                        run: c.run_id.as_uuid(),
-                        workspace: c.workspace_id.as_uuid(),
-                        kind: kind.clone(),
-                        data: data.to_string(),
+
+                // Starts: the task becomes working under the new run, fenced by the lease.
+                let mut live = vec![true; batch.len()];
+                let starts: Vec<usize> = order.iter().copied().filter(|&i| batch[i].start.is_some()).collect();
+                if !starts.is_empty() {
+                    let mut qb = sqlx::QueryBuilder::<$db>::new("UPDATE tasks SET status = 'working', started_at = COALESCE(started_at, ");
+                    qb.push_bind(now).push("), updated_at = ").push_bind(now)
+                        .push(", attempts = attempts + 1, run_id = v.column3 FROM (");
+                    qb.push_values($crate::sql::padded(&starts), |mut row, i| {
+                        let c = i.map(|&i| &batch[i]);
+                        row.push_bind(c.map(|c| c.task_id.as_uuid()))
+                            .push_bind(c.map(|c| c.owner))
+                            .push_bind(c.and_then(|c| c.start.map(|r| r.as_uuid())));
                     });
+                    qb.push(") AS v WHERE tasks.id = v.column1 AND tasks.lease_owner = v.column2 AND tasks.queued \
+                             AND tasks.status IN ('submitted', 'working') RETURNING id, attempts");
+                    let persistent = $crate::sql::persistent($crate::sql::padded_rows(starts.len()));
+                    let rows = qb.build().persistent(persistent).fetch_all(&mut **tx).await?;
+                    let mut attempts: std::collections::HashMap<uuid::Uuid, i64> = std::collections::HashMap::with_capacity(rows.len());
+                    for row in &rows {
+                        attempts.insert(row.try_get("id")?, row.try_get("attempts")?);
+                    }
+                    let mut runs = Vec::with_capacity(starts.len());
+                    for &i in &starts {
+                        match attempts.get(&batch[i].task_id.as_uuid()) {
+                            Some(&attempt) => runs.push((i, attempt)),
+                            None => live[i] = false,
+                        }
+                    }
+                    if !runs.is_empty() {
+                        let mut qb = sqlx::QueryBuilder::<$db>::new(
+                            "INSERT INTO runs (id, task_id, workspace_id, attempt, status, started_at) SELECT * FROM (",
+                        );
+                        qb.push_values($crate::sql::padded(&runs), |mut row, run| {
+                            let c = run.map(|&(i, _)| &batch[i]);
+                            row.push_bind(c.and_then(|c| c.start.map(|r| r.as_uuid())))
+                                .push_bind(c.map(|c| c.task_id.as_uuid()))
+                                .push_bind(c.map(|c| c.workspace_id.as_uuid()))
+                                .push_bind(run.map(|&(_, attempt)| attempt))
+                                .push_bind("working")
+                                .push_bind(now);
+                        });
+                        qb.push(") AS v WHERE v.column1 IS NOT NULL");
+                        let persistent = $crate::sql::persistent($crate::sql::padded_rows(runs.len()));
+                        qb.build().persistent(persistent).execute(&mut **tx).await?;
+                    }
                 }
-                if !c.messages.is_empty() {
-                    let first = Self::allocate_seqs(&mut **tx, c.thread_id, c.messages.len()).await?;
-                    message_rows.extend((first..).zip(&c.messages).map(|(seq, m)| $crate::runtime::MessageRow {
+
+                // Progress, fenced by lease and run; what it returns is each step's index.
+                let going: Vec<usize> = order.iter().copied().filter(|&i| live[i]).collect();
+                if going.is_empty() {
+                    return Ok(idx);
+                }
+                let mut qb = sqlx::QueryBuilder::<$db>::new(
+                    "UPDATE tasks SET steps = steps + v.column4, tool_calls = tool_calls + v.column5, \
+                     input_tokens = input_tokens + v.column6, output_tokens = output_tokens + v.column7, \
+                     cost_nanousd = cost_nanousd + v.column8, updated_at = ",
+                );
+                qb.push_bind(now).push(" FROM (");
+                qb.push_values($crate::sql::padded(&going), |mut row, i| {
+                    let c = i.map(|&i| &batch[i]);
+                    row.push_bind(c.map(|c| c.task_id.as_uuid()))
+                        .push_bind(c.map(|c| c.owner))
+                        .push_bind(c.map(|c| c.run_id.as_uuid()))
+                        .push_bind(c.map(|c| i64::from(c.step.is_some())))
+                        .push_bind(c.map(|c| c.tool_calls))
+                        .push_bind(c.map(|c| c.input_tokens))
+                        .push_bind(c.map(|c| c.output_tokens))
+                        .push_bind(c.map(|c| c.cost_nanousd));
+                });
+                qb.push(") AS v WHERE tasks.id = v.column1 AND tasks.lease_owner = v.column2 AND tasks.run_id = v.column3 \
+                         AND tasks.status = 'working' RETURNING id, steps");
+                let persistent = $crate::sql::persistent($crate::sql::padded_rows(going.len()));
+                let rows = qb.build().persistent(persistent).fetch_all(&mut **tx).await?;
+                let mut steps: std::collections::HashMap<uuid::Uuid, i64> = std::collections::HashMap::with_capacity(rows.len());
+                for row in &rows {
+                    steps.insert(row.try_get("id")?, row.try_get("steps")?);
+                }
+                let stored: Vec<usize> = going
+                    .into_iter()
+                    .filter(|&i| {
+                        let c = &batch[i];
+                        match steps.get(&c.task_id.as_uuid()) {
+                            Some(&n) => {
+                                idx[i] = Some(c.step.as_ref().map(|_| n - 1));
+                                true
+                            }
+                            None => false,
+                        }
+                    })
+                    .collect();
+
+                // Thread sequences: one range per thread for the whole batch, shared out
+                // in task order.
+                let mut wanted: Vec<(uuid::Uuid, i64)> = Vec::new();
+                for &i in &stored {
+                    let c = &batch[i];
+                    if c.messages.is_empty() {
+                        continue;
+                    }
+                    let n = i64::try_from(c.messages.len()).unwrap_or(i64::MAX);
+                    match wanted.iter_mut().find(|(t, _)| *t == c.thread_id.as_uuid()) {
+                        Some((_, total)) => *total += n,
+                        None => wanted.push((c.thread_id.as_uuid(), n)),
+                    }
+                }
+                let mut next: std::collections::HashMap<uuid::Uuid, i64> = std::collections::HashMap::with_capacity(wanted.len());
+                if !wanted.is_empty() {
+                    let mut qb = sqlx::QueryBuilder::<$db>::new("UPDATE threads SET next_seq = next_seq + v.column2 FROM (");
+                    qb.push_values($crate::sql::padded(&wanted), |mut row, w| {
+                        row.push_bind(w.map(|w| w.0)).push_bind(w.map(|w| w.1));
+                    });
+                    qb.push(") AS v WHERE threads.id = v.column1 RETURNING id, next_seq");
+                    let persistent = $crate::sql::persistent($crate::sql::padded_rows(wanted.len()));
+                    let rows = qb.build().persistent(persistent).fetch_all(&mut **tx).await?;
+                    let mut last: std::collections::HashMap<uuid::Uuid, i64> = std::collections::HashMap::with_capacity(rows.len());
+                    for row in &rows {
+                        last.insert(row.try_get("id")?, row.try_get("next_seq")?);
+                    }
+                    for (thread, total) in &wanted {
+                        let Some(end) = last.get(thread) else {
+                            return Err($crate::Error::NotFound { what: "thread" });
+                        };
+                        next.insert(*thread, end - total + 1);
+                    }
+                }
+                for &i in &stored {
+                    let c = &batch[i];
+                    if let (Some((kind, data)), Some(Some(step))) = (&c.step, idx[i]) {
+                        step_rows.push($crate::runtime::StepRow {
+                            task: c.task_id.as_uuid(),
+                            idx: step,
+                            run: c.run_id.as_uuid(),
+                            workspace: c.workspace_id.as_uuid(),
+                            kind: kind.clone(),
+                            data: data.to_string(),
+                        });
+                    }
+                    if c.messages.is_empty() {
+                        continue;
+                    }
+                    let Some(first) = next.get_mut(&c.thread_id.as_uuid()) else {
+                        return Err($crate::Error::NotFound { what: "thread" });
+                    };
+                    let start = *first;
+                    *first += i64::try_from(c.messages.len()).unwrap_or(i64::MAX);
+                    message_rows.extend((start..).zip(&c.messages).map(|(seq, m)| $crate::runtime::MessageRow {
                         thread: c.thread_id.as_uuid(),
                         seq,
                         workspace: c.workspace_id.as_uuid(),
@@ -962,38 +1079,65 @@ macro_rules! runtime_store {
                         tokens: m.tokens,
                     }));
                 }
-                let (task_status, run_status, queued, dead, output, error, run_at, finished): (
-                    &str, &str, bool, bool, Option<&str>, Option<String>, time::OffsetDateTime, Option<time::OffsetDateTime>,
-                ) = match &c.finish {
-                    None => return Ok(Some(idx)),
-                    Some(Finish::Completed { output }) => ("completed", "completed", false, false, output.as_deref(), None, now, Some(now)),
-                    Some(Finish::InputRequired) => ("input-required", "input-required", false, false, None, None, now, None),
-                    Some(Finish::Retry { error, retry_at }) => ("working", "failed", true, false, None, Some(error.to_string()), *retry_at, None),
-                    Some(Finish::Failed { error, dead_letter }) => ("failed", "failed", false, *dead_letter, None, Some(error.to_string()), now, Some(now)),
-                };
-                sqlx::query(
-                    "UPDATE tasks SET status = $2, queued = $3, dead_lettered = $4, output = COALESCE($5, output), \
-                     error = COALESCE($6, error), run_at = $7, finished_at = $8, lease_owner = NULL, lease_until = NULL \
-                     WHERE id = $1",
-                )
-                .bind(c.task_id.as_uuid())
-                .bind(task_status)
-                .bind(queued)
-                .bind(dead)
-                .bind(output)
-                .bind(error.as_deref())
-                .bind(run_at)
-                .bind(finished)
-                .execute(&mut **tx)
-                .await?;
-                sqlx::query("UPDATE runs SET status = $2, error = COALESCE($3, error), finished_at = $4 WHERE id = $1")
-                    .bind(c.run_id.as_uuid())
-                    .bind(run_status)
-                    .bind(error.as_deref())
-                    .bind(if run_status == "input-required" { None } else { Some(now) })
-                    .execute(&mut **tx)
-                    .await?;
-                Ok(Some(idx))
+
+                // Finishes: the task's new state and its lease given up, and the run's end.
+                struct Ending<'a> {
+                    i: usize,
+                    task_status: &'static str,
+                    run_status: &'static str,
+                    queued: bool,
+                    dead: bool,
+                    output: Option<&'a str>,
+                    error: Option<String>,
+                    run_at: time::OffsetDateTime,
+                    finished: Option<time::OffsetDateTime>,
+                }
+                let endings: Vec<Ending<'_>> = stored
+                    .iter()
+                    .filter_map(|&i| {
+                        let e = |task_status, run_status, queued, dead, output, error, run_at, finished| Ending {
+                            i, task_status, run_status, queued, dead, output, error, run_at, finished,
+                        };
+                        Some(match batch[i].finish.as_ref()? {
+                            Finish::Completed { output } => e("completed", "completed", false, false, output.as_deref(), None, now, Some(now)),
+                            Finish::InputRequired => e("input-required", "input-required", false, false, None, None, now, None),
+                            Finish::Retry { error, retry_at } => e("working", "failed", true, false, None, Some(error.to_string()), *retry_at, None),
+                            Finish::Failed { error, dead_letter } => e("failed", "failed", false, *dead_letter, None, Some(error.to_string()), now, Some(now)),
+                        })
+                    })
+                    .collect();
+                if !endings.is_empty() {
+                    let mut qb = sqlx::QueryBuilder::<$db>::new(
+                        "UPDATE tasks SET status = v.column2, queued = v.column3, dead_lettered = v.column4, \
+                         output = COALESCE(v.column5, output), error = COALESCE(v.column6, error), run_at = v.column7, \
+                         finished_at = v.column8, lease_owner = NULL, lease_until = NULL FROM (",
+                    );
+                    qb.push_values($crate::sql::padded(&endings), |mut row, e| {
+                        row.push_bind(e.map(|e| batch[e.i].task_id.as_uuid()))
+                            .push_bind(e.map(|e| e.task_status))
+                            .push_bind(e.map(|e| e.queued))
+                            .push_bind(e.map(|e| e.dead))
+                            .push_bind(e.and_then(|e| e.output))
+                            .push_bind(e.and_then(|e| e.error.as_deref()))
+                            .push_bind(e.map(|e| e.run_at))
+                            .push_bind(e.and_then(|e| e.finished));
+                    });
+                    qb.push(") AS v WHERE tasks.id = v.column1");
+                    let persistent = $crate::sql::persistent($crate::sql::padded_rows(endings.len()));
+                    qb.build().persistent(persistent).execute(&mut **tx).await?;
+                    let mut qb = sqlx::QueryBuilder::<$db>::new(
+                        "UPDATE runs SET status = v.column2, error = COALESCE(v.column3, error), finished_at = v.column4 FROM (",
+                    );
+                    qb.push_values($crate::sql::padded(&endings), |mut row, e| {
+                        row.push_bind(e.map(|e| batch[e.i].run_id.as_uuid()))
+                            .push_bind(e.map(|e| e.run_status))
+                            .push_bind(e.and_then(|e| e.error.as_deref()))
+                            .push_bind(e.and_then(|e| (e.run_status != "input-required").then_some(now)));
+                    });
+                    qb.push(") AS v WHERE runs.id = v.column1");
+                    qb.build().persistent(persistent).execute(&mut **tx).await?;
+                }
+                Ok(idx)
             }
         }
 
@@ -1292,8 +1436,9 @@ macro_rules! runtime_store {
                     }
                     Err(e) => return Err(e.into()),
                 }
-                let events = Self::append_events_tx(&mut tx, &t.events).await?;
+                // Events last: their workspace's head stays locked until the commit.
                 let task = Self::task_in(&mut *tx, t.workspace_id, t.id).await?;
+                let events = Self::append_events_tx(&mut tx, &t.events).await?;
                 tx.commit().await?;
                 Ok(Created::New(Box::new(task), events))
             }
@@ -1463,11 +1608,12 @@ macro_rules! runtime_store {
                         "SELECT id, max_concurrency FROM agents WHERE max_concurrency IS NOT NULL AND id IN (",
                     );
                     let mut ids = qb.separated(", ");
-                    for a in &agents {
-                        ids.push_bind(a.as_uuid());
+                    for a in $crate::sql::padded(&agents) {
+                        ids.push_bind(a.map(|a| a.as_uuid()));
                     }
                     qb.push(") ORDER BY id").push(Self::LOCK_ROWS);
-                    let limited: Vec<(uuid::Uuid, i64)> = qb.build_query_as().fetch_all(&mut *tx).await?;
+                    let persistent = $crate::sql::persistent($crate::sql::padded_rows(agents.len()));
+                    let limited: Vec<(uuid::Uuid, i64)> = qb.build_query_as().persistent(persistent).fetch_all(&mut *tx).await?;
                     for (agent, limit) in limited {
                         let agent = keel_core::id::AgentId::from_uuid(agent);
                         let running: i64 = sqlx::query_scalar(
@@ -1485,11 +1631,12 @@ macro_rules! runtime_store {
                 if !excess.is_empty() {
                     let mut qb = sqlx::QueryBuilder::<$db>::new("UPDATE tasks SET lease_owner = NULL, lease_until = NULL WHERE id IN (");
                     let mut ids = qb.separated(", ");
-                    for id in &excess {
-                        ids.push_bind(id.as_uuid());
+                    for id in $crate::sql::padded(&excess) {
+                        ids.push_bind(id.map(|id| id.as_uuid()));
                     }
                     qb.push(")");
-                    qb.build().persistent(false).execute(&mut *tx).await?;
+                    let persistent = $crate::sql::persistent($crate::sql::padded_rows(excess.len()));
+                    qb.build().persistent(persistent).execute(&mut *tx).await?;
                     tasks.retain(|t| !excess.contains(&t.id));
                 }
                 if let Some(vt) = tasks.iter().filter_map(|t| vts.get(&t.id)).max() {
@@ -1518,11 +1665,12 @@ macro_rules! runtime_store {
                         .push_bind(owner)
                         .push(" AND id IN (");
                     let mut ids = qb.separated(", ");
-                    for t in chunk {
-                        ids.push_bind(t.as_uuid());
+                    for t in $crate::sql::padded(chunk) {
+                        ids.push_bind(t.map(|t| t.as_uuid()));
                     }
                     qb.push(") ORDER BY id").push(Self::LOCK_ROWS).push(") RETURNING id");
-                    let rows: Vec<uuid::Uuid> = qb.build_query_scalar().fetch_all(&self.writer).await?;
+                    let persistent = $crate::sql::persistent($crate::sql::padded_rows(chunk.len()));
+                    let rows: Vec<uuid::Uuid> = qb.build_query_scalar().persistent(persistent).fetch_all(&self.writer).await?;
                     held.extend(rows.into_iter().map(keel_core::id::TaskId::from_uuid));
                 }
                 Ok(held)
@@ -1533,11 +1681,12 @@ macro_rules! runtime_store {
                     let mut qb = sqlx::QueryBuilder::<$db>::new("UPDATE tasks SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ");
                     qb.push_bind(owner).push(" AND id IN (");
                     let mut ids = qb.separated(", ");
-                    for t in chunk {
-                        ids.push_bind(t.as_uuid());
+                    for t in $crate::sql::padded(chunk) {
+                        ids.push_bind(t.map(|t| t.as_uuid()));
                     }
                     qb.push(")");
-                    qb.build().persistent(false).execute(&self.writer).await?;
+                    let persistent = $crate::sql::persistent($crate::sql::padded_rows(chunk.len()));
+                    qb.build().persistent(persistent).execute(&self.writer).await?;
                 }
                 Ok(())
             }
@@ -1642,11 +1791,25 @@ macro_rules! runtime_store {
                 let mut order: Vec<usize> = (0..batch.len()).collect();
                 order.sort_by_key(|&i| (batch[i].task_id, i));
                 let mut tx = self.writer.begin().await?;
-                                let mut idx: Vec<Option<Option<i64>>> = vec![None; batch.len()];
                 let mut step_rows = Vec::with_capacity(batch.len());
                 let mut message_rows = Vec::with_capacity(batch.len());
-                for &i in &order {
-                    idx[i] = Self::checkpoint_in(&mut tx, &batch[i], now, &mut step_rows, &mut message_rows).await?;
+                // A task twice in one batch (never the engine's doing: a run waits for each
+                // commit) is stored in rounds: its first checkpoint with the others' in the
+                // first round, its second in the next, and so on, in batch order.
+                let mut rounds: Vec<Vec<usize>> = Vec::new();
+                for (k, &i) in order.iter().enumerate() {
+                    let nth = order[..k].iter().rev().take_while(|&&j| batch[j].task_id == batch[i].task_id).count();
+                    if rounds.len() <= nth {
+                        rounds.push(Vec::new());
+                    }
+                    rounds[nth].push(i);
+                }
+                let mut idx: Vec<Option<Option<i64>>> = vec![None; batch.len()];
+                for round in &rounds {
+                    let got = Self::checkpoints_set_in(&mut tx, batch, round, now, &mut step_rows, &mut message_rows).await?;
+                    for &i in round {
+                        idx[i] = got[i];
+                    }
                 }
                 // Every run's step and message rows in one statement each.
                 Self::insert_steps(&mut *tx, &step_rows, now).await?;
@@ -1757,8 +1920,8 @@ macro_rules! runtime_store {
                     .bind(finished)
                     .execute(&mut *tx)
                     .await?;
-                let events = Self::append_events_tx(&mut tx, &events).await?;
                 let task = Self::task_in(&mut *tx, workspace, id).await?;
+                let events = Self::append_events_tx(&mut tx, &events).await?;
                 tx.commit().await?;
                 Ok((task, events))
             }
@@ -1785,8 +1948,8 @@ macro_rules! runtime_store {
                 if done.rows_affected() == 0 {
                     return Err($crate::Error::NotFound { what: "dead letter" });
                 }
-                let events = Self::append_events_tx(&mut tx, &events).await?;
                 let task = Self::task_in(&mut *tx, workspace, id).await?;
+                let events = Self::append_events_tx(&mut tx, &events).await?;
                 tx.commit().await?;
                 Ok((task, events))
             }

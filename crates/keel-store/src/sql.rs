@@ -15,12 +15,38 @@ use uuid::Uuid;
 use crate::{Error, Result};
 
 /// Usage rows per INSERT statement (17 parameters each, far under both databases' limits).
-///
-/// Multi-row statements (these, events, steps, messages, lease releases) differ in length
-/// with their batch, so they are prepared unnamed (`persistent(false)`): cached, every
-/// length would keep a prepared statement of its own — hundreds of KiB for a long batch —
-/// in each connection's statement cache, and memory would grow with the batches seen.
 pub(crate) const USAGE_BATCH: usize = 500;
+
+/// Rows of the longest multi-row statement kept prepared: a few statement texts per kind,
+/// a few KiB each. A longer one is prepared unnamed, as a cached prepared statement that
+/// long holds hundreds of KiB in its connection's cache.
+const PREPARED_ROWS: usize = 64;
+
+/// The rows a multi-row statement (usage, events, steps, messages, a batch's tasks) is
+/// written for. Up to [`PREPARED_ROWS`], `n` rounded up to a power of four: the rows past
+/// `n` are NULL padding that the statement skips, so batches of any length share four
+/// statement texts, each prepared (and planned) once per connection instead of parsed and
+/// planned per batch. Past it, `n`.
+pub(crate) fn padded_rows(n: usize) -> usize {
+    if n > PREPARED_ROWS {
+        return n;
+    }
+    let mut rows = 1;
+    while rows < n {
+        rows *= 4;
+    }
+    rows
+}
+
+/// `items`, then `None` up to `padded_rows(items.len())`.
+pub(crate) fn padded<T>(items: &[T]) -> impl Iterator<Item = Option<&T>> {
+    (0..padded_rows(items.len())).map(|k| items.get(k))
+}
+
+/// Whether a statement written for `rows` rows (see [`padded_rows`]) is kept prepared.
+pub(crate) fn persistent(rows: usize) -> bool {
+    rows <= PREPARED_ROWS
+}
 
 pub(crate) fn workspace_from_row<R: Row>(row: &R) -> Result<Workspace>
 where
@@ -740,59 +766,114 @@ macro_rules! sql_store {
                 let mut committed: Vec<Option<keel_core::event::Event>> = vec![None; events.len()];
                 for group in order.chunk_by(|a, b| a.1.workspace_id == b.1.workspace_id) {
                     let workspace = group[0].1.workspace_id;
-                    let n = i64::try_from(group.len()).unwrap_or(i64::MAX);
-                    let last: i64 = sqlx::query_scalar(
-                        "INSERT INTO event_heads (workspace_id, last_seq) VALUES ($1, $2) \
-                         ON CONFLICT (workspace_id) DO UPDATE SET last_seq = event_heads.last_seq + $2 \
-                         RETURNING last_seq",
-                    )
-                    .bind(workspace.as_uuid())
-                    .bind(n)
-                    .fetch_one(&mut **tx)
-                    .await?;
-                    let first = last - n + 1;
-                    for (offset, (index, e)) in (0i64..).zip(group) {
-                        committed[*index] = Some(keel_core::event::Event {
-                            event_id: keel_core::id::EventId::new(),
-                            event_type: e.event_type.as_str().to_owned(),
-                            timestamp: now,
-                            seq: first + offset,
-                            correlation_id: e.correlation_id.clone(),
-                            workspace_id: workspace,
-                            agent_id: e.agent_id,
-                            task_id: e.task_id,
-                            run_id: e.run_id,
-                            data: e.data.clone(),
-                            version: e.event_type.version().to_owned(),
-                        });
-                    }
-                    if let Some(notify) = Self::NOTIFY_SQL {
-                        sqlx::query(notify)
-                            .bind(format!("{}:{last}", workspace.as_uuid().simple()))
-                            .execute(&mut **tx)
-                            .await?;
+                    for chunk in group.chunks($crate::events::EVENT_BATCH) {
+                        let made: Vec<keel_core::event::Event> = chunk
+                            .iter()
+                            .map(|(_, e)| keel_core::event::Event {
+                                event_id: keel_core::id::EventId::new(),
+                                event_type: e.event_type.as_str().to_owned(),
+                                timestamp: now,
+                                seq: 0,
+                                correlation_id: e.correlation_id.clone(),
+                                workspace_id: workspace,
+                                agent_id: e.agent_id,
+                                task_id: e.task_id,
+                                run_id: e.run_id,
+                                data: e.data.clone(),
+                                version: e.event_type.version().to_owned(),
+                            })
+                            .collect();
+                        let first = Self::append_chunk(tx, workspace, &made).await?;
+                        for ((offset, (index, _)), mut event) in (0i64..).zip(chunk).zip(made) {
+                            event.seq = first + offset;
+                            committed[*index] = Some(event);
+                        }
                     }
                 }
                 let committed: Vec<keel_core::event::Event> = committed.into_iter().flatten().collect();
-                for batch in committed.chunks($crate::events::EVENT_BATCH) {
-                    let mut qb = sqlx::QueryBuilder::<$db>::new("INSERT INTO events (");
-                    qb.push($crate::events::event_columns!()).push(") ");
-                    qb.push_values(batch, |mut row, e| {
-                        row.push_bind(e.workspace_id.as_uuid())
-                            .push_bind(e.seq)
-                            .push_bind(e.event_id.as_uuid())
-                            .push_bind(e.event_type.clone())
-                            .push_bind(e.version.clone())
-                            .push_bind(e.timestamp)
-                            .push_bind(e.correlation_id.clone())
-                            .push_bind(e.agent_id.map(|id| id.as_uuid()))
-                            .push_bind(e.task_id.map(|id| id.as_uuid()))
-                            .push_bind(e.run_id.map(|id| id.as_uuid()))
-                            .push_bind(e.data.to_string());
-                    });
-                    qb.build().persistent(false).execute(&mut **tx).await?;
-                }
                 Ok(committed)
+            }
+
+            /// Appends one workspace's events (at most `EVENT_BATCH`) and returns the seq of
+            /// the first. The workspace's `event_heads` row, locked from here until the
+            /// transaction ends, serialises its appends (seq order is commit order), so a
+            /// caller appends last, just before it commits. On Postgres the head's bump,
+            /// the insert and the commit announcement are one statement: the lock is held
+            /// for that statement and the commit, not for a round trip each.
+            async fn append_chunk(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                workspace: keel_core::id::WorkspaceId,
+                events: &[keel_core::event::Event],
+            ) -> $crate::Result<i64> {
+                use sqlx::Row as _;
+                let n = i64::try_from(events.len()).unwrap_or(i64::MAX);
+                if Self::ANNOUNCES_COMMITS {
+                    let mut qb = sqlx::QueryBuilder::<$db>::new(
+                        "WITH head AS (INSERT INTO event_heads (workspace_id, last_seq) VALUES (",
+                    );
+                    qb.push_bind(workspace.as_uuid()).push(", ").push_bind(n).push(
+                        ") ON CONFLICT (workspace_id) DO UPDATE SET last_seq = event_heads.last_seq + EXCLUDED.last_seq \
+                         RETURNING last_seq), announced AS (SELECT pg_notify('keel_events', ",
+                    );
+                    qb.push_bind(workspace.as_uuid().simple().to_string())
+                        .push(" || ':' || last_seq) FROM head) INSERT INTO events (")
+                        .push($crate::events::event_columns!())
+                        .push(") SELECT ")
+                        .push_bind(workspace.as_uuid())
+                        .push(", head.last_seq - ")
+                        .push_bind(n)
+                        .push(" + v.column1, v.column2, v.column3, v.column4, v.column5, v.column6, v.column7, v.column8, v.column9, v.column10 \
+                               FROM head CROSS JOIN announced CROSS JOIN (");
+                    qb.push_values((1i64..).zip($crate::sql::padded(events)), |mut row, (k, e)| {
+                        row.push_bind(e.map(|_| k))
+                            .push_bind(e.map(|e| e.event_id.as_uuid()))
+                            .push_bind(e.map(|e| e.event_type.clone()))
+                            .push_bind(e.map(|e| e.version.clone()))
+                            .push_bind(e.map(|e| e.timestamp))
+                            .push_bind(e.and_then(|e| e.correlation_id.clone()))
+                            .push_bind(e.and_then(|e| e.agent_id.map(|id| id.as_uuid())))
+                            .push_bind(e.and_then(|e| e.task_id.map(|id| id.as_uuid())))
+                            .push_bind(e.and_then(|e| e.run_id.map(|id| id.as_uuid())))
+                            .push_bind(e.map(|e| e.data.to_string()));
+                    });
+                    qb.push(") AS v WHERE v.column1 IS NOT NULL RETURNING seq");
+                    let persistent = $crate::sql::persistent($crate::sql::padded_rows(events.len()));
+                    let rows = qb.build().persistent(persistent).fetch_all(&mut **tx).await?;
+                    let mut first = i64::MAX;
+                    for row in &rows {
+                        first = first.min(row.try_get::<i64, _>("seq")?);
+                    }
+                    return Ok(first);
+                }
+                let last: i64 = sqlx::query_scalar(
+                    "INSERT INTO event_heads (workspace_id, last_seq) VALUES ($1, $2) \
+                     ON CONFLICT (workspace_id) DO UPDATE SET last_seq = event_heads.last_seq + $2 \
+                     RETURNING last_seq",
+                )
+                .bind(workspace.as_uuid())
+                .bind(n)
+                .fetch_one(&mut **tx)
+                .await?;
+                let first = last - n + 1;
+                let mut qb = sqlx::QueryBuilder::<$db>::new("INSERT INTO events (");
+                qb.push($crate::events::event_columns!()).push(") SELECT * FROM (");
+                qb.push_values((first..).zip($crate::sql::padded(events)), |mut row, (seq, e)| {
+                    row.push_bind(e.map(|e| e.workspace_id.as_uuid()))
+                        .push_bind(e.map(|_| seq))
+                        .push_bind(e.map(|e| e.event_id.as_uuid()))
+                        .push_bind(e.map(|e| e.event_type.clone()))
+                        .push_bind(e.map(|e| e.version.clone()))
+                        .push_bind(e.map(|e| e.timestamp))
+                        .push_bind(e.and_then(|e| e.correlation_id.clone()))
+                        .push_bind(e.and_then(|e| e.agent_id.map(|id| id.as_uuid())))
+                        .push_bind(e.and_then(|e| e.task_id.map(|id| id.as_uuid())))
+                        .push_bind(e.and_then(|e| e.run_id.map(|id| id.as_uuid())))
+                        .push_bind(e.map(|e| e.data.to_string()));
+                });
+                qb.push(") AS v WHERE v.column1 IS NOT NULL");
+                let persistent = $crate::sql::persistent($crate::sql::padded_rows(events.len()));
+                qb.build().persistent(persistent).execute(&mut **tx).await?;
+                Ok(first)
             }
         }
     };

@@ -70,7 +70,7 @@ impl SqliteStore {
     const DURATION_MS_EXPR: &'static str =
         "CAST(round((julianday(finished_at) - julianday(created_at)) * 86400000.0) AS INTEGER)";
     /// One process owns the file: the appender announces its own commits.
-    const NOTIFY_SQL: Option<&'static str> = None;
+    const ANNOUNCES_COMMITS: bool = false;
 
     /// Leases the next runnable tasks (highest priority, then lowest virtual time).
     const CLAIM_SQL: &'static str = concat!(

@@ -93,6 +93,7 @@ conformance!(
     agents_are_versioned_and_scoped,
     claims_are_exclusive_and_checkpoints_are_fenced_by_the_lease,
     a_failed_checkpoint_batch_stores_nothing_of_any_run,
+    one_batch_starts_steps_and_finishes_many_runs_as_each_alone_would,
     the_queue_orders_by_priority_then_fairly_across_workspaces,
     idempotency_keys_and_the_queue_bound_hold,
     cancel_and_input_follow_the_task_state,
@@ -1207,6 +1208,212 @@ async fn a_failed_checkpoint_batch_stores_nothing_of_any_run(f: &Fixture) {
     );
     assert_eq!(f.store.task(ws.id, task.id).await.unwrap().steps, 0);
     assert!(f.store.commit_checkpoints(&[good]).await.is_ok());
+}
+
+/// A batch of many runs' checkpoints — starts, steps, finishes of every kind, a stranger's
+/// checkpoint, two tasks on one thread — stores for each what it would alone.
+async fn one_batch_starts_steps_and_finishes_many_runs_as_each_alone_would(f: &Fixture) {
+    use keel_core::task::{Priority, TaskStatus};
+    use keel_store::runtime::{Checkpoint, Committed, Finish, NewMessage};
+    let ws = f.store.ensure_workspace(&name("sets")).await.unwrap();
+    let agent = runtime_fixtures::agent(f, ws.id).await;
+    let a = runtime_fixtures::create(
+        f,
+        runtime_fixtures::new_task(&agent, Priority::Medium, None),
+    )
+    .await;
+    // `b` shares `a`'s thread.
+    let b = runtime_fixtures::create(
+        f,
+        keel_store::runtime::NewTask {
+            thread_id: Some(a.thread_id),
+            ..runtime_fixtures::new_task(&agent, Priority::Medium, None)
+        },
+    )
+    .await;
+    let c = runtime_fixtures::create(
+        f,
+        runtime_fixtures::new_task(&agent, Priority::Medium, None),
+    )
+    .await;
+    let d = runtime_fixtures::create(
+        f,
+        runtime_fixtures::new_task(&agent, Priority::Medium, None),
+    )
+    .await;
+    let owner = uuid::Uuid::now_v7();
+    let claimed = f
+        .store
+        .claim_tasks(owner, runtime_fixtures::later(60), 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 4);
+    let runs: std::collections::HashMap<TaskId, RunId> = [a.id, b.id, c.id, d.id]
+        .into_iter()
+        .map(|t| (t, RunId::new()))
+        .collect();
+    let tasks = [&a, &b, &c, &d];
+    let checkpoint = |t: &keel_store::runtime::TaskRecord, text: &str| Checkpoint {
+        task_id: t.id,
+        workspace_id: ws.id,
+        thread_id: t.thread_id,
+        run_id: runs[&t.id],
+        owner,
+        start: None,
+        step: Some(("llm_call".to_owned(), serde_json::json!({"text": text}))),
+        messages: vec![NewMessage {
+            body: serde_json::json!({"role": "assistant", "content": text}),
+            tokens: 1,
+        }],
+        tool_calls: 1,
+        input_tokens: 3,
+        output_tokens: 1,
+        cost_nanousd: 7,
+        finish: None,
+        events: vec![
+            NewEvent::new(
+                EventType::AgentMessage,
+                ws.id,
+                serde_json::json!({"content": text}),
+            )
+            .with_task(t.id),
+        ],
+        usage: None,
+    };
+    // Every run starts in one batch (with its input), and a stranger's start is refused.
+    let mut starts: Vec<Checkpoint> = tasks
+        .iter()
+        .map(|t| Checkpoint {
+            start: Some(runs[&t.id]),
+            step: None,
+            tool_calls: 0,
+            input_tokens: 0,
+            output_tokens: 0,
+            cost_nanousd: 0,
+            messages: vec![NewMessage {
+                body: serde_json::json!({"role": "user", "content": "hi"}),
+                tokens: 1,
+            }],
+            ..checkpoint(t, "start")
+        })
+        .collect();
+    starts.push(Checkpoint {
+        owner: uuid::Uuid::now_v7(),
+        start: Some(RunId::new()),
+        ..checkpoint(&d, "stranger")
+    });
+    let out = f.store.commit_checkpoints(&starts).await.unwrap();
+    for o in &out[..4] {
+        assert!(
+            matches!(o, Committed::Stored { idx: None, events } if events.len() == 1),
+            "{out:?}"
+        );
+    }
+    assert_eq!(out[4], Committed::LeaseLost);
+    // Then steps and every kind of ending, together.
+    let retry_at = runtime_fixtures::later(30);
+    let retry_at = retry_at
+        .replace_nanosecond(retry_at.nanosecond() / 1000 * 1000)
+        .unwrap();
+    let batch = vec![
+        Checkpoint {
+            finish: Some(Finish::Completed {
+                output: Some("done".into()),
+            }),
+            ..checkpoint(&a, "a1")
+        },
+        Checkpoint {
+            finish: Some(Finish::InputRequired),
+            ..checkpoint(&b, "b1")
+        },
+        Checkpoint {
+            finish: Some(Finish::Retry {
+                error: serde_json::json!({"kind": "x"}),
+                retry_at,
+            }),
+            ..checkpoint(&c, "c1")
+        },
+        checkpoint(&d, "d1"),
+        Checkpoint {
+            finish: Some(Finish::Failed {
+                error: serde_json::json!({"kind": "y"}),
+                dead_letter: true,
+            }),
+            ..checkpoint(&d, "d2")
+        },
+    ];
+    let out = f.store.commit_checkpoints(&batch).await.unwrap();
+    let idx: Vec<Option<i64>> = out
+        .iter()
+        .map(|o| match o {
+            Committed::Stored { idx, .. } => *idx,
+            Committed::LeaseLost => panic!("lost: {out:?}"),
+        })
+        .collect();
+    assert_eq!(idx, vec![Some(0), Some(0), Some(0), Some(0), Some(1)]);
+
+    let get = |id| async move { f.store.task(ws.id, id).await.unwrap() };
+    let (a, b, c, d) = (
+        get(a.id).await,
+        get(b.id).await,
+        get(c.id).await,
+        get(d.id).await,
+    );
+    assert_eq!(
+        (a.status, a.output.as_deref(), a.queued),
+        (TaskStatus::Completed, Some("done"), false)
+    );
+    assert_eq!((b.status, b.queued), (TaskStatus::InputRequired, false));
+    assert_eq!(
+        (c.status, c.queued, c.run_at),
+        (TaskStatus::Working, true, retry_at)
+    );
+    assert_eq!(
+        (d.status, d.dead_lettered, d.steps),
+        (TaskStatus::Failed, true, 2)
+    );
+    for t in [&a, &b, &c, &d] {
+        assert_eq!(t.attempts, 1);
+        assert!(t.lease_owner.is_none(), "every ending gives up the lease");
+    }
+    assert_eq!((d.tool_calls, d.input_tokens, d.cost_nanousd), (2, 6, 14));
+    let d_id = d.id;
+    let run_status = |t: keel_store::runtime::TaskRecord| async move {
+        let runs = f.store.task_runs(ws.id, t.id).await.unwrap();
+        assert_eq!(runs.len(), 1);
+        (runs[0].status.clone(), runs[0].finished_at.is_some())
+    };
+    assert_eq!(run_status(a).await, ("completed".to_owned(), true));
+    assert_eq!(run_status(b).await, ("input-required".to_owned(), false));
+    assert_eq!(run_status(c).await, ("failed".to_owned(), true));
+    assert_eq!(run_status(d).await, ("failed".to_owned(), true));
+    // The shared thread's messages are numbered without a gap: each task's start, then
+    // its step, in task order within each batch.
+    let thread = f
+        .store
+        .thread_messages(ws.id, a_thread(&starts), 0, 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        thread.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+    let (first, second) = if starts[0].task_id < starts[1].task_id {
+        ("a1", "b1")
+    } else {
+        ("b1", "a1")
+    };
+    assert_eq!(thread[2].body["content"], first);
+    assert_eq!(thread[3].body["content"], second);
+    let d_steps = f.store.task_steps(ws.id, d_id).await.unwrap();
+    assert_eq!(
+        d_steps.iter().map(|s| s.idx).collect::<Vec<_>>(),
+        vec![0, 1]
+    );
+}
+
+fn a_thread(starts: &[keel_store::runtime::Checkpoint]) -> keel_core::id::ThreadId {
+    starts[0].thread_id
 }
 
 async fn the_queue_orders_by_priority_then_fairly_across_workspaces(f: &Fixture) {

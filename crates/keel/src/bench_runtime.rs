@@ -250,6 +250,7 @@ struct Keel {
     dir: PathBuf,
     config: PathBuf,
     exe: PathBuf,
+    name: String,
 }
 
 impl Keel {
@@ -296,6 +297,7 @@ impl Keel {
             dir,
             config,
             exe: exe.to_owned(),
+            name: name.to_owned(),
         })
     }
 
@@ -324,6 +326,23 @@ impl Keel {
     }
 
     async fn stop(mut self) {
+        // BENCH_METRICS=DIR keeps each server's /metrics (DIR/<part>.prom) for a look at
+        // where the time went: commit latency and batch sizes, checkpoint waits.
+        if let Some(dir) = std::env::var_os("BENCH_METRICS") {
+            let scraped = async {
+                let text = http()?
+                    .get(format!("{}/metrics", self.url))
+                    .send()
+                    .await?
+                    .text()
+                    .await?;
+                std::fs::write(Path::new(&dir).join(format!("{}.prom", self.name)), text)?;
+                anyhow::Ok(())
+            };
+            if let Err(e) = scraped.await {
+                eprintln!("cannot keep /metrics of {}: {e:#}", self.name);
+            }
+        }
         self.kill().await;
         let _ = std::fs::remove_dir_all(&self.dir);
     }
