@@ -340,7 +340,7 @@ impl Keel {
                 anyhow::Ok(())
             };
             if let Err(e) = scraped.await {
-                eprintln!("cannot keep /metrics of {}: {e:#}", self.name);
+                tracing::warn!(part = %self.name, error = %format!("{e:#}"), "cannot keep /metrics");
             }
         }
         self.kill().await;
