@@ -47,6 +47,8 @@ impl PgStore {
     /// Each append announces its commit to every instance listening (`pg_notify` on
     /// `keel_events`, delivered at commit, not before), in the append's own statement.
     const ANNOUNCES_COMMITS: bool = true;
+    /// One statement per prepared query.
+    const GATHERS_WRITES: bool = false;
 
     /// Follows `NOTIFY keel_events` on a dedicated connection. When the connection drops,
     /// the stream yields [`Commit::Resync`] and reconnects (notifications sent meanwhile

@@ -786,19 +786,21 @@ macro_rules! runtime_store {
                         tokens: m.tokens,
                     })
                     .collect();
-                Self::insert_messages(&mut *conn, &rows, now).await
+                let mut g = $crate::sql::Gather::<$db>::new(Self::GATHERS_WRITES);
+                Self::insert_messages(&mut *conn, &mut g, &rows, now).await?;
+                Self::run_gathered(&mut *conn, &mut g).await?;
+                Ok(())
             }
 
             async fn insert_messages(
                 conn: &mut <$db as sqlx::Database>::Connection,
+                g: &mut $crate::sql::Gather<$db>,
                 rows: &[$crate::runtime::MessageRow],
                 now: time::OffsetDateTime,
             ) -> $crate::Result<()> {
                 for chunk in rows.chunks($crate::runtime::ROW_BATCH) {
-                    let mut qb = sqlx::QueryBuilder::<$db>::new(
-                        "INSERT INTO messages (thread_id, seq, workspace_id, task_id, run_id, body, tokens, created_at) SELECT * FROM (",
-                    );
-                    qb.push_values($crate::sql::padded(chunk), |mut row, m| {
+                    g.qb.push("INSERT INTO messages (thread_id, seq, workspace_id, task_id, run_id, body, tokens, created_at) SELECT * FROM (");
+                    g.qb.push_values($crate::sql::padded(chunk), |mut row, m| {
                         row.push_bind(m.map(|m| m.thread))
                             .push_bind(m.map(|m| m.seq))
                             .push_bind(m.map(|m| m.workspace))
@@ -808,23 +810,23 @@ macro_rules! runtime_store {
                             .push_bind(m.map(|m| m.tokens))
                             .push_bind(now);
                     });
-                    qb.push(") AS v WHERE v.column1 IS NOT NULL");
-                    let rows = $crate::sql::padded_rows(chunk.len());
-                    qb.build().persistent($crate::sql::persistent(rows)).execute(&mut *conn).await?;
+                    g.qb.push(") AS v WHERE v.column1 IS NOT NULL");
+                    if g.end($crate::sql::padded_rows(chunk.len())) {
+                        Self::run_gathered(conn, g).await?;
+                    }
                 }
                 Ok(())
             }
 
             async fn insert_steps(
                 conn: &mut <$db as sqlx::Database>::Connection,
+                g: &mut $crate::sql::Gather<$db>,
                 rows: &[$crate::runtime::StepRow],
                 now: time::OffsetDateTime,
             ) -> $crate::Result<()> {
                 for chunk in rows.chunks($crate::runtime::ROW_BATCH) {
-                    let mut qb = sqlx::QueryBuilder::<$db>::new(
-                        "INSERT INTO steps (task_id, idx, run_id, workspace_id, kind, data, created_at) SELECT * FROM (",
-                    );
-                    qb.push_values($crate::sql::padded(chunk), |mut row, s| {
+                    g.qb.push("INSERT INTO steps (task_id, idx, run_id, workspace_id, kind, data, created_at) SELECT * FROM (");
+                    g.qb.push_values($crate::sql::padded(chunk), |mut row, s| {
                         row.push_bind(s.map(|s| s.task))
                             .push_bind(s.map(|s| s.idx))
                             .push_bind(s.map(|s| s.run))
@@ -833,25 +835,27 @@ macro_rules! runtime_store {
                             .push_bind(s.map(|s| s.data.clone()))
                             .push_bind(now);
                     });
-                    qb.push(") AS v WHERE v.column1 IS NOT NULL");
-                    let rows = $crate::sql::padded_rows(chunk.len());
-                    qb.build().persistent($crate::sql::persistent(rows)).execute(&mut *conn).await?;
+                    g.qb.push(") AS v WHERE v.column1 IS NOT NULL");
+                    if g.end($crate::sql::padded_rows(chunk.len())) {
+                        Self::run_gathered(conn, g).await?;
+                    }
                 }
                 Ok(())
             }
 
             async fn insert_usage_in(
                 conn: &mut <$db as sqlx::Database>::Connection,
+                g: &mut $crate::sql::Gather<$db>,
                 records: &[&$crate::UsageRecord],
             ) -> $crate::Result<()> {
                 use $crate::usage::to_i64;
                 for batch in records.chunks($crate::sql::USAGE_BATCH) {
-                    let mut qb = sqlx::QueryBuilder::<$db>::new(
+                    g.qb.push(
                         "INSERT INTO usage_records (id, workspace_id, api_key_id, route, provider, upstream_model, \
                          target, input_tokens, output_tokens, cached_tokens, cost_nanousd, latency_ms, ttft_ms, \
                          cache_hit, estimated, outcome, created_at) SELECT * FROM (",
                     );
-                    qb.push_values($crate::sql::padded(batch), |mut row, r| {
+                    g.qb.push_values($crate::sql::padded(batch), |mut row, r| {
                         row.push_bind(r.map(|_| uuid::Uuid::now_v7()))
                             .push_bind(r.map(|r| r.workspace_id.as_uuid()))
                             .push_bind(r.and_then(|r| r.api_key_id.map(|k| k.as_uuid())))
@@ -870,9 +874,10 @@ macro_rules! runtime_store {
                             .push_bind(r.map(|r| r.outcome.clone()))
                             .push_bind(r.map(|r| r.created_at));
                     });
-                    qb.push(") AS v WHERE v.column1 IS NOT NULL");
-                    let rows = $crate::sql::padded_rows(batch.len());
-                    qb.build().persistent($crate::sql::persistent(rows)).execute(&mut *conn).await?;
+                    g.qb.push(") AS v WHERE v.column1 IS NOT NULL");
+                    if g.end($crate::sql::padded_rows(batch.len())) {
+                        Self::run_gathered(conn, g).await?;
+                    }
                 }
                 Ok(())
             }
@@ -884,6 +889,7 @@ macro_rules! runtime_store {
             /// gets `Some(step index)`, or `None` when its lease is lost.
             async fn checkpoints_set_in(
                 tx: &mut sqlx::Transaction<'_, $db>,
+                g: &mut $crate::sql::Gather<$db>,
                 batch: &[$crate::runtime::Checkpoint],
                 order: &[usize],
                 now: time::OffsetDateTime,
@@ -1107,35 +1113,41 @@ macro_rules! runtime_store {
                     })
                     .collect();
                 if !endings.is_empty() {
-                    let mut qb = sqlx::QueryBuilder::<$db>::new(
+                    // Nothing is read back: both statements wait in `g` for the batch's
+                    // other writes.
+                    let rows = $crate::sql::padded_rows(endings.len());
+                    g.qb.push(
                         "UPDATE tasks SET status = v.column2, queued = v.column3, dead_lettered = v.column4, \
                          output = COALESCE(v.column5, output), error = COALESCE(v.column6, error), run_at = v.column7, \
                          finished_at = v.column8, lease_owner = NULL, lease_until = NULL FROM (",
                     );
-                    qb.push_values($crate::sql::padded(&endings), |mut row, e| {
+                    g.qb.push_values($crate::sql::padded(&endings), |mut row, e| {
                         row.push_bind(e.map(|e| batch[e.i].task_id.as_uuid()))
                             .push_bind(e.map(|e| e.task_status))
                             .push_bind(e.map(|e| e.queued))
                             .push_bind(e.map(|e| e.dead))
-                            .push_bind(e.and_then(|e| e.output))
-                            .push_bind(e.and_then(|e| e.error.as_deref()))
+                            .push_bind(e.and_then(|e| e.output.map(str::to_owned)))
+                            .push_bind(e.and_then(|e| e.error.clone()))
                             .push_bind(e.map(|e| e.run_at))
                             .push_bind(e.and_then(|e| e.finished));
                     });
-                    qb.push(") AS v WHERE tasks.id = v.column1");
-                    let persistent = $crate::sql::persistent($crate::sql::padded_rows(endings.len()));
-                    qb.build().persistent(persistent).execute(&mut **tx).await?;
-                    let mut qb = sqlx::QueryBuilder::<$db>::new(
+                    g.qb.push(") AS v WHERE tasks.id = v.column1");
+                    if g.end(rows) {
+                        Self::run_gathered(&mut **tx, g).await?;
+                    }
+                    g.qb.push(
                         "UPDATE runs SET status = v.column2, error = COALESCE(v.column3, error), finished_at = v.column4 FROM (",
                     );
-                    qb.push_values($crate::sql::padded(&endings), |mut row, e| {
+                    g.qb.push_values($crate::sql::padded(&endings), |mut row, e| {
                         row.push_bind(e.map(|e| batch[e.i].run_id.as_uuid()))
                             .push_bind(e.map(|e| e.run_status))
-                            .push_bind(e.and_then(|e| e.error.as_deref()))
+                            .push_bind(e.and_then(|e| e.error.clone()))
                             .push_bind(e.and_then(|e| (e.run_status != "input-required").then_some(now)));
                     });
-                    qb.push(") AS v WHERE runs.id = v.column1");
-                    qb.build().persistent(persistent).execute(&mut **tx).await?;
+                    g.qb.push(") AS v WHERE runs.id = v.column1");
+                    if g.end(rows) {
+                        Self::run_gathered(&mut **tx, g).await?;
+                    }
                 }
                 Ok(idx)
             }
@@ -1805,20 +1817,25 @@ macro_rules! runtime_store {
                     rounds[nth].push(i);
                 }
                 let mut idx: Vec<Option<Option<i64>>> = vec![None; batch.len()];
+                // The batch's writes that read nothing back (finishes, steps, messages,
+                // usage, events), gathered to run together where the database allows.
+                let mut g = $crate::sql::Gather::<$db>::new(Self::GATHERS_WRITES);
                 for round in &rounds {
-                    let got = Self::checkpoints_set_in(&mut tx, batch, round, now, &mut step_rows, &mut message_rows).await?;
+                    // A round reads what the one before wrote.
+                    Self::run_gathered(&mut *tx, &mut g).await?;
+                    let got = Self::checkpoints_set_in(&mut tx, &mut g, batch, round, now, &mut step_rows, &mut message_rows).await?;
                     for &i in round {
                         idx[i] = got[i];
                     }
                 }
                 // Every run's step and message rows in one statement each.
-                Self::insert_steps(&mut *tx, &step_rows, now).await?;
-                Self::insert_messages(&mut *tx, &message_rows, now).await?;
+                Self::insert_steps(&mut *tx, &mut g, &step_rows, now).await?;
+                Self::insert_messages(&mut *tx, &mut g, &message_rows, now).await?;
                 let usage: Vec<&$crate::UsageRecord> = batch.iter().zip(&idx)
                     .filter(|(_, stored)| stored.is_some())
                     .filter_map(|(c, _)| c.usage.as_ref())
                     .collect();
-                Self::insert_usage_in(&mut *tx, &usage).await?;
+                Self::insert_usage_in(&mut *tx, &mut g, &usage).await?;
                 let mut counts = Vec::with_capacity(batch.len());
                 let mut all = Vec::new();
                 for (c, stored) in batch.iter().zip(&idx) {
@@ -1829,7 +1846,7 @@ macro_rules! runtime_store {
                         counts.push(0);
                     }
                 }
-                let mut events = Self::append_events_tx(&mut tx, &all).await?.into_iter();
+                let mut events = Self::append_events_gathered(&mut tx, &mut g, &all).await?.into_iter();
                 tx.commit().await?;
                 Ok(idx.into_iter().zip(counts).map(|(stored, n)| match stored {
                     Some(idx) => Committed::Stored { idx, events: events.by_ref().take(n).collect() },

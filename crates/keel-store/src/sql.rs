@@ -48,6 +48,58 @@ pub(crate) fn persistent(rows: usize) -> bool {
     rows <= PREPARED_ROWS
 }
 
+/// Write statements whose only results are rows to return (`RETURNING`), gathered into
+/// one query where the database takes several statements at once: SQLite, where each
+/// query is a round trip to the connection's worker thread (two thread wake-ups), so a
+/// commit's inserts and updates cost one trip instead of one each. Elsewhere (Postgres
+/// takes one statement per prepared query) each statement runs as it is ended.
+pub(crate) struct Gather<DB: sqlx::Database> {
+    pub(crate) qb: sqlx::QueryBuilder<DB>,
+    together: bool,
+    /// Statements written and not yet run.
+    pending: usize,
+    /// Their rows (as padded).
+    rows: usize,
+}
+
+impl<DB: sqlx::Database> Gather<DB> {
+    pub(crate) fn new(together: bool) -> Self {
+        Self {
+            qb: sqlx::QueryBuilder::new(""),
+            together,
+            pending: 0,
+            rows: 0,
+        }
+    }
+
+    /// Ends the statement just written (`rows` rows, as padded). True when it is to run
+    /// now; false when it waits for the others.
+    pub(crate) fn end(&mut self, rows: usize) -> bool {
+        self.pending += 1;
+        self.rows += rows;
+        if self.together {
+            self.qb.push(";\n");
+            false
+        } else {
+            true
+        }
+    }
+
+    /// Whether statements are waiting to run.
+    pub(crate) fn is_pending(&self) -> bool {
+        self.pending > 0
+    }
+
+    /// Whether the query about to run is kept prepared (see [`persistent`]), and starts
+    /// counting afresh. The caller runs the query, then resets `qb`.
+    pub(crate) fn take(&mut self) -> bool {
+        let keep = persistent(self.rows);
+        self.pending = 0;
+        self.rows = 0;
+        keep
+    }
+}
+
 pub(crate) fn workspace_from_row<R: Row>(row: &R) -> Result<Workspace>
 where
     for<'a> &'a str: sqlx::ColumnIndex<R>,
@@ -358,7 +410,9 @@ macro_rules! sql_store {
                 }
                 let mut tx = self.writer.begin().await?;
                 let records: Vec<&$crate::UsageRecord> = records.iter().collect();
-                Self::insert_usage_in(&mut *tx, &records).await?;
+                let mut g = $crate::sql::Gather::<$db>::new(Self::GATHERS_WRITES);
+                Self::insert_usage_in(&mut *tx, &mut g, &records).await?;
+                Self::run_gathered(&mut *tx, &mut g).await?;
                 tx.commit().await?;
                 Ok(())
             }
@@ -752,114 +806,132 @@ macro_rules! sql_store {
         }
 
         impl $store {
+            /// Runs what `g` holds (nothing when nothing waits) and returns the rows its
+            /// statements returned.
+            pub(crate) async fn run_gathered(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                g: &mut $crate::sql::Gather<$db>,
+            ) -> $crate::Result<Vec<<$db as sqlx::Database>::Row>> {
+                if !g.is_pending() {
+                    return Ok(Vec::new());
+                }
+                let persistent = g.take();
+                let rows = g.qb.build().persistent(persistent).fetch_all(&mut *conn).await?;
+                g.qb.reset();
+                Ok(rows)
+            }
+
             /// Appends `events` inside `tx` — the transaction of the state change that
             /// causes them, so the change and its events commit together or not at all.
             pub(crate) async fn append_events_tx(
                 tx: &mut sqlx::Transaction<'_, $db>,
                 events: &[keel_core::event::NewEvent],
             ) -> $crate::Result<Vec<keel_core::event::Event>> {
+                let mut g = $crate::sql::Gather::<$db>::new(Self::GATHERS_WRITES);
+                Self::append_events_gathered(tx, &mut g, events).await
+            }
+
+            /// Appends `events` after the writes waiting in `g`, runs them all, and returns
+            /// the events as stored (in the order given).
+            ///
+            /// A workspace's `event_heads` row, locked by its bump until the transaction
+            /// ends, serialises the workspace's appends (seq order is commit order), so a
+            /// caller appends last, just before it commits.
+            pub(crate) async fn append_events_gathered(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                g: &mut $crate::sql::Gather<$db>,
+                events: &[keel_core::event::NewEvent],
+            ) -> $crate::Result<Vec<keel_core::event::Event>> {
+                use sqlx::Row as _;
                 // One workspace at a time, in id order, so concurrent appenders lock
                 // `event_heads` rows in the same order and cannot deadlock.
                 let mut order: Vec<(usize, &keel_core::event::NewEvent)> = events.iter().enumerate().collect();
                 order.sort_by_key(|(_, e)| e.workspace_id);
                 let now = $crate::now();
-                let mut committed: Vec<Option<keel_core::event::Event>> = vec![None; events.len()];
+                let mut made: Vec<keel_core::event::Event> = events
+                    .iter()
+                    .map(|e| keel_core::event::Event {
+                        event_id: keel_core::id::EventId::new(),
+                        event_type: e.event_type.as_str().to_owned(),
+                        timestamp: now,
+                        seq: 0,
+                        correlation_id: e.correlation_id.clone(),
+                        workspace_id: e.workspace_id,
+                        agent_id: e.agent_id,
+                        task_id: e.task_id,
+                        run_id: e.run_id,
+                        data: e.data.clone(),
+                        version: e.event_type.version().to_owned(),
+                    })
+                    .collect();
+                let mut returned = Vec::new();
                 for group in order.chunk_by(|a, b| a.1.workspace_id == b.1.workspace_id) {
-                    let workspace = group[0].1.workspace_id;
                     for chunk in group.chunks($crate::events::EVENT_BATCH) {
-                        let made: Vec<keel_core::event::Event> = chunk
-                            .iter()
-                            .map(|(_, e)| keel_core::event::Event {
-                                event_id: keel_core::id::EventId::new(),
-                                event_type: e.event_type.as_str().to_owned(),
-                                timestamp: now,
-                                seq: 0,
-                                correlation_id: e.correlation_id.clone(),
-                                workspace_id: workspace,
-                                agent_id: e.agent_id,
-                                task_id: e.task_id,
-                                run_id: e.run_id,
-                                data: e.data.clone(),
-                                version: e.event_type.version().to_owned(),
-                            })
-                            .collect();
-                        let first = Self::append_chunk(tx, workspace, &made).await?;
-                        for ((offset, (index, _)), mut event) in (0i64..).zip(chunk).zip(made) {
-                            event.seq = first + offset;
-                            committed[*index] = Some(event);
+                        let chunk: Vec<&keel_core::event::Event> = chunk.iter().map(|(i, _)| &made[*i]).collect();
+                        Self::push_event_chunk(g, &chunk);
+                        if g.end($crate::sql::padded_rows(chunk.len())) {
+                            returned.extend(Self::run_gathered(&mut **tx, g).await?);
                         }
                     }
                 }
-                let committed: Vec<keel_core::event::Event> = committed.into_iter().flatten().collect();
-                Ok(committed)
+                returned.extend(Self::run_gathered(&mut **tx, g).await?);
+                let mut seqs: std::collections::HashMap<uuid::Uuid, i64> = std::collections::HashMap::with_capacity(returned.len());
+                for row in &returned {
+                    seqs.insert(row.try_get("event_id")?, row.try_get("seq")?);
+                }
+                for e in &mut made {
+                    e.seq = seqs
+                        .get(&e.event_id.as_uuid())
+                        .copied()
+                        .ok_or_else(|| $crate::Error::Corrupt { what: "event", detail: "an appended event came back without its seq".to_owned() })?;
+                }
+                Ok(made)
             }
 
-            /// Appends one workspace's events (at most `EVENT_BATCH`) and returns the seq of
-            /// the first. The workspace's `event_heads` row, locked from here until the
-            /// transaction ends, serialises its appends (seq order is commit order), so a
-            /// caller appends last, just before it commits. On Postgres the head's bump,
-            /// the insert and the commit announcement are one statement: the lock is held
-            /// for that statement and the commit, not for a round trip each.
-            async fn append_chunk(
-                tx: &mut sqlx::Transaction<'_, $db>,
-                workspace: keel_core::id::WorkspaceId,
-                events: &[keel_core::event::Event],
-            ) -> $crate::Result<i64> {
-                use sqlx::Row as _;
+            /// Writes the append of one workspace's events (at most `EVENT_BATCH`) into `g`:
+            /// the bump of its head, the insert numbered from it, and (where other
+            /// instances listen) the commit's announcement; it returns each event's id and
+            /// seq. On Postgres it is one statement, so the head's lock is held for that
+            /// statement and the commit, not for a round trip each; on SQLite two, gathered.
+            fn push_event_chunk(g: &mut $crate::sql::Gather<$db>, events: &[&keel_core::event::Event]) {
+                let Some(workspace) = events.first().map(|e| e.workspace_id.as_uuid()) else {
+                    return;
+                };
                 let n = i64::try_from(events.len()).unwrap_or(i64::MAX);
+                let qb = &mut g.qb;
                 if Self::ANNOUNCES_COMMITS {
-                    let mut qb = sqlx::QueryBuilder::<$db>::new(
-                        "WITH head AS (INSERT INTO event_heads (workspace_id, last_seq) VALUES (",
-                    );
-                    qb.push_bind(workspace.as_uuid()).push(", ").push_bind(n).push(
-                        ") ON CONFLICT (workspace_id) DO UPDATE SET last_seq = event_heads.last_seq + EXCLUDED.last_seq \
-                         RETURNING last_seq), announced AS (SELECT pg_notify('keel_events', ",
-                    );
-                    qb.push_bind(workspace.as_uuid().simple().to_string())
+                    qb.push("WITH head AS (INSERT INTO event_heads (workspace_id, last_seq) VALUES (")
+                        .push_bind(workspace)
+                        .push(", ")
+                        .push_bind(n)
+                        .push(
+                            ") ON CONFLICT (workspace_id) DO UPDATE SET last_seq = event_heads.last_seq + EXCLUDED.last_seq \
+                             RETURNING last_seq), announced AS (SELECT pg_notify('keel_events', ",
+                        )
+                        .push_bind(workspace.simple().to_string())
                         .push(" || ':' || last_seq) FROM head) INSERT INTO events (")
                         .push($crate::events::event_columns!())
-                        .push(") SELECT ")
-                        .push_bind(workspace.as_uuid())
-                        .push(", head.last_seq - ")
+                        .push(") SELECT v.column1, head.last_seq - ")
                         .push_bind(n)
-                        .push(" + v.column1, v.column2, v.column3, v.column4, v.column5, v.column6, v.column7, v.column8, v.column9, v.column10 \
+                        .push(" + v.column2, v.column3, v.column4, v.column5, v.column6, v.column7, v.column8, v.column9, v.column10, v.column11 \
                                FROM head CROSS JOIN announced CROSS JOIN (");
-                    qb.push_values((1i64..).zip($crate::sql::padded(events)), |mut row, (k, e)| {
-                        row.push_bind(e.map(|_| k))
-                            .push_bind(e.map(|e| e.event_id.as_uuid()))
-                            .push_bind(e.map(|e| e.event_type.clone()))
-                            .push_bind(e.map(|e| e.version.clone()))
-                            .push_bind(e.map(|e| e.timestamp))
-                            .push_bind(e.and_then(|e| e.correlation_id.clone()))
-                            .push_bind(e.and_then(|e| e.agent_id.map(|id| id.as_uuid())))
-                            .push_bind(e.and_then(|e| e.task_id.map(|id| id.as_uuid())))
-                            .push_bind(e.and_then(|e| e.run_id.map(|id| id.as_uuid())))
-                            .push_bind(e.map(|e| e.data.to_string()));
-                    });
-                    qb.push(") AS v WHERE v.column1 IS NOT NULL RETURNING seq");
-                    let persistent = $crate::sql::persistent($crate::sql::padded_rows(events.len()));
-                    let rows = qb.build().persistent(persistent).fetch_all(&mut **tx).await?;
-                    let mut first = i64::MAX;
-                    for row in &rows {
-                        first = first.min(row.try_get::<i64, _>("seq")?);
-                    }
-                    return Ok(first);
+                } else {
+                    qb.push("INSERT INTO event_heads (workspace_id, last_seq) VALUES (")
+                        .push_bind(workspace)
+                        .push(", ")
+                        .push_bind(n)
+                        .push(") ON CONFLICT (workspace_id) DO UPDATE SET last_seq = event_heads.last_seq + excluded.last_seq;\n");
+                    qb.push("INSERT INTO events (")
+                        .push($crate::events::event_columns!())
+                        .push(") SELECT v.column1, (SELECT last_seq FROM event_heads WHERE workspace_id = ")
+                        .push_bind(workspace)
+                        .push(") - ")
+                        .push_bind(n)
+                        .push(" + v.column2, v.column3, v.column4, v.column5, v.column6, v.column7, v.column8, v.column9, v.column10, v.column11 FROM (");
                 }
-                let last: i64 = sqlx::query_scalar(
-                    "INSERT INTO event_heads (workspace_id, last_seq) VALUES ($1, $2) \
-                     ON CONFLICT (workspace_id) DO UPDATE SET last_seq = event_heads.last_seq + $2 \
-                     RETURNING last_seq",
-                )
-                .bind(workspace.as_uuid())
-                .bind(n)
-                .fetch_one(&mut **tx)
-                .await?;
-                let first = last - n + 1;
-                let mut qb = sqlx::QueryBuilder::<$db>::new("INSERT INTO events (");
-                qb.push($crate::events::event_columns!()).push(") SELECT * FROM (");
-                qb.push_values((first..).zip($crate::sql::padded(events)), |mut row, (seq, e)| {
+                qb.push_values((1i64..).zip($crate::sql::padded(events)), |mut row, (k, e)| {
                     row.push_bind(e.map(|e| e.workspace_id.as_uuid()))
-                        .push_bind(e.map(|_| seq))
+                        .push_bind(e.map(|_| k))
                         .push_bind(e.map(|e| e.event_id.as_uuid()))
                         .push_bind(e.map(|e| e.event_type.clone()))
                         .push_bind(e.map(|e| e.version.clone()))
@@ -870,10 +942,7 @@ macro_rules! sql_store {
                         .push_bind(e.and_then(|e| e.run_id.map(|id| id.as_uuid())))
                         .push_bind(e.map(|e| e.data.to_string()));
                 });
-                qb.push(") AS v WHERE v.column1 IS NOT NULL");
-                let persistent = $crate::sql::persistent($crate::sql::padded_rows(events.len()));
-                qb.build().persistent(persistent).execute(&mut **tx).await?;
-                Ok(first)
+                qb.push(") AS v WHERE v.column2 IS NOT NULL RETURNING event_id, seq");
             }
         }
     };

@@ -71,6 +71,9 @@ impl SqliteStore {
         "CAST(round((julianday(finished_at) - julianday(created_at)) * 86400000.0) AS INTEGER)";
     /// One process owns the file: the appender announces its own commits.
     const ANNOUNCES_COMMITS: bool = false;
+    /// Each query is a round trip to the connection's worker thread: a commit's writes
+    /// that read nothing back go in one.
+    const GATHERS_WRITES: bool = true;
 
     /// Leases the next runnable tasks (highest priority, then lowest virtual time).
     const CLAIM_SQL: &'static str = concat!(
