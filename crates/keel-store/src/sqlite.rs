@@ -46,9 +46,12 @@ impl SqliteStore {
             })
             .busy_timeout(config.sqlite_busy_timeout)
             .foreign_keys(true);
+        // A connection to a local file does not go stale: no ping before each use (a ping
+        // is a round trip to the connection's worker thread, like any statement).
         let pool = SqlitePoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(config.acquire_timeout)
+            .test_before_acquire(false)
             .connect_with(options.clone())
             .await?;
         // The writer touches the hot pages of every write: a larger page cache (8 MiB)
@@ -56,6 +59,7 @@ impl SqliteStore {
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(config.acquire_timeout)
+            .test_before_acquire(false)
             .connect_with(options.pragma("cache_size", "-8192"))
             .await?;
         Ok(Self { pool, writer })
