@@ -910,23 +910,14 @@ macro_rules! runtime_store {
                     // Tasks, then threads, locked in id order up front (the module's lock
                     // order); the set-based statements below find them held.
                     let tasks: Vec<uuid::Uuid> = order.iter().map(|&i| batch[i].task_id.as_uuid()).collect();
-                    let mut qb = sqlx::QueryBuilder::<$db>::new("SELECT id FROM tasks WHERE id IN (");
-                    let mut ids = qb.separated(", ");
-                    for id in $crate::sql::padded(&tasks) {
-                        ids.push_bind(id.copied());
-                    }
-                    qb.push(") ORDER BY id").push(Self::LOCK_ROWS);
-                    let rows = $crate::sql::padded_rows(tasks.len());
-                    qb.build().persistent($crate::sql::persistent(rows)).fetch_all(&mut **tx).await?;
-                    if !threads.is_empty() {
-                        let mut qb = sqlx::QueryBuilder::<$db>::new("SELECT id FROM threads WHERE id IN (");
-                        let mut ids = qb.separated(", ");
-                        for id in $crate::sql::padded(&threads) {
-                            ids.push_bind(id.copied());
+                    for (table, ids) in [("tasks", &tasks), ("threads", &threads)] {
+                        if ids.is_empty() {
+                            continue;
                         }
+                        let mut qb = sqlx::QueryBuilder::<$db>::new(format!("SELECT id FROM {table} WHERE id IN ("));
+                        let persistent = $crate::sql::push_id_list(&mut qb, ids);
                         qb.push(") ORDER BY id").push(Self::LOCK_ROWS);
-                        let rows = $crate::sql::padded_rows(threads.len());
-                        qb.build().persistent($crate::sql::persistent(rows)).fetch_all(&mut **tx).await?;
+                        qb.build().persistent(persistent).fetch_all(&mut **tx).await?;
                     }
                 }
 
@@ -1619,12 +1610,9 @@ macro_rules! runtime_store {
                     let mut qb = sqlx::QueryBuilder::<$db>::new(
                         "SELECT id, max_concurrency FROM agents WHERE max_concurrency IS NOT NULL AND id IN (",
                     );
-                    let mut ids = qb.separated(", ");
-                    for a in $crate::sql::padded(&agents) {
-                        ids.push_bind(a.map(|a| a.as_uuid()));
-                    }
+                    let ids: Vec<uuid::Uuid> = agents.iter().map(|a| a.as_uuid()).collect();
+                    let persistent = $crate::sql::push_id_list(&mut qb, &ids);
                     qb.push(") ORDER BY id").push(Self::LOCK_ROWS);
-                    let persistent = $crate::sql::persistent($crate::sql::padded_rows(agents.len()));
                     let limited: Vec<(uuid::Uuid, i64)> = qb.build_query_as().persistent(persistent).fetch_all(&mut *tx).await?;
                     for (agent, limit) in limited {
                         let agent = keel_core::id::AgentId::from_uuid(agent);
@@ -1642,12 +1630,9 @@ macro_rules! runtime_store {
                 }
                 if !excess.is_empty() {
                     let mut qb = sqlx::QueryBuilder::<$db>::new("UPDATE tasks SET lease_owner = NULL, lease_until = NULL WHERE id IN (");
-                    let mut ids = qb.separated(", ");
-                    for id in $crate::sql::padded(&excess) {
-                        ids.push_bind(id.map(|id| id.as_uuid()));
-                    }
+                    let ids: Vec<uuid::Uuid> = excess.iter().map(|t| t.as_uuid()).collect();
+                    let persistent = $crate::sql::push_id_list(&mut qb, &ids);
                     qb.push(")");
-                    let persistent = $crate::sql::persistent($crate::sql::padded_rows(excess.len()));
                     qb.build().persistent(persistent).execute(&mut *tx).await?;
                     tasks.retain(|t| !excess.contains(&t.id));
                 }
@@ -1676,12 +1661,9 @@ macro_rules! runtime_store {
                         .push(" WHERE id IN (SELECT id FROM tasks WHERE lease_owner = ")
                         .push_bind(owner)
                         .push(" AND id IN (");
-                    let mut ids = qb.separated(", ");
-                    for t in $crate::sql::padded(chunk) {
-                        ids.push_bind(t.map(|t| t.as_uuid()));
-                    }
+                    let ids: Vec<uuid::Uuid> = chunk.iter().map(|t| t.as_uuid()).collect();
+                    let persistent = $crate::sql::push_id_list(&mut qb, &ids);
                     qb.push(") ORDER BY id").push(Self::LOCK_ROWS).push(") RETURNING id");
-                    let persistent = $crate::sql::persistent($crate::sql::padded_rows(chunk.len()));
                     let rows: Vec<uuid::Uuid> = qb.build_query_scalar().persistent(persistent).fetch_all(&self.writer).await?;
                     held.extend(rows.into_iter().map(keel_core::id::TaskId::from_uuid));
                 }
@@ -1692,12 +1674,9 @@ macro_rules! runtime_store {
                 for chunk in tasks.chunks(500) {
                     let mut qb = sqlx::QueryBuilder::<$db>::new("UPDATE tasks SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ");
                     qb.push_bind(owner).push(" AND id IN (");
-                    let mut ids = qb.separated(", ");
-                    for t in $crate::sql::padded(chunk) {
-                        ids.push_bind(t.map(|t| t.as_uuid()));
-                    }
+                    let ids: Vec<uuid::Uuid> = chunk.iter().map(|t| t.as_uuid()).collect();
+                    let persistent = $crate::sql::push_id_list(&mut qb, &ids);
                     qb.push(")");
-                    let persistent = $crate::sql::persistent($crate::sql::padded_rows(chunk.len()));
                     qb.build().persistent(persistent).execute(&self.writer).await?;
                 }
                 Ok(())

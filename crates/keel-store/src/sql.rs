@@ -48,6 +48,20 @@ pub(crate) fn persistent(rows: usize) -> bool {
     rows <= PREPARED_ROWS
 }
 
+/// Writes `ids` into `qb` as the binds of an `IN (…)` list, padded with NULLs (which match
+/// nothing) to [`padded_rows`], and returns whether the statement is to be kept prepared.
+pub(crate) fn push_id_list<DB>(qb: &mut sqlx::QueryBuilder<DB>, ids: &[Uuid]) -> bool
+where
+    DB: sqlx::Database,
+    for<'t> Option<Uuid>: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+{
+    let mut list = qb.separated(", ");
+    for id in padded(ids) {
+        list.push_bind(id.copied());
+    }
+    persistent(padded_rows(ids.len()))
+}
+
 /// Write statements whose only results are rows to return (`RETURNING`), gathered into
 /// one query where the database takes several statements at once: SQLite, where each
 /// query is a round trip to the connection's worker thread (two thread wake-ups), so a
