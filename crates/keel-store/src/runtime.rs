@@ -899,17 +899,17 @@ macro_rules! runtime_store {
                 use sqlx::Row as _;
                 use $crate::runtime::Finish;
                 let mut idx: Vec<Option<Option<i64>>> = vec![None; batch.len()];
-                let mut threads: Vec<uuid::Uuid> = order
-                    .iter()
-                    .filter(|&&i| !batch[i].messages.is_empty())
-                    .map(|&i| batch[i].thread_id.as_uuid())
-                    .collect();
-                threads.sort_unstable();
-                threads.dedup();
                 if !Self::LOCK_ROWS.is_empty() {
                     // Tasks, then threads, locked in id order up front (the module's lock
                     // order); the set-based statements below find them held.
                     let tasks: Vec<uuid::Uuid> = order.iter().map(|&i| batch[i].task_id.as_uuid()).collect();
+                    let mut threads: Vec<uuid::Uuid> = order
+                        .iter()
+                        .filter(|&&i| !batch[i].messages.is_empty())
+                        .map(|&i| batch[i].thread_id.as_uuid())
+                        .collect();
+                    threads.sort_unstable();
+                    threads.dedup();
                     for (table, ids) in [("tasks", &tasks), ("threads", &threads)] {
                         if ids.is_empty() {
                             continue;
@@ -936,7 +936,7 @@ macro_rules! runtime_store {
                     });
                     qb.push(") AS v WHERE tasks.id = v.column1 AND tasks.lease_owner = v.column2 AND tasks.queued \
                              AND tasks.status IN ('submitted', 'working') RETURNING id, attempts");
-                    let persistent = $crate::sql::persistent($crate::sql::padded_rows(starts.len()));
+                    let persistent = $crate::sql::persistent(starts.len());
                     let rows = qb.build().persistent(persistent).fetch_all(&mut **tx).await?;
                     let mut attempts: std::collections::HashMap<uuid::Uuid, i64> = std::collections::HashMap::with_capacity(rows.len());
                     for row in &rows {
@@ -963,7 +963,7 @@ macro_rules! runtime_store {
                                 .push_bind(now);
                         });
                         qb.push(") AS v WHERE v.column1 IS NOT NULL");
-                        let persistent = $crate::sql::persistent($crate::sql::padded_rows(runs.len()));
+                        let persistent = $crate::sql::persistent(runs.len());
                         qb.build().persistent(persistent).execute(&mut **tx).await?;
                     }
                 }
@@ -992,7 +992,7 @@ macro_rules! runtime_store {
                 });
                 qb.push(") AS v WHERE tasks.id = v.column1 AND tasks.lease_owner = v.column2 AND tasks.run_id = v.column3 \
                          AND tasks.status = 'working' RETURNING id, steps");
-                let persistent = $crate::sql::persistent($crate::sql::padded_rows(going.len()));
+                let persistent = $crate::sql::persistent(going.len());
                 let rows = qb.build().persistent(persistent).fetch_all(&mut **tx).await?;
                 let mut steps: std::collections::HashMap<uuid::Uuid, i64> = std::collections::HashMap::with_capacity(rows.len());
                 for row in &rows {
@@ -1033,7 +1033,7 @@ macro_rules! runtime_store {
                         row.push_bind(w.map(|w| w.0)).push_bind(w.map(|w| w.1));
                     });
                     qb.push(") AS v WHERE threads.id = v.column1 RETURNING id, next_seq");
-                    let persistent = $crate::sql::persistent($crate::sql::padded_rows(wanted.len()));
+                    let persistent = $crate::sql::persistent(wanted.len());
                     let rows = qb.build().persistent(persistent).fetch_all(&mut **tx).await?;
                     let mut last: std::collections::HashMap<uuid::Uuid, i64> = std::collections::HashMap::with_capacity(rows.len());
                     for row in &rows {

@@ -43,7 +43,8 @@ pub(crate) fn padded<T>(items: &[T]) -> impl Iterator<Item = Option<&T>> {
     (0..padded_rows(items.len())).map(|k| items.get(k))
 }
 
-/// Whether a statement written for `rows` rows (see [`padded_rows`]) is kept prepared.
+/// Whether a statement of `rows` rows is kept prepared: padded or not, the answer is the
+/// same (padding never crosses [`PREPARED_ROWS`]).
 pub(crate) fn persistent(rows: usize) -> bool {
     rows <= PREPARED_ROWS
 }
@@ -59,7 +60,7 @@ where
     for id in padded(ids) {
         list.push_bind(id.copied());
     }
-    persistent(padded_rows(ids.len()))
+    persistent(ids.len())
 }
 
 /// Write statements whose only results are rows to return (`RETURNING`), gathered into

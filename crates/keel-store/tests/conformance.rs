@@ -1391,7 +1391,7 @@ async fn one_batch_starts_steps_and_finishes_many_runs_as_each_alone_would(f: &F
     // its step, in task order within each batch.
     let thread = f
         .store
-        .thread_messages(ws.id, a_thread(&starts), 0, 100)
+        .thread_messages(ws.id, starts[0].thread_id, 0, 100)
         .await
         .unwrap();
     assert_eq!(
@@ -1410,10 +1410,6 @@ async fn one_batch_starts_steps_and_finishes_many_runs_as_each_alone_would(f: &F
         d_steps.iter().map(|s| s.idx).collect::<Vec<_>>(),
         vec![0, 1]
     );
-}
-
-fn a_thread(starts: &[keel_store::runtime::Checkpoint]) -> keel_core::id::ThreadId {
-    starts[0].thread_id
 }
 
 async fn the_queue_orders_by_priority_then_fairly_across_workspaces(f: &Fixture) {
