@@ -101,6 +101,14 @@ pub struct Target {
     /// USD per million output tokens.
     #[serde(default)]
     pub output_price_per_mtok: f64,
+    /// USD per million prompt tokens read from the provider's prompt cache (OpenAI's
+    /// `cached_tokens`, Anthropic's cache reads). Unset: the input price.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_input_price_per_mtok: Option<f64>,
+    /// USD per million prompt tokens written to the provider's prompt cache (Anthropic's
+    /// cache writes). Unset: the input price.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_write_price_per_mtok: Option<f64>,
     /// Most requests in flight to this target at once; past it, the router falls back.
     #[serde(default = "default_max_concurrency")]
     pub max_concurrency: u32,
@@ -233,11 +241,16 @@ impl ModelRoute {
                     out.push((key(name), "must be longer than 0s".to_owned()));
                 }
             }
-            if !(t.input_price_per_mtok >= 0.0 && t.output_price_per_mtok >= 0.0) {
-                out.push((
-                    key("input_price_per_mtok"),
-                    "prices must be 0 or more".to_owned(),
-                ));
+            let prices = [
+                ("input_price_per_mtok", Some(t.input_price_per_mtok)),
+                ("output_price_per_mtok", Some(t.output_price_per_mtok)),
+                ("cached_input_price_per_mtok", t.cached_input_price_per_mtok),
+                ("cache_write_price_per_mtok", t.cache_write_price_per_mtok),
+            ];
+            for (name, price) in prices {
+                if price.is_some_and(|p| !(p >= 0.0 && p.is_finite())) {
+                    out.push((key(name), "must be a price of 0 or more".to_owned()));
+                }
             }
             if t.max_concurrency == 0 {
                 out.push((key("max_concurrency"), "must be at least 1".to_owned()));

@@ -18,6 +18,7 @@ use futures_util::StreamExt as _;
 use keel_core::config::{ModelRoute, ProviderKind, Strategy};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::Prices;
 use crate::breaker::{self, Breaker};
 use crate::error::{Error, ErrorKind, ProviderError, Result};
 use crate::provider::{ChunkStream, Provider};
@@ -104,10 +105,8 @@ pub struct TargetState {
     pub provider_kind: ProviderKind,
     /// The upstream model.
     pub model: String,
-    /// USD per million input tokens.
-    pub input_price_per_mtok: f64,
-    /// USD per million output tokens.
-    pub output_price_per_mtok: f64,
+    /// Its prices.
+    pub prices: Prices,
     provider: Arc<dyn Provider>,
     breaker: Arc<Breaker>,
     permits: Arc<Semaphore>,
@@ -149,10 +148,7 @@ impl Route {
     #[must_use]
     pub fn max_prices(&self) -> (f64, f64) {
         self.targets.iter().fold((0.0, 0.0), |(i, o), t| {
-            (
-                i.max(t.input_price_per_mtok),
-                o.max(t.output_price_per_mtok),
-            )
+            (i.max(t.prices.max_input()), o.max(t.prices.output))
         })
     }
 }
@@ -168,10 +164,8 @@ pub struct Served {
     pub provider: ProviderKind,
     /// Its upstream model.
     pub upstream_model: String,
-    /// Its USD per million input tokens.
-    pub input_price_per_mtok: f64,
-    /// Its USD per million output tokens.
-    pub output_price_per_mtok: f64,
+    /// Its prices.
+    pub prices: Prices,
     /// Attempts made, across targets.
     pub attempts: u32,
 }
@@ -248,8 +242,7 @@ impl Router {
                     ),
                     provider_kind: target.provider,
                     model: target.model.clone(),
-                    input_price_per_mtok: target.input_price_per_mtok,
-                    output_price_per_mtok: target.output_price_per_mtok,
+                    prices: Prices::of(target),
                     provider,
                     breaker: Arc::new(Breaker::new(config.breaker.clone())),
                     permits: Arc::new(Semaphore::new(
@@ -480,8 +473,7 @@ where
                         target: target.label.clone(),
                         provider: target.provider_kind,
                         upstream_model: target.model.clone(),
-                        input_price_per_mtok: target.input_price_per_mtok,
-                        output_price_per_mtok: target.output_price_per_mtok,
+                        prices: target.prices,
                         attempts,
                     };
                     return Ok((value, permit, served));

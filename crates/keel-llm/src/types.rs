@@ -119,6 +119,61 @@ pub struct Usage {
     pub completion_tokens: u64,
     /// Their sum.
     pub total_tokens: u64,
+    /// How many prompt tokens the provider's prompt cache served or took in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+impl Usage {
+    /// Counts with no prompt-cache breakdown.
+    #[must_use]
+    pub fn new(prompt_tokens: u64, completion_tokens: u64) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens.saturating_add(completion_tokens),
+            prompt_tokens_details: None,
+        }
+    }
+
+    /// Prompt tokens read from the provider's prompt cache (billed at the cached price).
+    #[must_use]
+    pub fn cached_tokens(&self) -> u64 {
+        self.prompt_tokens_details.map_or(0, |d| d.cached_tokens)
+    }
+
+    /// Prompt tokens written to the provider's prompt cache (billed at the cache-write price).
+    #[must_use]
+    pub fn cache_write_tokens(&self) -> u64 {
+        self.prompt_tokens_details
+            .map_or(0, |d| d.cache_write_tokens)
+    }
+}
+
+/// `usage.prompt_tokens_details`: the part of the prompt a provider-side prompt cache
+/// handled. Both counts are included in `prompt_tokens`, as OpenAI counts them.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens read from the cache (OpenAI's `cached_tokens`, Anthropic's
+    /// `cache_read_input_tokens`).
+    #[serde(default, deserialize_with = "null_as_zero")]
+    pub cached_tokens: u64,
+    /// Prompt tokens written to the cache (Anthropic's `cache_creation_input_tokens`; OpenAI
+    /// has no such charge). A Keel extension of the OpenAI shape, left out when 0.
+    #[serde(
+        default,
+        deserialize_with = "null_as_zero",
+        skip_serializing_if = "is_zero"
+    )]
+    pub cache_write_tokens: u64,
+}
+
+fn null_as_zero<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    Ok(Option::<u64>::deserialize(d)?.unwrap_or(0))
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A whole (not streamed) answer.
@@ -379,11 +434,7 @@ mod assembler_tests {
             None,
             None,
         ));
-        let usage = Usage {
-            prompt_tokens: 3,
-            completion_tokens: 4,
-            total_tokens: 7,
-        };
+        let usage = Usage::new(3, 4);
         a.push(&chunk(
             serde_json::json!({}),
             Some("tool_calls"),

@@ -333,11 +333,12 @@ impl Tasks {
     }
 }
 
-/// The usage row of an LLM call an agent made: (input, output, estimated) tokens.
+/// The usage row of an LLM call an agent made.
 fn llm_usage(
     workspace: WorkspaceId,
     served: &keel_llm::router::Served,
-    (input_tokens, output_tokens, estimated): (u64, u64, bool),
+    usage: &keel_llm::types::Usage,
+    estimated: bool,
     cost_nanousd: u64,
     latency_ms: u64,
 ) -> UsageRecord {
@@ -348,9 +349,9 @@ fn llm_usage(
         provider: served.provider.as_str().to_owned(),
         upstream_model: served.upstream_model.clone(),
         target: served.target.clone(),
-        input_tokens,
-        output_tokens,
-        cached_tokens: 0,
+        input_tokens: usage.prompt_tokens,
+        output_tokens: usage.completion_tokens,
+        cached_tokens: usage.cached_tokens(),
         cost_nanousd,
         latency_ms,
         ttft_ms: None,
@@ -1293,23 +1294,18 @@ impl Runtime {
                     };
                     let mut message = choice.message;
                     message.role = "assistant".to_owned();
-                    let (input_tokens, output_tokens, estimated) = match response.usage {
-                        Some(u) => (u.prompt_tokens, u.completion_tokens, false),
-                        None => (
-                            prompt_tokens,
-                            {
-                                let text = message.text();
-                                tokenize(text.len(), move || keel_llm::tokens::count(&text)).await
-                            },
-                            true,
-                        ),
+                    let (reported, estimated) = match response.usage {
+                        Some(u) => (u, false),
+                        None => {
+                            let text = message.text();
+                            let output =
+                                tokenize(text.len(), move || keel_llm::tokens::count(&text)).await;
+                            (keel_llm::types::Usage::new(prompt_tokens, output), true)
+                        }
                     };
-                    let cost = keel_llm::cost_nanousd(
-                        input_tokens,
-                        output_tokens,
-                        served.input_price_per_mtok,
-                        served.output_price_per_mtok,
-                    );
+                    let (input_tokens, output_tokens) =
+                        (reported.prompt_tokens, reported.completion_tokens);
+                    let cost = served.prices.cost(&reported);
                     if let Some(b) = &mut budget {
                         b.actual = i64::try_from(cost).unwrap_or(i64::MAX);
                     }
@@ -1345,7 +1341,8 @@ impl Runtime {
                     let usage = llm_usage(
                         run.task.workspace_id,
                         &served,
-                        (input_tokens, output_tokens, estimated),
+                        &reported,
+                        estimated,
                         cost,
                         u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
                     );
@@ -1720,16 +1717,12 @@ impl Runtime {
                 tokenize(text.len(), move || keel_llm::tokens::count(&text)).await
             };
         }
-        let (input_tokens, output_tokens, estimated) = match response.usage {
-            Some(u) => (u.prompt_tokens, u.completion_tokens, false),
-            None => (prompt_tokens, tokens, true),
+        let (reported, estimated) = match response.usage {
+            Some(u) => (u, false),
+            None => (keel_llm::types::Usage::new(prompt_tokens, tokens), true),
         };
-        let cost = keel_llm::cost_nanousd(
-            input_tokens,
-            output_tokens,
-            served.input_price_per_mtok,
-            served.output_price_per_mtok,
-        );
+        let (input_tokens, output_tokens) = (reported.prompt_tokens, reported.completion_tokens);
+        let cost = served.prices.cost(&reported);
         if let Some(b) = &mut budget {
             b.actual = i64::try_from(cost).unwrap_or(i64::MAX);
         }
@@ -1747,13 +1740,7 @@ impl Runtime {
             "input_tokens": input_tokens, "output_tokens": output_tokens, "estimated": estimated,
             "cost_nanousd": cost, "latency_ms": latency_ms,
         });
-        let usage = llm_usage(
-            ws,
-            &served,
-            (input_tokens, output_tokens, estimated),
-            cost,
-            latency_ms,
-        );
+        let usage = llm_usage(ws, &served, &reported, estimated, cost, latency_ms);
         let mut checkpoint = run.checkpoint(Some(("summary", data)), Vec::new(), None, Vec::new());
         checkpoint.input_tokens = i64::try_from(input_tokens).unwrap_or(i64::MAX);
         checkpoint.output_tokens = i64::try_from(output_tokens).unwrap_or(i64::MAX);

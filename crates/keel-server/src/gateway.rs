@@ -40,6 +40,8 @@ pub fn router(
         total_timeout: std::time::Duration::from_secs(120),
         input_price_per_mtok: 0.0,
         output_price_per_mtok: 0.0,
+        cached_input_price_per_mtok: None,
+        cache_write_price_per_mtok: None,
         max_concurrency: 256,
         weight: 1,
         stream_usage: true,

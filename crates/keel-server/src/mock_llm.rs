@@ -25,7 +25,8 @@
 //! roles (`user`/`assistant` only; the system prompt is the top-level `system`), non-empty
 //! text blocks, and tool pairing (every `tool_use` answered by a `tool_result` at the start
 //! of the next user message, every `tool_result` answering a `tool_use` of the message
-//! before). Its echo is the last user message's text, where a `tool_result` counts as text
+//! before), top-level fields (none outside the Messages schema; `metadata` holds only
+//! `user_id`) and `temperature` (0 to 1). Its echo is the last user message's text, where a `tool_result` counts as text
 //! (one per line), so a follow-up turn echoes the tool results it carried.
 //!
 //! `POST /v1/embeddings` answers deterministic 8-dimension vectors (floats, or base64 when
@@ -638,7 +639,27 @@ struct MessagesRequest {
     tools: Vec<AnthropicTool>,
     #[serde(default)]
     stream: bool,
+    #[serde(default)]
+    temperature: Option<f64>,
+    /// Every other top-level field, checked against [`MESSAGES_FIELDS`].
+    #[serde(flatten)]
+    other: Map<String, Value>,
 }
+
+/// The Messages API's other top-level fields. Anthropic refuses any field not in its
+/// schema, so an OpenAI-only field a translation lets through fails here as it would there.
+const MESSAGES_FIELDS: &[&str] = &[
+    "metadata",
+    "stop_sequences",
+    "top_p",
+    "top_k",
+    "tool_choice",
+    "thinking",
+    "service_tier",
+    "container",
+    "mcp_servers",
+    "context_management",
+];
 
 #[derive(Debug, Deserialize)]
 struct AnthropicMessage {
@@ -738,6 +759,26 @@ impl MessagesRequest {
         }
         if self.messages.is_empty() {
             return Err("messages: at least one message is required".to_owned());
+        }
+        if let Some(field) = self
+            .other
+            .keys()
+            .find(|k| !MESSAGES_FIELDS.contains(&k.as_str()))
+        {
+            return Err(format!("{field}: Extra inputs are not permitted"));
+        }
+        if let Some(t) = self.temperature.filter(|t| !(0.0..=1.0).contains(t)) {
+            return Err(format!(
+                "temperature: Input should be between 0 and 1, got {t}"
+            ));
+        }
+        if let Some(field) = self
+            .other
+            .get("metadata")
+            .and_then(Value::as_object)
+            .and_then(|m| m.keys().find(|k| *k != "user_id"))
+        {
+            return Err(format!("metadata.{field}: Extra inputs are not permitted"));
         }
         for (i, tool) in self.tools.iter().enumerate() {
             if tool.name.is_empty() {
@@ -931,7 +972,18 @@ fn anthropic_message(request: &ChatRequest, reply: &ScriptedReply) -> Value {
         "content": content,
         "stop_reason": stop_reason(reply),
         "stop_sequence": null,
-        "usage": {"input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens},
+        "usage": anthropic_usage(&usage, usage.completion_tokens),
+    })
+}
+
+/// Usage as Anthropic reports it: prompt-cache reads and writes apart from `input_tokens`.
+fn anthropic_usage(usage: &Usage, output_tokens: u64) -> Value {
+    let (read, written) = (usage.cached_tokens(), usage.cache_write_tokens());
+    json!({
+        "input_tokens": usage.prompt_tokens.saturating_sub(read).saturating_sub(written),
+        "cache_read_input_tokens": read,
+        "cache_creation_input_tokens": written,
+        "output_tokens": output_tokens,
     })
 }
 
@@ -948,7 +1000,7 @@ fn anthropic_stream(
         json!({"type": "message_start", "message": {
             "id": format!("msg_{}", response_id()), "type": "message", "role": "assistant", "model": request.model,
             "content": [], "stop_reason": null, "stop_sequence": null,
-            "usage": {"input_tokens": usage.prompt_tokens, "output_tokens": 1},
+            "usage": anthropic_usage(&usage, 1),
         }}),
         json!({"type": "ping"}),
     ];

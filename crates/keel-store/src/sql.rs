@@ -453,6 +453,7 @@ macro_rules! sql_store {
                     " AS grp, COUNT(*) AS requests, \
                      CAST(COALESCE(SUM(input_tokens), 0) AS BIGINT) AS input_tokens, \
                      CAST(COALESCE(SUM(output_tokens), 0) AS BIGINT) AS output_tokens, \
+                     CAST(COALESCE(SUM(cached_tokens), 0) AS BIGINT) AS cached_tokens, \
                      CAST(COALESCE(SUM(cost_nanousd), 0) AS BIGINT) AS cost_nanousd, \
                      CAST(COALESCE(SUM(CASE WHEN cache_hit THEN 1 ELSE 0 END), 0) AS BIGINT) AS cache_hits, \
                      CAST(COALESCE(SUM(CASE WHEN outcome <> 'ok' THEN 1 ELSE 0 END), 0) AS BIGINT) AS errors \
@@ -478,6 +479,7 @@ macro_rules! sql_store {
                             requests: to_u64(row.try_get("requests")?),
                             input_tokens: to_u64(row.try_get("input_tokens")?),
                             output_tokens: to_u64(row.try_get("output_tokens")?),
+                            cached_tokens: to_u64(row.try_get("cached_tokens")?),
                             cost_nanousd: to_u64(row.try_get("cost_nanousd")?),
                             cache_hits: to_u64(row.try_get("cache_hits")?),
                             errors: to_u64(row.try_get("errors")?),

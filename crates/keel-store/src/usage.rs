@@ -65,6 +65,9 @@ pub struct UsageRow {
     pub input_tokens: u64,
     /// Completion tokens.
     pub output_tokens: u64,
+    /// Prompt tokens served from a cache (Keel's response cache or the provider's prompt
+    /// cache); part of `input_tokens`.
+    pub cached_tokens: u64,
     /// Cost in nano-USD.
     pub cost_nanousd: u64,
     /// Requests served from cache.

@@ -346,6 +346,7 @@ async fn usage_is_summed_by_each_grouping_within_the_window(f: &Fixture) {
     failed.cost_nanousd = 0;
     let mut hit = usage(ws.id, Some(key.id), "fast", "mini", day2);
     hit.cache_hit = true;
+    hit.cached_tokens = 10;
     let records = vec![
         usage(ws.id, Some(key.id), "default", "gpt-x", day1),
         usage(ws.id, Some(key.id), "default", "gpt-x", day2),
@@ -377,6 +378,7 @@ async fn usage_is_summed_by_each_grouping_within_the_window(f: &Fixture) {
             requests: 2,
             input_tokens: 20,
             output_tokens: 10,
+            cached_tokens: 0,
             cost_nanousd: 3_000,
             cache_hits: 0,
             errors: 0
@@ -389,6 +391,7 @@ async fn usage_is_summed_by_each_grouping_within_the_window(f: &Fixture) {
             requests: 2,
             input_tokens: 20,
             output_tokens: 5,
+            cached_tokens: 10,
             cost_nanousd: 1_500,
             cache_hits: 1,
             errors: 1

@@ -8,12 +8,15 @@
 //!
 //! The translation never drops what the caller asked for in silence: what Anthropic cannot
 //! do (several choices, log-probabilities, a JSON `response_format`, content parts other
-//! than text and images, tool-call arguments that are not a JSON object) is refused as the
-//! caller's mistake (`ErrorKind::Client`) before anything is sent. Only OpenAI tuning knobs
-//! with no Anthropic counterpart (`seed`, the penalties, `logit_bias`, …) are left out; any
-//! other field passes through untouched, so Anthropic's own (`top_k`, `thinking`,
-//! `metadata`) work. As with every provider, a stream that closes before its terminal
-//! event (`message_stop`) is a failure, not a short answer.
+//! than text and images, tool-call arguments that are not a JSON object, audio, predicted
+//! outputs, OpenAI's web search, the old `functions`, a `temperature` above Anthropic's
+//! maximum of 1) is refused as the caller's mistake (`ErrorKind::Client`) before anything
+//! is sent. Only OpenAI tuning knobs with no Anthropic counterpart (`seed`, the penalties,
+//! `logit_bias`, prompt-cache keys, …) are left out; the end user (`metadata.user_id`,
+//! `safety_identifier` or `user`) becomes `metadata.user_id`; any other field passes
+//! through untouched, so Anthropic's own (`top_k`, `thinking`) work. As with every
+//! provider, a stream that closes before its terminal event (`message_stop`) is a failure,
+//! not a short answer.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
@@ -30,8 +33,8 @@ use crate::error::{ErrorKind, ProviderError};
 use crate::provider::{ChunkStream, Provider};
 use crate::sse;
 use crate::types::{
-    ChatChunk, ChatRequest, ChatResponse, Choice, ChunkChoice, FunctionCall, Message, ToolCall,
-    Usage,
+    ChatChunk, ChatRequest, ChatResponse, Choice, ChunkChoice, FunctionCall, Message,
+    PromptTokensDetails, ToolCall, Usage,
 };
 
 /// The Messages API version Keel speaks, sent as `anthropic-version`.
@@ -54,6 +57,32 @@ const DROPPED: &[&str] = &[
     "service_tier",
     "top_logprobs",
     "reasoning_effort",
+    "verbosity",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+];
+
+/// OpenAI request fields asking for something Anthropic Messages cannot give (audio,
+/// predicted outputs, OpenAI's web search, the pre-tools function calling): refused as the
+/// caller's mistake, with what to use instead.
+const REFUSED: &[(&str, &str)] = &[
+    ("audio", "the anthropic provider answers with text only"),
+    (
+        "prediction",
+        "the anthropic provider has no predicted outputs",
+    ),
+    (
+        "web_search_options",
+        "the anthropic provider has no OpenAI web search; offer a search tool instead",
+    ),
+    (
+        "functions",
+        "use tools, which the anthropic provider translates",
+    ),
+    (
+        "function_call",
+        "use tool_choice, which the anthropic provider translates",
+    ),
 ];
 
 /// A target that speaks Anthropic Messages.
@@ -235,7 +264,15 @@ fn to_messages_request(
     }
     body.insert("messages".to_owned(), Value::Array(messages));
     if let Some(temperature) = request.temperature {
+        if !(0.0..=1.0).contains(&temperature) {
+            return Err(client_error(format!(
+                "temperature: the anthropic provider takes 0 to 1 (OpenAI's range is 0 to 2), got {temperature}"
+            )));
+        }
         body.insert("temperature".to_owned(), json!(temperature));
+    }
+    if let Some(user_id) = end_user(&request.extra) {
+        body.insert("metadata".to_owned(), json!({"user_id": user_id}));
     }
     let has_tools = request.tools.as_ref().is_some_and(|t| !t.is_empty());
     if let Some(tools) = request.tools.as_ref().filter(|t| !t.is_empty()) {
@@ -256,6 +293,9 @@ fn to_messages_request(
     for (key, value) in &request.extra {
         if value.is_null() {
             continue;
+        }
+        if let Some((_, why)) = REFUSED.iter().find(|(field, _)| field == key) {
+            return Err(client_error(format!("{key}: {why}")));
         }
         match key.as_str() {
             "max_tokens" | "max_completion_tokens" | "tool_choice" | "parallel_tool_calls" => {}
@@ -288,12 +328,15 @@ fn to_messages_request(
                     )));
                 }
             }
-            "user" => {
-                if let Some(user) = value
-                    .as_str()
-                    .filter(|_| !request.extra.contains_key("metadata"))
-                {
-                    body.insert("metadata".to_owned(), json!({"user_id": user}));
+            "user" | "safety_identifier" | "metadata" => {}
+            "modalities" => {
+                let text_only = value
+                    .as_array()
+                    .is_some_and(|m| m.iter().all(|m| m.as_str() == Some("text")));
+                if !text_only {
+                    return Err(client_error(
+                        "modalities: the anthropic provider answers with text only",
+                    ));
                 }
             }
             dropped if DROPPED.contains(&dropped) => {}
@@ -306,6 +349,19 @@ fn to_messages_request(
         body.insert("stream".to_owned(), Value::Bool(true));
     }
     Ok(Value::Object(body))
+}
+
+/// The end user's id for Anthropic's `metadata.user_id`: the caller's own
+/// `metadata.user_id`, else OpenAI's `safety_identifier`, else its older `user`. OpenAI's
+/// other `metadata` keys tag stored completions, which mean nothing here (like `store`),
+/// and Anthropic refuses them, so they are left out.
+fn end_user(extra: &Map<String, Value>) -> Option<&str> {
+    extra
+        .get("metadata")
+        .and_then(|m| m.get("user_id"))
+        .or_else(|| extra.get("safety_identifier"))
+        .or_else(|| extra.get("user"))
+        .and_then(Value::as_str)
 }
 
 /// `max_completion_tokens` (the current name), else `max_tokens`, else the default.
@@ -686,14 +742,18 @@ impl wire::Usage {
             .fold(0u64, |sum, n| sum.saturating_add(*n))
     }
 
+    /// The OpenAI counts; cache reads and writes, when there are any, are told apart in
+    /// `prompt_tokens_details` so they are priced as the target's cache prices say.
     fn to_openai(self) -> Usage {
-        let prompt_tokens = self.prompt_tokens();
-        let completion_tokens = self.output_tokens.unwrap_or(0);
-        Usage {
-            prompt_tokens,
-            completion_tokens,
-            total_tokens: prompt_tokens.saturating_add(completion_tokens),
+        let mut usage = Usage::new(self.prompt_tokens(), self.output_tokens.unwrap_or(0));
+        let details = PromptTokensDetails {
+            cached_tokens: self.cache_read_input_tokens.unwrap_or(0),
+            cache_write_tokens: self.cache_creation_input_tokens.unwrap_or(0),
+        };
+        if details != PromptTokensDetails::default() {
+            usage.prompt_tokens_details = Some(details);
         }
+        usage
     }
 
     /// Takes every count `later` carries (`message_delta` counts are cumulative).
@@ -1035,6 +1095,8 @@ mod tests {
             total_timeout: Duration::from_secs(1),
             input_price_per_mtok: 0.0,
             output_price_per_mtok: 0.0,
+            cached_input_price_per_mtok: None,
+            cache_write_price_per_mtok: None,
             max_concurrency: 1,
             weight: 1,
             stream_usage: true,
@@ -1141,6 +1203,31 @@ mod tests {
         for dropped in ["seed", "stop", "user", "n"] {
             assert!(body.get(dropped).is_none(), "{dropped} is not sent as is");
         }
+        let openai_only = translate(json!({
+            "model": "m", "messages": hi, "temperature": 1.0, "modalities": ["text"],
+            "metadata": {"project": "p"}, "safety_identifier": "s-1", "user": "u-1",
+            "prompt_cache_key": "k", "prompt_cache_retention": "24h", "verbosity": "low",
+        }))
+        .unwrap();
+        assert_eq!(openai_only["temperature"], 1.0, "1 is in both ranges");
+        assert_eq!(
+            openai_only["metadata"],
+            json!({"user_id": "s-1"}),
+            "safety_identifier before user; OpenAI's tags are not sent"
+        );
+        for dropped in [
+            "modalities",
+            "safety_identifier",
+            "prompt_cache_key",
+            "prompt_cache_retention",
+            "verbosity",
+        ] {
+            assert!(openai_only.get(dropped).is_none(), "{dropped} is not sent");
+        }
+        let own = translate(json!({"model": "m", "messages": hi, "user": "u-1",
+                                   "metadata": {"user_id": "mine"}}))
+        .unwrap();
+        assert_eq!(own["metadata"], json!({"user_id": "mine"}));
         let body = translate(json!({"model": "m", "messages": hi, "stop": ["a", "b"]})).unwrap();
         assert_eq!(body["stop_sequences"], json!(["a", "b"]));
         assert!(
@@ -1169,6 +1256,14 @@ mod tests {
             ("n", json!(2)),
             ("logprobs", json!(true)),
             ("response_format", json!({"type": "json_object"})),
+            ("temperature", json!(1.5)),
+            ("temperature", json!(-0.1)),
+            ("audio", json!({"voice": "alloy", "format": "wav"})),
+            ("modalities", json!(["text", "audio"])),
+            ("prediction", json!({"type": "content", "content": "x"})),
+            ("web_search_options", json!({})),
+            ("functions", json!([{"name": "f", "parameters": {}}])),
+            ("function_call", json!("auto")),
         ] {
             let mut body = json!({"model": "m", "messages": hi});
             body[field] = value;
@@ -1374,7 +1469,11 @@ mod tests {
             Some(Usage {
                 prompt_tokens: 15,
                 completion_tokens: 3,
-                total_tokens: 18
+                total_tokens: 18,
+                prompt_tokens_details: Some(PromptTokensDetails {
+                    cached_tokens: 5,
+                    cache_write_tokens: 0
+                }),
             })
         );
     }
@@ -1486,14 +1585,7 @@ mod tests {
         );
         let last = chunks.last().unwrap();
         assert!(last.choices.is_empty());
-        assert_eq!(
-            last.usage,
-            Some(Usage {
-                prompt_tokens: 9,
-                completion_tokens: 4,
-                total_tokens: 13
-            })
-        );
+        assert_eq!(last.usage, Some(Usage::new(9, 4)));
 
         let (without_usage, _, _) = stream(false, &[start(), json!({"type": "message_stop"})]);
         assert_eq!(without_usage.len(), 2, "role and finish, no usage chunk");

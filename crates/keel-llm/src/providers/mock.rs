@@ -32,14 +32,7 @@ pub fn echo(request: &ChatRequest) -> (String, Usage) {
         .map(|m| approx_tokens(&m.text()))
         .sum();
     let completion_tokens = approx_tokens(&last);
-    (
-        last,
-        Usage {
-            prompt_tokens,
-            completion_tokens,
-            total_tokens: prompt_tokens + completion_tokens,
-        },
-    )
+    (last, Usage::new(prompt_tokens, completion_tokens))
 }
 
 fn approx_tokens(text: &str) -> u64 {

@@ -301,11 +301,7 @@ pub(crate) async fn embeddings(
                     (n, true)
                 }
             };
-            let usage = Usage {
-                prompt_tokens,
-                completion_tokens: 0,
-                total_tokens: prompt_tokens,
-            };
+            let usage = Usage::new(prompt_tokens, 0);
             let record = Account::new(&state, &principal, &served, started)
                 .reserving(reservation, budget)
                 .record(usage, estimated, None, "ok");
@@ -693,12 +689,7 @@ impl Account {
         }
         let s = &self.served;
         let latency = self.started.elapsed();
-        let cost = crate::usage::cost_nanousd(
-            usage.prompt_tokens,
-            usage.completion_tokens,
-            s.input_price_per_mtok,
-            s.output_price_per_mtok,
-        );
+        let cost = s.prices.cost(&usage);
         if let Some(b) = &self.budget {
             b.actual.store(
                 i64::try_from(cost).unwrap_or(i64::MAX),
@@ -746,6 +737,18 @@ impl Account {
             ]
         )
         .increment(usage.completion_tokens);
+        if usage.cached_tokens() > 0 {
+            metrics::counter!(
+                "keel_llm_tokens_total",
+                &[
+                    labels[0].clone(),
+                    labels[1].clone(),
+                    labels[2].clone(),
+                    ("kind", "cached".to_owned())
+                ]
+            )
+            .increment(usage.cached_tokens());
+        }
         metrics::counter!("keel_llm_cost_nanousd_total", &labels).increment(cost);
         UsageRecord {
             workspace_id: self.workspace_id,
@@ -756,7 +759,7 @@ impl Account {
             target: s.target.clone(),
             input_tokens: usage.prompt_tokens,
             output_tokens: usage.completion_tokens,
-            cached_tokens: 0,
+            cached_tokens: usage.cached_tokens(),
             cost_nanousd: cost,
             latency_ms: u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
             ttft_ms: ttft.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
@@ -869,11 +872,7 @@ fn estimate(request: &ChatRequest, completion: &str) -> Usage {
         .map(|m| approx_tokens(&m.text()))
         .sum();
     let completion = approx_tokens(completion);
-    Usage {
-        prompt_tokens: prompt,
-        completion_tokens: completion,
-        total_tokens: prompt + completion,
-    }
+    Usage::new(prompt, completion)
 }
 
 /// Tokens in `text`, with a real tokenizer (o200k_base), for estimated usage.

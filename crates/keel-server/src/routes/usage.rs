@@ -39,6 +39,9 @@ pub(crate) struct UsageGroup {
     input_tokens: u64,
     /// Completion tokens.
     output_tokens: u64,
+    /// Prompt tokens served from a cache (Keel's response cache, or the provider's prompt
+    /// cache at its cached price); part of `input_tokens`.
+    cached_tokens: u64,
     /// Cost in USD.
     cost_usd: f64,
     /// Cost in nano-USD (exact).
@@ -124,6 +127,7 @@ pub(crate) async fn usage(
             requests: r.requests,
             input_tokens: r.input_tokens,
             output_tokens: r.output_tokens,
+            cached_tokens: r.cached_tokens,
             cost_usd: r.cost_nanousd as f64 / 1e9,
             cost_nanousd: r.cost_nanousd,
             cache_hits: r.cache_hits,
@@ -132,15 +136,16 @@ pub(crate) async fn usage(
         .collect();
     if csv {
         let mut out = format!(
-            "{group_name},requests,input_tokens,output_tokens,cost_usd,cache_hits,errors\n"
+            "{group_name},requests,input_tokens,output_tokens,cached_tokens,cost_usd,cache_hits,errors\n"
         );
         for g in &data {
             out.push_str(&format!(
-                "{},{},{},{},{:.9},{},{}\n",
+                "{},{},{},{},{},{:.9},{},{}\n",
                 csv_field(&g.group),
                 g.requests,
                 g.input_tokens,
                 g.output_tokens,
+                g.cached_tokens,
                 g.cost_usd,
                 g.cache_hits,
                 g.errors

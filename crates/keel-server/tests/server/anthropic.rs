@@ -193,6 +193,110 @@ async fn unparseable_tool_arguments_are_refused_before_anything_is_sent() {
 }
 
 #[tokio::test]
+async fn openai_only_fields_are_translated_dropped_or_refused_never_sent() {
+    let g = gateway(&route("max_attempts = 3", &["claude-echo"])).await;
+    // The mock refuses any field outside the Messages schema, as Anthropic does, so a
+    // 200 means none of these went up as they were.
+    let mut req = hello();
+    for (field, value) in [
+        ("temperature", json!(0.7)),
+        ("seed", json!(7)),
+        ("presence_penalty", json!(0.5)),
+        ("metadata", json!({"project": "p"})),
+        ("safety_identifier", json!("end-user-1")),
+        ("prompt_cache_key", json!("k")),
+        ("modalities", json!(["text"])),
+        ("verbosity", json!("low")),
+        ("store", json!(false)),
+    ] {
+        req[field] = value;
+    }
+    let (status, body) = g.chat(req).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(g.calls("claude-echo").await, 1);
+
+    for (field, value) in [
+        ("temperature", json!(1.5)),
+        ("audio", json!({"voice": "alloy", "format": "wav"})),
+        ("functions", json!([{"name": "f", "parameters": {}}])),
+    ] {
+        let mut req = hello();
+        req[field] = value;
+        let (status, body) = g.chat(req).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{field}: {body}");
+        assert!(body.contains(&format!("{field}: ")), "{body}");
+    }
+    assert_eq!(
+        g.calls("claude-echo").await,
+        1,
+        "refused before anything was sent, and not retried"
+    );
+}
+
+#[tokio::test]
+async fn prompt_cache_reads_and_writes_are_reported_and_priced_apart() {
+    let prices = "input_price_per_mtok = 3.0\noutput_price_per_mtok = 15.0\n\
+                  cached_input_price_per_mtok = 0.3\ncache_write_price_per_mtok = 3.75\n";
+    let toml = format!(
+        "{}{prices}[models.oai]\n[models.oai.retry]\nmax_attempts = 1\n\
+         [[models.oai.targets]]\nprovider = \"openai\"\nmodel = \"scripted\"\nbase_url = \"SCRIPTED/v1\"\n\
+         input_price_per_mtok = 2.0\noutput_price_per_mtok = 8.0\ncached_input_price_per_mtok = 0.5\n",
+        route("max_attempts = 1", &["scripted"])
+    );
+    let usage: keel_llm::types::Usage = serde_json::from_value(json!({
+        "prompt_tokens": 1000, "completion_tokens": 10, "total_tokens": 1010,
+        "prompt_tokens_details": {"cached_tokens": 600, "cache_write_tokens": 300},
+    }))
+    .unwrap();
+    let reply = ScriptedReply {
+        content: Some("cached answer".to_owned()),
+        tool_calls: Vec::new(),
+        usage: Some(usage),
+    };
+    let mut g = gateway_with(&toml, vec![reply]).await;
+    let reported = json!({"prompt_tokens": 1000, "completion_tokens": 10, "total_tokens": 1010,
+                          "prompt_tokens_details": {"cached_tokens": 600, "cache_write_tokens": 300}});
+
+    // Anthropic: the mock reports input_tokens 100, cache_read 600, cache_creation 300.
+    let (status, body) = g.chat(hello()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v["usage"], reported,
+        "OpenAI counts: cache reads and writes included"
+    );
+    let mut streamed = hello();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let (status, body) = g.chat(streamed).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(done_chunks(&body).last().unwrap()["usage"], reported);
+
+    // OpenAI-compatible: `prompt_tokens_details.cached_tokens` as OpenAI sends it.
+    let mut oai = hello();
+    oai["model"] = json!("oai");
+    let (status, body) = g.chat(oai).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let rows = g.usage(keel_store::GroupBy::Route).await;
+    let row = |name: &str| rows.iter().find(|r| r.group == name).unwrap();
+    let (m, oai) = (row("m"), row("oai"));
+    assert_eq!(
+        (m.requests, m.input_tokens, m.cached_tokens),
+        (2, 2000, 1200)
+    );
+    // Per request: 100 fresh × $3 + 600 read × $0.3 + 300 written × $3.75 + 10 out × $15
+    // = 1,755 USD per million tokens = 1,755,000 nano-USD.
+    assert_eq!(m.cost_nanousd, 2 * 1_755_000, "{m:?}");
+    // OpenAI: the unset write price is the input price: 100 × 2 + 600 × 0.5 + 300 × 2 + 10 × 8.
+    assert_eq!(
+        (oai.cached_tokens, oai.cost_nanousd),
+        (600, 1_180_000),
+        "{oai:?}"
+    );
+}
+
+#[tokio::test]
 async fn streamed_text_reassembles_and_ends_with_done_and_usage() {
     let g = gateway(&route("max_attempts = 1", &["fault/529", "claude-echo"])).await;
     let mut req = hello();
@@ -437,6 +541,36 @@ async fn the_mock_checks_requests_the_way_anthropic_does() {
             "{error}"
         );
     }
+    for (field, value, needle) in [
+        ("seed", json!(1), "seed: Extra inputs are not permitted"),
+        (
+            "temperature",
+            json!(1.5),
+            "temperature: Input should be between 0 and 1",
+        ),
+        (
+            "metadata",
+            json!({"project": "p"}),
+            "metadata.project: Extra inputs are not permitted",
+        ),
+    ] {
+        let mut body = json!({"model": "x", "max_tokens": 8, "messages": [user(json!("hi"))]});
+        body[field] = value;
+        let res = post(body, true).await.unwrap();
+        assert_eq!(res.status(), 400, "{field}");
+        let error: Value = res.json().await.unwrap();
+        assert!(
+            error["error"]["message"].as_str().unwrap().contains(needle),
+            "{error}"
+        );
+    }
+    let own = json!({"model": "x", "max_tokens": 8, "messages": [user(json!("hi"))], "top_k": 5,
+                     "temperature": 1.0, "metadata": {"user_id": "u"}, "stop_sequences": ["x"]});
+    assert_eq!(
+        post(own, true).await.unwrap().status(),
+        200,
+        "Anthropic's own fields"
+    );
     let res = post(json!({"model": "x", "messages": [user(json!("hi"))]}), true)
         .await
         .unwrap();
@@ -447,5 +581,5 @@ async fn the_mock_checks_requests_the_way_anthropic_does() {
         .json()
         .await
         .unwrap();
-    assert_eq!(stats["calls"]["x"], 1, "refused requests are not counted");
+    assert_eq!(stats["calls"]["x"], 2, "refused requests are not counted");
 }

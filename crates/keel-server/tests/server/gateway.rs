@@ -446,9 +446,9 @@ async fn every_routed_request_leaves_a_usage_row_with_its_cost() {
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(
         lines[0],
-        "route,requests,input_tokens,output_tokens,cost_usd,cache_hits,errors"
+        "route,requests,input_tokens,output_tokens,cached_tokens,cost_usd,cache_hits,errors"
     );
-    assert_eq!(lines[2], "priced,4,8,8,0.000024000,0,0");
+    assert_eq!(lines[2], "priced,4,8,8,0,0.000024000,0,0");
 
     let (status, _, body) = g.get("/v1/usage?group_by=colour").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
