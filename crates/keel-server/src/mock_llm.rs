@@ -26,8 +26,9 @@
 //! text blocks, and tool pairing (every `tool_use` answered by a `tool_result` at the start
 //! of the next user message, every `tool_result` answering a `tool_use` of the message
 //! before), top-level fields (none outside the Messages schema; `metadata` holds only
-//! `user_id`) and `temperature` (0 to 1). Its echo is the last user message's text, where a `tool_result` counts as text
-//! (one per line), so a follow-up turn echoes the tool results it carried.
+//! `user_id`) and `temperature` (0 to 1). Its echo is the last user message's text, where a
+//! `tool_result` counts as text (one per line), so a follow-up turn echoes the tool results
+//! it carried.
 //!
 //! `POST /v1/embeddings` answers deterministic 8-dimension vectors (floats, or base64 when
 //! asked), with the same directives.

@@ -717,37 +717,26 @@ impl Account {
             metrics::histogram!("keel_llm_time_to_first_token_seconds", &labels)
                 .record(ttft.as_secs_f64());
         }
-        metrics::counter!(
-            "keel_llm_tokens_total",
-            &[
-                labels[0].clone(),
-                labels[1].clone(),
-                labels[2].clone(),
-                ("kind", "input".to_owned())
-            ]
-        )
-        .increment(usage.prompt_tokens);
-        metrics::counter!(
-            "keel_llm_tokens_total",
-            &[
-                labels[0].clone(),
-                labels[1].clone(),
-                labels[2].clone(),
-                ("kind", "output".to_owned())
-            ]
-        )
-        .increment(usage.completion_tokens);
-        if usage.cached_tokens() > 0 {
+        let tokens = [
+            ("input", usage.prompt_tokens),
+            ("output", usage.completion_tokens),
+            ("cached", usage.cached_tokens()),
+        ];
+        for (kind, n) in tokens {
+            // No cached series (and no label allocations for it) where nothing was cached.
+            if kind == "cached" && n == 0 {
+                continue;
+            }
             metrics::counter!(
                 "keel_llm_tokens_total",
                 &[
                     labels[0].clone(),
                     labels[1].clone(),
                     labels[2].clone(),
-                    ("kind", "cached".to_owned())
+                    ("kind", kind.to_owned())
                 ]
             )
-            .increment(usage.cached_tokens());
+            .increment(n);
         }
         metrics::counter!("keel_llm_cost_nanousd_total", &labels).increment(cost);
         UsageRecord {
