@@ -95,6 +95,27 @@ where
 }
 
 /// The `events` columns, in insert order (a macro so queries stay static strings).
+/// `events` as they are stored, stamped now, with their ids and no seq yet (0).
+pub(crate) fn stamped(events: &[keel_core::event::NewEvent]) -> Vec<Event> {
+    let now = crate::now();
+    events
+        .iter()
+        .map(|e| Event {
+            event_id: EventId::new(),
+            event_type: e.event_type.as_str().to_owned(),
+            timestamp: now,
+            seq: 0,
+            correlation_id: e.correlation_id.clone(),
+            workspace_id: e.workspace_id,
+            agent_id: e.agent_id,
+            task_id: e.task_id,
+            run_id: e.run_id,
+            data: e.data.clone(),
+            version: e.event_type.version().to_owned(),
+        })
+        .collect()
+}
+
 macro_rules! event_columns {
     () => {
         "workspace_id, seq, event_id, event_type, version, created_at, correlation_id, agent_id, task_id, run_id, data"

@@ -19,15 +19,30 @@ pub struct PgStore {
     writer: PgPool,
 }
 
+/// How long a pooled connection may sit idle before it is pinged on its next use.
+const PING_IF_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl PgStore {
     /// Connects to the database at `url`.
     pub async fn connect(url: &SecretString, config: &Database) -> Result<Self> {
         let options = PgConnectOptions::from_str(url.expose_secret())
             .map_err(|e| Error::BadUrl(e.to_string()))?;
+        // A connection is pinged before use only after it has sat idle for a while (a
+        // server restart or a dropped socket shows there): one in steady use has just
+        // proven itself, and a ping before every use is one more round trip per statement
+        // or transaction.
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(config.acquire_timeout)
-            .test_before_acquire(true)
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_IF_IDLE {
+                        sqlx::Connection::ping(conn).await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(options)
             .await?;
         Ok(Self {
@@ -61,6 +76,20 @@ impl PgStore {
          ORDER BY priority DESC, vt, id LIMIT $4 FOR UPDATE SKIP LOCKED) RETURNING ",
         crate::runtime::task_columns!()
     );
+    /// [`Self::CLAIM_SQL`] with the queue's clock moved to the latest virtual time
+    /// claimed, in one statement; each row says whether its agent has a concurrency limit
+    /// (`agent_limited`).
+    const CLAIM_AT_ONCE_SQL: &'static str = concat!(
+        "WITH claimed AS (UPDATE tasks SET lease_owner = $1, lease_until = $2 WHERE id IN (SELECT id FROM tasks \
+         WHERE queued AND run_at <= $3 AND (lease_until IS NULL OR lease_until < $3) AND agent_id NOT IN (SELECT a.id FROM agents a WHERE a.max_concurrency IS NOT NULL \
+         AND a.max_concurrency <= (SELECT count(*) FROM tasks r WHERE r.agent_id = a.id AND r.lease_owner IS NOT NULL AND r.lease_until >= $3)) \
+         ORDER BY priority DESC, vt, id LIMIT $4 FOR UPDATE SKIP LOCKED) RETURNING ",
+        crate::runtime::task_columns!(),
+        "), clock AS (UPDATE queue_clock SET vt = GREATEST(vt, (SELECT max(vt) FROM claimed)) WHERE id = 1 AND EXISTS (SELECT 1 FROM claimed)) \
+         SELECT claimed.*, a.max_concurrency IS NOT NULL AS agent_limited FROM claimed JOIN agents a ON a.id = claimed.agent_id"
+    );
+    /// Claims in one statement (see `claim_tasks`).
+    const CLAIMS_AT_ONCE: bool = true;
     /// Gives a new task of workspace `$1` its virtual time: one past the later of its
     /// lane's last and the queue's clock.
     const LANE_SQL: &'static str = "INSERT INTO queue_lanes (workspace_id, last_vt) \
@@ -72,8 +101,8 @@ impl PgStore {
     const LOCK_ROWS: &'static str = " FOR UPDATE";
     /// Moves the queue's clock to the virtual time of the tasks just started.
     const CLOCK_SQL: &'static str = "UPDATE queue_clock SET vt = GREATEST(vt, $1) WHERE id = 1";
-    /// The fairness lane advances in its own transaction (see `create_task`).
-    const LANE_OWN_TX: bool = true;
+    /// A task is created in one statement (see `create_task_at_once`).
+    const CREATES_AT_ONCE: bool = true;
 
     async fn commit_stream(&self) -> Result<Option<crate::CommitStream>> {
         let mut listener = PgListener::connect_with(&self.pool).await?;

@@ -738,6 +738,179 @@ macro_rules! runtime_store {
                 })
             }
 
+            /// Postgres: creates a task in one statement — the queue's room, the thread
+            /// (found or made), the workspace's fairness lane, the task and its events —
+            /// committed on its own, so the lane's and the event head's row locks last that
+            /// statement and its commit, not a transaction's round trips. `None` when the
+            /// events are not one workspace's (the transaction does it then).
+            async fn create_task_at_once(
+                &self,
+                t: &$crate::runtime::NewTask,
+            ) -> $crate::Result<Option<$crate::runtime::Created>> {
+                use $crate::runtime::Created;
+                use sqlx::Row as _;
+                let ws = t.workspace_id.as_uuid();
+                if t.events.is_empty()
+                    || t.events.len() > $crate::events::EVENT_BATCH
+                    || t.events.iter().any(|e| e.workspace_id != t.workspace_id)
+                {
+                    return Ok(None);
+                }
+                let mut events = $crate::events::stamped(&t.events);
+                let now = $crate::now();
+                let (thread, made) = match t.thread_id {
+                    Some(id) => (id, false),
+                    None => (keel_core::id::ThreadId::new(), true),
+                };
+                let mut qb = sqlx::QueryBuilder::<$db>::new(
+                    "WITH room AS (SELECT 1 WHERE (SELECT count(*) FROM tasks WHERE queued AND lease_owner IS NULL) < ",
+                );
+                qb.push_bind(t.max_queued)
+                    .push("), made AS (INSERT INTO threads (id, workspace_id, metadata, next_seq, created_at) SELECT ")
+                    .push_bind(thread.as_uuid())
+                    .push(", ")
+                    .push_bind(ws)
+                    .push(", '{}', 0, ")
+                    .push_bind(now)
+                    .push(" FROM room WHERE ")
+                    .push_bind(made)
+                    .push(" RETURNING id), thread AS (SELECT id FROM made UNION ALL SELECT t.id FROM threads t CROSS JOIN room WHERE NOT ")
+                    .push_bind(made)
+                    .push(" AND t.id = ")
+                    .push_bind(thread.as_uuid())
+                    .push(" AND t.workspace_id = ")
+                    .push_bind(ws)
+                    .push("), lane AS (INSERT INTO queue_lanes (workspace_id, last_vt) SELECT ")
+                    .push_bind(ws)
+                    .push(
+                        ", (SELECT vt FROM queue_clock WHERE id = 1) + 1 FROM thread ON CONFLICT (workspace_id) DO UPDATE \
+                         SET last_vt = GREATEST(queue_lanes.last_vt, (SELECT vt FROM queue_clock WHERE id = 1)) + 1 RETURNING last_vt), \
+                         task AS (INSERT INTO tasks (",
+                    )
+                    .push($crate::runtime::task_columns!())
+                    .push(") SELECT ");
+                {
+                    let mut row = qb.separated(", ");
+                    row.push_bind(t.id.as_uuid())
+                        .push_bind(ws)
+                        .push_bind(t.agent_id.as_uuid())
+                        .push_bind(t.agent_name.clone())
+                        .push_bind(t.agent_version)
+                        .push("thread.id")
+                        .push_bind(t.parent_task_id.map(|p| p.as_uuid()))
+                        .push_bind(t.depth)
+                        .push("'submitted'")
+                        .push_bind(t.priority.rank())
+                        .push_bind(t.input.to_string())
+                        .push_bind(t.metadata.to_string())
+                        .push_bind(t.idempotency_key.clone())
+                        .push("NULL, NULL, 0")
+                        .push_bind(t.max_attempts)
+                        .push("NULL, 0, 0, 0, 0, 0, TRUE, lane.last_vt")
+                        .push_bind(now)
+                        .push("NULL, NULL, FALSE")
+                        .push_bind(now)
+                        .push("NULL")
+                        .push_bind(now)
+                        .push("NULL");
+                }
+                qb.push(" FROM thread CROSS JOIN lane RETURNING ").push($crate::runtime::task_columns!()).push(")");
+                let n = i64::try_from(events.len()).unwrap_or(i64::MAX);
+                Self::push_announced_append(&mut qb, ws, n, Some("task"));
+                qb.push(" FROM head CROSS JOIN announced CROSS JOIN (");
+                {
+                    let refs: Vec<&keel_core::event::Event> = events.iter().collect();
+                    Self::push_event_values(&mut qb, &refs);
+                }
+                // The events' insert runs to completion though nothing reads it (every
+                // data-modifying CTE does).
+                qb.push(") AS v WHERE v.column2 IS NOT NULL RETURNING seq) SELECT task.*, head.last_seq AS head_seq FROM task CROSS JOIN head");
+                let persistent = $crate::sql::persistent(events.len());
+                let row = match qb.build().persistent(persistent).fetch_optional(&self.writer).await {
+                    Ok(row) => row,
+                    Err(sqlx::Error::Database(db)) if db.is_unique_violation() && t.idempotency_key.is_some() => {
+                        // A concurrent request with the same key won the race.
+                        let key = t.idempotency_key.as_deref().unwrap_or_default();
+                        let row = sqlx::query(concat!("SELECT ", $crate::runtime::task_columns!(), " FROM tasks WHERE workspace_id = $1 AND idempotency_key = $2"))
+                            .bind(ws)
+                            .bind(key)
+                            .fetch_one(&self.pool)
+                            .await?;
+                        return Ok(Some(Created::Existing(Box::new(Self::task_from_row(&row)?))));
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                let Some(row) = row else {
+                    // Nothing was written: the thread is not the workspace's, or the queue
+                    // is full.
+                    if !made {
+                        let found: Option<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM threads WHERE id = $1 AND workspace_id = $2")
+                            .bind(thread.as_uuid())
+                            .bind(ws)
+                            .fetch_optional(&self.pool)
+                            .await?;
+                        found.ok_or($crate::Error::NotFound { what: "thread" })?;
+                    }
+                    let queued: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM tasks WHERE queued AND lease_owner IS NULL")
+                        .fetch_one(&self.pool)
+                        .await?;
+                    return Ok(Some(Created::QueueFull { queued }));
+                };
+                let head: i64 = row.try_get("head_seq")?;
+                for (k, e) in (1i64..).zip(events.iter_mut()) {
+                    e.seq = head - n + k;
+                }
+                Ok(Some(Created::New(Box::new(Self::task_from_row(&row)?), events)))
+            }
+
+            /// The claim skipped agents already at their concurrency limit; one batch can
+            /// still take more of an agent's tasks than it has room for. The agents' rows
+            /// are locked (serialising claims for them across instances), their running
+            /// tasks counted, and the excess of `tasks` (sorted by priority, highest first)
+            /// given back; returns the ids given back.
+            async fn give_back_over_limit(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                tasks: &[$crate::runtime::TaskRecord],
+                now: time::OffsetDateTime,
+            ) -> $crate::Result<Vec<keel_core::id::TaskId>> {
+                let mut agents: Vec<keel_core::id::AgentId> = tasks.iter().map(|t| t.agent_id).collect();
+                agents.sort_unstable();
+                agents.dedup();
+                let mut excess = Vec::new();
+                if !agents.is_empty() {
+                    // One round trip for the batch's agents with a limit (usually none),
+                    // locked in id order.
+                    let mut qb = sqlx::QueryBuilder::<$db>::new(
+                        "SELECT id, max_concurrency FROM agents WHERE max_concurrency IS NOT NULL AND id IN (",
+                    );
+                    let ids: Vec<uuid::Uuid> = agents.iter().map(|a| a.as_uuid()).collect();
+                    let persistent = $crate::sql::push_id_list(&mut qb, &ids);
+                    qb.push(") ORDER BY id").push(Self::LOCK_ROWS);
+                    let limited: Vec<(uuid::Uuid, i64)> = qb.build_query_as().persistent(persistent).fetch_all(&mut **tx).await?;
+                    for (agent, limit) in limited {
+                        let agent = keel_core::id::AgentId::from_uuid(agent);
+                        let running: i64 = sqlx::query_scalar(
+                            "SELECT count(*) FROM tasks WHERE agent_id = $1 AND lease_owner IS NOT NULL AND lease_until >= $2",
+                        )
+                        .bind(agent.as_uuid())
+                        .bind(now)
+                        .fetch_one(&mut **tx)
+                        .await?;
+                        let over = usize::try_from(running - limit).unwrap_or(0);
+                        // The lowest-priority of this batch's tasks of the agent go back.
+                        excess.extend(tasks.iter().rev().filter(|t| t.agent_id == agent).take(over).map(|t| t.id));
+                    }
+                }
+                if !excess.is_empty() {
+                    let mut qb = sqlx::QueryBuilder::<$db>::new("UPDATE tasks SET lease_owner = NULL, lease_until = NULL WHERE id IN (");
+                    let ids: Vec<uuid::Uuid> = excess.iter().map(|t| t.as_uuid()).collect();
+                    let persistent = $crate::sql::push_id_list(&mut qb, &ids);
+                    qb.push(")");
+                    qb.build().persistent(persistent).execute(&mut **tx).await?;
+                }
+                Ok(excess)
+            }
+
             async fn task_in(
                 conn: &mut <$db as sqlx::Database>::Connection,
                 workspace: keel_core::id::WorkspaceId,
@@ -1350,6 +1523,11 @@ macro_rules! runtime_store {
                 {
                     return Ok(Created::Existing(Box::new(Self::task_from_row(&row)?)));
                 }
+                if Self::CREATES_AT_ONCE
+                    && let Some(created) = self.create_task_at_once(&t).await?
+                {
+                    return Ok(created);
+                }
                 let queued: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM tasks WHERE queued AND lease_owner IS NULL")
                     .fetch_one(&self.pool)
                     .await?;
@@ -1357,22 +1535,6 @@ macro_rules! runtime_store {
                     return Ok(Created::QueueFull { queued });
                 }
                 let now = $crate::now();
-                // Postgres: the workspace's fairness lane advances in one statement of its
-                // own (one round trip, committed at once), so its row lock lasts that
-                // statement instead of the whole creation (creations of one workspace had
-                // queued behind each other's round trips). An advance whose task is then
-                // not created costs that workspace one slot of fairness — nothing else.
-                // SQLite has one writer and no such contention.
-                let early_vt: Option<i64> = if Self::LANE_OWN_TX {
-                    Some(
-                        sqlx::query_scalar(Self::LANE_SQL)
-                            .bind(t.workspace_id.as_uuid())
-                            .fetch_one(&self.writer)
-                            .await?,
-                    )
-                } else {
-                    None
-                };
                 let mut tx = self.writer.begin().await?;
                 let thread_id = match t.thread_id {
                     Some(id) => {
@@ -1395,13 +1557,10 @@ macro_rules! runtime_store {
                         id
                     }
                 };
-                let vt: i64 = match early_vt {
-                    Some(vt) => vt,
-                    None => sqlx::query_scalar(Self::LANE_SQL)
-                        .bind(t.workspace_id.as_uuid())
-                        .fetch_one(&mut *tx)
-                        .await?,
-                };
+                let vt: i64 = sqlx::query_scalar(Self::LANE_SQL)
+                    .bind(t.workspace_id.as_uuid())
+                    .fetch_one(&mut *tx)
+                    .await?;
                 let inserted = sqlx::query(concat!(
                     "INSERT INTO tasks (", $crate::runtime::task_columns!(), ") VALUES ",
                     "($1, $2, $3, $4, $5, $6, $7, $8, 'submitted', $9, $10, $11, $12, NULL, NULL, 0, $13, NULL, 0, 0, 0, 0, 0, ",
@@ -1579,6 +1738,32 @@ macro_rules! runtime_store {
                 limit: u32,
             ) -> $crate::Result<Vec<$crate::runtime::TaskRecord>> {
                 let now = $crate::now();
+                if Self::CLAIMS_AT_ONCE {
+                    // Claimed and the queue's clock moved in one statement, committed on
+                    // its own. Agents with a concurrency limit are checked after, under
+                    // their rows' locks, against what every claim has committed, so two
+                    // instances claiming at once still keep within the limit.
+                    let rows = sqlx::query(Self::CLAIM_AT_ONCE_SQL)
+                        .bind(owner)
+                        .bind(until)
+                        .bind(now)
+                        .bind(i64::from(limit))
+                        .fetch_all(&self.writer)
+                        .await?;
+                    let mut tasks = rows.iter().map(Self::task_from_row).collect::<$crate::Result<Vec<_>>>()?;
+                    tasks.sort_by_key(|t| (std::cmp::Reverse(t.priority), t.id));
+                    let limited = rows
+                        .iter()
+                        .map(|r| sqlx::Row::try_get::<bool, _>(r, "agent_limited"))
+                        .collect::<Result<Vec<bool>, _>>()?;
+                    if limited.contains(&true) {
+                        let mut tx = self.writer.begin().await?;
+                        let excess = Self::give_back_over_limit(&mut tx, &tasks, now).await?;
+                        tx.commit().await?;
+                        tasks.retain(|t| !excess.contains(&t.id));
+                    }
+                    return Ok(tasks);
+                }
                 let mut tx = self.writer.begin().await?;
                 let rows = sqlx::query(Self::CLAIM_SQL)
                     .bind(owner)
@@ -1596,46 +1781,8 @@ macro_rules! runtime_store {
                         Some((keel_core::id::TaskId::from_uuid(id), sqlx::Row::try_get::<i64, _>(r, "vt").ok()?))
                     })
                     .collect();
-                // The claim skipped agents already at their concurrency limit; one batch
-                // can still take more of an agent's tasks than it has room for. The
-                // agents' rows are locked (serialising claims for them across
-                // instances), their running tasks counted, and the excess given back.
-                let mut agents: Vec<keel_core::id::AgentId> = tasks.iter().map(|t| t.agent_id).collect();
-                agents.sort_unstable();
-                agents.dedup();
-                let mut excess = Vec::new();
-                if !agents.is_empty() {
-                    // One round trip for the batch's agents with a limit (usually none),
-                    // locked in id order.
-                    let mut qb = sqlx::QueryBuilder::<$db>::new(
-                        "SELECT id, max_concurrency FROM agents WHERE max_concurrency IS NOT NULL AND id IN (",
-                    );
-                    let ids: Vec<uuid::Uuid> = agents.iter().map(|a| a.as_uuid()).collect();
-                    let persistent = $crate::sql::push_id_list(&mut qb, &ids);
-                    qb.push(") ORDER BY id").push(Self::LOCK_ROWS);
-                    let limited: Vec<(uuid::Uuid, i64)> = qb.build_query_as().persistent(persistent).fetch_all(&mut *tx).await?;
-                    for (agent, limit) in limited {
-                        let agent = keel_core::id::AgentId::from_uuid(agent);
-                        let running: i64 = sqlx::query_scalar(
-                            "SELECT count(*) FROM tasks WHERE agent_id = $1 AND lease_owner IS NOT NULL AND lease_until >= $2",
-                        )
-                        .bind(agent.as_uuid())
-                        .bind(now)
-                        .fetch_one(&mut *tx)
-                        .await?;
-                        let over = usize::try_from(running - limit).unwrap_or(0);
-                        // The lowest-priority of this batch's tasks of the agent go back.
-                        excess.extend(tasks.iter().rev().filter(|t| t.agent_id == agent).take(over).map(|t| t.id));
-                    }
-                }
-                if !excess.is_empty() {
-                    let mut qb = sqlx::QueryBuilder::<$db>::new("UPDATE tasks SET lease_owner = NULL, lease_until = NULL WHERE id IN (");
-                    let ids: Vec<uuid::Uuid> = excess.iter().map(|t| t.as_uuid()).collect();
-                    let persistent = $crate::sql::push_id_list(&mut qb, &ids);
-                    qb.push(")");
-                    qb.build().persistent(persistent).execute(&mut *tx).await?;
-                    tasks.retain(|t| !excess.contains(&t.id));
-                }
+                let excess = Self::give_back_over_limit(&mut tx, &tasks, now).await?;
+                tasks.retain(|t| !excess.contains(&t.id));
                 if let Some(vt) = tasks.iter().filter_map(|t| vts.get(&t.id)).max() {
                     sqlx::query(Self::CLOCK_SQL).bind(*vt).execute(&mut *tx).await?;
                 }

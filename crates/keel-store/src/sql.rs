@@ -864,23 +864,7 @@ macro_rules! sql_store {
                 // `event_heads` rows in the same order and cannot deadlock.
                 let mut order: Vec<(usize, &keel_core::event::NewEvent)> = events.iter().enumerate().collect();
                 order.sort_by_key(|(_, e)| e.workspace_id);
-                let now = $crate::now();
-                let mut made: Vec<keel_core::event::Event> = events
-                    .iter()
-                    .map(|e| keel_core::event::Event {
-                        event_id: keel_core::id::EventId::new(),
-                        event_type: e.event_type.as_str().to_owned(),
-                        timestamp: now,
-                        seq: 0,
-                        correlation_id: e.correlation_id.clone(),
-                        workspace_id: e.workspace_id,
-                        agent_id: e.agent_id,
-                        task_id: e.task_id,
-                        run_id: e.run_id,
-                        data: e.data.clone(),
-                        version: e.event_type.version().to_owned(),
-                    })
-                    .collect();
+                let mut made = $crate::events::stamped(events);
                 let mut returned = Vec::new();
                 for group in order.chunk_by(|a, b| a.1.workspace_id == b.1.workspace_id) {
                     for chunk in group.chunks($crate::events::EVENT_BATCH) {
@@ -917,21 +901,8 @@ macro_rules! sql_store {
                 let n = i64::try_from(events.len()).unwrap_or(i64::MAX);
                 let qb = &mut g.qb;
                 if Self::ANNOUNCES_COMMITS {
-                    qb.push("WITH head AS (INSERT INTO event_heads (workspace_id, last_seq) VALUES (")
-                        .push_bind(workspace)
-                        .push(", ")
-                        .push_bind(n)
-                        .push(
-                            ") ON CONFLICT (workspace_id) DO UPDATE SET last_seq = event_heads.last_seq + EXCLUDED.last_seq \
-                             RETURNING last_seq), announced AS (SELECT pg_notify('keel_events', ",
-                        )
-                        .push_bind(workspace.simple().to_string())
-                        .push(" || ':' || last_seq) FROM head) INSERT INTO events (")
-                        .push($crate::events::event_columns!())
-                        .push(") SELECT v.column1, head.last_seq - ")
-                        .push_bind(n)
-                        .push(" + v.column2, v.column3, v.column4, v.column5, v.column6, v.column7, v.column8, v.column9, v.column10, v.column11 \
-                               FROM head CROSS JOIN announced CROSS JOIN (");
+                    Self::push_announced_append(qb, workspace, n, None);
+                    qb.push(" FROM head CROSS JOIN announced CROSS JOIN (");
                 } else {
                     qb.push("INSERT INTO event_heads (workspace_id, last_seq) VALUES (")
                         .push_bind(workspace)
@@ -946,6 +917,58 @@ macro_rules! sql_store {
                         .push_bind(n)
                         .push(" + v.column2, v.column3, v.column4, v.column5, v.column6, v.column7, v.column8, v.column9, v.column10, v.column11 FROM (");
                 }
+                Self::push_event_values(qb, events);
+                qb.push(") AS v WHERE v.column2 IS NOT NULL RETURNING event_id, seq");
+            }
+
+            /// Postgres: the start of one workspace's append of `n` events — the bump of
+            /// its head (`head`, returning the new `last_seq`), the commit's announcement
+            /// (`announced`) and `INSERT INTO events (…) SELECT` up to the list of sources,
+            /// which the caller writes. Without `gate` it opens the statement's `WITH`, and
+            /// the insert is the statement; with one it continues a `WITH` list, the
+            /// insert is CTE `stored` (the caller closes its parenthesis), and the head
+            /// moves (and events are stored) only if CTE `gate` yields a row.
+            fn push_announced_append(
+                qb: &mut sqlx::QueryBuilder<$db>,
+                workspace: uuid::Uuid,
+                n: i64,
+                gate: Option<&str>,
+            ) {
+                match gate {
+                    None => qb
+                        .push("WITH head AS (INSERT INTO event_heads (workspace_id, last_seq) VALUES (")
+                        .push_bind(workspace)
+                        .push(", ")
+                        .push_bind(n)
+                        .push(")"),
+                    Some(gate) => qb
+                        .push(", head AS (INSERT INTO event_heads (workspace_id, last_seq) SELECT ")
+                        .push_bind(workspace)
+                        .push(", ")
+                        .push_bind(n)
+                        .push(" FROM ")
+                        .push(gate),
+                };
+                qb.push(
+                    " ON CONFLICT (workspace_id) DO UPDATE SET last_seq = event_heads.last_seq + EXCLUDED.last_seq \
+                     RETURNING last_seq), announced AS (SELECT pg_notify('keel_events', ",
+                )
+                .push_bind(workspace.simple().to_string())
+                .push(if gate.is_some() {
+                    " || ':' || last_seq) FROM head), stored AS (INSERT INTO events ("
+                } else {
+                    " || ':' || last_seq) FROM head) INSERT INTO events ("
+                })
+                .push($crate::events::event_columns!())
+                .push(") SELECT v.column1, head.last_seq - ")
+                .push_bind(n)
+                .push(" + v.column2, v.column3, v.column4, v.column5, v.column6, v.column7, v.column8, v.column9, v.column10, v.column11");
+            }
+
+            /// Writes the rows of `events` (padded) as the `VALUES` list the insert of
+            /// [`Self::push_announced_append`] or its SQLite twin reads (`v.column1` …),
+            /// the `k`-th numbered `k` from 1.
+            fn push_event_values(qb: &mut sqlx::QueryBuilder<$db>, events: &[&keel_core::event::Event]) {
                 qb.push_values((1i64..).zip($crate::sql::padded(events)), |mut row, (k, e)| {
                     row.push_bind(e.map(|e| e.workspace_id.as_uuid()))
                         .push_bind(e.map(|_| k))
@@ -959,7 +982,6 @@ macro_rules! sql_store {
                         .push_bind(e.and_then(|e| e.run_id.map(|id| id.as_uuid())))
                         .push_bind(e.map(|e| e.data.to_string()));
                 });
-                qb.push(") AS v WHERE v.column2 IS NOT NULL RETURNING event_id, seq");
             }
         }
     };

@@ -98,8 +98,13 @@ impl SqliteStore {
     const LOCK_ROWS: &'static str = "";
     /// Moves the queue's clock to the virtual time of the tasks just started.
     const CLOCK_SQL: &'static str = "UPDATE queue_clock SET vt = max(vt, $1) WHERE id = 1";
-    /// One writer: the lane advances inside the creation's transaction.
-    const LANE_OWN_TX: bool = false;
+    /// One writer: a claim is a transaction of a few statements.
+    const CLAIMS_AT_ONCE: bool = false;
+    /// Unused (`CLAIMS_AT_ONCE` is false).
+    const CLAIM_AT_ONCE_SQL: &'static str = "";
+    /// One writer, so no lock is contended: a creation is a transaction of a few
+    /// statements, gathered.
+    const CREATES_AT_ONCE: bool = false;
 
     async fn commit_stream(&self) -> Result<Option<crate::CommitStream>> {
         Ok(None)

@@ -894,6 +894,13 @@ mod runtime_fixtures {
         match f.store.create_task(t).await.unwrap() {
             Created::New(task, events) => {
                 assert_eq!(events.len(), 1, "the task and its event commit together");
+                // The event came back with the seq it was stored under.
+                let stored = f
+                    .store
+                    .events_after(task.workspace_id, events[0].seq - 1, 1)
+                    .await
+                    .unwrap();
+                assert_eq!(stored[0].event_id, events[0].event_id);
                 *task
             }
             other => panic!("expected a new task, got {other:?}"),
@@ -1517,6 +1524,19 @@ async fn idempotency_keys_and_the_queue_bound_hold(f: &Fixture) {
         head,
         "a refused task leaves no event"
     );
+    // A thread of another workspace is not found, and nothing is written.
+    let foreign = runtime_fixtures::create(
+        f,
+        runtime_fixtures::new_task(&other_agent, Priority::Medium, None),
+    )
+    .await;
+    let mut astray = runtime_fixtures::new_task(&agent, Priority::Medium, None);
+    astray.thread_id = Some(foreign.thread_id);
+    assert!(matches!(
+        f.store.create_task(astray).await,
+        Err(Error::NotFound { what: "thread" })
+    ));
+    assert_eq!(f.store.event_head(ws.id).await.unwrap(), head);
     let listed = f
         .store
         .list_tasks(ws.id, &keel_store::runtime::TaskFilter::default(), None, 10)
