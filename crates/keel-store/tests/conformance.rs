@@ -518,6 +518,29 @@ async fn events_are_numbered_per_workspace_without_gaps(f: &Fixture) {
             .unwrap()
             .is_empty()
     );
+    // One append larger than a statement's share (500 events of a workspace): still
+    // numbered in order, without a gap, in one transaction.
+    let big: Vec<NewEvent> = (0..1_100)
+        .map(|i| ping(if i % 22 == 0 { b } else { a }, i))
+        .collect();
+    let committed = f.store.append_events(&big).await.unwrap();
+    let seqs = |ws| -> Vec<i64> {
+        committed
+            .iter()
+            .filter(|e| e.workspace_id == ws)
+            .map(|e| e.seq)
+            .collect()
+    };
+    assert_eq!(seqs(a), (5..=1_054).collect::<Vec<_>>());
+    assert_eq!(seqs(b), (4..=53).collect::<Vec<_>>());
+    let stored = f.store.events_after(a, 4, 2_000).await.unwrap();
+    assert_eq!(stored.len(), 1_050);
+    for (e, c) in stored
+        .iter()
+        .zip(committed.iter().filter(|e| e.workspace_id == a))
+    {
+        assert_eq!((e.seq, e.event_id), (c.seq, c.event_id));
+    }
 }
 
 async fn concurrent_appends_never_share_or_skip_a_seq(f: &Fixture) {

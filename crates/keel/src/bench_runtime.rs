@@ -97,12 +97,14 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
                 let (url, db) = fresh_database(server).await?;
                 let waits = enqueue_to_start(&exe, &peers, &url).await;
                 drop_database(server, &db).await;
-                let (p50, p99, n) = waits?;
+                let w = waits?;
                 println_report(&format!(
-                    "postgres enqueue → start at 100 tasks/s: p50 {:.2} ms, p99 {:.2} ms over {n} tasks → {} (goal: p50 < 5 ms)",
-                    ms(p50),
-                    ms(p99),
-                    met(p50 < Duration::from_millis(5))
+                    "postgres enqueue → start at 100 tasks/s: p50 {:.2} ms, p99 {:.2} ms over {} tasks after {WARMUP_TASKS} in a first second (p50 {:.2} ms) → {} (goal: p50 < 5 ms)",
+                    ms(w.p50),
+                    ms(w.p99),
+                    w.measured,
+                    ms(w.warmup_p50),
+                    met(w.p50 < Duration::from_millis(5))
                 ));
             }
             "growth" => {
@@ -620,18 +622,35 @@ async fn commit_p50(synchronous: keel_core::config::SqliteSynchronous) -> anyhow
     Ok(median(times))
 }
 
-/// Enqueue → start latency (created_at → started_at) at 100 tasks/s for 5 s.
+/// Tasks sent before the measured ones, in the first second (see [`EnqueueToStart`]).
+const WARMUP_TASKS: usize = 100;
+/// Tasks measured, at 100 a second.
+const MEASURED_TASKS: usize = 500;
+
+/// Enqueue → start latency (created_at → started_at) at 100 tasks/s.
+struct EnqueueToStart {
+    p50: Duration,
+    p99: Duration,
+    measured: usize,
+    /// p50 of the first second's tasks, not in the figures above: the server's first
+    /// second includes its pool's connections being opened and the tokenizer being
+    /// loaded (on the first count).
+    warmup_p50: Duration,
+}
+
+/// Enqueue → start latency at 100 tasks/s: one second of warm-up, then 5 s measured.
 async fn enqueue_to_start(
     exe: &Path,
     peers: &Peers,
     database: &str,
-) -> anyhow::Result<(Duration, Duration, usize)> {
+) -> anyhow::Result<EnqueueToStart> {
     peers.reset(0);
     let keel = Keel::start(exe, peers, Some(database), 64, "enqueue").await?;
     let client = http()?;
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     let mut pending = Vec::new();
-    for i in 0..500 {
+    let total = WARMUP_TASKS + MEASURED_TASKS;
+    for i in 0..total {
         tick.tick().await;
         let (client, body) = (
             client.clone(),
@@ -648,7 +667,7 @@ async fn enqueue_to_start(
     let deadline = Instant::now() + Duration::from_secs(120);
     let tasks = loop {
         let tasks = all_tasks(&client, &keel).await?;
-        if tasks.iter().all(|t| t["started_at"].is_string()) && tasks.len() == 500 {
+        if tasks.iter().all(|t| t["started_at"].is_string()) && tasks.len() == total {
             break tasks;
         }
         if Instant::now() > deadline {
@@ -656,17 +675,25 @@ async fn enqueue_to_start(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let waits: Vec<Duration> = tasks
-        .iter()
-        .filter_map(|t| {
-            Some(
-                Duration::try_from(timestamp(&t["started_at"])? - timestamp(&t["created_at"])?)
-                    .unwrap_or_default(),
-            )
-        })
-        .collect();
     keel.stop().await;
-    Ok((quantile(&waits, 0.5), quantile(&waits, 0.99), waits.len()))
+    let mut waits: Vec<(time::OffsetDateTime, Duration)> = Vec::with_capacity(total);
+    for t in &tasks {
+        let created = timestamp(&t["created_at"]).context("a task without created_at")?;
+        let started = timestamp(&t["started_at"]).context("a task without started_at")?;
+        waits.push((
+            created,
+            Duration::try_from(started - created).unwrap_or_default(),
+        ));
+    }
+    waits.sort_by_key(|w| w.0);
+    let warmup: Vec<Duration> = waits[..WARMUP_TASKS].iter().map(|w| w.1).collect();
+    let measured: Vec<Duration> = waits[WARMUP_TASKS..].iter().map(|w| w.1).collect();
+    Ok(EnqueueToStart {
+        p50: quantile(&measured, 0.5),
+        p99: quantile(&measured, 0.99),
+        measured: measured.len(),
+        warmup_p50: quantile(&warmup, 0.5),
+    })
 }
 
 /// Bytes stored for the step of turn 1 and of turn 500 of one thread (step data plus the
