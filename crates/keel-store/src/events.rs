@@ -94,7 +94,6 @@ where
     }))
 }
 
-/// The `events` columns, in insert order (a macro so queries stay static strings).
 /// `events` as they are stored, stamped now, with their ids and no seq yet (0).
 pub(crate) fn stamped(events: &[keel_core::event::NewEvent]) -> Vec<Event> {
     let now = crate::now();
@@ -116,6 +115,7 @@ pub(crate) fn stamped(events: &[keel_core::event::NewEvent]) -> Vec<Event> {
         .collect()
 }
 
+/// The `events` columns, in insert order (a macro so queries stay static strings).
 macro_rules! event_columns {
     () => {
         "workspace_id, seq, event_id, event_type, version, created_at, correlation_id, agent_id, task_id, run_id, data"

@@ -19,6 +19,17 @@ pub struct PgStore {
     writer: PgPool,
 }
 
+/// The claim's `UPDATE … RETURNING ` (the columns follow), shared by `CLAIM_SQL` and
+/// `CLAIM_AT_ONCE_SQL`.
+macro_rules! claim_update {
+    () => {
+        "UPDATE tasks SET lease_owner = $1, lease_until = $2 WHERE id IN (SELECT id FROM tasks \
+         WHERE queued AND run_at <= $3 AND (lease_until IS NULL OR lease_until < $3) AND agent_id NOT IN (SELECT a.id FROM agents a WHERE a.max_concurrency IS NOT NULL \
+         AND a.max_concurrency <= (SELECT count(*) FROM tasks r WHERE r.agent_id = a.id AND r.lease_owner IS NOT NULL AND r.lease_until >= $3)) \
+         ORDER BY priority DESC, vt, id LIMIT $4 FOR UPDATE SKIP LOCKED) RETURNING "
+    };
+}
+
 /// How long a pooled connection may sit idle before it is pinged on its next use.
 const PING_IF_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -69,21 +80,13 @@ impl PgStore {
     /// the stream yields [`Commit::Resync`] and reconnects (notifications sent meanwhile
     /// are lost, so followers re-read the log).
     /// Leases the next runnable tasks (highest priority, then lowest virtual time).
-    const CLAIM_SQL: &'static str = concat!(
-        "UPDATE tasks SET lease_owner = $1, lease_until = $2 WHERE id IN (SELECT id FROM tasks \
-         WHERE queued AND run_at <= $3 AND (lease_until IS NULL OR lease_until < $3) AND agent_id NOT IN (SELECT a.id FROM agents a WHERE a.max_concurrency IS NOT NULL \
-         AND a.max_concurrency <= (SELECT count(*) FROM tasks r WHERE r.agent_id = a.id AND r.lease_owner IS NOT NULL AND r.lease_until >= $3)) \
-         ORDER BY priority DESC, vt, id LIMIT $4 FOR UPDATE SKIP LOCKED) RETURNING ",
-        crate::runtime::task_columns!()
-    );
+    const CLAIM_SQL: &'static str = concat!(claim_update!(), crate::runtime::task_columns!());
     /// [`Self::CLAIM_SQL`] with the queue's clock moved to the latest virtual time
     /// claimed, in one statement; each row says whether its agent has a concurrency limit
     /// (`agent_limited`).
     const CLAIM_AT_ONCE_SQL: &'static str = concat!(
-        "WITH claimed AS (UPDATE tasks SET lease_owner = $1, lease_until = $2 WHERE id IN (SELECT id FROM tasks \
-         WHERE queued AND run_at <= $3 AND (lease_until IS NULL OR lease_until < $3) AND agent_id NOT IN (SELECT a.id FROM agents a WHERE a.max_concurrency IS NOT NULL \
-         AND a.max_concurrency <= (SELECT count(*) FROM tasks r WHERE r.agent_id = a.id AND r.lease_owner IS NOT NULL AND r.lease_until >= $3)) \
-         ORDER BY priority DESC, vt, id LIMIT $4 FOR UPDATE SKIP LOCKED) RETURNING ",
+        "WITH claimed AS (",
+        claim_update!(),
         crate::runtime::task_columns!(),
         "), clock AS (UPDATE queue_clock SET vt = GREATEST(vt, (SELECT max(vt) FROM claimed)) WHERE id = 1 AND EXISTS (SELECT 1 FROM claimed)) \
          SELECT claimed.*, a.max_concurrency IS NOT NULL AS agent_limited FROM claimed JOIN agents a ON a.id = claimed.agent_id"

@@ -738,6 +738,35 @@ macro_rules! runtime_store {
                 })
             }
 
+            /// The workspace's task with Idempotency-Key `key`, if any.
+            async fn task_by_key(&self, workspace: uuid::Uuid, key: &str) -> $crate::Result<Option<$crate::runtime::TaskRecord>> {
+                sqlx::query(concat!("SELECT ", $crate::runtime::task_columns!(), " FROM tasks WHERE workspace_id = $1 AND idempotency_key = $2"))
+                    .bind(workspace)
+                    .bind(key)
+                    .fetch_optional(&self.pool)
+                    .await?
+                    .map(|row| Self::task_from_row(&row))
+                    .transpose()
+            }
+
+            /// The task a unique violation on `t`'s Idempotency-Key says a concurrent
+            /// request created first.
+            async fn task_created_first(&self, t: &$crate::runtime::NewTask) -> $crate::Result<$crate::runtime::Created> {
+                let key = t.idempotency_key.as_deref().unwrap_or_default();
+                let task = self
+                    .task_by_key(t.workspace_id.as_uuid(), key)
+                    .await?
+                    .ok_or($crate::Error::NotFound { what: "task" })?;
+                Ok($crate::runtime::Created::Existing(Box::new(task)))
+            }
+
+            /// Tasks waiting in the queue for a worker (what the queue bound counts).
+            async fn queued_count(&self) -> $crate::Result<i64> {
+                Ok(sqlx::query_scalar("SELECT COUNT(*) FROM tasks WHERE queued AND lease_owner IS NULL")
+                    .fetch_one(&self.pool)
+                    .await?)
+            }
+
             /// Postgres: creates a task in one statement — the queue's room, the thread
             /// (found or made), the workspace's fairness lane, the task and its events —
             /// committed on its own, so the lane's and the event head's row locks last that
@@ -830,13 +859,7 @@ macro_rules! runtime_store {
                     Ok(row) => row,
                     Err(sqlx::Error::Database(db)) if db.is_unique_violation() && t.idempotency_key.is_some() => {
                         // A concurrent request with the same key won the race.
-                        let key = t.idempotency_key.as_deref().unwrap_or_default();
-                        let row = sqlx::query(concat!("SELECT ", $crate::runtime::task_columns!(), " FROM tasks WHERE workspace_id = $1 AND idempotency_key = $2"))
-                            .bind(ws)
-                            .bind(key)
-                            .fetch_one(&self.pool)
-                            .await?;
-                        return Ok(Some(Created::Existing(Box::new(Self::task_from_row(&row)?))));
+                        return self.task_created_first(t).await.map(Some);
                     }
                     Err(e) => return Err(e.into()),
                 };
@@ -851,10 +874,7 @@ macro_rules! runtime_store {
                             .await?;
                         found.ok_or($crate::Error::NotFound { what: "thread" })?;
                     }
-                    let queued: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM tasks WHERE queued AND lease_owner IS NULL")
-                        .fetch_one(&self.pool)
-                        .await?;
-                    return Ok(Some(Created::QueueFull { queued }));
+                    return Ok(Some(Created::QueueFull { queued: self.queued_count().await? }));
                 };
                 let head: i64 = row.try_get("head_seq")?;
                 for (k, e) in (1i64..).zip(events.iter_mut()) {
@@ -1515,22 +1535,16 @@ macro_rules! runtime_store {
             async fn create_task(&self, t: $crate::runtime::NewTask) -> $crate::Result<$crate::runtime::Created> {
                 use $crate::runtime::Created;
                 if let Some(key) = &t.idempotency_key
-                    && let Some(row) = sqlx::query(concat!("SELECT ", $crate::runtime::task_columns!(), " FROM tasks WHERE workspace_id = $1 AND idempotency_key = $2"))
-                        .bind(t.workspace_id.as_uuid())
-                        .bind(key)
-                        .fetch_optional(&self.pool)
-                        .await?
+                    && let Some(task) = self.task_by_key(t.workspace_id.as_uuid(), key).await?
                 {
-                    return Ok(Created::Existing(Box::new(Self::task_from_row(&row)?)));
+                    return Ok(Created::Existing(Box::new(task)));
                 }
                 if Self::CREATES_AT_ONCE
                     && let Some(created) = self.create_task_at_once(&t).await?
                 {
                     return Ok(created);
                 }
-                let queued: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM tasks WHERE queued AND lease_owner IS NULL")
-                    .fetch_one(&self.pool)
-                    .await?;
+                let queued = self.queued_count().await?;
                 if queued >= t.max_queued {
                     return Ok(Created::QueueFull { queued });
                 }
@@ -1588,13 +1602,7 @@ macro_rules! runtime_store {
                     Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
                         // A concurrent request with the same key won the race.
                         drop(tx);
-                        let key = t.idempotency_key.as_deref().unwrap_or_default();
-                        let row = sqlx::query(concat!("SELECT ", $crate::runtime::task_columns!(), " FROM tasks WHERE workspace_id = $1 AND idempotency_key = $2"))
-                            .bind(t.workspace_id.as_uuid())
-                            .bind(key)
-                            .fetch_one(&self.pool)
-                            .await?;
-                        return Ok(Created::Existing(Box::new(Self::task_from_row(&row)?)));
+                        return self.task_created_first(&t).await;
                     }
                     Err(e) => return Err(e.into()),
                 }

@@ -701,16 +701,16 @@ impl Account {
             ("provider", s.provider.as_str().to_owned()),
             ("model", s.upstream_model.clone()),
         ];
-        metrics::counter!(
-            "keel_llm_requests_total",
-            &[
+        // The three labels and one more.
+        let and = |key: &'static str, value: &str| {
+            [
                 labels[0].clone(),
                 labels[1].clone(),
                 labels[2].clone(),
-                ("outcome", outcome.to_owned())
+                (key, value.to_owned()),
             ]
-        )
-        .increment(1);
+        };
+        metrics::counter!("keel_llm_requests_total", &and("outcome", outcome)).increment(1);
         metrics::histogram!("keel_llm_request_duration_seconds", &labels)
             .record(latency.as_secs_f64());
         if let Some(ttft) = ttft {
@@ -727,16 +727,7 @@ impl Account {
             if kind == "cached" && n == 0 {
                 continue;
             }
-            metrics::counter!(
-                "keel_llm_tokens_total",
-                &[
-                    labels[0].clone(),
-                    labels[1].clone(),
-                    labels[2].clone(),
-                    ("kind", kind.to_owned())
-                ]
-            )
-            .increment(n);
+            metrics::counter!("keel_llm_tokens_total", &and("kind", kind)).increment(n);
         }
         metrics::counter!("keel_llm_cost_nanousd_total", &labels).increment(cost);
         UsageRecord {
