@@ -54,13 +54,15 @@ impl SqliteStore {
             .test_before_acquire(false)
             .connect_with(options.clone())
             .await?;
-        // The writer touches the hot pages of every write: a larger page cache (8 MiB)
-        // spares it re-reading them.
+        // The writer keeps SQLite's default page cache (2 MiB): its hot pages are the
+        // tables' and indexes' right edges, and a miss is a read from the OS's page cache.
+        // With 8 MiB the gateway's RSS grew by ~4 MB as its usage inserts filled the cache,
+        // for no throughput the runtime bench could tell apart (docs/BENCHMARKS.md).
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(config.acquire_timeout)
             .test_before_acquire(false)
-            .connect_with(options.pragma("cache_size", "-8192"))
+            .connect_with(options)
             .await?;
         Ok(Self { pool, writer })
     }
