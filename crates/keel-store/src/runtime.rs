@@ -576,9 +576,14 @@ pub(crate) struct StepRow {
 }
 
 /// A message row waiting to be inserted with the rest of its batch.
+///
+/// Its seq is computed by the insert: the thread's `next_seq`, as the same transaction's
+/// earlier update left it (the last seq handed out), minus `back`. So the update that
+/// hands out a range needs to read nothing back, and can wait with the inserts for one
+/// round trip (see `Gather`).
 pub(crate) struct MessageRow {
     pub(crate) thread: Uuid,
-    pub(crate) seq: i64,
+    pub(crate) back: i64,
     pub(crate) workspace: Uuid,
     pub(crate) task: Uuid,
     pub(crate) run: Uuid,
@@ -960,18 +965,20 @@ macro_rules! runtime_store {
                     return Ok(());
                 }
                 let n = i64::try_from(messages.len()).unwrap_or(i64::MAX);
-                let next: i64 = sqlx::query_scalar("UPDATE threads SET next_seq = next_seq + $2 WHERE id = $1 RETURNING next_seq")
-                    .bind(thread.as_uuid())
-                    .bind(n)
-                    .fetch_one(&mut *conn)
-                    .await?;
-                // Seqs start at 1, so `after = 0` reads a thread from its start.
-                                let first = next - n + 1;
-                let rows: Vec<$crate::runtime::MessageRow> = (first..)
+                // Seqs start at 1, so `after = 0` reads a thread from its start: the range
+                // handed out is next_seq + 1 ..= next_seq + n, the last message `back` 0.
+                let mut g = $crate::sql::Gather::<$db>::new(Self::GATHERS_WRITES);
+                g.qb.push("UPDATE threads SET next_seq = next_seq + ").push_bind(n)
+                    .push(" WHERE id = ").push_bind(thread.as_uuid());
+                if g.end(1) {
+                    Self::run_gathered(&mut *conn, &mut g).await?;
+                }
+                let rows: Vec<$crate::runtime::MessageRow> = (0..n)
+                    .rev()
                     .zip(messages)
-                    .map(|(seq, m)| $crate::runtime::MessageRow {
+                    .map(|(back, m)| $crate::runtime::MessageRow {
                         thread: thread.as_uuid(),
-                        seq,
+                        back,
                         workspace: workspace.as_uuid(),
                         task: task.as_uuid(),
                         run: run.as_uuid(),
@@ -979,7 +986,6 @@ macro_rules! runtime_store {
                         tokens: m.tokens,
                     })
                     .collect();
-                let mut g = $crate::sql::Gather::<$db>::new(Self::GATHERS_WRITES);
                 Self::insert_messages(&mut *conn, &mut g, &rows, now).await?;
                 Self::run_gathered(&mut *conn, &mut g).await?;
                 Ok(())
@@ -992,10 +998,14 @@ macro_rules! runtime_store {
                 now: time::OffsetDateTime,
             ) -> $crate::Result<()> {
                 for chunk in rows.chunks($crate::runtime::ROW_BATCH) {
-                    g.qb.push("INSERT INTO messages (thread_id, seq, workspace_id, task_id, run_id, body, tokens, created_at) SELECT * FROM (");
+                    g.qb.push(
+                        "INSERT INTO messages (thread_id, seq, workspace_id, task_id, run_id, body, tokens, created_at) \
+                         SELECT v.column1, (SELECT t.next_seq FROM threads t WHERE t.id = v.column1) - v.column2, \
+                         v.column3, v.column4, v.column5, v.column6, v.column7, v.column8 FROM (",
+                    );
                     g.qb.push_values($crate::sql::padded(chunk), |mut row, m| {
                         row.push_bind(m.map(|m| m.thread))
-                            .push_bind(m.map(|m| m.seq))
+                            .push_bind(m.map(|m| m.back))
                             .push_bind(m.map(|m| m.workspace))
                             .push_bind(m.map(|m| m.task))
                             .push_bind(m.map(|m| m.run))
@@ -1080,8 +1090,70 @@ macro_rules! runtime_store {
             /// progress, thread sequences, finishes) is one set-based statement over all of
             /// them; their step and message rows are left for the caller to insert. Each
             /// gets `Some(step index)`, or `None` when its lease is lost.
+            /// A checkpoint batch's writes on `conn`, inside a transaction begun by the
+            /// caller (with `commit`, begun by hand and ended here, in the last query):
+            /// each checkpoint's step index (`None`: lease lost), how many of the events
+            /// are its, and the events as stored.
+            #[allow(clippy::type_complexity)]
+            async fn checkpoints_in(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                g: &mut $crate::sql::Gather<$db>,
+                batch: &[$crate::runtime::Checkpoint],
+                commit: bool,
+            ) -> $crate::Result<(Vec<Option<Option<i64>>>, Vec<usize>, Vec<keel_core::event::Event>)> {
+                let now = $crate::now();
+                // Task rows in id order (see the module's lock order).
+                let mut order: Vec<usize> = (0..batch.len()).collect();
+                order.sort_by_key(|&i| (batch[i].task_id, i));
+                let mut step_rows = Vec::with_capacity(batch.len());
+                let mut message_rows = Vec::with_capacity(batch.len());
+                // A task twice in one batch (never the engine's doing: a run waits for each
+                // commit) is stored in rounds: its first checkpoint with the others' in the
+                // first round, its second in the next, and so on, in batch order.
+                let mut rounds: Vec<Vec<usize>> = Vec::new();
+                for (k, &i) in order.iter().enumerate() {
+                    let nth = order[..k].iter().rev().take_while(|&&j| batch[j].task_id == batch[i].task_id).count();
+                    if rounds.len() <= nth {
+                        rounds.push(Vec::new());
+                    }
+                    rounds[nth].push(i);
+                }
+                let mut idx: Vec<Option<Option<i64>>> = vec![None; batch.len()];
+                // The batch's writes that read nothing back (finishes, steps, messages,
+                // usage, events) wait in `g` to run together where the database allows.
+                for round in &rounds {
+                    let got = Self::checkpoints_set_in(&mut *conn, g, batch, round, now, &mut step_rows, &mut message_rows).await?;
+                    for &i in round {
+                        idx[i] = got[i];
+                    }
+                    // A round's messages count their seqs back from the next_seq its
+                    // threads' update leaves, so they go in before the next round's.
+                    Self::insert_messages(&mut *conn, g, &message_rows, now).await?;
+                    message_rows.clear();
+                }
+                // Every run's step rows in one statement (its messages: one per round).
+                Self::insert_steps(&mut *conn, g, &step_rows, now).await?;
+                let usage: Vec<&$crate::UsageRecord> = batch.iter().zip(&idx)
+                    .filter(|(_, stored)| stored.is_some())
+                    .filter_map(|(c, _)| c.usage.as_ref())
+                    .collect();
+                Self::insert_usage_in(&mut *conn, g, &usage).await?;
+                let mut counts = Vec::with_capacity(batch.len());
+                let mut all = Vec::new();
+                for (c, stored) in batch.iter().zip(&idx) {
+                    if stored.is_some() {
+                        counts.push(c.events.len());
+                        all.extend(c.events.iter().cloned());
+                    } else {
+                        counts.push(0);
+                    }
+                }
+                let events = Self::append_events_gathered(&mut *conn, g, &all, commit).await?;
+                Ok((idx, counts, events))
+            }
+
             async fn checkpoints_set_in(
-                tx: &mut sqlx::Transaction<'_, $db>,
+                conn: &mut <$db as sqlx::Database>::Connection,
                 g: &mut $crate::sql::Gather<$db>,
                 batch: &[$crate::runtime::Checkpoint],
                 order: &[usize],
@@ -1110,7 +1182,7 @@ macro_rules! runtime_store {
                         let mut qb = sqlx::QueryBuilder::<$db>::new(format!("SELECT id FROM {table} WHERE id IN ("));
                         let persistent = $crate::sql::push_id_list(&mut qb, ids);
                         qb.push(") ORDER BY id").push(Self::LOCK_ROWS);
-                        qb.build().persistent(persistent).fetch_all(&mut **tx).await?;
+                        qb.build().persistent(persistent).fetch_all(&mut *conn).await?;
                     }
                 }
 
@@ -1118,7 +1190,10 @@ macro_rules! runtime_store {
                 let mut live = vec![true; batch.len()];
                 let starts: Vec<usize> = order.iter().copied().filter(|&i| batch[i].start.is_some()).collect();
                 if !starts.is_empty() {
-                    let mut qb = sqlx::QueryBuilder::<$db>::new("UPDATE tasks SET status = 'working', started_at = COALESCE(started_at, ");
+                    // The statements that read something back run with whatever waits in
+                    // `g` (on SQLite, the transaction's BEGIN): one round trip.
+                    let qb = &mut g.qb;
+                    qb.push("UPDATE tasks SET status = 'working', started_at = COALESCE(started_at, ");
                     qb.push_bind(now).push("), updated_at = ").push_bind(now)
                         .push(", attempts = attempts + 1, run_id = v.column3 FROM (");
                     qb.push_values($crate::sql::padded(&starts), |mut row, i| {
@@ -1129,8 +1204,8 @@ macro_rules! runtime_store {
                     });
                     qb.push(") AS v WHERE tasks.id = v.column1 AND tasks.lease_owner = v.column2 AND tasks.queued \
                              AND tasks.status IN ('submitted', 'working') RETURNING id, attempts");
-                    let persistent = $crate::sql::persistent(starts.len());
-                    let rows = qb.build().persistent(persistent).fetch_all(&mut **tx).await?;
+                    let _ = g.end($crate::sql::padded_rows(starts.len()));
+                    let rows = Self::run_gathered(&mut *conn, g).await?;
                     let mut attempts: std::collections::HashMap<uuid::Uuid, i64> = std::collections::HashMap::with_capacity(rows.len());
                     for row in &rows {
                         attempts.insert(row.try_get("id")?, row.try_get("attempts")?);
@@ -1143,9 +1218,8 @@ macro_rules! runtime_store {
                         }
                     }
                     if !runs.is_empty() {
-                        let mut qb = sqlx::QueryBuilder::<$db>::new(
-                            "INSERT INTO runs (id, task_id, workspace_id, attempt, status, started_at) SELECT * FROM (",
-                        );
+                        let qb = &mut g.qb;
+                        qb.push("INSERT INTO runs (id, task_id, workspace_id, attempt, status, started_at) SELECT * FROM (");
                         qb.push_values($crate::sql::padded(&runs), |mut row, run| {
                             let c = run.map(|&(i, _)| &batch[i]);
                             row.push_bind(c.and_then(|c| c.start.map(|r| r.as_uuid())))
@@ -1156,8 +1230,9 @@ macro_rules! runtime_store {
                                 .push_bind(now);
                         });
                         qb.push(") AS v WHERE v.column1 IS NOT NULL");
-                        let persistent = $crate::sql::persistent(runs.len());
-                        qb.build().persistent(persistent).execute(&mut **tx).await?;
+                        if g.end($crate::sql::padded_rows(runs.len())) {
+                            Self::run_gathered(&mut *conn, g).await?;
+                        }
                     }
                 }
 
@@ -1166,7 +1241,8 @@ macro_rules! runtime_store {
                 if going.is_empty() {
                     return Ok(idx);
                 }
-                let mut qb = sqlx::QueryBuilder::<$db>::new(
+                let qb = &mut g.qb;
+                qb.push(
                     "UPDATE tasks SET steps = steps + v.column4, tool_calls = tool_calls + v.column5, \
                      input_tokens = input_tokens + v.column6, output_tokens = output_tokens + v.column7, \
                      cost_nanousd = cost_nanousd + v.column8, updated_at = ",
@@ -1185,8 +1261,8 @@ macro_rules! runtime_store {
                 });
                 qb.push(") AS v WHERE tasks.id = v.column1 AND tasks.lease_owner = v.column2 AND tasks.run_id = v.column3 \
                          AND tasks.status = 'working' RETURNING id, steps");
-                let persistent = $crate::sql::persistent(going.len());
-                let rows = qb.build().persistent(persistent).fetch_all(&mut **tx).await?;
+                let _ = g.end($crate::sql::padded_rows(going.len()));
+                let rows = Self::run_gathered(&mut *conn, g).await?;
                 let mut steps: std::collections::HashMap<uuid::Uuid, i64> = std::collections::HashMap::with_capacity(rows.len());
                 for row in &rows {
                     steps.insert(row.try_get("id")?, row.try_get("steps")?);
@@ -1219,26 +1295,20 @@ macro_rules! runtime_store {
                         None => wanted.push((c.thread_id.as_uuid(), n)),
                     }
                 }
-                let mut next: std::collections::HashMap<uuid::Uuid, i64> = std::collections::HashMap::with_capacity(wanted.len());
                 if !wanted.is_empty() {
-                    let mut qb = sqlx::QueryBuilder::<$db>::new("UPDATE threads SET next_seq = next_seq + v.column2 FROM (");
-                    qb.push_values($crate::sql::padded(&wanted), |mut row, w| {
+                    // Nothing read back: each message's seq is counted back from the
+                    // thread's new next_seq by its insert, which runs after this (`g`).
+                    g.qb.push("UPDATE threads SET next_seq = next_seq + v.column2 FROM (");
+                    g.qb.push_values($crate::sql::padded(&wanted), |mut row, w| {
                         row.push_bind(w.map(|w| w.0)).push_bind(w.map(|w| w.1));
                     });
-                    qb.push(") AS v WHERE threads.id = v.column1 RETURNING id, next_seq");
-                    let persistent = $crate::sql::persistent(wanted.len());
-                    let rows = qb.build().persistent(persistent).fetch_all(&mut **tx).await?;
-                    let mut last: std::collections::HashMap<uuid::Uuid, i64> = std::collections::HashMap::with_capacity(rows.len());
-                    for row in &rows {
-                        last.insert(row.try_get("id")?, row.try_get("next_seq")?);
-                    }
-                    for (thread, total) in &wanted {
-                        let Some(end) = last.get(thread) else {
-                            return Err($crate::Error::NotFound { what: "thread" });
-                        };
-                        next.insert(*thread, end - total + 1);
+                    g.qb.push(") AS v WHERE threads.id = v.column1");
+                    if g.end($crate::sql::padded_rows(wanted.len())) {
+                        Self::run_gathered(&mut *conn, g).await?;
                     }
                 }
+                // What is still to be handed out per thread, counted down in task order.
+                let mut left: std::collections::HashMap<uuid::Uuid, i64> = wanted.into_iter().collect();
                 for &i in &stored {
                     let c = &batch[i];
                     if let (Some((kind, data)), Some(Some(step))) = (&c.step, idx[i]) {
@@ -1254,14 +1324,15 @@ macro_rules! runtime_store {
                     if c.messages.is_empty() {
                         continue;
                     }
-                    let Some(first) = next.get_mut(&c.thread_id.as_uuid()) else {
+                    let Some(rest) = left.get_mut(&c.thread_id.as_uuid()) else {
                         return Err($crate::Error::NotFound { what: "thread" });
                     };
-                    let start = *first;
-                    *first += i64::try_from(c.messages.len()).unwrap_or(i64::MAX);
-                    message_rows.extend((start..).zip(&c.messages).map(|(seq, m)| $crate::runtime::MessageRow {
+                    message_rows.extend(c.messages.iter().map(|m| {
+                        *rest -= 1;
+                        (*rest, m)
+                    }).map(|(back, m)| $crate::runtime::MessageRow {
                         thread: c.thread_id.as_uuid(),
-                        seq,
+                        back,
                         workspace: c.workspace_id.as_uuid(),
                         task: c.task_id.as_uuid(),
                         run: c.run_id.as_uuid(),
@@ -1317,7 +1388,7 @@ macro_rules! runtime_store {
                     });
                     g.qb.push(") AS v WHERE tasks.id = v.column1");
                     if g.end(rows) {
-                        Self::run_gathered(&mut **tx, g).await?;
+                        Self::run_gathered(&mut *conn, g).await?;
                     }
                     g.qb.push(
                         "UPDATE runs SET status = v.column2, error = COALESCE(v.column3, error), finished_at = v.column4 FROM (",
@@ -1330,7 +1401,7 @@ macro_rules! runtime_store {
                     });
                     g.qb.push(") AS v WHERE runs.id = v.column1");
                     if g.end(rows) {
-                        Self::run_gathered(&mut **tx, g).await?;
+                        Self::run_gathered(&mut *conn, g).await?;
                     }
                 }
                 Ok(idx)
@@ -1932,56 +2003,43 @@ macro_rules! runtime_store {
             #[tracing::instrument(skip_all, fields(db.system = %Self::BACKEND, checkpoints = batch.len()))]
             async fn commit_checkpoints(&self, batch: &[$crate::runtime::Checkpoint]) -> $crate::Result<Vec<$crate::runtime::Committed>> {
                 use $crate::runtime::Committed;
-                let now = $crate::now();
-                // Task rows in id order (see the module's lock order).
-                let mut order: Vec<usize> = (0..batch.len()).collect();
-                order.sort_by_key(|&i| (batch[i].task_id, i));
-                let mut tx = self.writer.begin().await?;
-                let mut step_rows = Vec::with_capacity(batch.len());
-                let mut message_rows = Vec::with_capacity(batch.len());
-                // A task twice in one batch (never the engine's doing: a run waits for each
-                // commit) is stored in rounds: its first checkpoint with the others' in the
-                // first round, its second in the next, and so on, in batch order.
-                let mut rounds: Vec<Vec<usize>> = Vec::new();
-                for (k, &i) in order.iter().enumerate() {
-                    let nth = order[..k].iter().rev().take_while(|&&j| batch[j].task_id == batch[i].task_id).count();
-                    if rounds.len() <= nth {
-                        rounds.push(Vec::new());
+                let mut pooled = $crate::sql::CloseUnlessReturned(Some(self.writer.acquire().await?));
+                let Some(conn) = pooled.0.as_mut() else {
+                    return Err($crate::Error::Corrupt { what: "connection", detail: "the writer connection was taken twice".to_owned() });
+                };
+                let (idx, counts, events) = if Self::GATHERS_WRITES {
+                    // SQLite: each query is a round trip to the connection's thread, so the
+                    // transaction is begun and committed by hand, in the queries of its
+                    // first and last writes (two trips for a step). If this future is
+                    // dropped half-way, the connection is closed, not pooled (closing rolls
+                    // back); on an error it rolls back here.
+                    let mut g = $crate::sql::Gather::<$db>::new(true);
+                    g.qb.push("BEGIN IMMEDIATE");
+                    let _ = g.end(0);
+                    match Self::checkpoints_in(&mut **conn, &mut g, batch, true).await {
+                        Ok(done) => done,
+                        Err(e) => {
+                            if sqlx::query("ROLLBACK").execute(&mut **conn).await.is_ok() {
+                                pooled.give_back();
+                            }
+                            return Err(e);
+                        }
                     }
-                    rounds[nth].push(i);
-                }
-                let mut idx: Vec<Option<Option<i64>>> = vec![None; batch.len()];
-                // The batch's writes that read nothing back (finishes, steps, messages,
-                // usage, events), gathered to run together where the database allows.
-                let mut g = $crate::sql::Gather::<$db>::new(Self::GATHERS_WRITES);
-                for round in &rounds {
-                    // A round reads what the one before wrote.
-                    Self::run_gathered(&mut *tx, &mut g).await?;
-                    let got = Self::checkpoints_set_in(&mut tx, &mut g, batch, round, now, &mut step_rows, &mut message_rows).await?;
-                    for &i in round {
-                        idx[i] = got[i];
+                } else {
+                    let done = async {
+                        let mut tx = sqlx::Connection::begin(&mut **conn).await?;
+                        let mut g = $crate::sql::Gather::<$db>::new(false);
+                        let done = Self::checkpoints_in(&mut *tx, &mut g, batch, false).await?;
+                        tx.commit().await?;
+                        Ok::<_, $crate::Error>(done)
                     }
-                }
-                // Every run's step and message rows in one statement each.
-                Self::insert_steps(&mut *tx, &mut g, &step_rows, now).await?;
-                Self::insert_messages(&mut *tx, &mut g, &message_rows, now).await?;
-                let usage: Vec<&$crate::UsageRecord> = batch.iter().zip(&idx)
-                    .filter(|(_, stored)| stored.is_some())
-                    .filter_map(|(c, _)| c.usage.as_ref())
-                    .collect();
-                Self::insert_usage_in(&mut *tx, &mut g, &usage).await?;
-                let mut counts = Vec::with_capacity(batch.len());
-                let mut all = Vec::new();
-                for (c, stored) in batch.iter().zip(&idx) {
-                    if stored.is_some() {
-                        counts.push(c.events.len());
-                        all.extend(c.events.iter().cloned());
-                    } else {
-                        counts.push(0);
-                    }
-                }
-                let mut events = Self::append_events_gathered(&mut tx, &mut g, &all).await?.into_iter();
-                tx.commit().await?;
+                    .await;
+                    // sqlx's transaction rolled back whatever did not commit.
+                    pooled.give_back();
+                    done?
+                };
+                pooled.give_back();
+                let mut events = events.into_iter();
                 Ok(idx.into_iter().zip(counts).map(|(stored, n)| match stored {
                     Some(idx) => Committed::Stored { idx, events: events.by_ref().take(n).collect() },
                     None => Committed::LeaseLost,

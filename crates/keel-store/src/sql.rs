@@ -115,6 +115,27 @@ impl<DB: sqlx::Database> Gather<DB> {
     }
 }
 
+/// A pooled connection that is closed, not pooled again, if it is dropped before
+/// [`give_back`](Self::give_back): for a transaction begun by hand (not by sqlx), so a
+/// future dropped half-way cannot put a connection with an open transaction back in the
+/// pool (closing it rolls the transaction back).
+pub(crate) struct CloseUnlessReturned<DB: sqlx::Database>(pub(crate) Option<sqlx::pool::PoolConnection<DB>>);
+
+impl<DB: sqlx::Database> CloseUnlessReturned<DB> {
+    /// Returns the connection to its pool: its transaction, if any, has ended.
+    pub(crate) fn give_back(&mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl<DB: sqlx::Database> Drop for CloseUnlessReturned<DB> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.as_mut() {
+            conn.close_on_drop();
+        }
+    }
+}
+
 pub(crate) fn workspace_from_row<R: Row>(row: &R) -> Result<Workspace>
 where
     for<'a> &'a str: sqlx::ColumnIndex<R>,
@@ -845,7 +866,7 @@ macro_rules! sql_store {
                 events: &[keel_core::event::NewEvent],
             ) -> $crate::Result<Vec<keel_core::event::Event>> {
                 let mut g = $crate::sql::Gather::<$db>::new(Self::GATHERS_WRITES);
-                Self::append_events_gathered(tx, &mut g, events).await
+                Self::append_events_gathered(&mut **tx, &mut g, events, false).await
             }
 
             /// Appends `events` after the writes waiting in `g`, runs them all, and returns
@@ -853,11 +874,14 @@ macro_rules! sql_store {
             ///
             /// A workspace's `event_heads` row, locked by its bump until the transaction
             /// ends, serialises the workspace's appends (seq order is commit order), so a
-            /// caller appends last, just before it commits.
+            /// caller appends last, just before it commits. With `commit`, the transaction
+            /// (begun by hand, not by sqlx) commits in the same round trip as the last
+            /// writes.
             pub(crate) async fn append_events_gathered(
-                tx: &mut sqlx::Transaction<'_, $db>,
+                conn: &mut <$db as sqlx::Database>::Connection,
                 g: &mut $crate::sql::Gather<$db>,
                 events: &[keel_core::event::NewEvent],
+                commit: bool,
             ) -> $crate::Result<Vec<keel_core::event::Event>> {
                 use sqlx::Row as _;
                 // One workspace at a time, in id order, so concurrent appenders lock
@@ -871,11 +895,16 @@ macro_rules! sql_store {
                         let chunk: Vec<&keel_core::event::Event> = chunk.iter().map(|(i, _)| &made[*i]).collect();
                         Self::push_event_chunk(g, &chunk);
                         if g.end($crate::sql::padded_rows(chunk.len())) {
-                            returned.extend(Self::run_gathered(&mut **tx, g).await?);
+                            returned.extend(Self::run_gathered(&mut *conn, g).await?);
                         }
                     }
                 }
-                returned.extend(Self::run_gathered(&mut **tx, g).await?);
+                if commit {
+                    g.qb.push("COMMIT");
+                    // Gathered, it waits for this run; alone, it is this run.
+                    let _ = g.end(0);
+                }
+                returned.extend(Self::run_gathered(&mut *conn, g).await?);
                 let mut seqs: std::collections::HashMap<uuid::Uuid, i64> = std::collections::HashMap::with_capacity(returned.len());
                 for row in &returned {
                     seqs.insert(row.try_get("event_id")?, row.try_get("seq")?);

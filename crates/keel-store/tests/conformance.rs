@@ -1443,6 +1443,20 @@ async fn one_batch_starts_steps_and_finishes_many_runs_as_each_alone_would(f: &F
         d_steps.iter().map(|s| s.idx).collect::<Vec<_>>(),
         vec![0, 1]
     );
+    // `d` twice in one batch (stored in rounds): its thread's messages in batch order,
+    // numbered without a gap.
+    let d_thread = f
+        .store
+        .thread_messages(ws.id, batch[3].thread_id, 0, 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        d_thread
+            .iter()
+            .map(|m| (m.seq, m.body["content"].as_str().unwrap_or_default()))
+            .collect::<Vec<_>>(),
+        vec![(1, "hi"), (2, "d1"), (3, "d2")]
+    );
 }
 
 async fn the_queue_orders_by_priority_then_fairly_across_workspaces(f: &Fixture) {
