@@ -119,7 +119,9 @@ impl<DB: sqlx::Database> Gather<DB> {
 /// [`give_back`](Self::give_back): for a transaction begun by hand (not by sqlx), so a
 /// future dropped half-way cannot put a connection with an open transaction back in the
 /// pool (closing it rolls the transaction back).
-pub(crate) struct CloseUnlessReturned<DB: sqlx::Database>(pub(crate) Option<sqlx::pool::PoolConnection<DB>>);
+pub(crate) struct CloseUnlessReturned<DB: sqlx::Database>(
+    pub(crate) Option<sqlx::pool::PoolConnection<DB>>,
+);
 
 impl<DB: sqlx::Database> CloseUnlessReturned<DB> {
     /// Returns the connection to its pool: its transaction, if any, has ended.
