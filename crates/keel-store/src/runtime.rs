@@ -575,6 +575,10 @@ pub(crate) struct StepRow {
     pub(crate) data: String,
 }
 
+/// What a checkpoint batch's writes return: each checkpoint's step index (`None`: its
+/// lease was lost), how many of the events are its, and the events as stored.
+pub(crate) type BatchWrites = (Vec<Option<Option<i64>>>, Vec<usize>, Vec<Event>);
+
 /// A message row waiting to be inserted with the rest of its batch.
 ///
 /// Its seq is computed by the insert: the thread's `next_seq`, as the same transaction's
@@ -1094,13 +1098,12 @@ macro_rules! runtime_store {
             /// caller (with `commit`, begun by hand and ended here, in the last query):
             /// each checkpoint's step index (`None`: lease lost), how many of the events
             /// are its, and the events as stored.
-            #[allow(clippy::type_complexity)]
             async fn checkpoints_in(
                 conn: &mut <$db as sqlx::Database>::Connection,
                 g: &mut $crate::sql::Gather<$db>,
                 batch: &[$crate::runtime::Checkpoint],
                 commit: bool,
-            ) -> $crate::Result<(Vec<Option<Option<i64>>>, Vec<usize>, Vec<keel_core::event::Event>)> {
+            ) -> $crate::Result<$crate::runtime::BatchWrites> {
                 let now = $crate::now();
                 // Task rows in id order (see the module's lock order).
                 let mut order: Vec<usize> = (0..batch.len()).collect();
