@@ -2015,7 +2015,9 @@ macro_rules! runtime_store {
                     // transaction is begun and committed by hand, in the queries of its
                     // first and last writes (two trips for a step). If this future is
                     // dropped half-way, the connection is closed, not pooled (closing rolls
-                    // back); on an error it rolls back here.
+                    // back); on an error it rolls back here. The events' seqs are read from
+                    // the same query as the COMMIT, so a row that failed to decode (a broken
+                    // invariant, not a caller's mistake) would be reported after the commit.
                     let mut g = $crate::sql::Gather::<$db>::new(true);
                     g.qb.push("BEGIN IMMEDIATE");
                     let _ = g.end(0);
