@@ -972,11 +972,7 @@ macro_rules! runtime_store {
                 // Seqs start at 1, so `after = 0` reads a thread from its start: the range
                 // handed out is next_seq + 1 ..= next_seq + n, the last message `back` 0.
                 let mut g = $crate::sql::Gather::<$db>::new(Self::GATHERS_WRITES);
-                g.qb.push("UPDATE threads SET next_seq = next_seq + ").push_bind(n)
-                    .push(" WHERE id = ").push_bind(thread.as_uuid());
-                if g.end(1) {
-                    Self::run_gathered(&mut *conn, &mut g).await?;
-                }
+                Self::hand_out_seqs(&mut *conn, &mut g, &[(thread.as_uuid(), n)]).await?;
                 let rows: Vec<$crate::runtime::MessageRow> = (0..n)
                     .rev()
                     .zip(messages)
@@ -992,6 +988,28 @@ macro_rules! runtime_store {
                     .collect();
                 Self::insert_messages(&mut *conn, &mut g, &rows, now).await?;
                 Self::run_gathered(&mut *conn, &mut g).await?;
+                Ok(())
+            }
+
+            /// Hands out `n` seqs on each `(thread, n)`: one update, which reads nothing
+            /// back and waits in `g` for the messages' inserts (each counts its seq back
+            /// from the `next_seq` it leaves; see `MessageRow`).
+            async fn hand_out_seqs(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                g: &mut $crate::sql::Gather<$db>,
+                wanted: &[(uuid::Uuid, i64)],
+            ) -> $crate::Result<()> {
+                if wanted.is_empty() {
+                    return Ok(());
+                }
+                g.qb.push("UPDATE threads SET next_seq = next_seq + v.column2 FROM (");
+                g.qb.push_values($crate::sql::padded(wanted), |mut row, w| {
+                    row.push_bind(w.map(|w| w.0)).push_bind(w.map(|w| w.1));
+                });
+                g.qb.push(") AS v WHERE threads.id = v.column1");
+                if g.end($crate::sql::padded_rows(wanted.len())) {
+                    Self::run_gathered(conn, g).await?;
+                }
                 Ok(())
             }
 
@@ -1298,18 +1316,7 @@ macro_rules! runtime_store {
                         None => wanted.push((c.thread_id.as_uuid(), n)),
                     }
                 }
-                if !wanted.is_empty() {
-                    // Nothing read back: each message's seq is counted back from the
-                    // thread's new next_seq by its insert, which runs after this (`g`).
-                    g.qb.push("UPDATE threads SET next_seq = next_seq + v.column2 FROM (");
-                    g.qb.push_values($crate::sql::padded(&wanted), |mut row, w| {
-                        row.push_bind(w.map(|w| w.0)).push_bind(w.map(|w| w.1));
-                    });
-                    g.qb.push(") AS v WHERE threads.id = v.column1");
-                    if g.end($crate::sql::padded_rows(wanted.len())) {
-                        Self::run_gathered(&mut *conn, g).await?;
-                    }
-                }
+                Self::hand_out_seqs(&mut *conn, g, &wanted).await?;
                 // What is still to be handed out per thread, counted down in task order.
                 let mut left: std::collections::HashMap<uuid::Uuid, i64> = wanted.into_iter().collect();
                 for &i in &stored {
@@ -1328,7 +1335,7 @@ macro_rules! runtime_store {
                         continue;
                     }
                     let Some(rest) = left.get_mut(&c.thread_id.as_uuid()) else {
-                        return Err($crate::Error::NotFound { what: "thread" });
+                        return Err($crate::Error::Corrupt { what: "thread", detail: "a message's thread had no seq range counted".to_owned() });
                     };
                     message_rows.extend(c.messages.iter().map(|m| {
                         *rest -= 1;
@@ -2006,10 +2013,7 @@ macro_rules! runtime_store {
             #[tracing::instrument(skip_all, fields(db.system = %Self::BACKEND, checkpoints = batch.len()))]
             async fn commit_checkpoints(&self, batch: &[$crate::runtime::Checkpoint]) -> $crate::Result<Vec<$crate::runtime::Committed>> {
                 use $crate::runtime::Committed;
-                let mut pooled = $crate::sql::CloseUnlessReturned(Some(self.writer.acquire().await?));
-                let Some(conn) = pooled.0.as_mut() else {
-                    return Err($crate::Error::Corrupt { what: "connection", detail: "the writer connection was taken twice".to_owned() });
-                };
+                let mut conn = $crate::sql::CloseUnlessReturned::new(self.writer.acquire().await?);
                 let (idx, counts, events) = if Self::GATHERS_WRITES {
                     // SQLite: each query is a round trip to the connection's thread, so the
                     // transaction is begun and committed by hand, in the queries of its
@@ -2022,10 +2026,13 @@ macro_rules! runtime_store {
                     g.qb.push("BEGIN IMMEDIATE");
                     let _ = g.end(0);
                     match Self::checkpoints_in(&mut **conn, &mut g, batch, true).await {
-                        Ok(done) => done,
+                        Ok(done) => {
+                            conn.give_back();
+                            done
+                        }
                         Err(e) => {
                             if sqlx::query("ROLLBACK").execute(&mut **conn).await.is_ok() {
-                                pooled.give_back();
+                                conn.give_back();
                             }
                             return Err(e);
                         }
@@ -2040,10 +2047,9 @@ macro_rules! runtime_store {
                     }
                     .await;
                     // sqlx's transaction rolled back whatever did not commit.
-                    pooled.give_back();
+                    conn.give_back();
                     done?
                 };
-                pooled.give_back();
                 let mut events = events.into_iter();
                 Ok(idx.into_iter().zip(counts).map(|(stored, n)| match stored {
                     Some(idx) => Committed::Stored { idx, events: events.by_ref().take(n).collect() },

@@ -119,21 +119,42 @@ impl<DB: sqlx::Database> Gather<DB> {
 /// [`give_back`](Self::give_back): for a transaction begun by hand (not by sqlx), so a
 /// future dropped half-way cannot put a connection with an open transaction back in the
 /// pool (closing it rolls the transaction back).
-pub(crate) struct CloseUnlessReturned<DB: sqlx::Database>(
-    pub(crate) Option<sqlx::pool::PoolConnection<DB>>,
-);
+pub(crate) struct CloseUnlessReturned<DB: sqlx::Database> {
+    conn: sqlx::pool::PoolConnection<DB>,
+    returned: bool,
+}
 
 impl<DB: sqlx::Database> CloseUnlessReturned<DB> {
+    pub(crate) fn new(conn: sqlx::pool::PoolConnection<DB>) -> Self {
+        Self {
+            conn,
+            returned: false,
+        }
+    }
+
     /// Returns the connection to its pool: its transaction, if any, has ended.
-    pub(crate) fn give_back(&mut self) {
-        drop(self.0.take());
+    pub(crate) fn give_back(mut self) {
+        self.returned = true;
+    }
+}
+
+impl<DB: sqlx::Database> std::ops::Deref for CloseUnlessReturned<DB> {
+    type Target = sqlx::pool::PoolConnection<DB>;
+    fn deref(&self) -> &Self::Target {
+        &self.conn
+    }
+}
+
+impl<DB: sqlx::Database> std::ops::DerefMut for CloseUnlessReturned<DB> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.conn
     }
 }
 
 impl<DB: sqlx::Database> Drop for CloseUnlessReturned<DB> {
     fn drop(&mut self) {
-        if let Some(conn) = self.0.as_mut() {
-            conn.close_on_drop();
+        if !self.returned {
+            self.conn.close_on_drop();
         }
     }
 }

@@ -1422,11 +1422,13 @@ async fn one_batch_starts_steps_and_finishes_many_runs_as_each_alone_would(f: &F
     assert_eq!(run_status(d).await, ("failed".to_owned(), true));
     // The shared thread's messages are numbered without a gap: each task's start, then
     // its step, in task order within each batch.
-    let thread = f
-        .store
-        .thread_messages(ws.id, starts[0].thread_id, 0, 100)
-        .await
-        .unwrap();
+    let messages_of = |thread| async move {
+        f.store
+            .thread_messages(ws.id, thread, 0, 100)
+            .await
+            .unwrap()
+    };
+    let thread = messages_of(starts[0].thread_id).await;
     assert_eq!(
         thread.iter().map(|m| m.seq).collect::<Vec<_>>(),
         vec![1, 2, 3, 4]
@@ -1445,11 +1447,7 @@ async fn one_batch_starts_steps_and_finishes_many_runs_as_each_alone_would(f: &F
     );
     // `d` twice in one batch (stored in rounds): its thread's messages in batch order,
     // numbered without a gap.
-    let d_thread = f
-        .store
-        .thread_messages(ws.id, batch[3].thread_id, 0, 100)
-        .await
-        .unwrap();
+    let d_thread = messages_of(batch[3].thread_id).await;
     assert_eq!(
         d_thread
             .iter()
