@@ -1002,6 +1002,7 @@ macro_rules! runtime_store {
                 if wanted.is_empty() {
                     return Ok(());
                 }
+                Self::gather_room(&mut *conn, g, $crate::sql::padded_rows(wanted.len())).await?;
                 g.qb.push("UPDATE threads SET next_seq = next_seq + v.column2 FROM (");
                 g.qb.push_values($crate::sql::padded(wanted), |mut row, w| {
                     row.push_bind(w.map(|w| w.0)).push_bind(w.map(|w| w.1));
@@ -1019,7 +1020,8 @@ macro_rules! runtime_store {
                 rows: &[$crate::runtime::MessageRow],
                 now: time::OffsetDateTime,
             ) -> $crate::Result<()> {
-                for chunk in rows.chunks($crate::runtime::ROW_BATCH) {
+                for chunk in rows.chunks($crate::sql::chunk_rows(Self::GATHERS_WRITES, $crate::runtime::ROW_BATCH)) {
+                    Self::gather_room(&mut *conn, g, $crate::sql::padded_rows(chunk.len())).await?;
                     g.qb.push(
                         "INSERT INTO messages (thread_id, seq, workspace_id, task_id, run_id, body, tokens, created_at) \
                          SELECT v.column1, (SELECT t.next_seq FROM threads t WHERE t.id = v.column1) - v.column2, \
@@ -1049,7 +1051,8 @@ macro_rules! runtime_store {
                 rows: &[$crate::runtime::StepRow],
                 now: time::OffsetDateTime,
             ) -> $crate::Result<()> {
-                for chunk in rows.chunks($crate::runtime::ROW_BATCH) {
+                for chunk in rows.chunks($crate::sql::chunk_rows(Self::GATHERS_WRITES, $crate::runtime::ROW_BATCH)) {
+                    Self::gather_room(&mut *conn, g, $crate::sql::padded_rows(chunk.len())).await?;
                     g.qb.push("INSERT INTO steps (task_id, idx, run_id, workspace_id, kind, data, created_at) SELECT * FROM (");
                     g.qb.push_values($crate::sql::padded(chunk), |mut row, s| {
                         row.push_bind(s.map(|s| s.task))
@@ -1074,7 +1077,8 @@ macro_rules! runtime_store {
                 records: &[&$crate::UsageRecord],
             ) -> $crate::Result<()> {
                 use $crate::usage::to_i64;
-                for batch in records.chunks($crate::sql::USAGE_BATCH) {
+                for batch in records.chunks($crate::sql::chunk_rows(Self::GATHERS_WRITES, $crate::sql::USAGE_BATCH)) {
+                    Self::gather_room(&mut *conn, g, $crate::sql::padded_rows(batch.len())).await?;
                     g.qb.push(
                         "INSERT INTO usage_records (id, workspace_id, api_key_id, route, provider, upstream_model, \
                          target, input_tokens, output_tokens, cached_tokens, cost_nanousd, latency_ms, ttft_ms, \
@@ -1213,6 +1217,7 @@ macro_rules! runtime_store {
                 if !starts.is_empty() {
                     // The statements that read something back run with whatever waits in
                     // `g` (on SQLite, the transaction's BEGIN): one round trip.
+                    Self::gather_room(&mut *conn, g, $crate::sql::padded_rows(starts.len())).await?;
                     let qb = &mut g.qb;
                     qb.push("UPDATE tasks SET status = 'working', started_at = COALESCE(started_at, ");
                     qb.push_bind(now).push("), updated_at = ").push_bind(now)
@@ -1239,6 +1244,7 @@ macro_rules! runtime_store {
                         }
                     }
                     if !runs.is_empty() {
+                        Self::gather_room(&mut *conn, g, $crate::sql::padded_rows(runs.len())).await?;
                         let qb = &mut g.qb;
                         qb.push("INSERT INTO runs (id, task_id, workspace_id, attempt, status, started_at) SELECT * FROM (");
                         qb.push_values($crate::sql::padded(&runs), |mut row, run| {
@@ -1262,6 +1268,7 @@ macro_rules! runtime_store {
                 if going.is_empty() {
                     return Ok(idx);
                 }
+                Self::gather_room(&mut *conn, g, $crate::sql::padded_rows(going.len())).await?;
                 let qb = &mut g.qb;
                 qb.push(
                     "UPDATE tasks SET steps = steps + v.column4, tool_calls = tool_calls + v.column5, \
@@ -1381,6 +1388,7 @@ macro_rules! runtime_store {
                     // Nothing is read back: both statements wait in `g` for the batch's
                     // other writes.
                     let rows = $crate::sql::padded_rows(endings.len());
+                    Self::gather_room(&mut *conn, g, rows).await?;
                     g.qb.push(
                         "UPDATE tasks SET status = v.column2, queued = v.column3, dead_lettered = v.column4, \
                          output = COALESCE(v.column5, output), error = COALESCE(v.column6, error), run_at = v.column7, \
@@ -1400,6 +1408,7 @@ macro_rules! runtime_store {
                     if g.end(rows) {
                         Self::run_gathered(&mut *conn, g).await?;
                     }
+                    Self::gather_room(&mut *conn, g, rows).await?;
                     g.qb.push(
                         "UPDATE runs SET status = v.column2, error = COALESCE(v.column3, error), finished_at = v.column4 FROM (",
                     );

@@ -43,6 +43,14 @@ pub(crate) fn padded<T>(items: &[T]) -> impl Iterator<Item = Option<&T>> {
     (0..padded_rows(items.len())).map(|k| items.get(k))
 }
 
+/// Rows per statement of a multi-row write that would otherwise take up to `most`: where
+/// writes are gathered, [`PREPARED_ROWS`], so each chunk is a statement kept prepared (a
+/// round trip more per chunk costs the SQLite writer's thread less than parsing a longer
+/// one); elsewhere `most`.
+pub(crate) const fn chunk_rows(gathered: bool, most: usize) -> usize {
+    if gathered { PREPARED_ROWS } else { most }
+}
+
 /// Whether a statement of `rows` rows is kept prepared: padded or not, the answer is the
 /// same (padding never crosses [`PREPARED_ROWS`]).
 pub(crate) fn persistent(rows: usize) -> bool {
@@ -68,6 +76,14 @@ where
 /// query is a round trip to the connection's worker thread (two thread wake-ups), so a
 /// commit's inserts and updates cost one trip instead of one each. Elsewhere (Postgres
 /// takes one statement per prepared query) each statement runs as it is ended.
+///
+/// A gathered query is kept prepared only while its statements' rows add up to at most
+/// [`PREPARED_ROWS`] (see [`persistent`]): past that, its text depends on every
+/// statement's length and would be parsed afresh each time. So a statement that would
+/// take the query past it first sends what waits ([`needs_room`](Self::needs_room)):
+/// under load a commit costs a few more round trips, each of a query kept prepared,
+/// instead of one query of hundreds of rows parsed and planned for every batch (which
+/// had been a seventh of the SQLite writer's thread at 64 concurrent runs).
 pub(crate) struct Gather<DB: sqlx::Database> {
     pub(crate) qb: sqlx::QueryBuilder<DB>,
     together: bool,
@@ -75,6 +91,8 @@ pub(crate) struct Gather<DB: sqlx::Database> {
     pending: usize,
     /// Their rows (as padded).
     rows: usize,
+    /// Rows returned by the queries sent early to make room, for the next run's caller.
+    pub(crate) early: Vec<DB::Row>,
 }
 
 impl<DB: sqlx::Database> Gather<DB> {
@@ -84,7 +102,15 @@ impl<DB: sqlx::Database> Gather<DB> {
             together,
             pending: 0,
             rows: 0,
+            early: Vec::new(),
         }
+    }
+
+    /// Whether what waits must run before a statement of `rows` rows (as padded) is
+    /// written, to keep the gathered query short enough to stay prepared. Statements of
+    /// no rows (`BEGIN`, `COMMIT`) never wait for room.
+    pub(crate) fn needs_room(&self, rows: usize) -> bool {
+        self.together && self.pending > 0 && rows > 0 && !persistent(self.rows + rows)
     }
 
     /// Ends the statement just written (`rows` rows, as padded). True when it is to run
@@ -873,13 +899,31 @@ macro_rules! sql_store {
                 conn: &mut <$db as sqlx::Database>::Connection,
                 g: &mut $crate::sql::Gather<$db>,
             ) -> $crate::Result<Vec<<$db as sqlx::Database>::Row>> {
+                let mut rows = std::mem::take(&mut g.early);
                 if !g.is_pending() {
-                    return Ok(Vec::new());
+                    return Ok(rows);
                 }
                 let persistent = g.take();
-                let rows = g.qb.build().persistent(persistent).fetch_all(&mut *conn).await?;
+                rows.extend(g.qb.build().persistent(persistent).fetch_all(&mut *conn).await?);
                 g.qb.reset();
                 Ok(rows)
+            }
+
+            /// Makes room in `g` for a statement of `rows` rows (as padded) that the
+            /// caller is about to write: see [`Gather::needs_room`]. What waits runs now,
+            /// and the rows it returns are handed to the next [`run_gathered`]'s caller.
+            pub(crate) async fn gather_room(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                g: &mut $crate::sql::Gather<$db>,
+                rows: usize,
+            ) -> $crate::Result<()> {
+                if g.needs_room(rows) {
+                    let persistent = g.take();
+                    let got = g.qb.build().persistent(persistent).fetch_all(&mut *conn).await?;
+                    g.qb.reset();
+                    g.early.extend(got);
+                }
+                Ok(())
             }
 
             /// Appends `events` inside `tx` — the transaction of the state change that
@@ -914,8 +958,9 @@ macro_rules! sql_store {
                 let mut made = $crate::events::stamped(events);
                 let mut returned = Vec::new();
                 for group in order.chunk_by(|a, b| a.1.workspace_id == b.1.workspace_id) {
-                    for chunk in group.chunks($crate::events::EVENT_BATCH) {
+                    for chunk in group.chunks($crate::sql::chunk_rows(Self::GATHERS_WRITES, $crate::events::EVENT_BATCH)) {
                         let chunk: Vec<&keel_core::event::Event> = chunk.iter().map(|(i, _)| &made[*i]).collect();
+                        Self::gather_room(&mut *conn, g, $crate::sql::padded_rows(chunk.len())).await?;
                         Self::push_event_chunk(g, &chunk);
                         if g.end($crate::sql::padded_rows(chunk.len())) {
                             returned.extend(Self::run_gathered(&mut *conn, g).await?);

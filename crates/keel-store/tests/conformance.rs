@@ -94,6 +94,7 @@ conformance!(
     claims_are_exclusive_and_checkpoints_are_fenced_by_the_lease,
     a_failed_checkpoint_batch_stores_nothing_of_any_run,
     one_batch_starts_steps_and_finishes_many_runs_as_each_alone_would,
+    a_batch_longer_than_one_prepared_statement_is_stored_whole,
     the_queue_orders_by_priority_then_fairly_across_workspaces,
     idempotency_keys_and_the_queue_bound_hold,
     cancel_and_input_follow_the_task_state,
@@ -1455,6 +1456,147 @@ async fn one_batch_starts_steps_and_finishes_many_runs_as_each_alone_would(f: &F
             .collect::<Vec<_>>(),
         vec![(1, "hi"), (2, "d1"), (3, "d2")]
     );
+}
+
+/// Forty runs in a batch: more rows than one gathered query keeps prepared (SQLite sends
+/// a commit's statements in several queries then, and its events in chunks), and every
+/// row must still land, numbered as one batch of four would be.
+async fn a_batch_longer_than_one_prepared_statement_is_stored_whole(f: &Fixture) {
+    use keel_core::task::{Priority, TaskStatus};
+    use keel_store::runtime::{Checkpoint, Committed, Finish, NewMessage};
+    const RUNS: usize = 40;
+    let ws = f.store.ensure_workspace(&name("long-batch")).await.unwrap();
+    let agent = runtime_fixtures::agent(f, ws.id).await;
+    let mut tasks = Vec::with_capacity(RUNS);
+    for _ in 0..RUNS {
+        tasks.push(
+            runtime_fixtures::create(
+                f,
+                runtime_fixtures::new_task(&agent, Priority::Medium, None),
+            )
+            .await,
+        );
+    }
+    let owner = uuid::Uuid::now_v7();
+    let claimed = f
+        .store
+        .claim_tasks(owner, runtime_fixtures::later(60), RUNS as u32)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), RUNS);
+    let at = time::OffsetDateTime::now_utc();
+    let event = |t: &keel_store::runtime::TaskRecord, text: &str| {
+        NewEvent::new(
+            EventType::AgentMessage,
+            ws.id,
+            serde_json::json!({"content": text}),
+        )
+        .with_task(t.id)
+    };
+    let message = |text: &str| NewMessage {
+        body: serde_json::json!({"role": "assistant", "content": text}),
+        tokens: 1,
+    };
+    let runs: Vec<RunId> = tasks.iter().map(|_| RunId::new()).collect();
+    let starts: Vec<Checkpoint> = tasks
+        .iter()
+        .zip(&runs)
+        .map(|(t, run)| Checkpoint {
+            task_id: t.id,
+            workspace_id: ws.id,
+            thread_id: t.thread_id,
+            run_id: *run,
+            owner,
+            start: Some(*run),
+            step: None,
+            messages: vec![message("hi")],
+            tool_calls: 0,
+            input_tokens: 0,
+            output_tokens: 0,
+            cost_nanousd: 0,
+            finish: None,
+            events: vec![event(t, "started")],
+            usage: None,
+        })
+        .collect();
+    let steps: Vec<Checkpoint> = starts
+        .iter()
+        .zip(&tasks)
+        .map(|(start, t)| Checkpoint {
+            start: None,
+            step: Some(("llm_call".to_owned(), serde_json::json!({"text": "x"}))),
+            messages: vec![message("x1"), message("x2")],
+            tool_calls: 1,
+            input_tokens: 10,
+            output_tokens: 5,
+            cost_nanousd: 1_500,
+            finish: Some(Finish::Completed {
+                output: Some("done".into()),
+            }),
+            events: vec![event(t, "x1"), event(t, "x2")],
+            usage: Some(usage(ws.id, None, "long", "m", at)),
+            ..start.clone()
+        })
+        .collect();
+    let mut returned = std::collections::HashMap::new();
+    for (batch, per_run) in [(&starts, 1), (&steps, 2)] {
+        let out = f.store.commit_checkpoints(batch).await.unwrap();
+        assert_eq!(out.len(), RUNS);
+        for o in &out {
+            match o {
+                Committed::Stored { events, .. } => {
+                    assert_eq!(events.len(), per_run, "{o:?}");
+                    for e in events {
+                        assert!(returned.insert(e.event_id, e.seq).is_none());
+                    }
+                }
+                Committed::LeaseLost => panic!("lost: {out:?}"),
+            }
+        }
+    }
+    // Each event came back with the seq it is stored under, and the log has no gap.
+    let log = f.store.events_after(ws.id, 0, 1_000).await.unwrap();
+    assert_eq!(
+        log.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=i64::try_from(log.len()).unwrap()).collect::<Vec<_>>()
+    );
+    let stored: std::collections::HashMap<_, _> = log.iter().map(|e| (e.event_id, e.seq)).collect();
+    assert_eq!(returned.len(), 3 * RUNS);
+    for (id, seq) in &returned {
+        assert_eq!(stored.get(id), Some(seq));
+    }
+    for t in &tasks {
+        let t = f.store.task(ws.id, t.id).await.unwrap();
+        assert_eq!(
+            (t.status, t.steps, t.tool_calls, t.lease_owner),
+            (TaskStatus::Completed, 1, 1, None)
+        );
+        let messages = f
+            .store
+            .thread_messages(ws.id, t.thread_id, 0, 100)
+            .await
+            .unwrap();
+        assert_eq!(
+            messages
+                .iter()
+                .map(|m| (m.seq, m.body["content"].as_str().unwrap_or_default()))
+                .collect::<Vec<_>>(),
+            vec![(1, "hi"), (2, "x1"), (3, "x2")]
+        );
+        let steps = f.store.task_steps(ws.id, t.id).await.unwrap();
+        assert_eq!(steps.iter().map(|s| s.idx).collect::<Vec<_>>(), vec![0]);
+    }
+    let usage = f
+        .store
+        .usage_summary(
+            ws.id,
+            at - time::Duration::hours(1),
+            at + time::Duration::hours(1),
+            GroupBy::Route,
+        )
+        .await
+        .unwrap();
+    assert_eq!(usage[0].requests, RUNS as u64);
 }
 
 async fn the_queue_orders_by_priority_then_fairly_across_workspaces(f: &Fixture) {
