@@ -108,9 +108,10 @@ impl<DB: sqlx::Database> Gather<DB> {
 
     /// Whether what waits must run before a statement of `rows` rows (as padded) is
     /// written, to keep the gathered query short enough to stay prepared. Statements of
-    /// no rows (`BEGIN`, `COMMIT`) never wait for room.
+    /// no rows (`BEGIN`, `COMMIT`) never wait for room, and never make room alone: a
+    /// `BEGIN` rides with the statement after it even when that one is too long to keep.
     pub(crate) fn needs_room(&self, rows: usize) -> bool {
-        self.together && self.pending > 0 && rows > 0 && !persistent(self.rows + rows)
+        self.together && self.rows > 0 && rows > 0 && !persistent(self.rows + rows)
     }
 
     /// Ends the statement just written (`rows` rows, as padded). True when it is to run
@@ -1085,3 +1086,36 @@ macro_rules! sql_store {
 }
 
 pub(crate) use sql_store;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gathered_query_makes_room_before_it_would_outgrow_its_prepared_length() {
+        let mut g = Gather::<sqlx::Sqlite>::new(true);
+        // A BEGIN waiting alone never makes room, even before a statement too long to keep.
+        assert!(!g.end(0));
+        assert!(!g.needs_room(padded_rows(100)));
+        assert!(!g.end(16));
+        assert!(!g.end(16));
+        assert!(!g.needs_room(32), "32 + 32 rows still fit");
+        assert!(g.needs_room(64), "32 + 64 rows would not");
+        assert!(!g.needs_room(0), "a COMMIT rides with what waits");
+        assert!(g.take(), "what waits is kept prepared");
+        assert!(!g.needs_room(64), "nothing waits after a run");
+        let apart = Gather::<sqlx::Sqlite>::new(false);
+        assert!(
+            !apart.needs_room(1_000),
+            "statements run one by one need no room"
+        );
+    }
+
+    #[test]
+    fn multi_row_writes_are_chunked_to_the_prepared_length_only_where_gathered() {
+        assert_eq!(chunk_rows(true, 500), PREPARED_ROWS);
+        assert_eq!(chunk_rows(false, 500), 500);
+        assert!(persistent(padded_rows(chunk_rows(true, 500))));
+        assert!(!persistent(padded_rows(chunk_rows(false, 500))));
+    }
+}
