@@ -919,10 +919,7 @@ macro_rules! sql_store {
                 rows: usize,
             ) -> $crate::Result<()> {
                 if g.needs_room(rows) {
-                    let persistent = g.take();
-                    let got = g.qb.build().persistent(persistent).fetch_all(&mut *conn).await?;
-                    g.qb.reset();
-                    g.early.extend(got);
+                    g.early = Self::run_gathered(conn, g).await?;
                 }
                 Ok(())
             }

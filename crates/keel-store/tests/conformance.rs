@@ -447,6 +447,23 @@ async fn usage_is_summed_by_each_grouping_within_the_window(f: &Fixture) {
     assert_eq!(theirs[0].requests, 1);
 }
 
+/// A workspace's usage by route within an hour either side of `at`.
+async fn usage_by_route_around(
+    f: &Fixture,
+    ws: WorkspaceId,
+    at: time::OffsetDateTime,
+) -> Vec<UsageRow> {
+    f.store
+        .usage_summary(
+            ws,
+            at - time::Duration::hours(1),
+            at + time::Duration::hours(1),
+            GroupBy::Route,
+        )
+        .await
+        .unwrap()
+}
+
 async fn usage_batches_larger_than_one_statement_are_stored_whole(f: &Fixture) {
     let ws = f.store.create_workspace(&name("bulk")).await.unwrap();
     let at = time::OffsetDateTime::now_utc();
@@ -454,16 +471,7 @@ async fn usage_batches_larger_than_one_statement_are_stored_whole(f: &Fixture) {
         .map(|_| usage(ws.id, None, "r", "m", at))
         .collect();
     f.store.insert_usage(&records).await.unwrap();
-    let rows = f
-        .store
-        .usage_summary(
-            ws.id,
-            at - time::Duration::hours(1),
-            at + time::Duration::hours(1),
-            GroupBy::Route,
-        )
-        .await
-        .unwrap();
+    let rows = usage_by_route_around(f, ws.id, at).await;
     assert_eq!(rows[0].requests, 1_234);
     assert_eq!(rows[0].cost_nanousd, 1_234 * 1_500);
 }
@@ -1449,13 +1457,15 @@ async fn one_batch_starts_steps_and_finishes_many_runs_as_each_alone_would(f: &F
     // `d` twice in one batch (stored in rounds): its thread's messages in batch order,
     // numbered without a gap.
     let d_thread = messages_of(batch[3].thread_id).await;
-    assert_eq!(
-        d_thread
-            .iter()
-            .map(|m| (m.seq, m.body["content"].as_str().unwrap_or_default()))
-            .collect::<Vec<_>>(),
-        vec![(1, "hi"), (2, "d1"), (3, "d2")]
-    );
+    assert_eq!(numbered(&d_thread), vec![(1, "hi"), (2, "d1"), (3, "d2")]);
+}
+
+/// A thread's messages as (seq, content).
+fn numbered(messages: &[keel_store::runtime::MessageRecord]) -> Vec<(i64, &str)> {
+    messages
+        .iter()
+        .map(|m| (m.seq, m.body["content"].as_str().unwrap_or_default()))
+        .collect()
 }
 
 /// Forty runs in a batch: more rows than one gathered query keeps prepared (SQLite sends
@@ -1576,26 +1586,11 @@ async fn a_batch_longer_than_one_prepared_statement_is_stored_whole(f: &Fixture)
             .thread_messages(ws.id, t.thread_id, 0, 100)
             .await
             .unwrap();
-        assert_eq!(
-            messages
-                .iter()
-                .map(|m| (m.seq, m.body["content"].as_str().unwrap_or_default()))
-                .collect::<Vec<_>>(),
-            vec![(1, "hi"), (2, "x1"), (3, "x2")]
-        );
+        assert_eq!(numbered(&messages), vec![(1, "hi"), (2, "x1"), (3, "x2")]);
         let steps = f.store.task_steps(ws.id, t.id).await.unwrap();
         assert_eq!(steps.iter().map(|s| s.idx).collect::<Vec<_>>(), vec![0]);
     }
-    let usage = f
-        .store
-        .usage_summary(
-            ws.id,
-            at - time::Duration::hours(1),
-            at + time::Duration::hours(1),
-            GroupBy::Route,
-        )
-        .await
-        .unwrap();
+    let usage = usage_by_route_around(f, ws.id, at).await;
     assert_eq!(usage[0].requests, RUNS as u64);
 }
 
