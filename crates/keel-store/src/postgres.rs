@@ -36,8 +36,17 @@ const PING_IF_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 impl PgStore {
     /// Connects to the database at `url`.
     pub async fn connect(url: &SecretString, config: &Database) -> Result<Self> {
+        // Every statement Keel sends is prepared once per connection and then executed
+        // with new parameters; none of them filters on an optional parameter (`$n IS NULL
+        // OR ...`), so one generic plan serves every execution. Left to `auto`, Postgres
+        // re-plans the hot statements (the claim, the checkpoint batch's writes) at every
+        // execution, because their custom plans look cheaper than the generic one: about a
+        // tenth of its CPU in the 64-run benchmark, and on a table not yet analysed the
+        // claim's custom plan was a sequential scan where the generic one walks the queue
+        // index (docs/BENCHMARKS.md, "Agent runtime").
         let options = PgConnectOptions::from_str(url.expose_secret())
-            .map_err(|e| Error::BadUrl(e.to_string()))?;
+            .map_err(|e| Error::BadUrl(e.to_string()))?
+            .options([("plan_cache_mode", "force_generic_plan")]);
         // A connection is pinged before use only after it has sat idle for a while (a
         // server restart or a dropped socket shows there): one in steady use has just
         // proven itself, and a ping before every use is one more round trip per statement
@@ -136,3 +145,25 @@ crate::sql::sql_store!(PgStore, sqlx::Postgres);
 crate::runtime::runtime_store!(PgStore, sqlx::Postgres);
 crate::security::security_store!(PgStore, sqlx::Postgres);
 crate::budgets::budget_store!(PgStore, sqlx::Postgres);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hot statements keep one plan per connection; `auto` re-planned them at every
+    /// execution (see `PgStore::connect`).
+    #[tokio::test]
+    async fn connections_keep_one_generic_plan_per_statement() {
+        let Some(url) = crate::testing::fresh_postgres_db().await.unwrap() else {
+            return;
+        };
+        let store = PgStore::connect(&SecretString::from(url), &Database::default())
+            .await
+            .unwrap();
+        let mode: String = sqlx::query_scalar("SHOW plan_cache_mode")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(mode, "force_generic_plan");
+    }
+}
