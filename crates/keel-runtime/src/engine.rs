@@ -949,7 +949,10 @@ impl Runtime {
                         .collect()
                 })
                 .await;
-                let context = if spec.memory == crate::spec::Memory::Thread {
+                // A thread the claim saw empty has no earlier turns to read.
+                let context = if spec.memory == crate::spec::Memory::Thread
+                    && task.thread_empty != Some(true)
+                {
                     inner
                         .store
                         .thread_context(task.workspace_id, task.thread_id, task.id)

@@ -92,13 +92,15 @@ impl PgStore {
     const CLAIM_SQL: &'static str = concat!(claim_update!(), crate::runtime::task_columns!());
     /// [`Self::CLAIM_SQL`] with the queue's clock moved to the latest virtual time
     /// claimed, in one statement; each row says whether its agent has a concurrency limit
-    /// (`agent_limited`).
+    /// (`agent_limited`) and how many messages its thread holds (`thread_next_seq`: none
+    /// spares a new run the read of the thread's earlier turns).
     const CLAIM_AT_ONCE_SQL: &'static str = concat!(
         "WITH claimed AS (",
         claim_update!(),
         crate::runtime::task_columns!(),
         "), clock AS (UPDATE queue_clock SET vt = GREATEST(vt, (SELECT max(vt) FROM claimed)) WHERE id = 1 AND EXISTS (SELECT 1 FROM claimed)) \
-         SELECT claimed.*, a.max_concurrency IS NOT NULL AS agent_limited FROM claimed JOIN agents a ON a.id = claimed.agent_id"
+         SELECT claimed.*, a.max_concurrency IS NOT NULL AS agent_limited, th.next_seq AS thread_next_seq \
+         FROM claimed JOIN agents a ON a.id = claimed.agent_id JOIN threads th ON th.id = claimed.thread_id"
     );
     /// Claims in one statement (see `claim_tasks`).
     const CLAIMS_AT_ONCE: bool = true;

@@ -110,6 +110,11 @@ pub struct TaskRecord {
     pub updated_at: OffsetDateTime,
     /// Reached a terminal status at.
     pub finished_at: Option<OffsetDateTime>,
+    /// Whether its thread held no messages when the task was read: known for a task just
+    /// claimed on Postgres (the claim reads it in the same statement), `None` otherwise.
+    /// A new run of a task whose thread is empty has no earlier turns to load, so the
+    /// engine skips [`RuntimeStore::thread_context`], a round trip per task started.
+    pub thread_empty: Option<bool>,
 }
 
 /// A task to create.
@@ -678,6 +683,8 @@ macro_rules! runtime_store {
                     started_at: row.try_get("started_at")?,
                     updated_at: row.try_get("updated_at")?,
                     finished_at: row.try_get("finished_at")?,
+                    // Only the claim's rows carry it.
+                    thread_empty: row.try_get::<i64, _>("thread_next_seq").ok().map(|next| next == 0),
                 })
             }
 

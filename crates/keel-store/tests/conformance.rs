@@ -93,6 +93,7 @@ conformance!(
     agents_are_versioned_and_scoped,
     claims_are_exclusive_and_checkpoints_are_fenced_by_the_lease,
     a_failed_checkpoint_batch_stores_nothing_of_any_run,
+    a_claim_on_postgres_says_whether_the_thread_is_empty,
     one_batch_starts_steps_and_finishes_many_runs_as_each_alone_would,
     a_batch_longer_than_one_prepared_statement_is_stored_whole,
     the_queue_orders_by_priority_then_fairly_across_workspaces,
@@ -1183,6 +1184,69 @@ async fn claims_are_exclusive_and_checkpoints_are_fenced_by_the_lease(f: &Fixtur
     assert_eq!(
         messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
         vec![1, 2, 3]
+    );
+}
+
+/// A claim on Postgres reads whether each task's thread holds messages yet (a new run on
+/// an empty thread has no earlier turns to load); SQLite's claim, and every other read,
+/// leave it unknown.
+async fn a_claim_on_postgres_says_whether_the_thread_is_empty(f: &Fixture) {
+    use keel_core::task::Priority;
+    use keel_store::runtime::{BeginRun, NewMessage, NewTask};
+    let ws = f.store.ensure_workspace(&name("fresh")).await.unwrap();
+    let agent = runtime_fixtures::agent(f, ws.id).await;
+    let known = |empty: bool| match f.store.backend() {
+        keel_store::Backend::Postgres => Some(empty),
+        keel_store::Backend::Sqlite => None,
+    };
+    let first = runtime_fixtures::create(
+        f,
+        runtime_fixtures::new_task(&agent, Priority::Medium, None),
+    )
+    .await;
+    let owner = uuid::Uuid::now_v7();
+    let claimed = f
+        .store
+        .claim_tasks(owner, runtime_fixtures::later(60), 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].thread_empty, known(true));
+    // Its run's first message goes into the thread; a second task on it finds it there.
+    f.store
+        .begin_run(BeginRun {
+            task_id: first.id,
+            owner,
+            new_run: Some((
+                RunId::new(),
+                vec![NewMessage {
+                    body: serde_json::json!({"role": "user", "content": "hello"}),
+                    tokens: 1,
+                }],
+            )),
+            events: vec![],
+        })
+        .await
+        .unwrap();
+    let second = runtime_fixtures::create(
+        f,
+        NewTask {
+            thread_id: Some(first.thread_id),
+            ..runtime_fixtures::new_task(&agent, Priority::Medium, None)
+        },
+    )
+    .await;
+    let claimed = f
+        .store
+        .claim_tasks(owner, runtime_fixtures::later(60), 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].id, second.id);
+    assert_eq!(claimed[0].thread_empty, known(false));
+    assert_eq!(
+        f.store.task(ws.id, second.id).await.unwrap().thread_empty,
+        None
     );
 }
 
