@@ -10,10 +10,10 @@
 //!   it through a lease it renews; an expired lease makes it claimable again — which is
 //!   how a crashed worker's runs resume elsewhere.
 //!
-//! A group commit locks its tasks' rows in task id order (each task's thread right after
-//! it) and the event heads last, in workspace order. Two concurrent commits can only
-//! deadlock over threads shared by several running tasks; Postgres then aborts one, and
-//! its checkpoints are retried.
+//! A group commit locks its tasks' rows in task id order, then their threads' rows in
+//! thread id order (one statement on Postgres), and the event heads last, in workspace
+//! order. Two concurrent commits can only deadlock over threads shared by several running
+//! tasks; Postgres then aborts one, and its checkpoints are retried.
 
 use async_trait::async_trait;
 use keel_core::event::{Event, NewEvent};
@@ -1207,15 +1207,21 @@ macro_rules! runtime_store {
                         .collect();
                     threads.sort_unstable();
                     threads.dedup();
-                    for (table, ids) in [("tasks", &tasks), ("threads", &threads)] {
-                        if ids.is_empty() {
-                            continue;
-                        }
-                        let mut qb = sqlx::QueryBuilder::<$db>::new(format!("SELECT id FROM {table} WHERE id IN ("));
-                        let persistent = $crate::sql::push_id_list(&mut qb, ids);
-                        qb.push(") ORDER BY id").push(Self::LOCK_ROWS);
-                        qb.build().persistent(persistent).fetch_all(&mut *conn).await?;
+                    // Both in one round trip: the threads' scan is gated on a count of the
+                    // locked tasks (a one-time filter, evaluated before the scan's first
+                    // row, also when it finds none), so every task is locked before any
+                    // thread is.
+                    let mut qb = sqlx::QueryBuilder::<$db>::new("WITH locked AS MATERIALIZED (SELECT id FROM tasks WHERE id IN (");
+                    let mut persistent = $crate::sql::push_id_list(&mut qb, &tasks);
+                    qb.push(") ORDER BY id").push(Self::LOCK_ROWS).push(") ");
+                    if threads.is_empty() {
+                        qb.push("SELECT id FROM locked");
+                    } else {
+                        qb.push("SELECT id FROM threads WHERE id IN (");
+                        persistent &= $crate::sql::push_id_list(&mut qb, &threads);
+                        qb.push(") AND (SELECT count(*) FROM locked) >= 0 ORDER BY id").push(Self::LOCK_ROWS);
                     }
+                    qb.build().persistent(persistent).fetch_all(&mut *conn).await?;
                 }
 
                 // Starts: the task becomes working under the new run, fenced by the lease.
