@@ -600,6 +600,14 @@ pub(crate) struct MessageRow {
     pub(crate) tokens: i64,
 }
 
+/// A round of a checkpoint batch's messages: their rows, and the seqs to hand out for
+/// them (`(thread, n)`) where the insert hands them out (see `SEQS_WITH_MESSAGES`).
+#[derive(Default)]
+pub(crate) struct RoundMessages {
+    pub(crate) rows: Vec<MessageRow>,
+    pub(crate) seqs: Vec<(Uuid, i64)>,
+}
+
 /// Rows per multi-row INSERT (8 parameters each: far under both databases' limits).
 pub(crate) const ROW_BATCH: usize = 500;
 
@@ -1052,6 +1060,53 @@ macro_rules! runtime_store {
                 Ok(())
             }
 
+            /// Hands out the seqs in `seqs` (`(thread, n)`, see [`Self::hand_out_seqs`]) and
+            /// inserts `rows`, which count back from them. With
+            /// [`SEQS_WITH_MESSAGES`](Self::SEQS_WITH_MESSAGES) the thread update is a CTE
+            /// of the first chunk's insert, which counts back from the `next_seq` it
+            /// returns: one round trip for both. Else `seqs` was handed out already.
+            async fn insert_messages_after_seqs(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                g: &mut $crate::sql::Gather<$db>,
+                seqs: &[(uuid::Uuid, i64)],
+                rows: &[$crate::runtime::MessageRow],
+                now: time::OffsetDateTime,
+            ) -> $crate::Result<()> {
+                if !Self::SEQS_WITH_MESSAGES || seqs.is_empty() || rows.is_empty() {
+                    return Self::insert_messages(conn, g, rows, now).await;
+                }
+                let (first, rest) = rows.split_at(rows.len().min($crate::runtime::ROW_BATCH));
+                let shape = $crate::sql::padded_rows(seqs.len()) + $crate::sql::padded_rows(first.len());
+                Self::gather_room(&mut *conn, g, shape).await?;
+                g.qb.push("WITH seqs AS (UPDATE threads SET next_seq = next_seq + v.column2 FROM (");
+                g.qb.push_values($crate::sql::padded(seqs), |mut row, w| {
+                    row.push_bind(w.map(|w| w.0)).push_bind(w.map(|w| w.1));
+                });
+                // A message whose thread the update did not find gets no seq, and the
+                // insert fails (seq is NOT NULL), as the subquery's would.
+                g.qb.push(
+                    ") AS v WHERE threads.id = v.column1 RETURNING threads.id, threads.next_seq) \
+                     INSERT INTO messages (thread_id, seq, workspace_id, task_id, run_id, body, tokens, created_at) \
+                     SELECT v.column1, s.next_seq - v.column2, v.column3, v.column4, v.column5, v.column6, v.column7, v.column8 FROM (",
+                );
+                g.qb.push_values($crate::sql::padded(first), |mut row, m| {
+                    row.push_bind(m.map(|m| m.thread))
+                        .push_bind(m.map(|m| m.back))
+                        .push_bind(m.map(|m| m.workspace))
+                        .push_bind(m.map(|m| m.task))
+                        .push_bind(m.map(|m| m.run))
+                        .push_bind(m.map(|m| m.body.clone()))
+                        .push_bind(m.map(|m| m.tokens))
+                        .push_bind(now);
+                });
+                g.qb.push(") AS v LEFT JOIN seqs s ON s.id = v.column1 WHERE v.column1 IS NOT NULL");
+                if g.end(shape) {
+                    Self::run_gathered(&mut *conn, g).await?;
+                }
+                // Later chunks read the next_seq the update left.
+                Self::insert_messages(conn, g, rest, now).await
+            }
+
             async fn insert_steps(
                 conn: &mut <$db as sqlx::Database>::Connection,
                 g: &mut $crate::sql::Gather<$db>,
@@ -1138,7 +1193,7 @@ macro_rules! runtime_store {
                 let mut order: Vec<usize> = (0..batch.len()).collect();
                 order.sort_by_key(|&i| (batch[i].task_id, i));
                 let mut step_rows = Vec::with_capacity(batch.len());
-                let mut message_rows = Vec::with_capacity(batch.len());
+                let mut messages = $crate::runtime::RoundMessages::default();
                 // A task twice in one batch (never the engine's doing: a run waits for each
                 // commit) is stored in rounds: its first checkpoint with the others' in the
                 // first round, its second in the next, and so on, in batch order.
@@ -1154,14 +1209,15 @@ macro_rules! runtime_store {
                 // The batch's writes that read nothing back (finishes, steps, messages,
                 // usage, events) wait in `g` to run together where the database allows.
                 for round in &rounds {
-                    let got = Self::checkpoints_set_in(&mut *conn, g, batch, round, now, &mut step_rows, &mut message_rows).await?;
+                    let got = Self::checkpoints_set_in(&mut *conn, g, batch, round, now, &mut step_rows, &mut messages).await?;
                     for &i in round {
                         idx[i] = got[i];
                     }
                     // A round's messages count their seqs back from the next_seq its
                     // threads' update leaves, so they go in before the next round's.
-                    Self::insert_messages(&mut *conn, g, &message_rows, now).await?;
-                    message_rows.clear();
+                    Self::insert_messages_after_seqs(&mut *conn, g, &messages.seqs, &messages.rows, now).await?;
+                    messages.rows.clear();
+                    messages.seqs.clear();
                 }
                 // Every run's step rows in one statement (its messages: one per round).
                 Self::insert_steps(&mut *conn, g, &step_rows, now).await?;
@@ -1191,7 +1247,7 @@ macro_rules! runtime_store {
                 order: &[usize],
                 now: time::OffsetDateTime,
                 step_rows: &mut Vec<$crate::runtime::StepRow>,
-                message_rows: &mut Vec<$crate::runtime::MessageRow>,
+                messages: &mut $crate::runtime::RoundMessages,
             ) -> $crate::Result<Vec<Option<Option<i64>>>> {
                 use sqlx::Row as _;
                 use $crate::runtime::Finish;
@@ -1336,7 +1392,13 @@ macro_rules! runtime_store {
                         None => wanted.push((c.thread_id.as_uuid(), n)),
                     }
                 }
-                Self::hand_out_seqs(&mut *conn, g, &wanted).await?;
+                // Where the database allows, the seqs are handed out by the messages'
+                // insert (`insert_messages_after_seqs`); else now.
+                if Self::SEQS_WITH_MESSAGES {
+                    messages.seqs.clone_from(&wanted);
+                } else {
+                    Self::hand_out_seqs(&mut *conn, g, &wanted).await?;
+                }
                 // What is still to be handed out per thread, counted down in task order.
                 let mut left: std::collections::HashMap<uuid::Uuid, i64> = wanted.into_iter().collect();
                 for &i in &stored {
@@ -1357,7 +1419,7 @@ macro_rules! runtime_store {
                     let Some(rest) = left.get_mut(&c.thread_id.as_uuid()) else {
                         return Err($crate::Error::Corrupt { what: "thread", detail: "a message's thread had no seq range counted".to_owned() });
                     };
-                    message_rows.extend(c.messages.iter().map(|m| {
+                    messages.rows.extend(c.messages.iter().map(|m| {
                         *rest -= 1;
                         (*rest, m)
                     }).map(|(back, m)| $crate::runtime::MessageRow {
