@@ -84,9 +84,11 @@ impl PgStore {
     const ANNOUNCES_COMMITS: bool = true;
     /// One statement per prepared query.
     const GATHERS_WRITES: bool = false;
-    /// A batch's thread update hands its messages their seqs in the same statement (the
-    /// update as a CTE whose `RETURNING next_seq` the insert counts back from).
-    const SEQS_WITH_MESSAGES: bool = true;
+    /// Data-modifying CTEs: a checkpoint batch's thread update hands its messages their
+    /// seqs in the same statement (the update as a CTE whose `RETURNING next_seq` the
+    /// insert counts back from), and its step and usage inserts ride as CTEs in its
+    /// events' append (see `Gather::chaining_writes`).
+    const CHAINS_WRITES: bool = true;
 
     /// Follows `NOTIFY keel_events` on a dedicated connection. When the connection drops,
     /// the stream yields [`Commit::Resync`] and reconnects (notifications sent meanwhile

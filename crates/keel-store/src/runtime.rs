@@ -601,7 +601,7 @@ pub(crate) struct MessageRow {
 }
 
 /// A round of a checkpoint batch's messages: their rows, and the seqs to hand out for
-/// them (`(thread, n)`) where the insert hands them out (see `SEQS_WITH_MESSAGES`).
+/// them (`(thread, n)`) where the insert hands them out (see `CHAINS_WRITES`).
 #[derive(Default)]
 pub(crate) struct RoundMessages {
     pub(crate) rows: Vec<MessageRow>,
@@ -869,7 +869,7 @@ macro_rules! runtime_store {
                 }
                 qb.push(" FROM thread CROSS JOIN lane RETURNING ").push($crate::runtime::task_columns!()).push(")");
                 let n = i64::try_from(events.len()).unwrap_or(i64::MAX);
-                Self::push_announced_append(&mut qb, ws, n, Some("task"));
+                Self::push_announced_append(&mut qb, ws, n, Some("task"), false);
                 qb.push(" FROM head CROSS JOIN announced CROSS JOIN (");
                 {
                     let refs: Vec<&keel_core::event::Event> = events.iter().collect();
@@ -1037,6 +1037,7 @@ macro_rules! runtime_store {
             ) -> $crate::Result<()> {
                 for chunk in rows.chunks($crate::sql::chunk_rows(Self::GATHERS_WRITES, $crate::runtime::ROW_BATCH)) {
                     Self::gather_room(&mut *conn, g, $crate::sql::padded_rows(chunk.len())).await?;
+                    g.start_statement();
                     g.qb.push(
                         "INSERT INTO messages (thread_id, seq, workspace_id, task_id, run_id, body, tokens, created_at) \
                          SELECT v.column1, (SELECT t.next_seq FROM threads t WHERE t.id = v.column1) - v.column2, \
@@ -1062,7 +1063,7 @@ macro_rules! runtime_store {
 
             /// Hands out the seqs in `seqs` (`(thread, n)`, see [`Self::hand_out_seqs`]) and
             /// inserts `rows`, which count back from them. With
-            /// [`SEQS_WITH_MESSAGES`](Self::SEQS_WITH_MESSAGES) the thread update is a CTE
+            /// [`CHAINS_WRITES`](Self::CHAINS_WRITES) the thread update is a CTE
             /// of the first chunk's insert, which counts back from the `next_seq` it
             /// returns: one round trip for both. Else `seqs` was handed out already.
             async fn insert_messages_after_seqs(
@@ -1072,13 +1073,14 @@ macro_rules! runtime_store {
                 rows: &[$crate::runtime::MessageRow],
                 now: time::OffsetDateTime,
             ) -> $crate::Result<()> {
-                if !Self::SEQS_WITH_MESSAGES || seqs.is_empty() || rows.is_empty() {
+                if !Self::CHAINS_WRITES || seqs.is_empty() || rows.is_empty() {
                     return Self::insert_messages(conn, g, rows, now).await;
                 }
                 let (first, rest) = rows.split_at(rows.len().min($crate::runtime::ROW_BATCH));
                 let shape = $crate::sql::padded_rows(seqs.len()) + $crate::sql::padded_rows(first.len());
                 Self::gather_room(&mut *conn, g, shape).await?;
-                g.qb.push("WITH seqs AS (UPDATE threads SET next_seq = next_seq + v.column2 FROM (");
+                let lead = g.with_keyword();
+                g.qb.push(lead).push("seqs AS (UPDATE threads SET next_seq = next_seq + v.column2 FROM (");
                 g.qb.push_values($crate::sql::padded(seqs), |mut row, w| {
                     row.push_bind(w.map(|w| w.0)).push_bind(w.map(|w| w.1));
                 });
@@ -1115,6 +1117,7 @@ macro_rules! runtime_store {
             ) -> $crate::Result<()> {
                 for chunk in rows.chunks($crate::sql::chunk_rows(Self::GATHERS_WRITES, $crate::runtime::ROW_BATCH)) {
                     Self::gather_room(&mut *conn, g, $crate::sql::padded_rows(chunk.len())).await?;
+                    g.open_write();
                     g.qb.push("INSERT INTO steps (task_id, idx, run_id, workspace_id, kind, data, created_at) SELECT * FROM (");
                     g.qb.push_values($crate::sql::padded(chunk), |mut row, s| {
                         row.push_bind(s.map(|s| s.task))
@@ -1126,7 +1129,7 @@ macro_rules! runtime_store {
                             .push_bind(now);
                     });
                     g.qb.push(") AS v WHERE v.column1 IS NOT NULL");
-                    if g.end($crate::sql::padded_rows(chunk.len())) {
+                    if g.end_write($crate::sql::padded_rows(chunk.len())) {
                         Self::run_gathered(conn, g).await?;
                     }
                 }
@@ -1141,6 +1144,7 @@ macro_rules! runtime_store {
                 use $crate::usage::to_i64;
                 for batch in records.chunks($crate::sql::chunk_rows(Self::GATHERS_WRITES, $crate::sql::USAGE_BATCH)) {
                     Self::gather_room(&mut *conn, g, $crate::sql::padded_rows(batch.len())).await?;
+                    g.open_write();
                     g.qb.push(
                         "INSERT INTO usage_records (id, workspace_id, api_key_id, route, provider, upstream_model, \
                          target, input_tokens, output_tokens, cached_tokens, cost_nanousd, latency_ms, ttft_ms, \
@@ -1166,7 +1170,7 @@ macro_rules! runtime_store {
                             .push_bind(r.map(|r| r.created_at));
                     });
                     g.qb.push(") AS v WHERE v.column1 IS NOT NULL");
-                    if g.end($crate::sql::padded_rows(batch.len())) {
+                    if g.end_write($crate::sql::padded_rows(batch.len())) {
                         Self::run_gathered(conn, g).await?;
                     }
                 }
@@ -1208,10 +1212,23 @@ macro_rules! runtime_store {
                 let mut idx: Vec<Option<Option<i64>>> = vec![None; batch.len()];
                 // The batch's writes that read nothing back (finishes, steps, messages,
                 // usage, events) wait in `g` to run together where the database allows.
-                for round in &rounds {
+                let last = rounds.len().saturating_sub(1);
+                for (r, round) in rounds.iter().enumerate() {
                     let got = Self::checkpoints_set_in(&mut *conn, g, batch, round, now, &mut step_rows, &mut messages).await?;
                     for &i in round {
                         idx[i] = got[i];
+                    }
+                    if r == last {
+                        // Every run's step rows in one statement (its messages: one per
+                        // round), and the usage; where writes chain, both ride in the
+                        // last round's messages' statement — not in the events' append,
+                        // which holds the workspace's event head while it runs.
+                        Self::insert_steps(&mut *conn, g, &step_rows, now).await?;
+                        let usage: Vec<&$crate::UsageRecord> = batch.iter().zip(&idx)
+                            .filter(|(_, stored)| stored.is_some())
+                            .filter_map(|(c, _)| c.usage.as_ref())
+                            .collect();
+                        Self::insert_usage_in(&mut *conn, g, &usage).await?;
                     }
                     // A round's messages count their seqs back from the next_seq its
                     // threads' update leaves, so they go in before the next round's.
@@ -1219,13 +1236,11 @@ macro_rules! runtime_store {
                     messages.rows.clear();
                     messages.seqs.clear();
                 }
-                // Every run's step rows in one statement (its messages: one per round).
-                Self::insert_steps(&mut *conn, g, &step_rows, now).await?;
-                let usage: Vec<&$crate::UsageRecord> = batch.iter().zip(&idx)
-                    .filter(|(_, stored)| stored.is_some())
-                    .filter_map(|(c, _)| c.usage.as_ref())
-                    .collect();
-                Self::insert_usage_in(&mut *conn, g, &usage).await?;
+                if Self::CHAINS_WRITES {
+                    // Chained writes with no messages to ride with run on their own, still
+                    // before the append.
+                    Self::run_gathered(&mut *conn, g).await?;
+                }
                 let mut counts = Vec::with_capacity(batch.len());
                 let mut all = Vec::new();
                 for (c, stored) in batch.iter().zip(&idx) {
@@ -1394,7 +1409,7 @@ macro_rules! runtime_store {
                 }
                 // Where the database allows, the seqs are handed out by the messages'
                 // insert (`insert_messages_after_seqs`); else now.
-                if Self::SEQS_WITH_MESSAGES {
+                if Self::CHAINS_WRITES {
                     messages.seqs.clone_from(&wanted);
                 } else {
                     Self::hand_out_seqs(&mut *conn, g, &wanted).await?;
@@ -2124,7 +2139,7 @@ macro_rules! runtime_store {
                 } else {
                     let done = async {
                         let mut tx = sqlx::Connection::begin(&mut **conn).await?;
-                        let mut g = $crate::sql::Gather::<$db>::new(false);
+                        let mut g = $crate::sql::Gather::<$db>::new(false).chaining_writes(Self::CHAINS_WRITES);
                         let done = Self::checkpoints_in(&mut *tx, &mut g, batch, false).await?;
                         tx.commit().await?;
                         Ok::<_, $crate::Error>(done)

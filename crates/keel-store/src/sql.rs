@@ -93,6 +93,11 @@ pub(crate) struct Gather<DB: sqlx::Database> {
     rows: usize,
     /// Rows returned by the queries sent early to make room, for the next run's caller.
     pub(crate) early: Vec<DB::Row>,
+    /// Postgres: writes that read nothing back wait in `qb` as data-modifying CTEs of the
+    /// next statement (see [`open_write`](Self::open_write)).
+    chain: bool,
+    /// Such writes waiting.
+    ctes: usize,
 }
 
 impl<DB: sqlx::Database> Gather<DB> {
@@ -103,6 +108,62 @@ impl<DB: sqlx::Database> Gather<DB> {
             pending: 0,
             rows: 0,
             early: Vec::new(),
+            chain: false,
+            ctes: 0,
+        }
+    }
+
+    /// Where statements are not gathered, lets writes that read nothing back wait as CTEs
+    /// of the statement after them (Postgres runs a data-modifying CTE to completion
+    /// whether or not anything reads it): one round trip for several writes that do not
+    /// read one another's rows. A statement written after such writes begins with
+    /// [`with_keyword`](Self::with_keyword) or [`start_statement`](Self::start_statement).
+    pub(crate) fn chaining_writes(mut self, chain: bool) -> Self {
+        self.chain = chain && !self.together;
+        self
+    }
+
+    /// Opens a write that reads nothing back; chained, it is written as CTE `w<k>` of
+    /// the next statement. The caller writes the statement, then [`end_write`](Self::end_write).
+    pub(crate) fn open_write(&mut self) {
+        if self.chain {
+            self.qb.push(if self.ctes == 0 { "WITH " } else { ", " });
+            self.qb.push(format_args!("w{} AS (", self.ctes));
+        }
+    }
+
+    /// Ends a write opened by [`open_write`](Self::open_write) (`rows` rows, as padded):
+    /// true when it is to run now, as [`end`](Self::end).
+    pub(crate) fn end_write(&mut self, rows: usize) -> bool {
+        if !self.chain {
+            return self.end(rows);
+        }
+        self.qb.push(")");
+        self.ctes += 1;
+        self.rows += rows;
+        false
+    }
+
+    /// What a statement beginning with a `WITH` list begins with: after chained writes,
+    /// the comma that continues their list.
+    pub(crate) fn with_keyword(&self) -> &'static str {
+        if self.ctes > 0 { ", " } else { "WITH " }
+    }
+
+    /// Separates a statement that does not begin with `WITH` from chained writes before it.
+    pub(crate) fn start_statement(&mut self) {
+        if self.ctes > 0 {
+            self.qb.push(" ");
+        }
+    }
+
+    /// Chained writes with no statement after them become a statement of their own,
+    /// which returns no rows.
+    fn seal(&mut self) {
+        if self.ctes > 0 {
+            self.qb.push(" SELECT 1 WHERE false");
+            self.ctes = 0;
+            self.pending += 1;
         }
     }
 
@@ -111,7 +172,10 @@ impl<DB: sqlx::Database> Gather<DB> {
     /// no rows (`BEGIN`, `COMMIT`) never wait for room, and never make room alone: a
     /// `BEGIN` rides with the statement after it even when that one is too long to keep.
     pub(crate) fn needs_room(&self, rows: usize) -> bool {
-        self.together && self.rows > 0 && rows > 0 && !persistent(self.rows + rows)
+        (self.together || self.ctes > 0)
+            && self.rows > 0
+            && rows > 0
+            && !persistent(self.rows + rows)
     }
 
     /// Ends the statement just written (`rows` rows, as padded). True when it is to run
@@ -119,6 +183,8 @@ impl<DB: sqlx::Database> Gather<DB> {
     pub(crate) fn end(&mut self, rows: usize) -> bool {
         self.pending += 1;
         self.rows += rows;
+        // Chained writes belong to the statement that ends here.
+        self.ctes = 0;
         if self.together {
             self.qb.push(";\n");
             false
@@ -127,8 +193,9 @@ impl<DB: sqlx::Database> Gather<DB> {
         }
     }
 
-    /// Whether statements are waiting to run.
-    pub(crate) fn is_pending(&self) -> bool {
+    /// Whether statements are waiting to run (sealing chained writes into one).
+    pub(crate) fn is_pending(&mut self) -> bool {
+        self.seal();
         self.pending > 0
     }
 
@@ -994,9 +1061,14 @@ macro_rules! sql_store {
                     return;
                 };
                 let n = i64::try_from(events.len()).unwrap_or(i64::MAX);
+                // Writes chained before it (Postgres) lead its `WITH` list.
+                let continues = g.with_keyword() != "WITH ";
+                if !Self::ANNOUNCES_COMMITS {
+                    g.start_statement();
+                }
                 let qb = &mut g.qb;
                 if Self::ANNOUNCES_COMMITS {
-                    Self::push_announced_append(qb, workspace, n, None);
+                    Self::push_announced_append(qb, workspace, n, None, continues);
                     qb.push(" FROM head CROSS JOIN announced CROSS JOIN (");
                 } else {
                     qb.push("INSERT INTO event_heads (workspace_id, last_seq) VALUES (")
@@ -1019,19 +1091,22 @@ macro_rules! sql_store {
             /// Postgres: the start of one workspace's append of `n` events — the bump of
             /// its head (`head`, returning the new `last_seq`), the commit's announcement
             /// (`announced`) and `INSERT INTO events (…) SELECT` up to the list of sources,
-            /// which the caller writes. Without `gate` it opens the statement's `WITH`, and
-            /// the insert is the statement; with one it continues a `WITH` list, the
-            /// insert is CTE `stored` (the caller closes its parenthesis), and the head
-            /// moves (and events are stored) only if CTE `gate` yields a row.
+            /// which the caller writes. Without `gate` it opens the statement's `WITH` (or,
+            /// `continues`, goes on with a list of writes before it), and the insert is the
+            /// statement; with one it continues a `WITH` list, the insert is CTE `stored`
+            /// (the caller closes its parenthesis), and the head moves (and events are
+            /// stored) only if CTE `gate` yields a row.
             fn push_announced_append(
                 qb: &mut sqlx::QueryBuilder<$db>,
                 workspace: uuid::Uuid,
                 n: i64,
                 gate: Option<&str>,
+                continues: bool,
             ) {
                 match gate {
                     None => qb
-                        .push("WITH head AS (INSERT INTO event_heads (workspace_id, last_seq) VALUES (")
+                        .push(if continues { ", " } else { "WITH " })
+                        .push("head AS (INSERT INTO event_heads (workspace_id, last_seq) VALUES (")
                         .push_bind(workspace)
                         .push(", ")
                         .push_bind(n)

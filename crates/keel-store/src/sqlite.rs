@@ -80,9 +80,9 @@ impl SqliteStore {
     /// Each query is a round trip to the connection's worker thread: a commit's writes
     /// that read nothing back go in one.
     const GATHERS_WRITES: bool = true;
-    /// SQLite has no data-modifying CTEs: the thread update runs before the messages'
-    /// insert (in the same gathered query).
-    const SEQS_WITH_MESSAGES: bool = false;
+    /// SQLite has no data-modifying CTEs (and gathers its statements into one query
+    /// instead): the thread update runs before the messages' insert.
+    const CHAINS_WRITES: bool = false;
 
     /// Leases the next runnable tasks (highest priority, then lowest virtual time).
     const CLAIM_SQL: &'static str = concat!(
