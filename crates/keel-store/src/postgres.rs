@@ -86,8 +86,9 @@ impl PgStore {
     const GATHERS_WRITES: bool = false;
     /// Data-modifying CTEs: a checkpoint batch's thread update hands its messages their
     /// seqs in the same statement (the update as a CTE whose `RETURNING next_seq` the
-    /// insert counts back from), and its step and usage inserts ride as CTEs in its
-    /// events' append (see `Gather::chaining_writes`).
+    /// insert counts back from), and its step and usage inserts ride as CTEs in that
+    /// statement, before the events' append takes the event head (see
+    /// `Gather::chaining_writes`).
     const CHAINS_WRITES: bool = true;
 
     /// Follows `NOTIFY keel_events` on a dedicated connection. When the connection drops,

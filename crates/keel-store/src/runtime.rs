@@ -1077,7 +1077,9 @@ macro_rules! runtime_store {
                     return Self::insert_messages(conn, g, rows, now).await;
                 }
                 let (first, rest) = rows.split_at(rows.len().min($crate::runtime::ROW_BATCH));
-                let shape = $crate::sql::padded_rows(seqs.len()) + $crate::sql::padded_rows(first.len());
+                // Kept prepared while each part is (as the two statements it replaces
+                // were): its text is one of a few per pair of padded lengths.
+                let shape = $crate::sql::padded_rows(seqs.len()).max($crate::sql::padded_rows(first.len()));
                 Self::gather_room(&mut *conn, g, shape).await?;
                 let lead = g.with_keyword();
                 g.qb.push(lead).push("seqs AS (UPDATE threads SET next_seq = next_seq + v.column2 FROM (");
