@@ -691,8 +691,8 @@ macro_rules! runtime_store {
                     started_at: row.try_get("started_at")?,
                     updated_at: row.try_get("updated_at")?,
                     finished_at: row.try_get("finished_at")?,
-                    // Only the claim's rows carry it.
-                    thread_empty: row.try_get::<i64, _>("thread_next_seq").ok().map(|next| next == 0),
+                    // Only a claim knows it (see `claim_tasks`).
+                    thread_empty: None,
                 })
             }
 
@@ -869,7 +869,7 @@ macro_rules! runtime_store {
                 }
                 qb.push(" FROM thread CROSS JOIN lane RETURNING ").push($crate::runtime::task_columns!()).push(")");
                 let n = i64::try_from(events.len()).unwrap_or(i64::MAX);
-                Self::push_announced_append(&mut qb, ws, n, Some("task"), false);
+                Self::push_announced_append(&mut qb, ws, n, Some("task"));
                 qb.push(" FROM head CROSS JOIN announced CROSS JOIN (");
                 {
                     let refs: Vec<&keel_core::event::Event> = events.iter().collect();
@@ -1019,14 +1019,37 @@ macro_rules! runtime_store {
                 }
                 Self::gather_room(&mut *conn, g, $crate::sql::padded_rows(wanted.len())).await?;
                 g.qb.push("UPDATE threads SET next_seq = next_seq + v.column2 FROM (");
-                g.qb.push_values($crate::sql::padded(wanted), |mut row, w| {
-                    row.push_bind(w.map(|w| w.0)).push_bind(w.map(|w| w.1));
-                });
+                Self::push_seq_values(&mut g.qb, wanted);
                 g.qb.push(") AS v WHERE threads.id = v.column1");
                 if g.end($crate::sql::padded_rows(wanted.len())) {
                     Self::run_gathered(conn, g).await?;
                 }
                 Ok(())
+            }
+
+            /// The `(thread, n)` rows (padded) of a thread update's `VALUES` list.
+            fn push_seq_values(qb: &mut sqlx::QueryBuilder<$db>, seqs: &[(uuid::Uuid, i64)]) {
+                qb.push_values($crate::sql::padded(seqs), |mut row, w| {
+                    row.push_bind(w.map(|w| w.0)).push_bind(w.map(|w| w.1));
+                });
+            }
+
+            /// The message rows (padded) of a messages insert's `VALUES` list.
+            fn push_message_values(
+                qb: &mut sqlx::QueryBuilder<$db>,
+                rows: &[$crate::runtime::MessageRow],
+                now: time::OffsetDateTime,
+            ) {
+                qb.push_values($crate::sql::padded(rows), |mut row, m| {
+                    row.push_bind(m.map(|m| m.thread))
+                        .push_bind(m.map(|m| m.back))
+                        .push_bind(m.map(|m| m.workspace))
+                        .push_bind(m.map(|m| m.task))
+                        .push_bind(m.map(|m| m.run))
+                        .push_bind(m.map(|m| m.body.clone()))
+                        .push_bind(m.map(|m| m.tokens))
+                        .push_bind(now);
+                });
             }
 
             async fn insert_messages(
@@ -1043,16 +1066,7 @@ macro_rules! runtime_store {
                          SELECT v.column1, (SELECT t.next_seq FROM threads t WHERE t.id = v.column1) - v.column2, \
                          v.column3, v.column4, v.column5, v.column6, v.column7, v.column8 FROM (",
                     );
-                    g.qb.push_values($crate::sql::padded(chunk), |mut row, m| {
-                        row.push_bind(m.map(|m| m.thread))
-                            .push_bind(m.map(|m| m.back))
-                            .push_bind(m.map(|m| m.workspace))
-                            .push_bind(m.map(|m| m.task))
-                            .push_bind(m.map(|m| m.run))
-                            .push_bind(m.map(|m| m.body.clone()))
-                            .push_bind(m.map(|m| m.tokens))
-                            .push_bind(now);
-                    });
+                    Self::push_message_values(&mut g.qb, chunk, now);
                     g.qb.push(") AS v WHERE v.column1 IS NOT NULL");
                     if g.end($crate::sql::padded_rows(chunk.len())) {
                         Self::run_gathered(conn, g).await?;
@@ -1083,9 +1097,7 @@ macro_rules! runtime_store {
                 Self::gather_room(&mut *conn, g, shape).await?;
                 let lead = g.with_keyword();
                 g.qb.push(lead).push("seqs AS (UPDATE threads SET next_seq = next_seq + v.column2 FROM (");
-                g.qb.push_values($crate::sql::padded(seqs), |mut row, w| {
-                    row.push_bind(w.map(|w| w.0)).push_bind(w.map(|w| w.1));
-                });
+                Self::push_seq_values(&mut g.qb, seqs);
                 // A message whose thread the update did not find gets no seq, and the
                 // insert fails (seq is NOT NULL), as the subquery's would.
                 g.qb.push(
@@ -1093,16 +1105,7 @@ macro_rules! runtime_store {
                      INSERT INTO messages (thread_id, seq, workspace_id, task_id, run_id, body, tokens, created_at) \
                      SELECT v.column1, s.next_seq - v.column2, v.column3, v.column4, v.column5, v.column6, v.column7, v.column8 FROM (",
                 );
-                g.qb.push_values($crate::sql::padded(first), |mut row, m| {
-                    row.push_bind(m.map(|m| m.thread))
-                        .push_bind(m.map(|m| m.back))
-                        .push_bind(m.map(|m| m.workspace))
-                        .push_bind(m.map(|m| m.task))
-                        .push_bind(m.map(|m| m.run))
-                        .push_bind(m.map(|m| m.body.clone()))
-                        .push_bind(m.map(|m| m.tokens))
-                        .push_bind(now);
-                });
+                Self::push_message_values(&mut g.qb, first, now);
                 g.qb.push(") AS v LEFT JOIN seqs s ON s.id = v.column1 WHERE v.column1 IS NOT NULL");
                 if g.end(shape) {
                     Self::run_gathered(&mut *conn, g).await?;
@@ -1940,7 +1943,14 @@ macro_rules! runtime_store {
                         .bind(i64::from(limit))
                         .fetch_all(&self.writer)
                         .await?;
-                    let mut tasks = rows.iter().map(Self::task_from_row).collect::<$crate::Result<Vec<_>>>()?;
+                    let mut tasks = rows
+                        .iter()
+                        .map(|row| {
+                            let mut task = Self::task_from_row(row)?;
+                            task.thread_empty = Some(sqlx::Row::try_get::<i64, _>(row, "thread_next_seq")? == 0);
+                            Ok(task)
+                        })
+                        .collect::<$crate::Result<Vec<_>>>()?;
                     tasks.sort_by_key(|t| (std::cmp::Reverse(t.priority), t.id));
                     let limited = rows
                         .iter()

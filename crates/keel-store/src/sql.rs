@@ -158,8 +158,8 @@ impl<DB: sqlx::Database> Gather<DB> {
     }
 
     /// Chained writes with no statement after them become a statement of their own,
-    /// which returns no rows.
-    fn seal(&mut self) {
+    /// which returns no rows (called before a run).
+    pub(crate) fn seal(&mut self) {
         if self.ctes > 0 {
             self.qb.push(" SELECT 1 WHERE false");
             self.ctes = 0;
@@ -193,9 +193,8 @@ impl<DB: sqlx::Database> Gather<DB> {
         }
     }
 
-    /// Whether statements are waiting to run (sealing chained writes into one).
-    pub(crate) fn is_pending(&mut self) -> bool {
-        self.seal();
+    /// Whether statements are waiting to run.
+    pub(crate) fn is_pending(&self) -> bool {
         self.pending > 0
     }
 
@@ -968,6 +967,7 @@ macro_rules! sql_store {
                 g: &mut $crate::sql::Gather<$db>,
             ) -> $crate::Result<Vec<<$db as sqlx::Database>::Row>> {
                 let mut rows = std::mem::take(&mut g.early);
+                g.seal();
                 if !g.is_pending() {
                     return Ok(rows);
                 }
@@ -1061,14 +1061,9 @@ macro_rules! sql_store {
                     return;
                 };
                 let n = i64::try_from(events.len()).unwrap_or(i64::MAX);
-                // Writes chained before it (Postgres) lead its `WITH` list.
-                let continues = g.with_keyword() != "WITH ";
-                if !Self::ANNOUNCES_COMMITS {
-                    g.start_statement();
-                }
                 let qb = &mut g.qb;
                 if Self::ANNOUNCES_COMMITS {
-                    Self::push_announced_append(qb, workspace, n, None, continues);
+                    Self::push_announced_append(qb, workspace, n, None);
                     qb.push(" FROM head CROSS JOIN announced CROSS JOIN (");
                 } else {
                     qb.push("INSERT INTO event_heads (workspace_id, last_seq) VALUES (")
@@ -1091,22 +1086,19 @@ macro_rules! sql_store {
             /// Postgres: the start of one workspace's append of `n` events — the bump of
             /// its head (`head`, returning the new `last_seq`), the commit's announcement
             /// (`announced`) and `INSERT INTO events (…) SELECT` up to the list of sources,
-            /// which the caller writes. Without `gate` it opens the statement's `WITH` (or,
-            /// `continues`, goes on with a list of writes before it), and the insert is the
-            /// statement; with one it continues a `WITH` list, the insert is CTE `stored`
-            /// (the caller closes its parenthesis), and the head moves (and events are
-            /// stored) only if CTE `gate` yields a row.
+            /// which the caller writes. Without `gate` it opens the statement's `WITH`, and
+            /// the insert is the statement; with one it continues a `WITH` list, the
+            /// insert is CTE `stored` (the caller closes its parenthesis), and the head
+            /// moves (and events are stored) only if CTE `gate` yields a row.
             fn push_announced_append(
                 qb: &mut sqlx::QueryBuilder<$db>,
                 workspace: uuid::Uuid,
                 n: i64,
                 gate: Option<&str>,
-                continues: bool,
             ) {
                 match gate {
                     None => qb
-                        .push(if continues { ", " } else { "WITH " })
-                        .push("head AS (INSERT INTO event_heads (workspace_id, last_seq) VALUES (")
+                        .push("WITH head AS (INSERT INTO event_heads (workspace_id, last_seq) VALUES (")
                         .push_bind(workspace)
                         .push(", ")
                         .push_bind(n)
