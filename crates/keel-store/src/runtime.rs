@@ -1487,8 +1487,10 @@ macro_rules! runtime_store {
                     g.qb.push(
                         "UPDATE tasks SET status = v.column2, queued = v.column3, dead_lettered = v.column4, \
                          output = COALESCE(v.column5, output), error = COALESCE(v.column6, error), run_at = v.column7, \
-                         finished_at = v.column8, lease_owner = NULL, lease_until = NULL FROM (",
+                         finished_at = v.column8, lease_owner = NULL, lease_until = NULL, \
+                         errored_at = CASE WHEN v.column6 IS NULL THEN errored_at ELSE ",
                     );
+                    g.qb.push_bind(now).push(" END FROM (");
                     g.qb.push_values($crate::sql::padded(&endings), |mut row, e| {
                         row.push_bind(e.map(|e| batch[e.i].task_id.as_uuid()))
                             .push_bind(e.map(|e| e.task_status))
@@ -1893,7 +1895,7 @@ macro_rules! runtime_store {
                 }
                 let row = sqlx::query(concat!(
                     "SELECT ", $crate::runtime::task_columns!(), " FROM tasks WHERE agent_id = $1 AND workspace_id = $2 \
-                     AND error IS NOT NULL ORDER BY updated_at DESC LIMIT 1",
+                     AND error IS NOT NULL ORDER BY errored_at DESC LIMIT 1",
                 ))
                 .bind(agent.as_uuid())
                 .bind(workspace.as_uuid())
@@ -2268,7 +2270,7 @@ macro_rules! runtime_store {
                 let mut tx = self.writer.begin().await?;
                 let done = sqlx::query(
                     "UPDATE tasks SET status = 'working', queued = TRUE, dead_lettered = FALSE, max_attempts = attempts + $3, \
-                     run_at = $4, updated_at = $4, finished_at = NULL, error = NULL WHERE id = $1 AND workspace_id = $2 AND dead_lettered",
+                     run_at = $4, updated_at = $4, finished_at = NULL, error = NULL, errored_at = NULL WHERE id = $1 AND workspace_id = $2 AND dead_lettered",
                 )
                 .bind(id.as_uuid())
                 .bind(workspace.as_uuid())

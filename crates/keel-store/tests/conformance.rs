@@ -108,6 +108,7 @@ conformance!(
     budgets_reserve_exactly_and_alert_once_per_threshold,
     claims_respect_each_agents_concurrency_limit,
     agent_stats_count_every_task_of_the_agent,
+    the_last_error_is_the_latest_recorded_not_the_latest_touched,
 );
 
 fn name(s: &str) -> WorkspaceName {
@@ -2609,4 +2610,116 @@ async fn agent_stats_count_every_task_of_the_agent(f: &Fixture) {
         .unwrap();
     assert_eq!((none.submitted, none.working), (0, 0));
     assert!(none.last_error.is_none());
+}
+
+/// An agent's last error is the task whose error was recorded last, even when an earlier
+/// failure's task has changed since (retried and started again): the status reads
+/// `errored_at`, and a checkpoint's progress leaves every indexed column alone.
+async fn the_last_error_is_the_latest_recorded_not_the_latest_touched(f: &Fixture) {
+    use keel_store::runtime::{BeginRun, Checkpoint, Finish, NewMessage};
+    let ws = f.store.ensure_workspace(&name("last-error")).await.unwrap();
+    let agent = runtime_fixtures::agent(f, ws.id).await;
+    for _ in 0..2 {
+        runtime_fixtures::create(
+            f,
+            runtime_fixtures::new_task(&agent, keel_core::task::Priority::Medium, None),
+        )
+        .await;
+    }
+    let owner = uuid::Uuid::now_v7();
+    let begin = |task: &keel_store::runtime::TaskRecord| BeginRun {
+        task_id: task.id,
+        owner,
+        new_run: Some((
+            RunId::new(),
+            vec![NewMessage {
+                body: serde_json::json!({"role": "user", "content": "hi"}),
+                tokens: 3,
+            }],
+        )),
+        events: vec![],
+    };
+    let finish = |task: &keel_store::runtime::TaskRecord, run: RunId, finish: Finish| Checkpoint {
+        task_id: task.id,
+        workspace_id: ws.id,
+        thread_id: task.thread_id,
+        run_id: run,
+        owner,
+        start: None,
+        step: None,
+        messages: vec![],
+        tool_calls: 0,
+        input_tokens: 0,
+        output_tokens: 0,
+        cost_nanousd: 0,
+        finish: Some(finish),
+        events: vec![],
+        usage: None,
+    };
+    let pause = || tokio::time::sleep(std::time::Duration::from_millis(20));
+    let claimed = f
+        .store
+        .claim_tasks(owner, runtime_fixtures::later(60), 2)
+        .await
+        .unwrap();
+    let [first, second] = claimed.as_slice() else {
+        panic!("claimed {claimed:?}");
+    };
+    let first_run = begin(first);
+    let run = first_run.new_run.as_ref().unwrap().0;
+    f.store.begin_run(first_run).await.unwrap();
+    f.store
+        .commit_checkpoints(&[finish(
+            first,
+            run,
+            Finish::Retry {
+                error: serde_json::json!({"kind": "tool", "message": "first"}),
+                retry_at: time::OffsetDateTime::now_utc(),
+            },
+        )])
+        .await
+        .unwrap();
+    pause().await;
+    let second_run = begin(second);
+    let run = second_run.new_run.as_ref().unwrap().0;
+    f.store.begin_run(second_run).await.unwrap();
+    f.store
+        .commit_checkpoints(&[finish(
+            second,
+            run,
+            Finish::Failed {
+                error: serde_json::json!({"kind": "llm", "message": "second"}),
+                dead_letter: false,
+            },
+        )])
+        .await
+        .unwrap();
+    pause().await;
+    // The first is due again: claimed and started anew, it changes after the second's
+    // failure while still holding its own, older error.
+    let again = f
+        .store
+        .claim_tasks(owner, runtime_fixtures::later(60), 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        again.iter().map(|t| t.id).collect::<Vec<_>>(),
+        vec![first.id]
+    );
+    f.store.begin_run(begin(first)).await.unwrap();
+    let (first_now, second_now) = (
+        f.store.task(ws.id, first.id).await.unwrap(),
+        f.store.task(ws.id, second.id).await.unwrap(),
+    );
+    assert!(first_now.error.is_some(), "{first_now:?}");
+    assert!(
+        first_now.updated_at > second_now.updated_at,
+        "the first changed last: {first_now:?} {second_now:?}"
+    );
+    let stats = f
+        .store
+        .agent_stats(ws.id, agent.id, &[time::OffsetDateTime::now_utc()])
+        .await
+        .unwrap();
+    assert_eq!(stats.last_error.map(|t| t.id), Some(second.id));
 }
