@@ -64,11 +64,12 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
                 for workers in [1usize, 8, 64] {
                     let t = throughput(&exe, &peers, None, workers, o.tasks_per_worker).await?;
                     println_report(&format!(
-                        "sqlite, {workers:>2} concurrent runs: {:>7.0} checkpointed steps/s ({} tasks, {} steps in {:.2} s){}",
+                        "sqlite, {workers:>2} concurrent runs: {:>7.0} checkpointed steps/s ({} tasks, {} steps in {:.2} s{}){}",
                         t.steps_per_sec,
                         t.tasks,
                         t.steps,
                         t.elapsed.as_secs_f64(),
+                        t.busy_note(),
                         if workers == 64 {
                             format!(" → {} (goal ≥ 5,000)", met(t.steps_per_sec >= 5_000.0))
                         } else {
@@ -87,11 +88,12 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
                 drop_database(server, &db).await;
                 let t = t?;
                 println_report(&format!(
-                    "postgres, 64 concurrent runs: {:.0} checkpointed steps/s ({} tasks, {} steps in {:.2} s) → {} (goal ≥ 3,000)",
+                    "postgres, 64 concurrent runs: {:.0} checkpointed steps/s ({} tasks, {} steps in {:.2} s{}) → {} (goal ≥ 3,000)",
                     t.steps_per_sec,
                     t.tasks,
                     t.steps,
                     t.elapsed.as_secs_f64(),
+                    t.busy_note(),
                     met(t.steps_per_sec >= 3_000.0)
                 ));
                 let (url, db) = fresh_database(server).await?;
@@ -408,6 +410,7 @@ struct Throughput {
     steps: i64,
     elapsed: Duration,
     steps_per_sec: f64,
+    busy: Option<Busy>,
 }
 
 /// Creates `workers × per_worker` tasks at once and lets `workers` runs at a time work
@@ -487,13 +490,85 @@ async fn throughput(
     };
     let steps: i64 = tasks.iter().filter_map(|t| t["steps"].as_i64()).sum();
     let elapsed = Duration::try_from(last - first).unwrap_or_default();
+    let busy = Busy::of(&tasks, workers);
     keel.stop().await;
     Ok(Throughput {
         tasks: n,
         steps,
         elapsed,
         steps_per_sec: steps as f64 / elapsed.as_secs_f64().max(1e-9),
+        busy,
     })
+}
+
+impl Throughput {
+    /// `; <the busy stretch>`, or nothing when it was too short to say.
+    fn busy_note(&self) -> String {
+        self.busy.map(|b| format!("; {b}")).unwrap_or_default()
+    }
+}
+
+/// The stretch of a throughput part when every run was busy: from the start that filled
+/// the last free run (the ramp-up before it: the first claims, the pool's connections
+/// opening, the tokenizer loading) to the last start (after it the queue is empty and
+/// runs fall idle one by one). Steps are counted for the tasks that finished inside it.
+#[derive(Debug, Clone, Copy)]
+struct Busy {
+    /// From the first start to the start that filled every run.
+    ramp: Duration,
+    /// From the last start to the last finish.
+    drain: Duration,
+    /// The busy stretch.
+    span: Duration,
+    steps_per_sec: f64,
+}
+
+impl Busy {
+    fn of(tasks: &[Value], workers: usize) -> Option<Self> {
+        let mut starts: Vec<time::OffsetDateTime> = tasks
+            .iter()
+            .filter_map(|t| timestamp(&t["started_at"]))
+            .collect();
+        starts.sort_unstable();
+        let (first, full, last_start) = (
+            *starts.first()?,
+            *starts.get(workers.checked_sub(1)?)?,
+            *starts.last()?,
+        );
+        let last_finish = tasks
+            .iter()
+            .filter_map(|t| timestamp(&t["finished_at"]))
+            .max()?;
+        let steps: i64 = tasks
+            .iter()
+            .filter(|t| timestamp(&t["finished_at"]).is_some_and(|f| f > full && f <= last_start))
+            .filter_map(|t| t["steps"].as_i64())
+            .sum();
+        let span = Duration::try_from(last_start - full).ok()?;
+        // Too short a stretch says nothing steady.
+        if span < Duration::from_millis(250) {
+            return None;
+        }
+        Some(Self {
+            ramp: Duration::try_from(full - first).unwrap_or_default(),
+            drain: Duration::try_from(last_finish - last_start).unwrap_or_default(),
+            span,
+            steps_per_sec: steps as f64 / span.as_secs_f64(),
+        })
+    }
+}
+
+impl std::fmt::Display for Busy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.0} steps/s while every run was busy ({:.2} s; ramp-up {:.0} ms, drain {:.0} ms)",
+            self.steps_per_sec,
+            self.span.as_secs_f64(),
+            self.ramp.as_secs_f64() * 1e3,
+            self.drain.as_secs_f64() * 1e3
+        )
+    }
 }
 
 /// Median time of writing 4 KiB and `fdatasync` to a file in `dir`.
