@@ -44,9 +44,20 @@ impl PgStore {
         // tenth of its CPU in the 64-run benchmark, and on a table not yet analysed the
         // claim's custom plan was a sequential scan where the generic one walks the queue
         // index (docs/BENCHMARKS.md, "Agent runtime").
+        //
+        // A generic plan does not know a `LIMIT $n` (the planner assumes a tenth of the
+        // rows) nor how many queued tasks a `run_at <= $n` keeps, so with the default
+        // random_page_cost of 4 the claim's plan was, on some connections, a sequential
+        // scan and sort of every queued task (~2–7 ms a claim at a few thousand tasks,
+        // growing with the queue) instead of a walk of the queue index that stops after the
+        // first few (~0.1 ms). Keel's working set is cached (SSD or RAM), which is what a
+        // random_page_cost near 1 says; with it the index walk wins whatever the table's size.
         let options = PgConnectOptions::from_str(url.expose_secret())
             .map_err(|e| Error::BadUrl(e.to_string()))?
-            .options([("plan_cache_mode", "force_generic_plan")]);
+            .options([
+                ("plan_cache_mode", "force_generic_plan"),
+                ("random_page_cost", "1.1"),
+            ]);
         // A connection is pinged before use only after it has sat idle for a while (a
         // server restart or a dropped socket shows there): one in steady use has just
         // proven itself, and a ping before every use is one more round trip per statement
