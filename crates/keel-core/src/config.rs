@@ -187,7 +187,9 @@ pub struct Database {
     /// `postgres://…` to use Postgres; unset for the embedded SQLite in `data_dir`.
     #[serde(serialize_with = "redact_url")]
     pub url: Option<SecretString>,
-    /// Most connections the pool opens.
+    /// Most connections the pool opens. Few is faster: each Postgres connection is a
+    /// server process that prepares and plans every statement anew, and the pool hands
+    /// out its idle connections in turn, so all of them stay busy (docs/BENCHMARKS.md).
     pub max_connections: u32,
     /// How long a query waits for a free (or new) connection before failing.
     #[serde(with = "humantime_serde")]
@@ -204,7 +206,7 @@ impl Default for Database {
     fn default() -> Self {
         Self {
             url: None,
-            max_connections: 16,
+            max_connections: 8,
             acquire_timeout: Duration::from_secs(3),
             sqlite_synchronous: SqliteSynchronous::Full,
             sqlite_busy_timeout: Duration::from_secs(5),

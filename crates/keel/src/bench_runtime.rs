@@ -269,9 +269,8 @@ impl Keel {
             std::env::temp_dir().join(format!("keel-bench-runtime-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("agents"))?;
-        let database = database.map_or(String::new(), |url| {
-            format!("url = {url:?}\nmax_connections = 32\n")
-        });
+        // The pool is the product's default size: the figure is what a deployment gets.
+        let database = database.map_or(String::new(), |url| format!("url = {url:?}\n"));
         let config = dir.join("keel.toml");
         std::fs::write(
             &config,
