@@ -877,7 +877,9 @@ async fn exporters_lease_and_track_a_cursor_per_workspace(f: &Fixture) {
 
 mod runtime_fixtures {
     use super::*;
-    use keel_store::runtime::{AgentRecord, Created, NewTask};
+    use keel_store::runtime::{
+        AgentRecord, BeginRun, Checkpoint, Created, Finish, NewMessage, NewTask, TaskRecord,
+    };
 
     pub async fn agent(f: &Fixture, ws: WorkspaceId) -> AgentRecord {
         f.store
@@ -924,7 +926,7 @@ mod runtime_fixtures {
         }
     }
 
-    pub async fn create(f: &Fixture, t: NewTask) -> keel_store::runtime::TaskRecord {
+    pub async fn create(f: &Fixture, t: NewTask) -> TaskRecord {
         match f.store.create_task(t).await.unwrap() {
             Created::New(task, events) => {
                 assert_eq!(events.len(), 1, "the task and its event commit together");
@@ -943,6 +945,62 @@ mod runtime_fixtures {
 
     pub fn later(secs: i64) -> time::OffsetDateTime {
         time::OffsetDateTime::now_utc() + time::Duration::seconds(secs)
+    }
+
+    /// A new run `run` of `task` for `owner`, opening with one user message.
+    pub fn new_run(task: TaskId, owner: uuid::Uuid, run: RunId) -> BeginRun {
+        BeginRun {
+            task_id: task,
+            owner,
+            new_run: Some((
+                run,
+                vec![NewMessage {
+                    body: serde_json::json!({"role": "user", "content": "hi"}),
+                    tokens: 3,
+                }],
+            )),
+            events: vec![],
+        }
+    }
+
+    /// Begins a new run of a task `owner` has claimed; its id.
+    pub async fn start(f: &Fixture, task: &TaskRecord, owner: uuid::Uuid) -> RunId {
+        let run = RunId::new();
+        f.store
+            .begin_run(new_run(task.id, owner, run))
+            .await
+            .unwrap();
+        run
+    }
+
+    /// Ends `run` with `finish` alone: no step, message, event or usage.
+    pub async fn end(
+        f: &Fixture,
+        task: &TaskRecord,
+        run: RunId,
+        owner: uuid::Uuid,
+        finish: Finish,
+    ) {
+        f.store
+            .commit_checkpoints(&[Checkpoint {
+                task_id: task.id,
+                workspace_id: task.workspace_id,
+                thread_id: task.thread_id,
+                run_id: run,
+                owner,
+                start: None,
+                step: None,
+                messages: vec![],
+                tool_calls: 0,
+                input_tokens: 0,
+                output_tokens: 0,
+                cost_nanousd: 0,
+                finish: Some(finish),
+                events: vec![],
+                usage: None,
+            }])
+            .await
+            .unwrap();
     }
 }
 
@@ -1060,18 +1118,7 @@ async fn claims_are_exclusive_and_checkpoints_are_fenced_by_the_lease(f: &Fixtur
     let run = RunId::new();
     let state = f
         .store
-        .begin_run(BeginRun {
-            task_id: task.id,
-            owner: one,
-            new_run: Some((
-                run,
-                vec![NewMessage {
-                    body: serde_json::json!({"role": "user", "content": "hi"}),
-                    tokens: 3,
-                }],
-            )),
-            events: vec![],
-        })
+        .begin_run(runtime_fixtures::new_run(task.id, one, run))
         .await
         .unwrap();
     assert_eq!(state.messages.len(), 1);
@@ -2503,7 +2550,7 @@ async fn claims_respect_each_agents_concurrency_limit(f: &Fixture) {
 }
 
 async fn agent_stats_count_every_task_of_the_agent(f: &Fixture) {
-    use keel_store::runtime::{BeginRun, Checkpoint, Finish, NewMessage};
+    use keel_store::runtime::Finish;
     let ws = f.store.ensure_workspace(&name("stats")).await.unwrap();
     let agent = runtime_fixtures::agent(f, ws.id).await;
     for _ in 0..6 {
@@ -2521,22 +2568,7 @@ async fn agent_stats_count_every_task_of_the_agent(f: &Fixture) {
         .unwrap();
     assert_eq!(claimed.len(), 4);
     for (i, task) in claimed.iter().enumerate() {
-        let run = RunId::new();
-        f.store
-            .begin_run(BeginRun {
-                task_id: task.id,
-                owner,
-                new_run: Some((
-                    run,
-                    vec![NewMessage {
-                        body: serde_json::json!({"role": "user", "content": "hi"}),
-                        tokens: 3,
-                    }],
-                )),
-                events: vec![],
-            })
-            .await
-            .unwrap();
+        let run = runtime_fixtures::start(f, task, owner).await;
         let finish = match i {
             0 => Finish::Completed { output: None },
             1 => {
@@ -2550,26 +2582,7 @@ async fn agent_stats_count_every_task_of_the_agent(f: &Fixture) {
             },
             _ => continue,
         };
-        f.store
-            .commit_checkpoints(&[Checkpoint {
-                task_id: task.id,
-                workspace_id: ws.id,
-                thread_id: task.thread_id,
-                run_id: run,
-                owner,
-                start: None,
-                step: None,
-                messages: vec![],
-                tool_calls: 0,
-                input_tokens: 0,
-                output_tokens: 0,
-                cost_nanousd: 0,
-                finish: Some(finish),
-                events: vec![],
-                usage: None,
-            }])
-            .await
-            .unwrap();
+        runtime_fixtures::end(f, task, run, owner, finish).await;
     }
     let now = time::OffsetDateTime::now_utc();
     let stats = f
@@ -2616,7 +2629,7 @@ async fn agent_stats_count_every_task_of_the_agent(f: &Fixture) {
 /// failure's task has changed since (retried and started again): the status reads
 /// `errored_at`, and a checkpoint's progress leaves every indexed column alone.
 async fn the_last_error_is_the_latest_recorded_not_the_latest_touched(f: &Fixture) {
-    use keel_store::runtime::{BeginRun, Checkpoint, Finish, NewMessage};
+    use keel_store::runtime::Finish;
     let ws = f.store.ensure_workspace(&name("last-error")).await.unwrap();
     let agent = runtime_fixtures::agent(f, ws.id).await;
     for _ in 0..2 {
@@ -2627,35 +2640,6 @@ async fn the_last_error_is_the_latest_recorded_not_the_latest_touched(f: &Fixtur
         .await;
     }
     let owner = uuid::Uuid::now_v7();
-    let begin = |task: &keel_store::runtime::TaskRecord| BeginRun {
-        task_id: task.id,
-        owner,
-        new_run: Some((
-            RunId::new(),
-            vec![NewMessage {
-                body: serde_json::json!({"role": "user", "content": "hi"}),
-                tokens: 3,
-            }],
-        )),
-        events: vec![],
-    };
-    let finish = |task: &keel_store::runtime::TaskRecord, run: RunId, finish: Finish| Checkpoint {
-        task_id: task.id,
-        workspace_id: ws.id,
-        thread_id: task.thread_id,
-        run_id: run,
-        owner,
-        start: None,
-        step: None,
-        messages: vec![],
-        tool_calls: 0,
-        input_tokens: 0,
-        output_tokens: 0,
-        cost_nanousd: 0,
-        finish: Some(finish),
-        events: vec![],
-        usage: None,
-    };
     let pause = || tokio::time::sleep(std::time::Duration::from_millis(20));
     let claimed = f
         .store
@@ -2665,35 +2649,19 @@ async fn the_last_error_is_the_latest_recorded_not_the_latest_touched(f: &Fixtur
     let [first, second] = claimed.as_slice() else {
         panic!("claimed {claimed:?}");
     };
-    let first_run = begin(first);
-    let run = first_run.new_run.as_ref().unwrap().0;
-    f.store.begin_run(first_run).await.unwrap();
-    f.store
-        .commit_checkpoints(&[finish(
-            first,
-            run,
-            Finish::Retry {
-                error: serde_json::json!({"kind": "tool", "message": "first"}),
-                retry_at: time::OffsetDateTime::now_utc(),
-            },
-        )])
-        .await
-        .unwrap();
+    let run = runtime_fixtures::start(f, first, owner).await;
+    let retry = Finish::Retry {
+        error: serde_json::json!({"kind": "tool", "message": "first"}),
+        retry_at: time::OffsetDateTime::now_utc(),
+    };
+    runtime_fixtures::end(f, first, run, owner, retry).await;
     pause().await;
-    let second_run = begin(second);
-    let run = second_run.new_run.as_ref().unwrap().0;
-    f.store.begin_run(second_run).await.unwrap();
-    f.store
-        .commit_checkpoints(&[finish(
-            second,
-            run,
-            Finish::Failed {
-                error: serde_json::json!({"kind": "llm", "message": "second"}),
-                dead_letter: false,
-            },
-        )])
-        .await
-        .unwrap();
+    let run = runtime_fixtures::start(f, second, owner).await;
+    let failed = Finish::Failed {
+        error: serde_json::json!({"kind": "llm", "message": "second"}),
+        dead_letter: false,
+    };
+    runtime_fixtures::end(f, second, run, owner, failed).await;
     pause().await;
     // The first is due again: claimed and started anew, it changes after the second's
     // failure while still holding its own, older error.
@@ -2706,7 +2674,7 @@ async fn the_last_error_is_the_latest_recorded_not_the_latest_touched(f: &Fixtur
         again.iter().map(|t| t.id).collect::<Vec<_>>(),
         vec![first.id]
     );
-    f.store.begin_run(begin(first)).await.unwrap();
+    runtime_fixtures::start(f, first, owner).await;
     let (first_now, second_now) = (
         f.store.task(ws.id, first.id).await.unwrap(),
         f.store.task(ws.id, second.id).await.unwrap(),

@@ -489,7 +489,7 @@ async fn throughput(
     };
     let steps: i64 = tasks.iter().filter_map(|t| t["steps"].as_i64()).sum();
     let elapsed = Duration::try_from(last - first).unwrap_or_default();
-    let busy = Busy::of(&tasks, workers);
+    let busy = Busy::of(&tasks, workers, last);
     keel.stop().await;
     Ok(Throughput {
         tasks: n,
@@ -523,7 +523,8 @@ struct Busy {
 }
 
 impl Busy {
-    fn of(tasks: &[Value], workers: usize) -> Option<Self> {
+    /// `last_finish`: the part's last finish, as the whole span counts it.
+    fn of(tasks: &[Value], workers: usize, last_finish: time::OffsetDateTime) -> Option<Self> {
         let mut starts: Vec<time::OffsetDateTime> = tasks
             .iter()
             .filter_map(|t| timestamp(&t["started_at"]))
@@ -534,10 +535,6 @@ impl Busy {
             *starts.get(workers.checked_sub(1)?)?,
             *starts.last()?,
         );
-        let last_finish = tasks
-            .iter()
-            .filter_map(|t| timestamp(&t["finished_at"]))
-            .max()?;
         let steps: i64 = tasks
             .iter()
             .filter(|t| timestamp(&t["finished_at"]).is_some_and(|f| f > full && f <= last_start))
