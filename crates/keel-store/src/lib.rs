@@ -24,6 +24,7 @@ use keel_core::id::{ApiKeyId, DeliveryId, WebhookId, WorkspaceId};
 use keel_core::workspace::{Workspace, WorkspaceName};
 use time::OffsetDateTime;
 
+mod admission;
 pub mod budgets;
 mod error;
 pub mod events;

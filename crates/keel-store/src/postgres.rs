@@ -17,6 +17,8 @@ pub struct PgStore {
     pool: PgPool,
     /// The same pool: Postgres takes concurrent writers.
     writer: PgPool,
+    /// The queue's depth for admission (shared by the clones).
+    queue: std::sync::Arc<crate::admission::QueueGauge>,
 }
 
 /// The claim's `UPDATE … RETURNING ` (the columns follow), shared by `CLAIM_SQL` and
@@ -79,6 +81,7 @@ impl PgStore {
         Ok(Self {
             writer: pool.clone(),
             pool,
+            queue: std::sync::Arc::default(),
         })
     }
 

@@ -453,7 +453,9 @@ pub trait RuntimeStore: Send + Sync {
     ) -> Result<Vec<MessageRecord>>;
 
     /// Creates a task and queues it, with its events, in one transaction — or returns the
-    /// task an earlier request with the same `Idempotency-Key` created.
+    /// task an earlier request with the same `Idempotency-Key` created, or refuses when the
+    /// queue is at `max_queued` (judged by this instance's estimate of the depth, which is
+    /// not counted per creation; see the `admission` module).
     async fn create_task(&self, task: NewTask) -> Result<Created>;
 
     /// A task of this workspace.
@@ -791,11 +793,11 @@ macro_rules! runtime_store {
                     .await?)
             }
 
-            /// Postgres: creates a task in one statement — the queue's room, the thread
-            /// (found or made), the workspace's fairness lane, the task and its events —
-            /// committed on its own, so the lane's and the event head's row locks last that
-            /// statement and its commit, not a transaction's round trips. `None` when the
-            /// events are not one workspace's (the transaction does it then).
+            /// Postgres: creates a task in one statement — the thread (found or made), the
+            /// workspace's fairness lane, the task and its events — committed on its own,
+            /// so the lane's and the event head's row locks last that statement and its
+            /// commit, not a transaction's round trips. `None` when the events are not one
+            /// workspace's (the transaction does it then).
             async fn create_task_at_once(
                 &self,
                 t: &$crate::runtime::NewTask,
@@ -816,18 +818,16 @@ macro_rules! runtime_store {
                     None => (keel_core::id::ThreadId::new(), true),
                 };
                 let mut qb = sqlx::QueryBuilder::<$db>::new(
-                    "WITH room AS (SELECT 1 WHERE (SELECT count(*) FROM tasks WHERE queued AND lease_owner IS NULL) < ",
+                    "WITH made AS (INSERT INTO threads (id, workspace_id, metadata, next_seq, created_at) SELECT ",
                 );
-                qb.push_bind(t.max_queued)
-                    .push("), made AS (INSERT INTO threads (id, workspace_id, metadata, next_seq, created_at) SELECT ")
-                    .push_bind(thread.as_uuid())
+                qb.push_bind(thread.as_uuid())
                     .push(", ")
                     .push_bind(ws)
                     .push(", '{}', 0, ")
                     .push_bind(now)
-                    .push(" FROM room WHERE ")
+                    .push(" WHERE ")
                     .push_bind(made)
-                    .push(" RETURNING id), thread AS (SELECT id FROM made UNION ALL SELECT t.id FROM threads t CROSS JOIN room WHERE NOT ")
+                    .push(" RETURNING id), thread AS (SELECT id FROM made UNION ALL SELECT t.id FROM threads t WHERE NOT ")
                     .push_bind(made)
                     .push(" AND t.id = ")
                     .push_bind(thread.as_uuid())
@@ -888,17 +888,8 @@ macro_rules! runtime_store {
                     Err(e) => return Err(e.into()),
                 };
                 let Some(row) = row else {
-                    // Nothing was written: the thread is not the workspace's, or the queue
-                    // is full.
-                    if !made {
-                        let found: Option<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM threads WHERE id = $1 AND workspace_id = $2")
-                            .bind(thread.as_uuid())
-                            .bind(ws)
-                            .fetch_optional(&self.pool)
-                            .await?;
-                        found.ok_or($crate::Error::NotFound { what: "thread" })?;
-                    }
-                    return Ok(Some(Created::QueueFull { queued: self.queued_count().await? }));
+                    // Nothing was written: the thread is not the workspace's.
+                    return Err($crate::Error::NotFound { what: "thread" });
                 };
                 let head: i64 = row.try_get("head_seq")?;
                 for (k, e) in (1i64..).zip(events.iter_mut()) {
@@ -1726,14 +1717,15 @@ macro_rules! runtime_store {
                 {
                     return Ok(Created::Existing(Box::new(task)));
                 }
+                if let $crate::admission::Admission::Full { queued } =
+                    self.queue.admit(t.max_queued, || self.queued_count()).await?
+                {
+                    return Ok(Created::QueueFull { queued });
+                }
                 if Self::CREATES_AT_ONCE
                     && let Some(created) = self.create_task_at_once(&t).await?
                 {
                     return Ok(created);
-                }
-                let queued = self.queued_count().await?;
-                if queued >= t.max_queued {
-                    return Ok(Created::QueueFull { queued });
                 }
                 let now = $crate::now();
                 let mut tx = self.writer.begin().await?;

@@ -22,6 +22,8 @@ use crate::{Backend, Error, Result};
 pub struct SqliteStore {
     pool: SqlitePool,
     writer: SqlitePool,
+    /// The queue's depth for admission (shared by the clones).
+    queue: std::sync::Arc<crate::admission::QueueGauge>,
 }
 
 impl SqliteStore {
@@ -64,7 +66,11 @@ impl SqliteStore {
             .test_before_acquire(false)
             .connect_with(options)
             .await?;
-        Ok(Self { pool, writer })
+        Ok(Self {
+            pool,
+            writer,
+            queue: std::sync::Arc::default(),
+        })
     }
 
     const BACKEND: Backend = Backend::Sqlite;

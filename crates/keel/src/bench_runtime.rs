@@ -64,12 +64,13 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
                 for workers in [1usize, 8, 64] {
                     let t = throughput(&exe, &peers, None, workers, o.tasks_per_worker).await?;
                     println_report(&format!(
-                        "sqlite, {workers:>2} concurrent runs: {:>7.0} checkpointed steps/s ({} tasks, {} steps in {:.2} s{}){}",
+                        "sqlite, {workers:>2} concurrent runs: {:>7.0} checkpointed steps/s ({} tasks, {} steps in {:.2} s{}; {}){}",
                         t.steps_per_sec,
                         t.tasks,
                         t.steps,
                         t.elapsed.as_secs_f64(),
                         t.busy_note(),
+                        t.fill,
                         if workers == 64 {
                             format!(" → {} (goal ≥ 5,000)", met(t.steps_per_sec >= 5_000.0))
                         } else {
@@ -88,12 +89,13 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
                 drop_database(server, &db).await;
                 let t = t?;
                 println_report(&format!(
-                    "postgres, 64 concurrent runs: {:.0} checkpointed steps/s ({} tasks, {} steps in {:.2} s{}) → {} (goal ≥ 3,000)",
+                    "postgres, 64 concurrent runs: {:.0} checkpointed steps/s ({} tasks, {} steps in {:.2} s{}; {}) → {} (goal ≥ 3,000)",
                     t.steps_per_sec,
                     t.tasks,
                     t.steps,
                     t.elapsed.as_secs_f64(),
                     t.busy_note(),
+                    t.fill,
                     met(t.steps_per_sec >= 3_000.0)
                 ));
                 let (url, db) = fresh_database(server).await?;
@@ -410,6 +412,31 @@ struct Throughput {
     elapsed: Duration,
     steps_per_sec: f64,
     busy: Option<Busy>,
+    fill: Fill,
+}
+
+/// The fill before a throughput part: `POST /v1/tasks` 32 at a time into a queue no
+/// worker takes from, so each creation finds the queue as deep as the tasks before it.
+#[derive(Debug, Clone, Copy)]
+struct Fill {
+    /// Tasks created a second over the whole fill.
+    per_sec: f64,
+    /// `POST` p50 of the first tenth of the tasks (queue nearly empty).
+    first_tenth: Duration,
+    /// `POST` p50 of the last tenth (queue nearly full).
+    last_tenth: Duration,
+}
+
+impl std::fmt::Display for Fill {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "queue filled at {:.0} tasks/s, POST /v1/tasks p50 {:.2} ms for the first tenth, {:.2} ms for the last",
+            self.per_sec,
+            ms(self.first_tenth),
+            ms(self.last_tenth)
+        )
+    }
 }
 
 /// Creates `workers × per_worker` tasks at once and lets `workers` runs at a time work
@@ -428,24 +455,35 @@ async fn throughput(
     keel.run_agents(false).await?;
     let client = http()?;
     let n = (workers * per_worker).max(50);
+    let filling = Instant::now();
     let mut posts = futures_util::stream::iter(0..n)
         .map(|i| {
             let (client, keel) = (&client, &keel);
             async move {
+                let sent = Instant::now();
                 post_task(
                     client,
                     keel,
                     json!({"agent": "bench", "input": format!("task {i}"), "mode": "background"}),
                 )
                 .await
+                .map(|_| (i, sent.elapsed()))
             }
         })
         .buffer_unordered(32);
     use futures_util::StreamExt as _;
+    let mut took = vec![Duration::ZERO; n];
     while let Some(r) = posts.next().await {
-        r?;
+        let (i, d) = r?;
+        took[i] = d;
     }
     drop(posts);
+    let tenth = (n / 10).max(1);
+    let fill = Fill {
+        per_sec: n as f64 / filling.elapsed().as_secs_f64().max(1e-9),
+        first_tenth: median(took[..tenth].to_vec()),
+        last_tenth: median(took[n - tenth..].to_vec()),
+    };
     keel.run_agents(true).await?;
     // Wait cheaply (one small query a second, so the polling does not load Keel), then
     // read every task once.
@@ -497,6 +535,7 @@ async fn throughput(
         elapsed,
         steps_per_sec: steps as f64 / elapsed.as_secs_f64().max(1e-9),
         busy,
+        fill,
     })
 }
 
