@@ -767,7 +767,17 @@ impl Runtime {
                 metrics::gauge!("keel_dead_letters").set(n as f64);
             }
             if let Ok(counts) = inner.store.task_counts().await {
-                for (status, n) in counts {
+                // Live statuses only (finished tasks are `keel_tasks_finished_total`); one
+                // with no tasks left is reported as 0, not left at its last value.
+                for status in [
+                    keel_core::task::TaskStatus::Submitted,
+                    keel_core::task::TaskStatus::Working,
+                    keel_core::task::TaskStatus::InputRequired,
+                ] {
+                    let n = counts
+                        .iter()
+                        .find(|(s, _)| *s == status)
+                        .map_or(0, |(_, n)| *n);
                     metrics::gauge!("keel_tasks", "status" => status.as_str()).set(n as f64);
                 }
             }

@@ -81,8 +81,7 @@ impl QueueGauge {
                     let age = c.at.elapsed();
                     let recount = !recounted
                         && !s.counting
-                        && (age >= RECOUNT_EVERY
-                            || (estimate >= max && age >= RECOUNT_TO_REFUSE));
+                        && (age >= RECOUNT_EVERY || (estimate >= max && age >= RECOUNT_TO_REFUSE));
                     if !recount {
                         if estimate < max {
                             s.admitted += 1;
@@ -203,7 +202,10 @@ mod tests {
         // Another instance fills the queue.
         queue.depth.store(10, Ordering::SeqCst);
         tokio::time::sleep(RECOUNT_EVERY).await;
-        assert_eq!(queue.admit(&gauge, 10).await, Admission::Full { queued: 10 });
+        assert_eq!(
+            queue.admit(&gauge, 10).await,
+            Admission::Full { queued: 10 }
+        );
         assert_eq!(queue.counts.load(Ordering::SeqCst), 2);
     }
 

@@ -109,6 +109,7 @@ conformance!(
     claims_respect_each_agents_concurrency_limit,
     agent_stats_count_every_task_of_the_agent,
     the_last_error_is_the_latest_recorded_not_the_latest_touched,
+    task_counts_are_of_the_live_statuses_only,
 );
 
 fn name(s: &str) -> WorkspaceName {
@@ -2690,4 +2691,50 @@ async fn the_last_error_is_the_latest_recorded_not_the_latest_touched(f: &Fixtur
         .await
         .unwrap();
     assert_eq!(stats.last_error.map(|t| t.id), Some(second.id));
+}
+
+async fn task_counts_are_of_the_live_statuses_only(f: &Fixture) {
+    use keel_core::task::TaskStatus;
+    use keel_store::runtime::Finish;
+    let ws = f
+        .store
+        .ensure_workspace(&name("live-counts"))
+        .await
+        .unwrap();
+    let agent = runtime_fixtures::agent(f, ws.id).await;
+    for _ in 0..3 {
+        runtime_fixtures::create(
+            f,
+            runtime_fixtures::new_task(&agent, keel_core::task::Priority::Medium, None),
+        )
+        .await;
+    }
+    let owner = uuid::Uuid::now_v7();
+    let claimed = f
+        .store
+        .claim_tasks(owner, runtime_fixtures::later(60), 2)
+        .await
+        .unwrap();
+    let [done, working] = claimed.as_slice() else {
+        panic!("claimed {claimed:?}");
+    };
+    let run = runtime_fixtures::start(f, done, owner).await;
+    runtime_fixtures::end(
+        f,
+        done,
+        run,
+        owner,
+        Finish::Completed {
+            output: Some("ok".to_owned()),
+        },
+    )
+    .await;
+    runtime_fixtures::start(f, working, owner).await;
+    let mut counts = f.store.task_counts().await.unwrap();
+    counts.sort_by_key(|(s, _)| s.as_str());
+    assert_eq!(
+        counts,
+        vec![(TaskStatus::Submitted, 1), (TaskStatus::Working, 1)],
+        "the completed task is not counted, and no status without tasks is listed"
+    );
 }

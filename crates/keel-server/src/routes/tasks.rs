@@ -669,6 +669,7 @@ pub(crate) async fn cancel(
         .await?;
     state.events().publish(&events);
     state.runtime().interrupt(id);
+    metrics::counter!("keel_tasks_finished_total", "status" => "canceled").increment(1);
     tracing::info!(task_id = %id, "task canceled");
     audit::record(
         &state,
@@ -821,6 +822,9 @@ pub(crate) async fn input(
         .store()
         .submit_input(ws, id, (kind.to_owned(), data), messages, finish, events)
         .await?;
+    if let Some(status) = finish {
+        metrics::counter!("keel_tasks_finished_total", "status" => status.as_str()).increment(1);
+    }
     state.events().publish(&events);
     state.runtime().wake();
     audit::record(
