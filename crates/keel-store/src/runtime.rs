@@ -900,6 +900,112 @@ macro_rules! runtime_store {
                 Ok(Some(Created::New(Box::new(Self::task_from_row(&row)?), events)))
             }
 
+            /// SQLite: creates a task in two round trips to the writer's thread (each query
+            /// is one; the transaction took seven): `BEGIN IMMEDIATE`, the thread (made,
+            /// or found to be the workspace's), the workspace's fairness lane and the task
+            /// in the first, its events and `COMMIT` in the second. The transaction is
+            /// begun by hand, so a future dropped half-way closes the connection (which
+            /// rolls back) rather than pooling it, and an error rolls back here.
+            async fn create_task_gathered(
+                &self,
+                t: &$crate::runtime::NewTask,
+            ) -> $crate::Result<$crate::runtime::Created> {
+                use $crate::runtime::Created;
+                let ws = t.workspace_id.as_uuid();
+                let now = $crate::now();
+                let (thread, made) = match t.thread_id {
+                    Some(id) => (id, false),
+                    None => (keel_core::id::ThreadId::new(), true),
+                };
+                let mut conn = $crate::sql::CloseUnlessReturned::new(self.writer.acquire().await?);
+                let mut g = $crate::sql::Gather::<$db>::new(true);
+                g.qb.push("BEGIN IMMEDIATE");
+                let _ = g.end(0);
+                if made {
+                    g.qb.push("INSERT INTO threads (id, workspace_id, metadata, next_seq, created_at) VALUES (")
+                        .push_bind(thread.as_uuid())
+                        .push(", ")
+                        .push_bind(ws)
+                        .push(", '{}', 0, ")
+                        .push_bind(now)
+                        .push(")");
+                    let _ = g.end(1);
+                }
+                g.qb.push("INSERT INTO queue_lanes (workspace_id, last_vt) VALUES (")
+                    .push_bind(ws)
+                    .push(
+                        ", (SELECT vt FROM queue_clock WHERE id = 1) + 1) ON CONFLICT (workspace_id) DO UPDATE \
+                         SET last_vt = max(queue_lanes.last_vt, (SELECT vt FROM queue_clock WHERE id = 1)) + 1",
+                    );
+                let _ = g.end(1);
+                g.qb.push("INSERT INTO tasks (").push($crate::runtime::task_columns!()).push(") SELECT ");
+                {
+                    let mut row = g.qb.separated(", ");
+                    row.push_bind(t.id.as_uuid())
+                        .push_bind(ws)
+                        .push_bind(t.agent_id.as_uuid())
+                        .push_bind(t.agent_name.clone())
+                        .push_bind(t.agent_version)
+                        .push_bind(thread.as_uuid())
+                        .push_bind(t.parent_task_id.map(|p| p.as_uuid()))
+                        .push_bind(t.depth)
+                        .push("'submitted'")
+                        .push_bind(t.priority.rank())
+                        .push_bind(t.input.to_string())
+                        .push_bind(t.metadata.to_string())
+                        .push_bind(t.idempotency_key.clone())
+                        .push("NULL, NULL, 0")
+                        .push_bind(t.max_attempts)
+                        .push("NULL, 0, 0, 0, 0, 0, TRUE, lane.last_vt")
+                        .push_bind(now)
+                        .push("NULL, NULL, FALSE")
+                        .push_bind(now)
+                        .push("NULL")
+                        .push_bind(now)
+                        .push("NULL");
+                }
+                g.qb.push(" FROM queue_lanes lane WHERE lane.workspace_id = ")
+                    .push_bind(ws)
+                    .push(" AND EXISTS (SELECT 1 FROM threads WHERE id = ")
+                    .push_bind(thread.as_uuid())
+                    .push(" AND workspace_id = ")
+                    .push_bind(ws)
+                    .push(") RETURNING ")
+                    .push($crate::runtime::task_columns!());
+                let _ = g.end(1);
+                let created = async {
+                    let rows = Self::run_gathered(&mut **conn, &mut g).await?;
+                    // Nothing was written but the lane's bump: the thread is not the
+                    // workspace's (rolled back below).
+                    let row = rows.first().ok_or($crate::Error::NotFound { what: "thread" })?;
+                    let task = Self::task_from_row(row)?;
+                    let events = Self::append_events_gathered(&mut **conn, &mut g, &t.events, true).await?;
+                    Ok::<_, $crate::Error>((task, events))
+                }
+                .await;
+                match created {
+                    Ok((task, events)) => {
+                        conn.give_back();
+                        Ok(Created::New(Box::new(task), events))
+                    }
+                    Err(e) => {
+                        if sqlx::query("ROLLBACK").execute(&mut **conn).await.is_ok() {
+                            conn.give_back();
+                        }
+                        match e {
+                            // A concurrent request with the same key won the race.
+                            $crate::Error::Database(db)
+                                if t.idempotency_key.is_some()
+                                    && db.as_database_error().is_some_and(|d| d.is_unique_violation()) =>
+                            {
+                                self.task_created_first(t).await
+                            }
+                            e => Err(e),
+                        }
+                    }
+                }
+            }
+
             /// The claim skipped agents already at their concurrency limit; one batch can
             /// still take more of an agent's tasks than it has room for. The agents' rows
             /// are locked (serialising claims for them across instances), their running
@@ -1728,6 +1834,9 @@ macro_rules! runtime_store {
                     && let Some(created) = self.create_task_at_once(&t).await?
                 {
                     return Ok(created);
+                }
+                if Self::GATHERS_WRITES {
+                    return self.create_task_gathered(&t).await;
                 }
                 let now = $crate::now();
                 let mut tx = self.writer.begin().await?;

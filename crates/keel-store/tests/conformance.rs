@@ -110,6 +110,7 @@ conformance!(
     agent_stats_count_every_task_of_the_agent,
     the_last_error_is_the_latest_recorded_not_the_latest_touched,
     task_counts_are_of_the_live_statuses_only,
+    concurrent_creations_with_one_key_make_one_task,
 );
 
 fn name(s: &str) -> WorkspaceName {
@@ -2737,4 +2738,48 @@ async fn task_counts_are_of_the_live_statuses_only(f: &Fixture) {
         vec![(TaskStatus::Submitted, 1), (TaskStatus::Working, 1)],
         "the completed task is not counted, and no status without tasks is listed"
     );
+}
+
+async fn concurrent_creations_with_one_key_make_one_task(f: &Fixture) {
+    use keel_store::runtime::Created;
+    let ws = f.store.ensure_workspace(&name("key-race")).await.unwrap();
+    let agent = runtime_fixtures::agent(f, ws.id).await;
+    let head = f.store.event_head(ws.id).await.unwrap().last_seq;
+    // Both look the key up before either has created its task, so one of them finds the
+    // key taken only when it writes, and must answer with the other's task.
+    let tries = (0..8).map(|_| {
+        f.store.create_task(runtime_fixtures::new_task(
+            &agent,
+            keel_core::task::Priority::Medium,
+            Some("same-key"),
+        ))
+    });
+    let created = futures_util::future::join_all(tries).await;
+    let mut ids = Vec::new();
+    let mut new = 0;
+    for c in created {
+        match c.unwrap() {
+            Created::New(task, events) => {
+                new += 1;
+                assert_eq!(events.len(), 1);
+                ids.push(task.id);
+            }
+            Created::Existing(task) => ids.push(task.id),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(new, 1, "exactly one creation wrote a task");
+    assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+    assert_eq!(
+        f.store.event_head(ws.id).await.unwrap().last_seq,
+        head + 1,
+        "one task.created, no event of the losers"
+    );
+    // The writer is usable after the losers rolled back.
+    runtime_fixtures::create(
+        f,
+        runtime_fixtures::new_task(&agent, keel_core::task::Priority::Medium, None),
+    )
+    .await;
+    assert_eq!(f.store.event_head(ws.id).await.unwrap().last_seq, head + 2);
 }
