@@ -26,6 +26,7 @@ use time::OffsetDateTime;
 
 mod admission;
 pub mod budgets;
+mod creations;
 mod error;
 pub mod events;
 mod migrate;

@@ -19,6 +19,8 @@ pub struct PgStore {
     writer: PgPool,
     /// The queue's depth for admission (shared by the clones).
     queue: std::sync::Arc<crate::admission::QueueGauge>,
+    /// Unused here: Postgres takes concurrent writers (see `creations.rs`).
+    creations: std::sync::Arc<crate::creations::Creations>,
 }
 
 /// The claim's `UPDATE … RETURNING ` (the columns follow), shared by `CLAIM_SQL` and
@@ -82,6 +84,7 @@ impl PgStore {
             writer: pool.clone(),
             pool,
             queue: std::sync::Arc::default(),
+            creations: std::sync::Arc::default(),
         })
     }
 

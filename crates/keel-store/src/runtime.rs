@@ -900,109 +900,192 @@ macro_rules! runtime_store {
                 Ok(Some(Created::New(Box::new(Self::task_from_row(&row)?), events)))
             }
 
-            /// SQLite: creates a task in two round trips to the writer's thread (each query
-            /// is one; the transaction took seven): `BEGIN IMMEDIATE`, the thread (made,
-            /// or found to be the workspace's), the workspace's fairness lane and the task
-            /// in the first, its events and `COMMIT` in the second. The transaction is
-            /// begun by hand, so a future dropped half-way closes the connection (which
-            /// rolls back) rather than pooling it, and an error rolls back here.
-            async fn create_task_gathered(
+            /// SQLite: creates a task with others waiting for the writer, in one
+            /// transaction and one fsync (see `creations.rs`).
+            async fn create_task_batched(
                 &self,
-                t: &$crate::runtime::NewTask,
+                t: $crate::runtime::NewTask,
             ) -> $crate::Result<$crate::runtime::Created> {
+                let (id, mut answer) = self.creations.push(t);
+                loop {
+                    let conn = match self.writer.acquire().await {
+                        Ok(conn) => conn,
+                        // Give up only while nobody has taken the creation: once taken, it
+                        // may be committed, and its answer is the one to give.
+                        Err(e) if self.creations.withdraw(id) => return Err(e.into()),
+                        Err(_) => break,
+                    };
+                    let batch = self.creations.take();
+                    if batch.is_empty() {
+                        break;
+                    }
+                    // In a task of its own, so the batch commits (and every caller in it
+                    // is answered) even if this caller goes away half-way.
+                    let store = self.clone();
+                    let conn = $crate::sql::CloseUnlessReturned::new(conn);
+                    tokio::spawn(async move { store.commit_creations(conn, batch).await })
+                        .await
+                        .map_err(|e| $crate::Error::Corrupt { what: "task creation", detail: e.to_string() })?;
+                    if let Ok(created) = answer.try_recv() {
+                        return created;
+                    }
+                }
+                answer.await.unwrap_or_else(|_| {
+                    Err($crate::Error::State { what: "task creation", state: "abandoned; retry".to_owned() })
+                })
+            }
+
+            /// Commits `batch` in one transaction begun and committed by hand: per creation
+            /// one round trip (a savepoint, the thread made or found to be the workspace's,
+            /// the workspace's fairness lane, the task `RETURNING` its row), then every new
+            /// task's events and `COMMIT` in one more. A creation that loses an idempotency
+            /// race or names another workspace's thread rolls back to its savepoint alone.
+            async fn commit_creations(
+                &self,
+                mut conn: $crate::sql::CloseUnlessReturned<$db>,
+                batch: Vec<$crate::creations::Waiting>,
+            ) {
                 use $crate::runtime::Created;
-                let ws = t.workspace_id.as_uuid();
+                enum Made {
+                    New(Box<$crate::runtime::TaskRecord>),
+                    LostRace,
+                    NotFound,
+                }
                 let now = $crate::now();
-                let (thread, made) = match t.thread_id {
-                    Some(id) => (id, false),
-                    None => (keel_core::id::ThreadId::new(), true),
-                };
-                let mut conn = $crate::sql::CloseUnlessReturned::new(self.writer.acquire().await?);
-                let mut g = $crate::sql::Gather::<$db>::new(true);
-                g.qb.push("BEGIN IMMEDIATE");
-                let _ = g.end(0);
-                if made {
-                    g.qb.push("INSERT INTO threads (id, workspace_id, metadata, next_seq, created_at) VALUES (")
-                        .push_bind(thread.as_uuid())
-                        .push(", ")
-                        .push_bind(ws)
-                        .push(", '{}', 0, ")
-                        .push_bind(now)
-                        .push(")");
-                    let _ = g.end(1);
-                }
-                g.qb.push("INSERT INTO queue_lanes (workspace_id, last_vt) VALUES (")
-                    .push_bind(ws)
-                    .push(
-                        ", (SELECT vt FROM queue_clock WHERE id = 1) + 1) ON CONFLICT (workspace_id) DO UPDATE \
-                         SET last_vt = max(queue_lanes.last_vt, (SELECT vt FROM queue_clock WHERE id = 1)) + 1",
-                    );
-                let _ = g.end(1);
-                g.qb.push("INSERT INTO tasks (").push($crate::runtime::task_columns!()).push(") SELECT ");
-                {
-                    let mut row = g.qb.separated(", ");
-                    row.push_bind(t.id.as_uuid())
-                        .push_bind(ws)
-                        .push_bind(t.agent_id.as_uuid())
-                        .push_bind(t.agent_name.clone())
-                        .push_bind(t.agent_version)
-                        .push_bind(thread.as_uuid())
-                        .push_bind(t.parent_task_id.map(|p| p.as_uuid()))
-                        .push_bind(t.depth)
-                        .push("'submitted'")
-                        .push_bind(t.priority.rank())
-                        .push_bind(t.input.to_string())
-                        .push_bind(t.metadata.to_string())
-                        .push_bind(t.idempotency_key.clone())
-                        .push("NULL, NULL, 0")
-                        .push_bind(t.max_attempts)
-                        .push("NULL, 0, 0, 0, 0, 0, TRUE, lane.last_vt")
-                        .push_bind(now)
-                        .push("NULL, NULL, FALSE")
-                        .push_bind(now)
-                        .push("NULL")
-                        .push_bind(now)
-                        .push("NULL");
-                }
-                g.qb.push(" FROM queue_lanes lane WHERE lane.workspace_id = ")
-                    .push_bind(ws)
-                    .push(" AND EXISTS (SELECT 1 FROM threads WHERE id = ")
-                    .push_bind(thread.as_uuid())
-                    .push(" AND workspace_id = ")
-                    .push_bind(ws)
-                    .push(") RETURNING ")
-                    .push($crate::runtime::task_columns!());
-                let _ = g.end(1);
-                let created = async {
-                    let rows = Self::run_gathered(&mut **conn, &mut g).await?;
-                    // Nothing was written but the lane's bump: the thread is not the
-                    // workspace's (rolled back below).
-                    let row = rows.first().ok_or($crate::Error::NotFound { what: "thread" })?;
-                    let task = Self::task_from_row(row)?;
-                    let events = Self::append_events_gathered(&mut **conn, &mut g, &t.events, true).await?;
-                    Ok::<_, $crate::Error>((task, events))
+                let mut made: Vec<Made> = Vec::with_capacity(batch.len());
+                let committed = async {
+                    let mut g = $crate::sql::Gather::<$db>::new(true);
+                    g.qb.push("BEGIN IMMEDIATE");
+                    let _ = g.end(0);
+                    let mut open = false;
+                    for w in &batch {
+                        let t = &w.task;
+                        if open {
+                            g.qb.push("RELEASE c");
+                            let _ = g.end(0);
+                        }
+                        g.qb.push("SAVEPOINT c");
+                        let _ = g.end(0);
+                        open = true;
+                        let ws = t.workspace_id.as_uuid();
+                        let (thread, new_thread) = match t.thread_id {
+                            Some(id) => (id, false),
+                            None => (keel_core::id::ThreadId::new(), true),
+                        };
+                        if new_thread {
+                            g.qb.push("INSERT INTO threads (id, workspace_id, metadata, next_seq, created_at) VALUES (")
+                                .push_bind(thread.as_uuid())
+                                .push(", ")
+                                .push_bind(ws)
+                                .push(", '{}', 0, ")
+                                .push_bind(now)
+                                .push(")");
+                            let _ = g.end(1);
+                        }
+                        g.qb.push("INSERT INTO queue_lanes (workspace_id, last_vt) VALUES (")
+                            .push_bind(ws)
+                            .push(
+                                ", (SELECT vt FROM queue_clock WHERE id = 1) + 1) ON CONFLICT (workspace_id) DO UPDATE \
+                                 SET last_vt = max(queue_lanes.last_vt, (SELECT vt FROM queue_clock WHERE id = 1)) + 1",
+                            );
+                        let _ = g.end(1);
+                        g.qb.push("INSERT INTO tasks (").push($crate::runtime::task_columns!()).push(") SELECT ");
+                        {
+                            let mut row = g.qb.separated(", ");
+                            row.push_bind(t.id.as_uuid())
+                                .push_bind(ws)
+                                .push_bind(t.agent_id.as_uuid())
+                                .push_bind(t.agent_name.clone())
+                                .push_bind(t.agent_version)
+                                .push_bind(thread.as_uuid())
+                                .push_bind(t.parent_task_id.map(|p| p.as_uuid()))
+                                .push_bind(t.depth)
+                                .push("'submitted'")
+                                .push_bind(t.priority.rank())
+                                .push_bind(t.input.to_string())
+                                .push_bind(t.metadata.to_string())
+                                .push_bind(t.idempotency_key.clone())
+                                .push("NULL, NULL, 0")
+                                .push_bind(t.max_attempts)
+                                .push("NULL, 0, 0, 0, 0, 0, TRUE, lane.last_vt")
+                                .push_bind(now)
+                                .push("NULL, NULL, FALSE")
+                                .push_bind(now)
+                                .push("NULL")
+                                .push_bind(now)
+                                .push("NULL");
+                        }
+                        g.qb.push(" FROM queue_lanes lane WHERE lane.workspace_id = ")
+                            .push_bind(ws)
+                            .push(" AND EXISTS (SELECT 1 FROM threads WHERE id = ")
+                            .push_bind(thread.as_uuid())
+                            .push(" AND workspace_id = ")
+                            .push_bind(ws)
+                            .push(") RETURNING ")
+                            .push($crate::runtime::task_columns!());
+                        let _ = g.end(1);
+                        let outcome = match Self::run_gathered(&mut **conn, &mut g).await {
+                            Ok(rows) => match rows.first() {
+                                Some(row) => Made::New(Box::new(Self::task_from_row(row)?)),
+                                None => Made::NotFound,
+                            },
+                            Err($crate::Error::Database(db))
+                                if t.idempotency_key.is_some()
+                                    && db.as_database_error().is_some_and(|d| d.is_unique_violation()) =>
+                            {
+                                Made::LostRace
+                            }
+                            Err(e) => return Err(e),
+                        };
+                        if !matches!(outcome, Made::New(_)) {
+                            // Undo its thread and lane (the task was not written).
+                            sqlx::query("ROLLBACK TO c").execute(&mut **conn).await?;
+                            sqlx::query("RELEASE c").execute(&mut **conn).await?;
+                            open = false;
+                        }
+                        made.push(outcome);
+                    }
+                    if open {
+                        g.qb.push("RELEASE c");
+                        let _ = g.end(0);
+                    }
+                    let events: Vec<keel_core::event::NewEvent> = batch
+                        .iter()
+                        .zip(&made)
+                        .filter(|(_, m)| matches!(m, Made::New(_)))
+                        .flat_map(|(w, _)| w.task.events.iter().cloned())
+                        .collect();
+                    Self::append_events_gathered(&mut **conn, &mut g, &events, true).await
                 }
                 .await;
-                match created {
-                    Ok((task, events)) => {
+                let mut events = match committed {
+                    Ok(events) => {
                         conn.give_back();
-                        Ok(Created::New(Box::new(task), events))
+                        events.into_iter()
                     }
                     Err(e) => {
                         if sqlx::query("ROLLBACK").execute(&mut **conn).await.is_ok() {
                             conn.give_back();
                         }
-                        match e {
-                            // A concurrent request with the same key won the race.
-                            $crate::Error::Database(db)
-                                if t.idempotency_key.is_some()
-                                    && db.as_database_error().is_some_and(|d| d.is_unique_violation()) =>
-                            {
-                                self.task_created_first(t).await
-                            }
-                            e => Err(e),
+                        // Every creation of the batch failed with it.
+                        let detail = e.to_string();
+                        for w in batch {
+                            let again = match &e {
+                                $crate::Error::Unavailable(_) => $crate::Error::Unavailable(sqlx::Error::Protocol(detail.clone())),
+                                _ => $crate::Error::Database(sqlx::Error::Protocol(detail.clone())),
+                            };
+                            let _ = w.reply.send(Err(again));
                         }
+                        return;
                     }
+                };
+                for (w, m) in batch.into_iter().zip(made) {
+                    let answer = match m {
+                        Made::New(task) => Ok(Created::New(task, events.by_ref().take(w.task.events.len()).collect())),
+                        Made::LostRace => self.task_created_first(&w.task).await,
+                        Made::NotFound => Err($crate::Error::NotFound { what: "thread" }),
+                    };
+                    let _ = w.reply.send(answer);
                 }
             }
 
@@ -1836,7 +1919,7 @@ macro_rules! runtime_store {
                     return Ok(created);
                 }
                 if Self::GATHERS_WRITES {
-                    return self.create_task_gathered(&t).await;
+                    return self.create_task_batched(t).await;
                 }
                 let now = $crate::now();
                 let mut tx = self.writer.begin().await?;

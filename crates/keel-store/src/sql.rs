@@ -972,8 +972,11 @@ macro_rules! sql_store {
                     return Ok(rows);
                 }
                 let persistent = g.take();
-                rows.extend(g.qb.build().persistent(persistent).fetch_all(&mut *conn).await?);
+                let ran = g.qb.build().persistent(persistent).fetch_all(&mut *conn).await;
+                // Reset also after an error: a caller may go on in the same transaction
+                // (after rolling back to a savepoint).
                 g.qb.reset();
+                rows.extend(ran?);
                 Ok(rows)
             }
 

@@ -24,6 +24,8 @@ pub struct SqliteStore {
     writer: SqlitePool,
     /// The queue's depth for admission (shared by the clones).
     queue: std::sync::Arc<crate::admission::QueueGauge>,
+    /// Task creations waiting for the writer, committed together (see `creations.rs`).
+    creations: std::sync::Arc<crate::creations::Creations>,
 }
 
 impl SqliteStore {
@@ -70,6 +72,7 @@ impl SqliteStore {
             pool,
             writer,
             queue: std::sync::Arc::default(),
+            creations: std::sync::Arc::default(),
         })
     }
 

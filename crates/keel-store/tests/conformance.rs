@@ -111,6 +111,7 @@ conformance!(
     the_last_error_is_the_latest_recorded_not_the_latest_touched,
     task_counts_are_of_the_live_statuses_only,
     concurrent_creations_with_one_key_make_one_task,
+    a_refused_creation_leaves_the_others_made_with_it,
 );
 
 fn name(s: &str) -> WorkspaceName {
@@ -2782,4 +2783,54 @@ async fn concurrent_creations_with_one_key_make_one_task(f: &Fixture) {
     )
     .await;
     assert_eq!(f.store.event_head(ws.id).await.unwrap().last_seq, head + 2);
+}
+
+async fn a_refused_creation_leaves_the_others_made_with_it(f: &Fixture) {
+    use keel_core::task::Priority;
+    use keel_store::runtime::Created;
+    let ws = f
+        .store
+        .ensure_workspace(&name("mixed-batch"))
+        .await
+        .unwrap();
+    let other = f
+        .store
+        .ensure_workspace(&name("mixed-batch-other"))
+        .await
+        .unwrap();
+    let agent = runtime_fixtures::agent(f, ws.id).await;
+    let other_agent = runtime_fixtures::agent(f, other.id).await;
+    let foreign = runtime_fixtures::create(
+        f,
+        runtime_fixtures::new_task(&other_agent, Priority::Medium, None),
+    )
+    .await;
+    let head = f.store.event_head(ws.id).await.unwrap().last_seq;
+    // Made together (on SQLite, in one transaction): the one naming another workspace's
+    // thread is refused; the others, before and after it, are made with their events.
+    let tasks = (0..5).map(|k| {
+        let mut t = runtime_fixtures::new_task(&agent, Priority::Medium, None);
+        if k == 2 {
+            t.thread_id = Some(foreign.thread_id);
+        }
+        t
+    });
+    let created = futures_util::future::join_all(tasks.map(|t| f.store.create_task(t))).await;
+    let mut made = Vec::new();
+    for (k, c) in created.into_iter().enumerate() {
+        match (k, c) {
+            (2, Err(Error::NotFound { what: "thread" })) => {}
+            (k, Ok(Created::New(task, events))) if k != 2 => {
+                assert_eq!(events.len(), 1);
+                assert_eq!(events[0].task_id, Some(task.id));
+                made.push(task.id);
+            }
+            (k, other) => panic!("creation {k}: {other:?}"),
+        }
+    }
+    assert_eq!(made.len(), 4);
+    assert_eq!(f.store.event_head(ws.id).await.unwrap().last_seq, head + 4);
+    for id in made {
+        assert_eq!(f.store.task(ws.id, id).await.unwrap().id, id);
+    }
 }
