@@ -69,3 +69,69 @@ impl Creations {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
+
+/// Withdraws a creation when its caller's future ends, whether it returned or was
+/// dropped; a creation someone has taken is left to them.
+pub(crate) struct WithdrawOnDrop<'a> {
+    creations: &'a Creations,
+    id: u64,
+}
+
+impl<'a> WithdrawOnDrop<'a> {
+    pub(crate) fn new(creations: &'a Creations, id: u64) -> Self {
+        Self { creations, id }
+    }
+}
+
+impl Drop for WithdrawOnDrop<'_> {
+    fn drop(&mut self) {
+        self.creations.withdraw(self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task() -> NewTask {
+        NewTask {
+            id: keel_core::id::TaskId::new(),
+            workspace_id: keel_core::id::WorkspaceId::new(),
+            agent_id: keel_core::id::AgentId::new(),
+            agent_name: "a".to_owned(),
+            agent_version: 1,
+            thread_id: None,
+            parent_task_id: None,
+            depth: 0,
+            priority: keel_core::task::Priority::Medium,
+            input: serde_json::json!([]),
+            metadata: serde_json::json!({}),
+            idempotency_key: None,
+            max_attempts: 1,
+            max_queued: 10,
+            events: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_caller_that_goes_away_takes_back_what_nobody_took() {
+        let creations = Creations::default();
+        let (first, _a) = creations.push(task());
+        let (second, _b) = creations.push(task());
+        drop(WithdrawOnDrop::new(&creations, first));
+        let taken = creations.take();
+        assert_eq!(taken.iter().map(|w| w.id).collect::<Vec<_>>(), vec![second]);
+        // Taken already: withdrawing it does nothing.
+        assert!(!creations.withdraw(second));
+    }
+
+    #[test]
+    fn a_batch_takes_at_most_its_size_oldest_first() {
+        let creations = Creations::default();
+        let ids: Vec<u64> = (0..BATCH + 3).map(|_| creations.push(task()).0).collect();
+        let first: Vec<u64> = creations.take().iter().map(|w| w.id).collect();
+        assert_eq!(first, ids[..BATCH].to_vec());
+        assert_eq!(creations.take().len(), 3);
+        assert!(creations.take().is_empty());
+    }
+}

@@ -907,6 +907,9 @@ macro_rules! runtime_store {
                 t: $crate::runtime::NewTask,
             ) -> $crate::Result<$crate::runtime::Created> {
                 let (id, mut answer) = self.creations.push(t);
+                // A caller that goes away before anyone took its creation takes it back:
+                // it must not be made later, by whoever next gets the writer.
+                let _withdraw = $crate::creations::WithdrawOnDrop::new(&self.creations, id);
                 loop {
                     let conn = match self.writer.acquire().await {
                         Ok(conn) => conn,
