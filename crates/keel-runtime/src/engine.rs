@@ -1136,8 +1136,7 @@ impl Runtime {
                             vec![ev],
                         ))
                         .await?;
-                    metrics::counter!("keel_tasks_finished_total", "status" => "completed")
-                        .increment(1);
+                    finished(&committed, "completed");
                     return Ok(settled(committed));
                 }
                 Next::Llm => {
@@ -1392,8 +1391,7 @@ impl Runtime {
                     checkpoint.usage = Some(usage);
                     let committed = self.commit(checkpoint).await?;
                     if completes {
-                        metrics::counter!("keel_tasks_finished_total", "status" => "completed")
-                            .increment(1);
+                        finished(&committed, "completed");
                         return Ok(settled(committed));
                     }
                     if let Committed::LeaseLost = committed {
@@ -1875,6 +1873,14 @@ impl Runtime {
 }
 
 /// The settled outcome of a checkpoint that ends a run.
+/// Counts a task this run finished — only if the ending was stored: a run whose lease
+/// was lost (the task canceled, or taken over elsewhere) ended nothing.
+fn finished(committed: &Committed, status: &'static str) {
+    if let Committed::Stored { .. } = committed {
+        metrics::counter!("keel_tasks_finished_total", "status" => status).increment(1);
+    }
+}
+
 fn settled(committed: Committed) -> Exit {
     match committed {
         Committed::Stored { .. } => Exit::Settled,
@@ -1965,7 +1971,7 @@ impl<'a> Run<'a> {
                 events,
             ))
             .await?;
-        metrics::counter!("keel_tasks_finished_total", "status" => "failed").increment(1);
+        finished(&committed, "failed");
         Ok(settled(committed))
     }
 

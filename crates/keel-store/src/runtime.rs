@@ -953,6 +953,7 @@ macro_rules! runtime_store {
                     New(Box<$crate::runtime::TaskRecord>),
                     LostRace,
                     NotFound,
+                    Failed($crate::Error),
                 }
                 let now = $crate::now();
                 let mut made: Vec<Made> = Vec::with_capacity(batch.len());
@@ -1028,8 +1029,9 @@ macro_rules! runtime_store {
                             .push($crate::runtime::task_columns!());
                         let _ = g.end(1);
                         let outcome = match Self::run_gathered(&mut **conn, &mut g).await {
-                            Ok(rows) => match rows.first() {
-                                Some(row) => Made::New(Box::new(Self::task_from_row(row)?)),
+                            Ok(rows) => match rows.first().map(Self::task_from_row) {
+                                Some(Ok(task)) => Made::New(Box::new(task)),
+                                Some(Err(e)) => Made::Failed(e),
                                 None => Made::NotFound,
                             },
                             Err($crate::Error::Database(db))
@@ -1038,6 +1040,10 @@ macro_rules! runtime_store {
                             {
                                 Made::LostRace
                             }
+                            // This creation's own statement failed (a constraint, say): it
+                            // alone is rolled back and answered with the error.
+                            Err(e @ $crate::Error::Database(_)) => Made::Failed(e),
+                            // The connection or the disk: the whole batch fails.
                             Err(e) => return Err(e),
                         };
                         if !matches!(outcome, Made::New(_)) {
@@ -1087,6 +1093,7 @@ macro_rules! runtime_store {
                         Made::New(task) => Ok(Created::New(task, events.by_ref().take(w.task.events.len()).collect())),
                         Made::LostRace => self.task_created_first(&w.task).await,
                         Made::NotFound => Err($crate::Error::NotFound { what: "thread" }),
+                        Made::Failed(e) => Err(e),
                     };
                     let _ = w.reply.send(answer);
                 }
@@ -1911,11 +1918,11 @@ macro_rules! runtime_store {
                 {
                     return Ok(Created::Existing(Box::new(task)));
                 }
-                if let $crate::admission::Admission::Full { queued } =
-                    self.queue.admit(t.max_queued, || self.queued_count()).await?
-                {
-                    return Ok(Created::QueueFull { queued });
-                }
+                // Held until the creation has committed or failed (see `admission.rs`).
+                let _admitted = match self.queue.admit(t.max_queued, || self.queued_count()).await? {
+                    $crate::admission::Admission::Admitted(ticket) => ticket,
+                    $crate::admission::Admission::Full { queued } => return Ok(Created::QueueFull { queued }),
+                };
                 if Self::CREATES_AT_ONCE
                     && let Some(created) = self.create_task_at_once(&t).await?
                 {
