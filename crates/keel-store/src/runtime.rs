@@ -795,6 +795,44 @@ macro_rules! runtime_store {
                     .await?)
             }
 
+            /// The values of a new task's row, for `INSERT INTO tasks (<task_columns>)
+            /// SELECT …`: its thread is `thread` (bound), or else CTE `thread`'s id; its
+            /// virtual time is the fairness lane's (`lane.last_vt`), which the caller's
+            /// `FROM` provides.
+            fn push_new_task_row(
+                qb: &mut sqlx::QueryBuilder<$db>,
+                t: &$crate::runtime::NewTask,
+                thread: Option<keel_core::id::ThreadId>,
+                now: time::OffsetDateTime,
+            ) {
+                let mut row = qb.separated(", ");
+                row.push_bind(t.id.as_uuid())
+                    .push_bind(t.workspace_id.as_uuid())
+                    .push_bind(t.agent_id.as_uuid())
+                    .push_bind(t.agent_name.clone())
+                    .push_bind(t.agent_version);
+                match thread {
+                    Some(id) => row.push_bind(id.as_uuid()),
+                    None => row.push("thread.id"),
+                };
+                row.push_bind(t.parent_task_id.map(|p| p.as_uuid()))
+                    .push_bind(t.depth)
+                    .push("'submitted'")
+                    .push_bind(t.priority.rank())
+                    .push_bind(t.input.to_string())
+                    .push_bind(t.metadata.to_string())
+                    .push_bind(t.idempotency_key.clone())
+                    .push("NULL, NULL, 0")
+                    .push_bind(t.max_attempts)
+                    .push("NULL, 0, 0, 0, 0, 0, TRUE, lane.last_vt")
+                    .push_bind(now)
+                    .push("NULL, NULL, FALSE")
+                    .push_bind(now)
+                    .push("NULL")
+                    .push_bind(now)
+                    .push("NULL");
+            }
+
             /// Postgres: creates a task in one statement — the thread (found or made), the
             /// workspace's fairness lane, the task and its events — committed on its own,
             /// so the lane's and the event head's row locks last that statement and its
@@ -844,31 +882,7 @@ macro_rules! runtime_store {
                     )
                     .push($crate::runtime::task_columns!())
                     .push(") SELECT ");
-                {
-                    let mut row = qb.separated(", ");
-                    row.push_bind(t.id.as_uuid())
-                        .push_bind(ws)
-                        .push_bind(t.agent_id.as_uuid())
-                        .push_bind(t.agent_name.clone())
-                        .push_bind(t.agent_version)
-                        .push("thread.id")
-                        .push_bind(t.parent_task_id.map(|p| p.as_uuid()))
-                        .push_bind(t.depth)
-                        .push("'submitted'")
-                        .push_bind(t.priority.rank())
-                        .push_bind(t.input.to_string())
-                        .push_bind(t.metadata.to_string())
-                        .push_bind(t.idempotency_key.clone())
-                        .push("NULL, NULL, 0")
-                        .push_bind(t.max_attempts)
-                        .push("NULL, 0, 0, 0, 0, 0, TRUE, lane.last_vt")
-                        .push_bind(now)
-                        .push("NULL, NULL, FALSE")
-                        .push_bind(now)
-                        .push("NULL")
-                        .push_bind(now)
-                        .push("NULL");
-                }
+                Self::push_new_task_row(&mut qb, t, None, now);
                 qb.push(" FROM thread CROSS JOIN lane RETURNING ").push($crate::runtime::task_columns!()).push(")");
                 let n = i64::try_from(events.len()).unwrap_or(i64::MAX);
                 Self::push_announced_append(&mut qb, ws, n, Some("task"));
@@ -994,31 +1008,7 @@ macro_rules! runtime_store {
                             );
                         let _ = g.end(1);
                         g.qb.push("INSERT INTO tasks (").push($crate::runtime::task_columns!()).push(") SELECT ");
-                        {
-                            let mut row = g.qb.separated(", ");
-                            row.push_bind(t.id.as_uuid())
-                                .push_bind(ws)
-                                .push_bind(t.agent_id.as_uuid())
-                                .push_bind(t.agent_name.clone())
-                                .push_bind(t.agent_version)
-                                .push_bind(thread.as_uuid())
-                                .push_bind(t.parent_task_id.map(|p| p.as_uuid()))
-                                .push_bind(t.depth)
-                                .push("'submitted'")
-                                .push_bind(t.priority.rank())
-                                .push_bind(t.input.to_string())
-                                .push_bind(t.metadata.to_string())
-                                .push_bind(t.idempotency_key.clone())
-                                .push("NULL, NULL, 0")
-                                .push_bind(t.max_attempts)
-                                .push("NULL, 0, 0, 0, 0, 0, TRUE, lane.last_vt")
-                                .push_bind(now)
-                                .push("NULL, NULL, FALSE")
-                                .push_bind(now)
-                                .push("NULL")
-                                .push_bind(now)
-                                .push("NULL");
-                        }
+                        Self::push_new_task_row(&mut g.qb, t, Some(thread), now);
                         g.qb.push(" FROM queue_lanes lane WHERE lane.workspace_id = ")
                             .push_bind(ws)
                             .push(" AND EXISTS (SELECT 1 FROM threads WHERE id = ")

@@ -929,6 +929,13 @@ mod runtime_fixtures {
         }
     }
 
+    /// Queues `n` medium-priority tasks of `agent`, each on a thread of its own.
+    pub async fn create_many(f: &Fixture, agent: &AgentRecord, n: usize) {
+        for _ in 0..n {
+            create(f, new_task(agent, keel_core::task::Priority::Medium, None)).await;
+        }
+    }
+
     pub async fn create(f: &Fixture, t: NewTask) -> TaskRecord {
         match f.store.create_task(t).await.unwrap() {
             Created::New(task, events) => {
@@ -2556,13 +2563,7 @@ async fn agent_stats_count_every_task_of_the_agent(f: &Fixture) {
     use keel_store::runtime::Finish;
     let ws = f.store.ensure_workspace(&name("stats")).await.unwrap();
     let agent = runtime_fixtures::agent(f, ws.id).await;
-    for _ in 0..6 {
-        runtime_fixtures::create(
-            f,
-            runtime_fixtures::new_task(&agent, keel_core::task::Priority::Medium, None),
-        )
-        .await;
-    }
+    runtime_fixtures::create_many(f, &agent, 6).await;
     let owner = uuid::Uuid::now_v7();
     let claimed = f
         .store
@@ -2635,13 +2636,7 @@ async fn the_last_error_is_the_latest_recorded_not_the_latest_touched(f: &Fixtur
     use keel_store::runtime::Finish;
     let ws = f.store.ensure_workspace(&name("last-error")).await.unwrap();
     let agent = runtime_fixtures::agent(f, ws.id).await;
-    for _ in 0..2 {
-        runtime_fixtures::create(
-            f,
-            runtime_fixtures::new_task(&agent, keel_core::task::Priority::Medium, None),
-        )
-        .await;
-    }
+    runtime_fixtures::create_many(f, &agent, 2).await;
     let owner = uuid::Uuid::now_v7();
     let pause = || tokio::time::sleep(std::time::Duration::from_millis(20));
     let claimed = f
@@ -2704,13 +2699,7 @@ async fn task_counts_are_of_the_live_statuses_only(f: &Fixture) {
         .await
         .unwrap();
     let agent = runtime_fixtures::agent(f, ws.id).await;
-    for _ in 0..3 {
-        runtime_fixtures::create(
-            f,
-            runtime_fixtures::new_task(&agent, keel_core::task::Priority::Medium, None),
-        )
-        .await;
-    }
+    runtime_fixtures::create_many(f, &agent, 3).await;
     let owner = uuid::Uuid::now_v7();
     let claimed = f
         .store
