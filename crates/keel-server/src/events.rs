@@ -211,6 +211,13 @@ impl EventLog {
         self.inner.hub.publish(events);
     }
 
+    /// Ends every live follow (SSE, WebSocket, a task's stream or wait) with
+    /// `shutting_down` once it has what its ring holds, and every follow that starts
+    /// later: the server is stopping. Webhook deliveries go on, without wake-ups.
+    pub fn close_streams(&self) {
+        self.inner.hub.close();
+    }
+
     /// The webhook dispatcher.
     pub fn webhooks(&self) -> &crate::webhooks::Dispatcher {
         &self.inner.webhooks
@@ -477,9 +484,20 @@ impl Frame {
 }
 
 /// Per-workspace broadcast rings of committed events, for workspaces with followers.
+///
+/// Closing the hub (at shutdown) drops every channel's sender: each follower gets what its
+/// ring still holds, then `Closed`, and ends its stream with `shutting_down`. So a follow
+/// waits on its receiver alone — no shutdown token polled beside it on every event, which
+/// with a thousand streams was a lock and a cache miss per delivery.
 pub(crate) struct Hub {
-    channels: Mutex<HashMap<WorkspaceId, Channel>>,
+    channels: Mutex<Channels>,
     capacity: usize,
+}
+
+#[derive(Default)]
+struct Channels {
+    open: HashMap<WorkspaceId, Channel>,
+    closed: bool,
 }
 
 struct Channel {
@@ -491,14 +509,23 @@ struct Channel {
 impl Hub {
     fn new(capacity: usize) -> Self {
         Self {
-            channels: Mutex::new(HashMap::new()),
+            channels: Mutex::new(Channels::default()),
             capacity,
         }
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, Channels> {
+        self.channels.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A receiver of the workspace's commits; once the hub is closed, one that is closed.
     pub(crate) fn subscribe(&self, workspace: WorkspaceId) -> broadcast::Receiver<Arc<Frame>> {
-        let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut channels = self.lock();
+        if channels.closed {
+            return broadcast::channel(1).1;
+        }
         let rx = channels
+            .open
             .entry(workspace)
             .or_insert_with(|| Channel {
                 tx: broadcast::channel(self.capacity).0,
@@ -506,29 +533,40 @@ impl Hub {
             })
             .tx
             .subscribe();
-        metrics::gauge!("keel_event_streams_followed_workspaces").set(channels.len() as f64);
+        metrics::gauge!("keel_event_streams_followed_workspaces").set(channels.open.len() as f64);
         rx
     }
 
+    /// Ends every follow (see the type's docs); later subscriptions are closed at once.
+    pub(crate) fn close(&self) {
+        let mut channels = self.lock();
+        channels.closed = true;
+        channels.open.clear();
+        metrics::gauge!("keel_event_streams_followed_workspaces").set(0.0);
+    }
+
     fn published(&self, workspace: WorkspaceId) -> Option<i64> {
-        let channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
-        channels.get(&workspace).map(|c| c.published)
+        self.lock().open.get(&workspace).map(|c| c.published)
     }
 
     fn followed(&self) -> Vec<(WorkspaceId, i64)> {
-        let channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
-        channels.iter().map(|(w, c)| (*w, c.published)).collect()
+        self.lock()
+            .open
+            .iter()
+            .map(|(w, c)| (*w, c.published))
+            .collect()
     }
 
     pub(crate) fn publish(&self, events: &[Event]) {
         // Find the followed workspaces under the lock; render outside it.
         let senders: HashMap<WorkspaceId, (broadcast::Sender<Arc<Frame>>, i64)> = {
-            let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
-            channels.retain(|_, c| c.tx.receiver_count() > 0);
+            let mut channels = self.lock();
+            channels.open.retain(|_, c| c.tx.receiver_count() > 0);
             events
                 .iter()
                 .filter_map(|e| {
                     channels
+                        .open
                         .get(&e.workspace_id)
                         .map(|c| (e.workspace_id, (c.tx.clone(), c.published)))
                 })
@@ -549,9 +587,9 @@ impl Hub {
             let top = highest.entry(event.workspace_id).or_insert(0);
             *top = (*top).max(event.seq);
         }
-        let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut channels = self.lock();
         for (workspace, seq) in highest {
-            if let Some(c) = channels.get_mut(&workspace) {
+            if let Some(c) = channels.open.get_mut(&workspace) {
                 c.published = c.published.max(seq);
             }
         }
@@ -613,19 +651,14 @@ pub(crate) enum Item {
 
 /// Follows a workspace's log from `after` (exclusive): first what the store holds, then
 /// live commits, delivering each matching event exactly once and in seq order, until the
-/// client goes away, falls too far behind, or the server stops. `send` returns false when
-/// the client is gone.
+/// client goes away, falls too far behind, or the server stops (the hub is closed:
+/// [`EventLog::close_streams`]). `send` returns false when the client is gone.
 ///
 /// The broadcast is a fast path only: an event at or below the last seq seen is skipped,
 /// and a jump past it (a commit by another writer or instance that has not arrived yet, or
 /// a notification lost on reconnect) is filled from the store.
-pub(crate) async fn follow<F, Fut>(
-    log: &EventLog,
-    selection: &Selection,
-    after: i64,
-    stop: &CancellationToken,
-    mut send: F,
-) where
+pub(crate) async fn follow<F, Fut>(log: &EventLog, selection: &Selection, after: i64, mut send: F)
+where
     F: FnMut(Item) -> Fut,
     Fut: Future<Output = bool>,
 {
@@ -640,9 +673,6 @@ pub(crate) async fn follow<F, Fut>(
     let mut last_sent = tokio::time::Instant::now();
     let idle = tokio::time::sleep(keepalive);
     tokio::pin!(idle);
-    // Likewise one registration with the shutdown token, not one per event.
-    let stopped = stop.cancelled();
-    tokio::pin!(stopped);
     // Catching up on history can take longer than the ring holds, through no fault of the
     // client's: a lag before the first live event is made good from the store (a few
     // times at most); a lag after that means the client cannot keep up.
@@ -651,10 +681,6 @@ pub(crate) async fn follow<F, Fut>(
     loop {
         let received = tokio::select! {
             biased;
-            () = &mut stopped => {
-                send(Item::Closed(Closed::ShuttingDown, seen)).await;
-                return;
-            }
             received = live.recv() => received,
             () = &mut idle => {
                 let due = last_sent + keepalive;
@@ -691,7 +717,11 @@ pub(crate) async fn follow<F, Fut>(
                 send(Item::Closed(Closed::TooSlow, seen)).await;
                 return;
             }
-            Err(broadcast::error::RecvError::Closed) => return,
+            // Only a closed hub closes a channel: the server is stopping.
+            Err(broadcast::error::RecvError::Closed) => {
+                send(Item::Closed(Closed::ShuttingDown, seen)).await;
+                return;
+            }
         };
         live_started = true;
         let seq = frame.event.seq;

@@ -260,8 +260,8 @@ impl AppState {
         &self.inner.runtime
     }
 
-    /// A token a long-lived stream watches for shutdown: its own child of the server's, so
-    /// a thousand streams checking it do not all contend for the one token's lock.
+    /// A token a long-lived connection watches for shutdown: its own child of the server's,
+    /// so a thousand of them checking it do not all contend for the one token's lock.
     pub(crate) fn stream_stop(&self) -> CancellationToken {
         self.inner.shutdown.child_token()
     }
@@ -578,6 +578,16 @@ impl Server {
             }
         });
 
+        // Live event streams end when the server starts stopping, so draining need not
+        // wait for them.
+        let streams = {
+            let stop = self.state.stream_stop();
+            let events = self.state.events().clone();
+            tokio::spawn(async move {
+                stop.cancelled().await;
+                events.close_streams();
+            })
+        };
         let shutdown = self.shutdown.clone();
         let app = app(self.state);
         // No Nagle: an SSE event or a streamed token written alone must leave at once,
@@ -608,6 +618,7 @@ impl Server {
             }
         };
         shutdown.cancel();
+        streams.abort();
         let _ = upkeep.await;
         result
     }

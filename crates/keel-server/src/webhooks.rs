@@ -269,7 +269,9 @@ impl Dispatcher {
     /// Delivers one subscription's events in order until stopped or deleted.
     async fn work(self, hook: Webhook, stop: CancellationToken) {
         let filter = TypeFilter::parse(&hook.types).unwrap_or_else(|_| TypeFilter::all());
-        let mut wake = self.inner.hub.subscribe(hook.workspace_id);
+        // Commits wake the delivery; once the hub is closed (the server is stopping) the
+        // lease's re-check alone does.
+        let mut wake = Some(self.inner.hub.subscribe(hook.workspace_id));
         loop {
             if stop.is_cancelled() {
                 return;
@@ -326,8 +328,18 @@ impl Dispatcher {
             };
             if page.is_empty() {
                 // Wait for a commit to this workspace (or re-check within the lease).
+                let woken = async {
+                    match wake.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
-                    _ = wake.recv() => {}
+                    woken = woken => {
+                        if let Err(tokio::sync::broadcast::error::RecvError::Closed) = woken {
+                            wake = None;
+                        }
+                    }
                     () = tokio::time::sleep(LEASE / 3) => {}
                     () = stop.cancelled() => return,
                 }

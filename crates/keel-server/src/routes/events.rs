@@ -194,7 +194,6 @@ pub(crate) async fn events(
         ));
     };
     let log = log.clone();
-    let stop = state.stream_stop();
     let selection = parsed.selection;
     // The follow runs as the body is polled, in the connection's task: when the client
     // goes away hyper drops the body and the follow with it; when the socket is full
@@ -203,7 +202,7 @@ pub(crate) async fn events(
         let _slot = slot;
         let _client = crate::events::ClientGauge::new("sse");
         out.send(Bytes::from_static(b"retry: 1000\n\n")).await;
-        follow(&log, &selection, after, &stop, |item| {
+        follow(&log, &selection, after, |item| {
             let out = out.clone();
             async move {
                 out.send(render_sse(item)).await;

@@ -287,10 +287,9 @@ pub(crate) async fn create(
         Mode::Wait => {
             if !task.status.is_terminal() && task.status != TaskStatus::InputRequired {
                 let log = state.events().clone();
-                let stop = state.stream_stop();
                 let settled = tokio::time::timeout(wait, async {
                     let mut done = false;
-                    follow(&log, &selection, after, &stop, |item| {
+                    follow(&log, &selection, after, |item| {
                         let stop_here = match item {
                             Item::Event(frame) => crate::runtime::settles(&frame.event),
                             Item::KeepAlive => false,
@@ -320,7 +319,6 @@ pub(crate) async fn create(
                 ));
             };
             let log = state.events().clone();
-            let stop = state.stream_stop();
             // A repeat (same Idempotency-Key) of a task that has settled: the task alone.
             let settled = task.status.is_terminal() || task.status == TaskStatus::InputRequired;
             let task_id = task.id;
@@ -334,7 +332,7 @@ pub(crate) async fn create(
                 if settled {
                     return;
                 }
-                follow(&log, &selection, after, &stop, |item| {
+                follow(&log, &selection, after, |item| {
                     let out = out.clone();
                     async move {
                         match item {

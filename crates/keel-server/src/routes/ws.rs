@@ -23,7 +23,7 @@ use keel_core::event::TypeFilter;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use tokio::task::AbortHandle;
 
 use crate::AppState;
 use crate::error::{ApiError, Problem};
@@ -102,7 +102,7 @@ async fn serve(state: AppState, principal: Principal, socket: WebSocket) {
         let _ = sink.close().await;
     });
     let shutdown = state.stream_stop();
-    let mut subscriptions: HashMap<String, (CancellationToken, Selection)> = HashMap::new();
+    let mut subscriptions: HashMap<String, (AbortHandle, Selection)> = HashMap::new();
     loop {
         let message = tokio::select! {
             m = incoming.next() => m,
@@ -116,26 +116,17 @@ async fn serve(state: AppState, principal: Principal, socket: WebSocket) {
         let reply = match serde_json::from_str::<ClientMessage>(&text) {
             Err(e) => Some(error(None, &format!("not a valid message: {e}"))),
             Ok(ClientMessage::Unsubscribe { id }) => match subscriptions.remove(&id) {
-                Some((token, _)) => {
-                    token.cancel();
+                Some((follower, _)) => {
+                    follower.abort();
                     Some(json!({ "type": "unsubscribed", "id": id }).to_string())
                 }
                 None => Some(error(Some(&id), "no such subscription")),
             },
             Ok(ClientMessage::Resume { id, after }) => match subscriptions.remove(&id) {
                 None => Some(error(Some(&id), "no such subscription; subscribe first")),
-                Some((token, selection)) => {
-                    token.cancel();
-                    start(
-                        &state,
-                        &tx,
-                        &shutdown,
-                        &mut subscriptions,
-                        id,
-                        selection,
-                        Some(after),
-                    )
-                    .await
+                Some((follower, selection)) => {
+                    follower.abort();
+                    start(&state, &tx, &mut subscriptions, id, selection, Some(after)).await
                 }
             },
             Ok(ClientMessage::Subscribe {
@@ -164,16 +155,7 @@ async fn serve(state: AppState, principal: Principal, socket: WebSocket) {
                     ) {
                         Err(detail) => Some(error(Some(&id), &detail)),
                         Ok(selection) => {
-                            start(
-                                &state,
-                                &tx,
-                                &shutdown,
-                                &mut subscriptions,
-                                id,
-                                selection,
-                                after,
-                            )
-                            .await
+                            start(&state, &tx, &mut subscriptions, id, selection, after).await
                         }
                     }
                 }
@@ -185,8 +167,12 @@ async fn serve(state: AppState, principal: Principal, socket: WebSocket) {
             break;
         }
     }
-    for (token, _) in subscriptions.into_values() {
-        token.cancel();
+    // The client went away: its followers stop. At shutdown they end by themselves,
+    // each sending its `closed` (the event log closes every follow).
+    if !shutdown.is_cancelled() {
+        for (follower, _) in subscriptions.into_values() {
+            follower.abort();
+        }
     }
     drop(tx);
     let _ = writer.await;
@@ -224,8 +210,7 @@ fn selection(
 async fn start(
     state: &AppState,
     tx: &mpsc::Sender<Message>,
-    shutdown: &CancellationToken,
-    subscriptions: &mut HashMap<String, (CancellationToken, Selection)>,
+    subscriptions: &mut HashMap<String, (AbortHandle, Selection)>,
     id: String,
     selection: Selection,
     after: Option<i64>,
@@ -250,42 +235,36 @@ async fn start(
             .to_string(),
         );
     }
-    let token = shutdown.child_token();
-    subscriptions.insert(id.clone(), (token.clone(), selection.clone()));
     let log = state.events().clone();
     let tx = tx.clone();
     let subscription = serde_json::Value::String(id.clone()).to_string();
-    let shutdown = shutdown.clone();
-    tokio::spawn(async move {
-        follow(&log, &selection, after, &token, |item| {
+    let follower = tokio::spawn({
+        let selection = selection.clone();
+        async move {
+            follow(&log, &selection, after, |item| {
             let message = match item {
-                Item::Event(frame) => Some(Message::Text(
+                Item::Event(frame) => Message::Text(
                     format!(
                         r#"{{"type":"event","subscription":{subscription},"event":{}}}"#,
                         String::from_utf8_lossy(&frame.json)
                     )
                     .into(),
-                )),
-                Item::KeepAlive => Some(Message::Ping(axum::body::Bytes::new())),
-                // Cancelled by an unsubscribe or resume, not by shutdown: already answered.
-                Item::Closed(crate::events::Closed::ShuttingDown, _) if !shutdown.is_cancelled() => None,
-                Item::Closed(why, seen) => Some(Message::Text(
+                ),
+                Item::KeepAlive => Message::Ping(axum::body::Bytes::new()),
+                Item::Closed(why, seen) => Message::Text(
                     format!(
                         r#"{{"type":"closed","subscription":{subscription},"reason":"{}","resume_after":{seen}}}"#,
                         why.reason()
                     )
                     .into(),
-                )),
+                ),
             };
             let tx = tx.clone();
-            async move {
-                match message {
-                    Some(m) => tx.send(m).await.is_ok(),
-                    None => false,
-                }
-            }
+            async move { tx.send(message).await.is_ok() }
         })
         .await;
+        }
     });
+    subscriptions.insert(id.clone(), (follower.abort_handle(), selection));
     Some(json!({ "type": "subscribed", "id": id, "after": after }).to_string())
 }

@@ -840,6 +840,14 @@ mod websocket {
         }
         node.ping("still open").await;
         assert_eq!(recv(&mut socket).await["event"]["seq"], 5);
+
+        // Shutdown closes the live subscription with the seq to resume after; the one
+        // unsubscribed earlier says nothing.
+        node.shutdown.cancel();
+        assert_eq!(
+            recv(&mut socket).await,
+            json!({ "type": "closed", "subscription": "all", "reason": "shutting_down", "resume_after": 5 })
+        );
         node.stop().await;
     }
 
