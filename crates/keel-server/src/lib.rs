@@ -579,10 +579,11 @@ impl Server {
         });
 
         // Live event streams end when the server starts stopping, so draining need not
-        // wait for them.
+        // wait for them (closed here too: the watcher may not have run yet).
+        let events = self.state.events().clone();
         let streams = {
             let stop = self.state.stream_stop();
-            let events = self.state.events().clone();
+            let events = events.clone();
             tokio::spawn(async move {
                 stop.cancelled().await;
                 events.close_streams();
@@ -607,6 +608,7 @@ impl Server {
         let result = tokio::select! {
             result = &mut serve => result,
             () = shutdown.cancelled() => {
+                events.close_streams();
                 tracing::info!(drain_timeout = ?drain, "shutting down: no new connections, draining in-flight requests");
                 match tokio::time::timeout(drain, &mut serve).await {
                     Ok(result) => result,
@@ -618,6 +620,7 @@ impl Server {
             }
         };
         shutdown.cancel();
+        events.close_streams();
         streams.abort();
         let _ = upkeep.await;
         result

@@ -848,6 +848,16 @@ mod websocket {
             recv(&mut socket).await,
             json!({ "type": "closed", "subscription": "all", "reason": "shutting_down", "resume_after": 5 })
         );
+        // Nothing else before the socket closes.
+        while let Ok(Some(message)) =
+            tokio::time::timeout(Duration::from_secs(10), socket.next()).await
+        {
+            match message {
+                Ok(Message::Text(text)) => panic!("after the last subscription closed: {text}"),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
         node.stop().await;
     }
 
