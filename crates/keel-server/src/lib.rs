@@ -579,16 +579,8 @@ impl Server {
         });
 
         // Live event streams end when the server starts stopping, so draining need not
-        // wait for them (closed here too: the watcher may not have run yet).
+        // wait for them; and whenever serving ends.
         let events = self.state.events().clone();
-        let streams = {
-            let stop = self.state.stream_stop();
-            let events = events.clone();
-            tokio::spawn(async move {
-                stop.cancelled().await;
-                events.close_streams();
-            })
-        };
         let shutdown = self.shutdown.clone();
         let app = app(self.state);
         // No Nagle: an SSE event or a streamed token written alone must leave at once,
@@ -621,7 +613,6 @@ impl Server {
         };
         shutdown.cancel();
         events.close_streams();
-        streams.abort();
         let _ = upkeep.await;
         result
     }
